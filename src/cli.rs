@@ -1,0 +1,230 @@
+//! Command-line flags and their translation into a [`Config`].
+//!
+//! clap checks each value's syntax (and exits with status 2 and a one-line `error:` naming
+//! the bad value); [`Args::into_config`] then builds the [`Config`], whose `validate` checks
+//! what a single flag cannot (duplicates, ranges across flags).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::config::{self, Algorithm, BackendSpec, Config, RelayMode};
+use crate::error::ConfigError;
+
+/// An L4 TCP load balancer for long-lived connections (WebSockets and any other TCP service).
+///
+/// Every connection to a --listen address is handed, untouched, to one backend until either
+/// side closes it. Durations accept units: 500ms, 2s, 5m, 1h.
+#[derive(Debug, Parser)]
+#[command(name = "holdfast", version, max_term_width = 100)]
+pub struct Args {
+    /// Address to accept on, IPv4 or IPv6 (repeatable)
+    #[arg(short, long = "listen", value_name = "ADDR", required = true, value_parser = parse_addr)]
+    pub listen: Vec<SocketAddr>,
+
+    /// A backend, optionally weighted 1..=256 (repeatable)
+    #[arg(short, long = "backend", value_name = "HOST:PORT[,weight=N]", required = true,
+          value_parser = parse_backend)]
+    pub backend: Vec<BackendSpec>,
+
+    /// least-conn, source-hash (aliases ip-hash, source) or round-robin
+    #[arg(short, long, value_name = "NAME", default_value = "least-conn",
+          value_parser = parse_algorithm)]
+    pub algorithm: Algorithm,
+
+    /// Event-loop threads, each with its own SO_REUSEPORT listener [default: number of cores]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// auto (copy small messages, splice bulk streams), splice, or copy
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_relay)]
+    pub relay: RelayMode,
+
+    /// Time allowed to establish the backend connection
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Other backends tried when a connect fails, before the client is closed
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub retries: u32,
+
+    /// Close a connection with no bytes in either direction for this long; 0 disables
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// TCP keepalive idle time on both sockets; 0 disables
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
+    pub tcp_keepalive: Duration,
+
+    /// Global cap on live connections; at the cap new clients wait in the backlog. 0 = no cap
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_conns: usize,
+
+    /// Listen backlog
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub backlog: i32,
+
+    /// error, warn, info, debug or trace (RUST_LOG, if set, refines it)
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: log::LevelFilter,
+}
+
+impl Args {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let mut config = Config::new(self.listen, self.backend);
+        config.algorithm = self.algorithm;
+        if let Some(workers) = self.workers {
+            config.workers = workers;
+        }
+        config.relay = self.relay;
+        config.connect_timeout = self.connect_timeout;
+        config.retries = self.retries;
+        config.idle_timeout = nonzero(self.idle_timeout);
+        config.tcp_keepalive = nonzero(self.tcp_keepalive);
+        config.max_conns = self.max_conns;
+        config.backlog = self.backlog;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+/// `500ms`, `2s`, `1h`, `1h 30m`; a bare `0` means zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 500ms, 2s, 1h)"))
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    config::resolve(s)
+}
+
+fn parse_backend(s: &str) -> Result<BackendSpec, String> {
+    s.parse::<BackendSpec>().map_err(|e| match e {
+        ConfigError::Backend { why, .. } => why,
+        other => other.to_string(),
+    })
+}
+
+fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
+    s.parse().map_err(|e: ConfigError| e.to_string())
+}
+
+fn parse_relay(s: &str) -> Result<RelayMode, String> {
+    s.parse().map_err(|e: ConfigError| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let args = Args::try_parse_from(std::iter::once("holdfast").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        args.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn flags_become_config() {
+        let c = parse(&[
+            "-l",
+            "127.0.0.1:0",
+            "-b",
+            "127.0.0.1:1",
+            "-b",
+            "127.0.0.1:2,weight=3",
+            "-a",
+            "ip-hash",
+            "--workers",
+            "3",
+            "--relay",
+            "copy",
+            "--connect-timeout",
+            "250ms",
+            "--retries",
+            "0",
+            "--idle-timeout",
+            "0",
+            "--tcp-keepalive",
+            "2m",
+            "--max-conns",
+            "10",
+            "--backlog",
+            "16",
+        ])
+        .unwrap();
+        assert_eq!(c.backends[1].weight, 3);
+        assert_eq!(c.algorithm, Algorithm::SourceHash);
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.relay, RelayMode::Copy);
+        assert_eq!(c.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.retries, 0);
+        assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.tcp_keepalive, Some(Duration::from_secs(120)));
+        assert_eq!(c.max_conns, 10);
+        assert_eq!(c.backlog, 16);
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let c = parse(&["-l", "[::1]:0", "-b", "127.0.0.1:1"]).unwrap();
+        assert_eq!(c.algorithm, Algorithm::LeastConn);
+        assert_eq!(c.relay, RelayMode::Auto);
+        assert_eq!(c.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.retries, 2);
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(c.tcp_keepalive, Some(Duration::from_secs(60)));
+        assert_eq!(c.backlog, 4096);
+    }
+
+    #[test]
+    fn bad_values_are_named_in_the_error() {
+        for (args, needle) in [
+            (vec!["-l", "nonsense", "-b", "127.0.0.1:1"], "nonsense"),
+            (
+                vec!["-l", "127.0.0.1:0", "-b", "127.0.0.1:1,weight=0"],
+                "weight",
+            ),
+            (
+                vec![
+                    "-l",
+                    "127.0.0.1:0",
+                    "-b",
+                    "127.0.0.1:1",
+                    "--idle-timeout",
+                    "5 parsecs",
+                ],
+                "5 parsecs",
+            ),
+            (
+                vec!["-l", "127.0.0.1:0", "-b", "127.0.0.1:1", "-a", "random"],
+                "random",
+            ),
+            (
+                vec!["-l", "127.0.0.1:0", "-b", "127.0.0.1:1", "--workers", "0"],
+                "--workers",
+            ),
+            (
+                vec![
+                    "-l",
+                    "127.0.0.1:0",
+                    "-b",
+                    "127.0.0.1:1",
+                    "-b",
+                    "127.0.0.1:1",
+                ],
+                "twice",
+            ),
+        ] {
+            let err = parse(&args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! Validated configuration: what the balancer runs with.
+//!
+//! The command line (`cli.rs`) and tests both produce a [`Config`]; nothing below this layer
+//! looks at raw flags. Every value here has already been checked, so the data plane never has
+//! to report a configuration error.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// Largest weight a backend may carry (HAProxy's limit as well).
+pub const MAX_WEIGHT: u32 = 256;
+
+/// One backend as the user wrote it: an address and a weight.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+impl BackendSpec {
+    pub fn new(addr: SocketAddr) -> BackendSpec {
+        BackendSpec { addr, weight: 1 }
+    }
+
+    pub fn with_weight(addr: SocketAddr, weight: u32) -> BackendSpec {
+        BackendSpec { addr, weight }
+    }
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.weight == 1 {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{},weight={}", self.addr, self.weight)
+        }
+    }
+}
+
+impl FromStr for BackendSpec {
+    type Err = ConfigError;
+
+    /// `HOST:PORT[,weight=N]`. A host name is resolved once, here; the first address wins.
+    fn from_str(s: &str) -> Result<BackendSpec, ConfigError> {
+        let bad = |why: &str| ConfigError::Backend {
+            value: s.to_string(),
+            why: why.to_string(),
+        };
+        let mut parts = s.split(',');
+        let addr_part = parts.next().unwrap_or_default().trim();
+        if addr_part.is_empty() {
+            return Err(bad("expected HOST:PORT"));
+        }
+        let addr = resolve(addr_part).map_err(|why| bad(&why))?;
+        let mut weight = 1;
+        for opt in parts {
+            let (key, value) = opt
+                .split_once('=')
+                .ok_or_else(|| bad("expected weight=N"))?;
+            match key.trim() {
+                "weight" => {
+                    weight = value
+                        .trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|w| (1..=MAX_WEIGHT).contains(w))
+                        .ok_or_else(|| bad("weight must be an integer from 1 to 256"))?;
+                }
+                other => return Err(bad(&format!("unknown option '{other}'"))),
+            }
+        }
+        Ok(BackendSpec { addr, weight })
+    }
+}
+
+/// Resolves `HOST:PORT` (or `[v6]:PORT`) to one socket address.
+pub fn resolve(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let (host, port) = s.rsplit_once(':').ok_or("expected HOST:PORT")?;
+    if host.is_empty() {
+        return Err("missing host".into());
+    }
+    port.parse::<u16>().map_err(|_| "port must be 0-65535")?;
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve '{host}': {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("'{host}' resolves to no address"))
+}
+
+/// How a backend is chosen for a new client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Fewest active connections relative to weight, counted across all workers.
+    LeastConn,
+    /// Consistent hash (Maglev) of the client IP.
+    SourceHash,
+    /// Smooth weighted round-robin, per worker.
+    RoundRobin,
+}
+
+impl FromStr for Algorithm {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Algorithm, ConfigError> {
+        match s {
+            "least-conn" | "leastconn" => Ok(Algorithm::LeastConn),
+            "source-hash" | "ip-hash" | "source" => Ok(Algorithm::SourceHash),
+            "round-robin" | "roundrobin" => Ok(Algorithm::RoundRobin),
+            _ => Err(ConfigError::Algorithm(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Algorithm::LeastConn => "least-conn",
+            Algorithm::SourceHash => "source-hash",
+            Algorithm::RoundRobin => "round-robin",
+        })
+    }
+}
+
+/// How bytes are moved between the two sockets of a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayMode {
+    /// Per connection and direction: copy small messages, splice bulk streams.
+    Auto,
+    /// Always `splice(2)` through a pipe (falls back to copying where unavailable).
+    Splice,
+    /// Always copy through user space.
+    Copy,
+}
+
+impl FromStr for RelayMode {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<RelayMode, ConfigError> {
+        match s {
+            "auto" => Ok(RelayMode::Auto),
+            "splice" => Ok(RelayMode::Splice),
+            "copy" => Ok(RelayMode::Copy),
+            _ => Err(ConfigError::Relay(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for RelayMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RelayMode::Auto => "auto",
+            RelayMode::Splice => "splice",
+            RelayMode::Copy => "copy",
+        })
+    }
+}
+
+/// Everything the balancer runs with. Build one with [`Config::new`] and adjust the fields.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Addresses to accept on. Port 0 picks a free port (shared by all workers).
+    pub listen: Vec<SocketAddr>,
+    pub backends: Vec<BackendSpec>,
+    pub algorithm: Algorithm,
+    /// Event-loop threads, each with its own SO_REUSEPORT listener per listen address.
+    pub workers: usize,
+    pub relay: RelayMode,
+    pub connect_timeout: Duration,
+    /// Other backends tried after a failed connect, before the client is closed.
+    pub retries: u32,
+    /// Close a session with no bytes either way for this long. `None` disables.
+    pub idle_timeout: Option<Duration>,
+    /// TCP keepalive idle time on both sockets. `None` disables.
+    pub tcp_keepalive: Option<Duration>,
+    /// Global cap on live sessions; 0 means only the fd limit applies.
+    pub max_conns: usize,
+    pub backlog: i32,
+}
+
+impl Config {
+    /// A configuration with holdfast's defaults.
+    pub fn new(listen: Vec<SocketAddr>, backends: Vec<BackendSpec>) -> Config {
+        Config {
+            listen,
+            backends,
+            algorithm: Algorithm::LeastConn,
+            workers: default_workers(),
+            relay: RelayMode::Auto,
+            connect_timeout: Duration::from_secs(5),
+            retries: 2,
+            idle_timeout: Some(Duration::from_secs(3600)),
+            tcp_keepalive: Some(Duration::from_secs(60)),
+            max_conns: 0,
+            backlog: 4096,
+        }
+    }
+
+    /// Checks what the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(ConfigError::Invalid(
+                "at least one --listen address is required".into(),
+            ));
+        }
+        if self.listen.len() > crate::token::MAX_LISTENERS {
+            return Err(ConfigError::Invalid(format!(
+                "at most {} --listen addresses are supported",
+                crate::token::MAX_LISTENERS
+            )));
+        }
+        if self.backends.is_empty() {
+            return Err(ConfigError::Invalid(
+                "at least one --backend is required".into(),
+            ));
+        }
+        if self.workers == 0 || self.workers > 1024 {
+            return Err(ConfigError::Invalid(
+                "--workers must be from 1 to 1024".into(),
+            ));
+        }
+        if let Some(b) = self
+            .backends
+            .iter()
+            .find(|b| !(1..=MAX_WEIGHT).contains(&b.weight))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "backend {}: weight must be from 1 to {MAX_WEIGHT}",
+                b.addr
+            )));
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if self.backends[..i].iter().any(|o| o.addr == b.addr) {
+                return Err(ConfigError::Invalid(format!(
+                    "backend {} is listed twice",
+                    b.addr
+                )));
+            }
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--connect-timeout must be greater than 0".into(),
+            ));
+        }
+        if self.backlog <= 0 {
+            return Err(ConfigError::Invalid("--backlog must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// One worker per core.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_spec_parses_weight_and_rejects_nonsense() {
+        let b: BackendSpec = "127.0.0.1:80,weight=7".parse().unwrap();
+        assert_eq!(b.addr, "127.0.0.1:80".parse().unwrap());
+        assert_eq!(b.weight, 7);
+        let b: BackendSpec = "[::1]:8080".parse().unwrap();
+        assert_eq!(b.weight, 1);
+        assert_eq!(b.to_string(), "[::1]:8080");
+        for bad in [
+            "",
+            "127.0.0.1",
+            "127.0.0.1:99999",
+            "127.0.0.1:80,weight=0",
+            "127.0.0.1:80,weight=257",
+            "127.0.0.1:80,weight=x",
+            "127.0.0.1:80,colour=red",
+            ":80",
+        ] {
+            assert!(
+                bad.parse::<BackendSpec>().is_err(),
+                "{bad:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn localhost_resolves() {
+        let b: BackendSpec = "localhost:9,weight=2".parse().unwrap();
+        assert!(b.addr.ip().is_loopback());
+        assert_eq!(b.addr.port(), 9);
+    }
+
+    #[test]
+    fn algorithm_aliases() {
+        for (s, a) in [
+            ("least-conn", Algorithm::LeastConn),
+            ("source-hash", Algorithm::SourceHash),
+            ("ip-hash", Algorithm::SourceHash),
+            ("source", Algorithm::SourceHash),
+            ("round-robin", Algorithm::RoundRobin),
+        ] {
+            assert_eq!(s.parse::<Algorithm>().unwrap(), a);
+        }
+        assert!("random".parse::<Algorithm>().is_err());
+    }
+
+    #[test]
+    fn duplicate_backends_are_rejected() {
+        let b = BackendSpec::new("127.0.0.1:1".parse().unwrap());
+        let c = Config::new(vec!["127.0.0.1:0".parse().unwrap()], vec![b.clone(), b]);
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,419 @@
+//! Moving bytes: one [`Pump`] per direction of a session, and the worker's [`Pools`].
+//!
+//! A pump reads from its source socket and writes to its destination socket, either
+//!
+//! - **copying** through the worker's one scratch buffer: read, then write at once; only when
+//!   the destination takes part of it does the pump borrow a buffer from the pool to hold the
+//!   rest until the destination is writable again; or
+//! - **splicing** (Linux): `splice(2)` moves the bytes socket → pipe → socket inside the
+//!   kernel. The pump takes a pipe from the pool for the read and gives it back as soon as the
+//!   pipe is empty again.
+//!
+//! Either way the pump owns memory only while a write is incomplete: an idle connection holds
+//! no pipe and no buffer, which is what keeps 8000 idle WebSockets cheap.
+//!
+//! Backpressure falls out of the rule "never read while bytes are in flight": a pump whose
+//! destination is full stops reading its source, the source's kernel buffer fills, and TCP
+//! flow control slows the sender. Memory per session is bounded by one buffer or one pipe per
+//! direction whatever the peers do.
+//!
+//! Readiness is edge-triggered, so a pump runs until its source or destination says
+//! `WouldBlock` (and records that in the [`Readiness`] flags), or until it has moved its
+//! budget for this turn, in which case it says [`Outcome::Yield`] and the worker runs it again
+//! on the next turn without waiting for an event that would never come.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::sync::Arc;
+
+use mio::net::TcpStream;
+
+use crate::config::RelayMode;
+use crate::stats::Counters;
+use crate::sys::{self, Pipe};
+
+/// Size of the worker's scratch buffer and of a pooled partial-write buffer.
+pub const BUFFER_SIZE: usize = 64 * 1024;
+/// Most bytes one splice call asks for: the default capacity of a Linux pipe.
+pub const PIPE_SIZE: usize = 64 * 1024;
+/// Bytes one pump may move per turn before yielding to other sessions (fairness).
+pub const TURN_BUDGET: usize = 512 * 1024;
+/// Free pipes a worker keeps for reuse; more are closed.
+pub const MAX_POOLED_PIPES: usize = 16;
+/// Free buffers a worker keeps for reuse; more are freed.
+pub const MAX_POOLED_BUFFERS: usize = 16;
+/// In `auto` mode, a copy read at least this large marks the direction as a bulk stream and
+/// switches it to splice; a splice that moves less than a quarter of it switches back.
+pub const AUTO_SPLICE_THRESHOLD: usize = 16 * 1024;
+
+/// What is known about one socket's readiness, under edge-triggered notification: set by an
+/// event, cleared when a call returns `WouldBlock`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    pub readable: bool,
+    pub writable: bool,
+}
+
+/// The worker's shared relay resources.
+pub struct Pools {
+    scratch: Box<[u8]>,
+    pipes: Vec<Pipe>,
+    buffers: Vec<Box<[u8]>>,
+    /// Cleared the first time the kernel says splice cannot be used; then everyone copies.
+    splice_works: bool,
+    counters: Arc<Counters>,
+}
+
+impl Pools {
+    pub fn new(counters: Arc<Counters>) -> Pools {
+        Pools {
+            scratch: vec![0; BUFFER_SIZE].into_boxed_slice(),
+            pipes: Vec::new(),
+            buffers: Vec::new(),
+            splice_works: sys::SPLICE_AVAILABLE,
+            counters,
+        }
+    }
+
+    fn take_pipe(&mut self) -> io::Result<Pipe> {
+        let pipe = match self.pipes.pop() {
+            Some(p) => p,
+            None => Pipe::new()?,
+        };
+        Counters::incr(&self.counters.pipes_in_use);
+        Ok(pipe)
+    }
+
+    /// Returns an *empty* pipe for reuse.
+    fn put_pipe(&mut self, pipe: Pipe) {
+        Counters::decr(&self.counters.pipes_in_use);
+        if self.pipes.len() < MAX_POOLED_PIPES {
+            self.pipes.push(pipe);
+        }
+    }
+
+    /// Closes a pipe that still holds bytes: they can never be delivered, and a pipe with
+    /// stale bytes must never be reused.
+    fn discard_pipe(&mut self, pipe: Pipe) {
+        Counters::decr(&self.counters.pipes_in_use);
+        drop(pipe);
+    }
+
+    fn take_buffer(&mut self) -> Box<[u8]> {
+        Counters::incr(&self.counters.buffers_in_use);
+        self.buffers
+            .pop()
+            .unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice())
+    }
+
+    fn put_buffer(&mut self, buf: Box<[u8]>) {
+        Counters::decr(&self.counters.buffers_in_use);
+        if self.buffers.len() < MAX_POOLED_BUFFERS {
+            self.buffers.push(buf);
+        }
+    }
+}
+
+/// Bytes read from the source and not yet written to the destination.
+enum InFlight {
+    Empty,
+    Pipe {
+        pipe: Pipe,
+        len: usize,
+    },
+    Buffer {
+        buf: Box<[u8]>,
+        start: usize,
+        end: usize,
+    },
+}
+
+/// Where a pump is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Relaying.
+    Open,
+    /// The source said EOF; what is in flight is still to be written, then the destination's
+    /// write side is shut down (half-close).
+    Flushing,
+    /// The destination's write side is shut down; this direction is finished.
+    Done,
+}
+
+/// How a pump's turn ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Waiting for an event (source empty or destination full).
+    Blocked,
+    /// Budget used up with work left: run again next turn.
+    Yield,
+    /// This direction is finished (EOF forwarded as a half-close).
+    Done,
+    /// Reading the source failed (typically a reset).
+    SourceFailed,
+    /// Writing the destination failed (typically a reset or broken pipe).
+    DestinationFailed,
+}
+
+/// How a pump moves bytes right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    Copy,
+    Splice,
+}
+
+/// One direction of a session.
+pub struct Pump {
+    method: Method,
+    /// `auto` mode: the method follows the size of the reads.
+    adaptive: bool,
+    stage: Stage,
+    in_flight: InFlight,
+    /// Bytes written to the destination so far.
+    pub bytes: u64,
+}
+
+impl Pump {
+    pub fn new(mode: RelayMode) -> Pump {
+        let (method, adaptive) = match mode {
+            RelayMode::Copy => (Method::Copy, false),
+            RelayMode::Splice => (Method::Splice, false),
+            RelayMode::Auto => (Method::Copy, true),
+        };
+        Pump {
+            method,
+            adaptive,
+            stage: Stage::Open,
+            in_flight: InFlight::Empty,
+            bytes: 0,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.stage == Stage::Done
+    }
+
+    /// Moves bytes from `src` to `dst` until one of them would block, the source ends, the
+    /// budget is spent, or a socket fails. Returns how the turn ended and the bytes written.
+    pub fn run(
+        &mut self,
+        src: &TcpStream,
+        src_ready: &mut Readiness,
+        dst: &TcpStream,
+        dst_ready: &mut Readiness,
+        pools: &mut Pools,
+    ) -> (Outcome, usize) {
+        let mut moved = 0;
+        let outcome = loop {
+            // 1. Anything in flight goes out first: never read while the destination is behind.
+            if !matches!(self.in_flight, InFlight::Empty) {
+                if !dst_ready.writable {
+                    break Outcome::Blocked;
+                }
+                match self.flush(dst, pools) {
+                    Ok(n) => {
+                        moved += n;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        dst_ready.writable = false;
+                        break Outcome::Blocked;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break Outcome::DestinationFailed,
+                }
+            }
+            debug_assert!(matches!(self.in_flight, InFlight::Empty));
+
+            // 2. Nothing in flight: forward EOF, or read more.
+            match self.stage {
+                Stage::Done => break Outcome::Done,
+                Stage::Flushing => {
+                    // The peer may already be gone (ENOTCONN); the session's other direction
+                    // will find out on its own, so there is nothing to report here.
+                    let _ = dst.shutdown(Shutdown::Write);
+                    self.stage = Stage::Done;
+                    break Outcome::Done;
+                }
+                Stage::Open => {}
+            }
+            if moved >= TURN_BUDGET {
+                break if src_ready.readable {
+                    Outcome::Yield
+                } else {
+                    Outcome::Blocked
+                };
+            }
+            if !src_ready.readable {
+                break Outcome::Blocked;
+            }
+            let read = match self.method {
+                Method::Splice if pools.splice_works => self.splice_in(src, pools),
+                _ => self.copy_in(src, dst, dst_ready, pools),
+            };
+            match read {
+                Ok(Step::Eof) => self.stage = Stage::Flushing,
+                Ok(Step::Moved(n)) => moved += n,
+                Ok(Step::Again) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    src_ready.readable = false;
+                    break Outcome::Blocked;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(ReadError::Destination) => break Outcome::DestinationFailed,
+                Err(_) => break Outcome::SourceFailed,
+            }
+        };
+        self.bytes += moved as u64;
+        (outcome, moved)
+    }
+
+    /// Writes what is in flight; returns the bytes written (the caller loops until empty).
+    fn flush(&mut self, dst: &TcpStream, pools: &mut Pools) -> io::Result<usize> {
+        match &mut self.in_flight {
+            InFlight::Empty => Ok(0),
+            InFlight::Pipe { pipe, len } => {
+                let n = sys::splice_out(pipe, dst, *len)?;
+                *len -= n;
+                if *len == 0
+                    && let InFlight::Pipe { pipe, .. } =
+                        std::mem::replace(&mut self.in_flight, InFlight::Empty)
+                {
+                    pools.put_pipe(pipe);
+                }
+                Ok(n)
+            }
+            InFlight::Buffer { buf, start, end } => {
+                let n = (&*dst).write(&buf[*start..*end])?;
+                *start += n;
+                if start == end
+                    && let InFlight::Buffer { buf, .. } =
+                        std::mem::replace(&mut self.in_flight, InFlight::Empty)
+                {
+                    pools.put_buffer(buf);
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    /// Splices from the socket into a pipe from the pool. The bytes are written out by the
+    /// next `flush`.
+    fn splice_in(&mut self, src: &TcpStream, pools: &mut Pools) -> Result<Step, ReadError> {
+        let pipe = match pools.take_pipe() {
+            Ok(p) => p,
+            Err(e) if sys::is_splice_unsupported(&e) => {
+                // Out of descriptors for a pipe: this read copies instead.
+                self.method = Method::Copy;
+                return Ok(Step::Again);
+            }
+            Err(e) => return Err(ReadError::Source(e)),
+        };
+        match sys::splice_in(src, &pipe, PIPE_SIZE) {
+            Ok(0) => {
+                pools.put_pipe(pipe);
+                Ok(Step::Eof)
+            }
+            Ok(n) => {
+                if self.adaptive && n < AUTO_SPLICE_THRESHOLD / 4 {
+                    self.method = Method::Copy;
+                }
+                self.in_flight = InFlight::Pipe { pipe, len: n };
+                Ok(Step::Moved(0))
+            }
+            Err(e) => {
+                pools.put_pipe(pipe);
+                if sys::is_splice_unsupported(&e) {
+                    log::warn!("splice is not usable here ({e}); copying instead");
+                    pools.splice_works = false;
+                    Ok(Step::Again)
+                } else {
+                    Err(ReadError::Source(e))
+                }
+            }
+        }
+    }
+
+    /// Reads into the scratch buffer and writes straight on; keeps a pooled buffer only for
+    /// what the destination did not take.
+    fn copy_in(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        dst_ready: &mut Readiness,
+        pools: &mut Pools,
+    ) -> Result<Step, ReadError> {
+        let n = (&*src)
+            .read(&mut pools.scratch)
+            .map_err(ReadError::Source)?;
+        if n == 0 {
+            return Ok(Step::Eof);
+        }
+        if self.adaptive && n >= AUTO_SPLICE_THRESHOLD {
+            self.method = Method::Splice;
+        }
+        let mut written = 0;
+        while written < n {
+            match (&*dst).write(&pools.scratch[written..n]) {
+                Ok(w) => written += w,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dst_ready.writable = false;
+                    break;
+                }
+                Err(_) => return Err(ReadError::Destination),
+            }
+        }
+        if written < n {
+            let mut buf = pools.take_buffer();
+            buf[..n - written].copy_from_slice(&pools.scratch[written..n]);
+            self.in_flight = InFlight::Buffer {
+                buf,
+                start: 0,
+                end: n - written,
+            };
+        }
+        Ok(Step::Moved(written))
+    }
+
+    /// Gives back whatever the pump holds; called once when the session closes.
+    pub fn release(&mut self, pools: &mut Pools) {
+        match std::mem::replace(&mut self.in_flight, InFlight::Empty) {
+            InFlight::Empty => {}
+            InFlight::Pipe { pipe, len } => {
+                if len == 0 {
+                    pools.put_pipe(pipe);
+                } else {
+                    pools.discard_pipe(pipe);
+                }
+            }
+            InFlight::Buffer { buf, .. } => pools.put_buffer(buf),
+        }
+    }
+}
+
+/// What one read step did.
+enum Step {
+    /// The source is at EOF.
+    Eof,
+    /// Bytes were read; this many were also written to the destination already.
+    Moved(usize),
+    /// Nothing happened, try again (e.g. the method changed).
+    Again,
+}
+
+/// A read step failed on the source socket, or the write that followed failed on the
+/// destination.
+enum ReadError {
+    Source(io::Error),
+    Destination,
+}
+
+impl ReadError {
+    fn kind(&self) -> io::ErrorKind {
+        match self {
+            ReadError::Source(e) => e.kind(),
+            ReadError::Destination => io::ErrorKind::Other,
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! Everything platform-specific, behind one boundary.
+//!
+//! Exactly one of the files below is compiled, picked by the `#[cfg_attr(path)]` here; the rest
+//! of the crate has no `cfg`. Each platform file provides the same items with the same
+//! signatures:
+//!
+//! - `SPLICE_AVAILABLE: bool`, whether zero-copy relaying can work at all on this platform;
+//! - `Pipe`, a non-blocking, close-on-exec kernel pipe, closed on drop;
+//! - `Pipe::new() -> io::Result<Pipe>`;
+//! - `splice_in(src, &Pipe, len) -> io::Result<usize>`: move up to `len` bytes from a socket
+//!   into the pipe without copying to user space; `Ok(0)` is EOF on the socket;
+//! - `splice_out(&Pipe, dst, len) -> io::Result<usize>`: move up to `len` bytes from the pipe
+//!   to a socket;
+//! - `is_splice_unsupported(&io::Error) -> bool`: the error says splicing cannot be used here
+//!   (as opposed to a failure of this one connection), so the caller should copy instead.
+//!
+//! On a platform without splice, `Pipe::new` and both splice functions return
+//! `ErrorKind::Unsupported`, which `is_splice_unsupported` recognises, so callers fall back to
+//! copying through the same code path they use when splice fails at run time on Linux.
+
+#[cfg_attr(target_os = "linux", path = "linux.rs")]
+#[cfg_attr(not(target_os = "linux"), path = "portable.rs")]
+mod platform;
+
+pub use platform::*;
