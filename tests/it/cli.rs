@@ -1,0 +1,178 @@
+//! The `holdfast` binary as a user runs it: help, usage errors, start failures, a relayed
+//! round trip and a clean exit on SIGTERM.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use crate::util::*;
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Whether `help` mentions the short flag `-x` on its own (not as part of `--x...`).
+fn mentions_short(help: &str, flag: &str) -> bool {
+    help.match_indices(flag).any(|(i, _)| {
+        let before = help[..i].chars().next_back();
+        let after = help[i + flag.len()..].chars().next();
+        before != Some('-') && !after.is_some_and(|c| c.is_alphanumeric() || c == '-')
+    })
+}
+
+#[test]
+fn help_lists_every_flag() {
+    let out = run_binary(&["--help"], RUN_TIMEOUT);
+    assert!(out.status.success(), "--help exited with {}", out.status);
+    let help = text(&out.stdout) + &text(&out.stderr);
+    for long in [
+        "--listen",
+        "--backend",
+        "--algorithm",
+        "--workers",
+        "--relay",
+        "--connect-timeout",
+        "--retries",
+        "--idle-timeout",
+        "--tcp-keepalive",
+        "--max-conns",
+        "--backlog",
+        "--log-level",
+    ] {
+        assert!(
+            help.contains(long),
+            "--help does not mention {long}:\n{help}"
+        );
+    }
+    for short in ["-l", "-b", "-a"] {
+        assert!(
+            mentions_short(&help, short),
+            "--help does not mention {short}:\n{help}"
+        );
+    }
+}
+
+/// Runs with `args`, expects exit code 2 and a one-line `error:` message on stderr that
+/// mentions `needle`; returns stderr.
+#[track_caller]
+fn usage_error(args: &[&str], needle: &str) -> String {
+    let out = run_binary(args, RUN_TIMEOUT);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "holdfast {args:?} exited with {}; stderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr.starts_with("error:"),
+        "stderr does not start with 'error:':\n{stderr}"
+    );
+    let first_line = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first_line.contains(needle),
+        "the error line does not name {needle:?}:\n{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "usage error printed on stdout");
+    stderr
+}
+
+/// A backend address for runs that must fail before connecting anywhere.
+fn backend_arg() -> (ClosedPort, String) {
+    let closed = closed_port();
+    let arg = closed.addr().to_string();
+    (closed, arg)
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let (_closed, b) = backend_arg();
+    usage_error(
+        &["--listen", "127.0.0.1:0", "--backend", &b, "--frobnicate"],
+        "frobnicate",
+    );
+}
+
+#[test]
+fn bad_listen_address_is_a_usage_error() {
+    let (_closed, b) = backend_arg();
+    usage_error(&["--listen", "nonsense", "--backend", &b], "nonsense");
+}
+
+#[test]
+fn bad_duration_is_a_usage_error() {
+    let (_closed, b) = backend_arg();
+    usage_error(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            &b,
+            "--idle-timeout",
+            "5 parsecs",
+        ],
+        "5 parsecs",
+    );
+}
+
+#[test]
+fn bad_algorithm_is_a_usage_error() {
+    let (_closed, b) = backend_arg();
+    usage_error(
+        &["-l", "127.0.0.1:0", "-b", &b, "--algorithm", "random"],
+        "random",
+    );
+}
+
+#[test]
+fn zero_weight_is_a_usage_error() {
+    let (_closed, b) = backend_arg();
+    let b = format!("{b},weight=0");
+    usage_error(&["-l", "127.0.0.1:0", "-b", &b], "weight=0");
+}
+
+#[test]
+fn port_in_use_is_a_runtime_error() {
+    // A plain std listener: no SO_REUSEPORT, so holdfast's bind must fail.
+    let taken = TcpListener::bind(localhost0()).unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (_closed, b) = backend_arg();
+    let out = run_binary(&["--listen", &addr, "--backend", &b], RUN_TIMEOUT);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exited with {}; stderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("cannot listen on") && stderr.contains(&addr),
+        "stderr does not say it cannot listen on {addr}:\n{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "printed on stdout:\n{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn relays_and_exits_cleanly_on_sigterm() {
+    let echo = EchoBackend::start();
+    let b = echo.addr().to_string();
+    let mut child = Child::spawn(&["--backend", &b, "--workers", "2"]);
+    let mut c = client(child.addr());
+    round_trip(&mut c, b"through the real binary");
+    let status = child.signal_and_wait(libc::SIGTERM, Duration::from_secs(5));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit after SIGTERM: {status}; stderr:\n{}",
+        child.stderr()
+    );
+    assert_eq!(child.stdout(), "", "holdfast printed on stdout");
+    // Its sessions went with it.
+    let (how, _) = expect_closed(&mut c, Duration::from_secs(2));
+    let _ = how;
+}

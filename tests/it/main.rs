@@ -1,0 +1,14 @@
+//! holdfast's integration tests: one test binary, real loopback sockets, fake backends.
+//!
+//! Run with `cargo test --test it`. Every test uses port 0 (or a reserved port) and bounded
+//! waits, so they run in parallel and a broken balancer fails a test rather than hanging it.
+
+mod util;
+
+mod algorithms;
+mod cli;
+mod idle;
+mod limits;
+mod relay;
+mod retry;
+mod websocket;

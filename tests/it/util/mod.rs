@@ -1,0 +1,1002 @@
+//! Shared helpers: fake backends on real loopback sockets, clients bound to chosen source IPs,
+//! polling waits, deterministic data, and a guard for the real `holdfast` binary.
+//!
+//! Rules the helpers enforce so that a broken balancer fails a test instead of hanging it:
+//! every client socket has read and write timeouts ([`IO_TIMEOUT`] unless a test asks for
+//! less), every wait is a bounded poll ([`wait_until`]), and every fake backend stops and
+//! closes its listener when dropped, so its port refuses afterwards.
+
+#![allow(dead_code)] // Each test module uses its own subset.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use holdfast::{BackendSpec, Config, Holdfast};
+use sha2::{Digest, Sha256};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// Read/write timeout on every client socket: generous, but never forever.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a fake backend's connection thread blocks in one read before it checks whether
+/// the backend was dropped. Held-idle connections are kept open across these wake-ups.
+const BACKEND_READ_TICK: Duration = Duration::from_millis(500);
+
+// ---------------------------------------------------------------------------------------------
+// Waiting
+// ---------------------------------------------------------------------------------------------
+
+/// Polls `cond` every few milliseconds until it is true; panics (at the caller's line) if it
+/// is still false after `timeout`.
+#[track_caller]
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("condition not met within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Like [`wait_until`], but the check explains itself: it returns `Err(why)` while not yet
+/// satisfied, and the last `why` is in the panic message.
+#[track_caller]
+pub fn wait_until_ok(timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let why = match check() {
+            Ok(()) => return,
+            Err(why) => why,
+        };
+        if Instant::now() >= deadline {
+            panic!("condition not met within {timeout:?}: {why}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data
+// ---------------------------------------------------------------------------------------------
+
+/// `n` pseudo-random bytes from `seed` (xorshift64*): deterministic, incompressible enough,
+/// and different for different seeds.
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    if state == 0 {
+        state = 1;
+    }
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut out = vec![0u8; n];
+    let mut chunks = out.chunks_exact_mut(8);
+    for c in &mut chunks {
+        c.copy_from_slice(&next().to_le_bytes());
+    }
+    let rest = chunks.into_remainder();
+    let last = next().to_le_bytes();
+    let len = rest.len();
+    rest.copy_from_slice(&last[..len]);
+    out
+}
+
+/// 128 MiB of random bytes, generated once per test process and shared by the bulk tests
+/// (generating it in an unoptimised test build costs about a second).
+pub fn shared_random() -> &'static [u8] {
+    static DATA: OnceLock<Vec<u8>> = OnceLock::new();
+    DATA.get_or_init(|| random_bytes(128 << 20, 0x686f_6c64_6661_7374))
+}
+
+/// Hex SHA-256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------------------
+
+pub fn localhost0() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// Sets [`IO_TIMEOUT`] for reads and writes.
+pub fn set_timeouts(s: &TcpStream) {
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+}
+
+/// A client connected to `target` from 127.0.0.1, with timeouts set.
+pub fn client(target: SocketAddr) -> TcpStream {
+    client_from("127.0.0.1", target)
+}
+
+/// A client bound to source address `ip` (any of 127.0.0.0/8, port chosen by the kernel)
+/// and connected to `target`, with timeouts set.
+pub fn client_from(ip: &str, target: SocketAddr) -> TcpStream {
+    let ip: IpAddr = ip.parse().expect("client_from: bad IP");
+    let sock = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .expect("socket");
+    // Choose the port at connect time, not at bind: connect can share a local port between
+    // different destinations, while bind(port 0) takes a port of its own, and thousands of
+    // those (plus their TIME_WAITs) would exhaust the ephemeral range over a few runs.
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid fd and a c_int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "IP_BIND_ADDRESS_NO_PORT: {}",
+        io::Error::last_os_error()
+    );
+    sock.bind(&SockAddr::from(SocketAddr::new(ip, 0)))
+        .unwrap_or_else(|e| panic!("cannot bind client to {ip}: {e}"));
+    sock.connect_timeout(&SockAddr::from(target), IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("client {ip} cannot connect to {target}: {e}"));
+    let stream: TcpStream = sock.into();
+    set_timeouts(&stream);
+    stream
+}
+
+/// Writes `payload` and reads back exactly as many bytes, which must be equal (an echo).
+#[track_caller]
+pub fn round_trip(stream: &mut TcpStream, payload: &[u8]) {
+    stream.write_all(payload).expect("round trip: write");
+    let mut back = vec![0u8; payload.len()];
+    stream.read_exact(&mut back).expect("round trip: read echo");
+    assert!(
+        back == payload,
+        "round trip: echo differs from what was sent"
+    );
+}
+
+/// Reads one `\n`-terminated line byte by byte (so nothing after it is consumed) and returns
+/// it without the newline.
+#[track_caller]
+pub fn read_line(stream: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => panic!("read_line: EOF after {:?}", String::from_utf8_lossy(&line)),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read_line: {e} after {:?}", String::from_utf8_lossy(&line)),
+        }
+        assert!(line.len() < 1024, "read_line: no newline in 1 KiB");
+    }
+    String::from_utf8(line).expect("read_line: not UTF-8")
+}
+
+/// How a read-until-closed ended.
+#[derive(Debug)]
+pub enum Closed {
+    Eof,
+    Error(io::ErrorKind),
+}
+
+/// Reads (discarding data) until the peer closes: EOF or a non-timeout error. Panics if that
+/// has not happened `within` the given time. Returns how it closed and how long it took.
+#[track_caller]
+pub fn expect_closed(stream: &mut TcpStream, within: Duration) -> (Closed, Duration) {
+    let start = Instant::now();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let left = within.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            panic!("connection still open after {within:?}");
+        }
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return (Closed::Eof, start.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (Closed::Error(e.kind()), start.elapsed()),
+        }
+    }
+}
+
+/// Sets SO_LINGER 0 and drops the stream: the peer gets a RST instead of a FIN.
+pub fn reset(stream: TcpStream) {
+    Socket::from(stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+}
+
+/// Sends `data` on one thread while reading the echo on this one (no lock-step deadlock),
+/// checks the echo byte for byte as it arrives, then expects EOF: the writer half-closes after
+/// the last byte, and the echo backend closes when it reads that EOF.
+///
+/// Integrity is checked by comparing each received chunk with the bytes sent at that offset,
+/// not by SHA-256: in an unoptimised test build sha2 runs at ~25 MB/s, which would make the
+/// bulk tests (over 1 GiB echoed in all) CPU-bound for tens of seconds. The comparison is at
+/// least as strict (lost, duplicated, reordered or altered bytes all show) and reports where
+/// the streams first differ.
+pub fn echo_stream(stream: TcpStream, data: &'static [u8]) -> Result<(), String> {
+    let mut writer = stream.try_clone().map_err(|e| format!("clone: {e}"))?;
+    let sender = std::thread::spawn(move || -> Result<(), String> {
+        for chunk in data.chunks(256 * 1024) {
+            writer
+                .write_all(chunk)
+                .map_err(|e| format!("write failed: {e}"))?;
+        }
+        writer
+            .shutdown(Shutdown::Write)
+            .map_err(|e| format!("shutdown(Write) failed: {e}"))
+    });
+    let mut reader = stream;
+    let mut at = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    let result = loop {
+        match reader.read(&mut buf) {
+            Ok(0) if at == data.len() => break Ok(()),
+            Ok(0) => break Err(format!("EOF after {at} of {} bytes", data.len())),
+            Ok(n) if at + n > data.len() => {
+                break Err(format!(
+                    "{} bytes more than the {} sent",
+                    at + n - data.len(),
+                    data.len()
+                ));
+            }
+            Ok(n) if buf[..n] != data[at..at + n] => {
+                let first = (0..n).find(|&i| buf[i] != data[at + i]).unwrap();
+                break Err(format!(
+                    "echo differs from what was sent at byte {}",
+                    at + first
+                ));
+            }
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(format!("read failed after {at} bytes: {e}")),
+        }
+    };
+    let sent = sender.join().map_err(|_| "writer panicked".to_string())?;
+    result.and(sent)
+}
+
+/// A stream wrapper that retries reads and writes interrupted by a signal (EINTR).
+///
+/// Sockets with SO_RCVTIMEO/SO_SNDTIMEO are not restarted after a signal, and this test
+/// process does get signals: a child (the `holdfast` binary) exiting raises SIGCHLD, which
+/// can wake a thread of a multi-threaded parent even though its default action is to ignore
+/// it. std's `read_exact`/`write_all`/`read_to_end` retry EINTR themselves; libraries that
+/// call `read`/`write` directly (tungstenite) need this wrapper.
+pub struct NoEintr<S>(pub S);
+
+impl<S: Read> Read for NoEintr<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+impl<S: Write> Write for NoEintr<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake backends
+// ---------------------------------------------------------------------------------------------
+
+/// What a fake backend does with one accepted connection.
+type Handler = Arc<dyn Fn(TcpStream, &ConnCtx) + Send + Sync>;
+
+/// Passed to a handler: lets it notice that the backend was dropped.
+pub struct ConnCtx {
+    stop: Arc<AtomicBool>,
+}
+
+impl ConnCtx {
+    pub fn stopped(&self) -> bool {
+        self.stop.load(SeqCst)
+    }
+}
+
+/// Locks, ignoring poison: a panicking test must not turn a backend's `Drop` into a second
+/// panic (which would abort the whole test process).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Reserves a loopback port for a fake backend's lifetime: a socket with SO_REUSEADDR, bound
+/// to 127.0.0.1:0 and never listening. It receives no connections (connects are refused
+/// while no listener shares the port), but it keeps the kernel from handing the port to
+/// anyone else in between listeners: port-0 binds and connect()'s ephemeral ports skip a
+/// port held by bind(). So [`TaggedBackend::set_refusing`] can always listen again on the
+/// same port, even while other tests open thousands of connections.
+fn port_guard() -> io::Result<(Socket, SocketAddr)> {
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&SockAddr::from(localhost0()))?;
+    let addr = sock.local_addr()?.as_socket().expect("IPv4 address");
+    Ok((sock, addr))
+}
+
+/// A non-blocking listener on `addr` with SO_REUSEADDR, so it can share the port with the
+/// port guard and with connections accepted by an earlier listener.
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&SockAddr::from(addr))?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// Waits up to `ms` for `fd` to become readable. `false` on timeout or EINTR: callers poll
+/// in a loop.
+fn poll_readable(fd: i32, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
+/// The accept loop and bookkeeping shared by every fake backend.
+struct Server {
+    addr: SocketAddr,
+    _guard: Socket,
+    listener: Arc<Mutex<Option<TcpListener>>>,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    /// Clones of live connections, to shut them down when the backend is dropped.
+    conns: Arc<Mutex<HashMap<u64, TcpStream>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(handler: Handler) -> Server {
+        let (guard, addr) = port_guard().expect("reserve a port for a fake backend");
+        let listener = bind_listener(addr).expect("bind fake backend");
+        let listener = Arc::new(Mutex::new(Some(listener)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let conns = Arc::new(Mutex::new(HashMap::new()));
+        let thread = {
+            let (listener, stop, accepted, open, conns) = (
+                Arc::clone(&listener),
+                Arc::clone(&stop),
+                Arc::clone(&accepted),
+                Arc::clone(&open),
+                Arc::clone(&conns),
+            );
+            std::thread::spawn(move || {
+                let next_id = AtomicU64::new(0);
+                while !stop.load(SeqCst) {
+                    let accepted_conn = {
+                        let guard = lock(&listener);
+                        match guard.as_ref() {
+                            Some(l) if poll_readable(l.as_raw_fd(), 20) => l.accept().ok(),
+                            Some(_) => None,
+                            None => {
+                                drop(guard);
+                                std::thread::sleep(Duration::from_millis(5));
+                                None
+                            }
+                        }
+                    };
+                    let Some((stream, _)) = accepted_conn else {
+                        continue;
+                    };
+                    let _ = stream.set_nonblocking(false);
+                    accepted.fetch_add(1, SeqCst);
+                    open.fetch_add(1, SeqCst);
+                    let id = next_id.fetch_add(1, SeqCst);
+                    if let Ok(clone) = stream.try_clone() {
+                        lock(&conns).insert(id, clone);
+                    }
+                    let _ = stream.set_read_timeout(Some(BACKEND_READ_TICK));
+                    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+                    let (handler, open, conns) =
+                        (Arc::clone(&handler), Arc::clone(&open), Arc::clone(&conns));
+                    let ctx = ConnCtx {
+                        stop: Arc::clone(&stop),
+                    };
+                    std::thread::spawn(move || {
+                        handler(stream, &ctx);
+                        lock(&conns).remove(&id);
+                        open.fetch_sub(1, SeqCst);
+                    });
+                }
+            })
+        };
+        Server {
+            addr,
+            _guard: guard,
+            listener,
+            stop,
+            accepted,
+            open,
+            conns,
+            thread: Some(thread),
+        }
+    }
+
+    fn set_refusing(&self, refusing: bool) {
+        let mut slot = lock(&self.listener);
+        if refusing {
+            *slot = None; // closes the listening socket: connects are refused
+            return;
+        }
+        if slot.is_some() {
+            return;
+        }
+        // Listen again on the same port (held meanwhile by the port guard). Retry briefly in
+        // case the kernel has not finished with the old listener.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let result = loop {
+            match bind_listener(self.addr) {
+                Ok(l) => break Ok(l),
+                Err(e) if Instant::now() >= deadline => break Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        match result {
+            Ok(l) => *slot = Some(l),
+            Err(e) => {
+                drop(slot);
+                panic!("cannot listen again on {}: {e}", self.addr);
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        *lock(&self.listener) = None;
+        for c in lock(&self.conns).values() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Reads with the backend's short read tick, retrying on timeouts until the backend is
+/// dropped. `Ok(0)` is EOF; `Err` is a real error (or the backend being dropped).
+fn backend_read(stream: &mut TcpStream, buf: &mut [u8], ctx: &ConnCtx) -> io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if ctx.stopped() {
+                    return Err(io::Error::other("backend stopped"));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+/// Echoes until EOF, then closes.
+fn echo_loop(mut stream: TcpStream, ctx: &ConnCtx) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match backend_read(&mut stream, &mut buf, ctx) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+macro_rules! server_accessors {
+    () => {
+        pub fn addr(&self) -> SocketAddr {
+            self.server.addr
+        }
+        /// Connections accepted so far.
+        pub fn accepted(&self) -> usize {
+            self.server.accepted.load(SeqCst)
+        }
+        /// Connections open now (accepted and not yet closed by either side).
+        pub fn open(&self) -> usize {
+            self.server.open.load(SeqCst)
+        }
+        #[track_caller]
+        pub fn wait_for_accepted(&self, n: usize, timeout: Duration) {
+            wait_until_ok(timeout, || {
+                let got = self.accepted();
+                if got >= n {
+                    Ok(())
+                } else {
+                    Err(format!("{} accepted {got}, want >= {n}", self.addr()))
+                }
+            });
+        }
+        #[track_caller]
+        pub fn wait_for_open(&self, n: usize, timeout: Duration) {
+            wait_until_ok(timeout, || {
+                let got = self.open();
+                if got == n {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} has {got} open connections, want {n}",
+                        self.addr()
+                    ))
+                }
+            });
+        }
+    };
+}
+
+/// Echoes every byte back; counts accepted and open connections.
+pub struct EchoBackend {
+    server: Server,
+}
+
+impl EchoBackend {
+    pub fn start() -> EchoBackend {
+        EchoBackend {
+            server: Server::start(Arc::new(echo_loop)),
+        }
+    }
+    server_accessors!();
+}
+
+/// Speaks first: writes `tag\n` on accept, then echoes. A client learns which backend it
+/// reached by reading one line.
+pub struct TaggedBackend {
+    server: Server,
+    tag: String,
+}
+
+impl TaggedBackend {
+    pub fn start(tag: &str) -> TaggedBackend {
+        let line = format!("{tag}\n");
+        TaggedBackend {
+            server: Server::start(Arc::new(move |mut stream: TcpStream, ctx: &ConnCtx| {
+                if stream.write_all(line.as_bytes()).is_ok() {
+                    echo_loop(stream, ctx);
+                }
+            })),
+            tag: tag.to_string(),
+        }
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// `true` closes the listener (connects are refused; open connections stay); `false`
+    /// listens again on the same port.
+    pub fn set_refusing(&self, refusing: bool) {
+        self.server.set_refusing(refusing);
+    }
+    server_accessors!();
+}
+
+/// Accepts and holds connections; reads and discards, never writes.
+pub struct SilentBackend {
+    server: Server,
+}
+
+impl SilentBackend {
+    pub fn start() -> SilentBackend {
+        SilentBackend {
+            server: Server::start(Arc::new(|mut stream: TcpStream, ctx: &ConnCtx| {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = backend_read(&mut stream, &mut buf, ctx) {
+                    if n == 0 {
+                        return;
+                    }
+                }
+            })),
+        }
+    }
+    server_accessors!();
+}
+
+/// Accepts, reads until it has received at least `after` bytes (0: at once), then resets the
+/// connection (SO_LINGER 0 and close).
+pub struct ResetBackend {
+    server: Server,
+}
+
+impl ResetBackend {
+    pub fn start(after: usize) -> ResetBackend {
+        ResetBackend {
+            server: Server::start(Arc::new(move |mut stream: TcpStream, ctx: &ConnCtx| {
+                let mut got = 0;
+                let mut buf = vec![0u8; 64 * 1024];
+                while got < after {
+                    match backend_read(&mut stream, &mut buf, ctx) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                reset(stream);
+            })),
+        }
+    }
+    server_accessors!();
+}
+
+/// A backend whose connects hang: a listener with backlog 0 that never accepts, its accept
+/// queue pre-filled, so the kernel drops further SYNs (Linux drops a SYN when the listener's
+/// accept queue is full; the client retransmits and its connect never completes). Used to
+/// exercise the connect timeout. `start` verifies that a connect really hangs.
+pub struct BlackholeBackend {
+    _listener: Socket,
+    _fillers: Vec<Socket>,
+    addr: SocketAddr,
+}
+
+impl BlackholeBackend {
+    pub fn start() -> BlackholeBackend {
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        listener.bind(&SockAddr::from(localhost0())).unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..8 {
+            // Backlog 0 still queues one connection; each filler takes a queue place (or
+            // sits in SYN-SENT once the queue is full).
+            let f = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+            f.set_nonblocking(true).unwrap();
+            let _ = f.connect(&SockAddr::from(addr)); // EINPROGRESS
+            fillers.push(f);
+            if fillers.len() < 2 {
+                continue;
+            }
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return BlackholeBackend {
+                        _listener: listener,
+                        _fillers: fillers,
+                        addr,
+                    };
+                }
+                _ => {} // still room in the queue: add another filler
+            }
+        }
+        panic!("could not make connects to {addr} hang by filling its accept queue");
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// An address that refuses connections, for as long as this value lives.
+///
+/// A socket bound to 127.0.0.1:0 that never listens: a connect to it is refused exactly as to
+/// a closed port, but unlike "bind, take the port, close", the port cannot be handed to
+/// another test's listener meanwhile (which would make it accept).
+pub struct ClosedPort {
+    _sock: Socket,
+    addr: SocketAddr,
+}
+
+impl ClosedPort {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+pub fn closed_port() -> ClosedPort {
+    let (sock, addr) = port_guard().expect("reserve a closed port");
+    ClosedPort { _sock: sock, addr }
+}
+
+/// A backend for a single connection whose behaviour the test writes: `handle` runs on the
+/// first accepted connection (read timeout [`IO_TIMEOUT`]) and its result is collected with
+/// [`OneShotBackend::result`].
+pub struct OneShotBackend<T> {
+    addr: SocketAddr,
+    rx: mpsc::Receiver<T>,
+}
+
+impl<T: Send + 'static> OneShotBackend<T> {
+    pub fn start(handle: impl FnOnce(TcpStream) -> T + Send + 'static) -> OneShotBackend<T> {
+        let listener = TcpListener::bind(localhost0()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + IO_TIMEOUT;
+            while !poll_readable(listener.as_raw_fd(), 50) {
+                if Instant::now() >= deadline {
+                    return; // nobody came: result() reports it
+                }
+            }
+            let (stream, _) = listener.accept().unwrap();
+            drop(listener);
+            set_timeouts(&stream);
+            let _ = tx.send(handle(stream));
+        });
+        OneShotBackend { addr, rx }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    #[track_caller]
+    pub fn result(&self, timeout: Duration) -> T {
+        self.rx
+            .recv_timeout(timeout)
+            .unwrap_or_else(|e| panic!("one-shot backend gave no result within {timeout:?}: {e}"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The balancer, in process
+// ---------------------------------------------------------------------------------------------
+
+/// A configuration listening on 127.0.0.1:0 with `backends` at weight 1.
+pub fn config(backends: &[SocketAddr]) -> Config {
+    Config::new(
+        vec![localhost0()],
+        backends.iter().map(|a| BackendSpec::new(*a)).collect(),
+    )
+}
+
+#[track_caller]
+pub fn start_balancer(config: Config) -> Holdfast {
+    Holdfast::start(config).unwrap_or_else(|e| panic!("Holdfast::start: {e}"))
+}
+
+/// The balancer's (first) listen address.
+pub fn lb_addr(lb: &Holdfast) -> SocketAddr {
+    lb.listen_addrs()[0]
+}
+
+/// The balancer's per-backend counters for `addr`.
+#[track_caller]
+pub fn backend_stat(lb: &Holdfast, addr: SocketAddr) -> holdfast::BackendStatsSnapshot {
+    lb.backend_stats()
+        .into_iter()
+        .find(|b| b.addr == addr)
+        .unwrap_or_else(|| panic!("no backend_stats entry for {addr}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary
+// ---------------------------------------------------------------------------------------------
+
+/// Number of open file descriptors of process `pid` that are pipe ends.
+pub fn pipe_fds(pid: u32) -> usize {
+    let dir = format!("/proc/{pid}/fd");
+    fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
+        .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+fn temp_path(what: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "holdfast-it-{}-{}-{what}",
+        std::process::id(),
+        N.fetch_add(1, SeqCst)
+    ))
+}
+
+/// Runs the binary with `args` to completion (stdin closed), killing it and panicking if it
+/// has not exited within `timeout`.
+#[track_caller]
+pub fn run_binary(args: &[&str], timeout: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn holdfast");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err_t.join().unwrap_or_default();
+            panic!(
+                "holdfast {args:?} still running after {timeout:?}; stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
+}
+
+/// The real `holdfast` binary, running. Killed on drop.
+///
+/// The listen port is reserved rather than guessed: a socket with SO_REUSEPORT is bound (not
+/// listening) to 127.0.0.1:0, and the child is told to listen on that address. Linux lets
+/// the child's SO_REUSEPORT listeners (same user) bind it too, while no other test's port-0
+/// bind can take it meanwhile; a bound socket that does not listen receives no connections.
+pub struct Child {
+    child: std::process::Child,
+    addr: SocketAddr,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    _reservation: Socket,
+}
+
+impl Child {
+    /// Starts `holdfast --listen <reserved addr> <args>` and waits until the port accepts.
+    #[track_caller]
+    pub fn spawn(args: &[&str]) -> Child {
+        let reservation = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        reservation.set_reuse_port(true).unwrap();
+        reservation.bind(&SockAddr::from(localhost0())).unwrap();
+        let addr = reservation.local_addr().unwrap().as_socket().unwrap();
+        let stdout = temp_path("stdout");
+        let stderr = temp_path("stderr");
+        let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).unwrap())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn holdfast");
+        let mut me = Child {
+            child,
+            addr,
+            stdout,
+            stderr,
+            _reservation: reservation,
+        };
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            if let Some(status) = me.child.try_wait().unwrap() {
+                panic!(
+                    "holdfast {args:?} exited at start with {status}; stderr:\n{}",
+                    me.stderr()
+                );
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return me;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "holdfast {args:?} does not accept on {addr}; stderr:\n{}",
+                    me.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Sends `signal` and waits (up to `timeout`) for the process to exit.
+    #[track_caller]
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill: {}", io::Error::last_os_error());
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "holdfast did not exit within {timeout:?} of signal {signal}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = fs::remove_file(&self.stdout);
+        let _ = fs::remove_file(&self.stderr);
+    }
+}
