@@ -50,9 +50,11 @@ pub fn new_socket(
 ) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(target),
-        Type::STREAM.nonblocking().cloexec(),
+        Type::STREAM,
         Some(Protocol::TCP),
     )?;
+    // socket2 sets close-on-exec itself; SOCK_NONBLOCK at creation is Linux-only.
+    socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     if linger_zero {
         socket.set_linger(Some(Duration::ZERO))?;

@@ -222,11 +222,9 @@ fn write_report_file(path: &Path, file: &ReportFile) -> io::Result<()> {
 }
 
 fn bind_listener(addr: SocketAddr, backlog: i32, reuse_port: bool) -> io::Result<TcpListener> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // socket2 sets close-on-exec itself; SOCK_NONBLOCK at creation is Linux-only.
+    socket.set_nonblocking(true)?;
     // Lets a restarted server bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
     if reuse_port {
