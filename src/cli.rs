@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::config::{self, Algorithm, BackendSpec, Config, RelayMode};
+use crate::config::{
+    self, Algorithm, BackendSpec, Config, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
+};
 use crate::error::ConfigError;
 
 /// An L4 TCP load balancer for long-lived connections (WebSockets and any other TCP service).
@@ -66,6 +68,55 @@ pub struct Args {
           value_parser = clap::value_parser!(i32).range(1..))]
     pub backlog: i32,
 
+    /// Time between two probes of the same backend
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+
+    /// Time one probe may take
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
+    pub health_timeout: Duration,
+
+    /// tcp (a connect), websocket:/PATH (an upgrade answered 101), or none
+    #[arg(long, value_name = "KIND", default_value = "tcp", value_parser = parse_health_check)]
+    pub health_check: HealthCheck,
+
+    /// Consecutive successful probes that bring a down backend up
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub rise: u32,
+
+    /// Consecutive failed probes that take an up backend down
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub fall: u32,
+
+    /// Consecutive failures on real traffic (connect failed, or closed before a byte) that
+    /// take a backend down at once; 0 disables
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub observe_errors: u32,
+
+    /// Ramp a backend that comes up from a small share to its full weight over DUR; 0 = off
+    #[arg(long, value_name = "DUR", default_value = "0", value_parser = parse_duration)]
+    pub slow_start: Duration,
+
+    /// Also apply --slow-start to every backend when holdfast starts
+    #[arg(long)]
+    pub slow_start_on_boot: bool,
+
+    /// Most concurrent connections to one backend; 0 = unlimited
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_conns_per_backend: u64,
+
+    /// Most new connections per second to one backend, all workers together; 0 = unlimited
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_connect_rate: u32,
+
+    /// How long a client may wait for a backend with room before it is closed
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub queue_timeout: Duration,
+
+    /// Most clients waiting for room at once; beyond it a client is closed at once
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub max_queue: usize,
+
     /// error, warn, info, debug or trace (RUST_LOG, if set, refines it)
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
@@ -85,6 +136,22 @@ impl Args {
         config.tcp_keepalive = nonzero(self.tcp_keepalive);
         config.max_conns = self.max_conns;
         config.backlog = self.backlog;
+        config.health = HealthConfig {
+            check: self.health_check,
+            interval: self.health_interval,
+            timeout: self.health_timeout,
+            rise: self.rise,
+            fall: self.fall,
+            observe_errors: self.observe_errors,
+            slow_start: nonzero(self.slow_start),
+            slow_start_on_boot: self.slow_start_on_boot,
+        };
+        config.limits = LimitsConfig {
+            max_conns_per_backend: self.max_conns_per_backend,
+            max_connect_rate: self.max_connect_rate,
+            queue_timeout: self.queue_timeout,
+            max_queue: self.max_queue,
+        };
         config.validate()?;
         Ok(config)
     }
@@ -114,6 +181,10 @@ fn parse_backend(s: &str) -> Result<BackendSpec, String> {
 }
 
 fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
+    s.parse().map_err(|e: ConfigError| e.to_string())
+}
+
+fn parse_health_check(s: &str) -> Result<HealthCheck, String> {
     s.parse().map_err(|e: ConfigError| e.to_string())
 }
 
@@ -182,6 +253,17 @@ mod tests {
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(c.tcp_keepalive, Some(Duration::from_secs(60)));
         assert_eq!(c.backlog, 4096);
+        assert_eq!(c.health.check, HealthCheck::Tcp);
+        assert_eq!(c.health.interval, Duration::from_secs(2));
+        assert_eq!(c.health.timeout, Duration::from_secs(1));
+        assert_eq!(
+            (c.health.rise, c.health.fall, c.health.observe_errors),
+            (2, 3, 5)
+        );
+        assert_eq!(c.health.slow_start, None);
+        assert_eq!(c.limits.max_conns_per_backend, 0);
+        assert_eq!(c.limits.max_connect_rate, 0);
+        assert_eq!(c.limits.queue_timeout, Duration::from_secs(5));
     }
 
     #[test]

@@ -161,6 +161,104 @@ impl fmt::Display for RelayMode {
     }
 }
 
+/// How backends are probed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// No active probes: only failures seen on real traffic mark a backend down.
+    None,
+    /// A TCP connect must complete within the timeout.
+    Tcp,
+    /// A WebSocket upgrade request for this path must be answered `101` within the timeout.
+    WebSocket { path: String },
+}
+
+impl FromStr for HealthCheck {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<HealthCheck, ConfigError> {
+        match s {
+            "none" => Ok(HealthCheck::None),
+            "tcp" => Ok(HealthCheck::Tcp),
+            _ => match s.strip_prefix("websocket:") {
+                Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
+                    Ok(HealthCheck::WebSocket {
+                        path: path.to_string(),
+                    })
+                }
+                _ => Err(ConfigError::HealthCheck(s.to_string())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for HealthCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HealthCheck::None => f.write_str("none"),
+            HealthCheck::Tcp => f.write_str("tcp"),
+            HealthCheck::WebSocket { path } => write!(f, "websocket:{path}"),
+        }
+    }
+}
+
+/// Active and passive health checking and slow start.
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    pub check: HealthCheck,
+    /// Time between two probes of the same backend.
+    pub interval: Duration,
+    /// Time one probe may take.
+    pub timeout: Duration,
+    /// Consecutive successful probes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failed probes that take an up backend down.
+    pub fall: u32,
+    /// Consecutive failures on real traffic that take a backend down at once; 0 disables.
+    pub observe_errors: u32,
+    /// Ramp a backend that comes up from a small share to its full weight over this long.
+    pub slow_start: Option<Duration>,
+    /// Also ramp every backend when holdfast itself starts.
+    pub slow_start_on_boot: bool,
+}
+
+impl Default for HealthConfig {
+    fn default() -> HealthConfig {
+        HealthConfig {
+            check: HealthCheck::Tcp,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            observe_errors: 5,
+            slow_start: None,
+            slow_start_on_boot: false,
+        }
+    }
+}
+
+/// Per-backend limits, and the queue where clients wait for room instead of being refused.
+#[derive(Clone, Debug)]
+pub struct LimitsConfig {
+    /// Most concurrent sessions to one backend; 0 = unlimited.
+    pub max_conns_per_backend: u64,
+    /// Most new connections per second to one backend, across all workers; 0 = unlimited.
+    pub max_connect_rate: u32,
+    /// How long a client may wait for a backend with room.
+    pub queue_timeout: Duration,
+    /// Most clients waiting at once (all workers together); beyond it a client is closed.
+    pub max_queue: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> LimitsConfig {
+        LimitsConfig {
+            max_conns_per_backend: 0,
+            max_connect_rate: 0,
+            queue_timeout: Duration::from_secs(5),
+            max_queue: 4096,
+        }
+    }
+}
+
 /// Everything the balancer runs with. Build one with [`Config::new`] and adjust the fields.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -181,6 +279,8 @@ pub struct Config {
     /// Global cap on live sessions; 0 means only the fd limit applies.
     pub max_conns: usize,
     pub backlog: i32,
+    pub health: HealthConfig,
+    pub limits: LimitsConfig,
 }
 
 impl Config {
@@ -198,6 +298,8 @@ impl Config {
             tcp_keepalive: Some(Duration::from_secs(60)),
             max_conns: 0,
             backlog: 4096,
+            health: HealthConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 
@@ -249,6 +351,24 @@ impl Config {
         }
         if self.backlog <= 0 {
             return Err(ConfigError::Invalid("--backlog must be at least 1".into()));
+        }
+        let h = &self.health;
+        if h.check != HealthCheck::None {
+            if h.interval.is_zero() || h.timeout.is_zero() {
+                return Err(ConfigError::Invalid(
+                    "--health-interval and --health-timeout must be greater than 0".into(),
+                ));
+            }
+            if h.rise == 0 || h.fall == 0 {
+                return Err(ConfigError::Invalid(
+                    "--rise and --fall must be at least 1".into(),
+                ));
+            }
+        }
+        if self.limits.queue_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--queue-timeout must be greater than 0".into(),
+            ));
         }
         Ok(())
     }
@@ -309,6 +429,19 @@ mod tests {
             assert_eq!(s.parse::<Algorithm>().unwrap(), a);
         }
         assert!("random".parse::<Algorithm>().is_err());
+    }
+
+    #[test]
+    fn health_check_kinds() {
+        assert_eq!("tcp".parse::<HealthCheck>().unwrap(), HealthCheck::Tcp);
+        assert_eq!("none".parse::<HealthCheck>().unwrap(), HealthCheck::None);
+        assert_eq!(
+            "websocket:/ws".parse::<HealthCheck>().unwrap(),
+            HealthCheck::WebSocket { path: "/ws".into() }
+        );
+        for bad in ["http", "websocket:", "websocket:ws", "websocket:/a b"] {
+            assert!(bad.parse::<HealthCheck>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -40,9 +40,13 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Sender;
 
 pub use backend::{BackendSet, BackendState, BackendStatsSnapshot};
-pub use config::{Algorithm, BackendSpec, Config, RelayMode};
+pub use config::{
+    Algorithm, BackendSpec, Config, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
+};
 pub use error::{ConfigError, StartError};
 pub use stats::StatsSnapshot;
+/// For clients that bind many sockets to 127.0.0.x: choose the local port at connect time.
+pub use sys::bind_address_no_port;
 
 use stats::Counters;
 use worker::{Control, Worker};

@@ -49,6 +49,14 @@ counters! {
     /// Times descriptors or memory ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM) in accept(2) or
     /// when opening a backend socket; accepting pauses briefly each time.
     accept_errors,
+    /// Clients waiting for a backend with room right now (all workers).
+    queued,
+    /// Clients that ever had to wait in the queue.
+    queued_total,
+    /// Clients closed because they waited longer than the queue timeout.
+    queue_timeouts,
+    /// Clients closed at once because the queue was full.
+    queue_full,
     /// Bytes relayed client to backend.
     bytes_client_to_backend,
     /// Bytes relayed backend to client.

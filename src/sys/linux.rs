@@ -71,6 +71,23 @@ pub fn splice_out(pipe: &Pipe, dst: &impl AsFd, len: usize) -> io::Result<usize>
     Ok(n as usize)
 }
 
+/// Sets `IP_BIND_ADDRESS_NO_PORT` on a socket that is about to be bound to a source address
+/// with port 0: the port is then chosen at connect time, so one local port can serve many
+/// destinations. Load generators and tests that bind clients to 127.0.0.x need this to open
+/// thousands of connections without exhausting the ephemeral range.
+pub fn bind_address_no_port(socket: &impl AsFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // The option value is a c_int that lives across the call; its size is passed with it.
+    syscall!(setsockopt(
+        socket.as_fd().as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_BIND_ADDRESS_NO_PORT,
+        (&one as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+    ))?;
+    Ok(())
+}
+
 /// ENOSYS (no splice in this kernel or sandbox) and EINVAL (this pair of files cannot be
 /// spliced) mean: copy instead. EMFILE/ENFILE from `pipe2` mean: no pipe for now, copy instead.
 pub fn is_splice_unsupported(e: &io::Error) -> bool {

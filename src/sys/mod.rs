@@ -11,6 +11,8 @@
 //!   into the pipe without copying to user space; `Ok(0)` is EOF on the socket;
 //! - `splice_out(&Pipe, dst, len) -> io::Result<usize>`: move up to `len` bytes from the pipe
 //!   to a socket;
+//! - `bind_address_no_port(&socket) -> io::Result<()>`: choose the local port at connect
+//!   rather than at bind (Linux's `IP_BIND_ADDRESS_NO_PORT`; a no-op elsewhere);
 //! - `is_splice_unsupported(&io::Error) -> bool`: the error says splicing cannot be used here
 //!   (as opposed to a failure of this one connection), so the caller should copy instead.
 //!

@@ -24,6 +24,11 @@ pub fn splice_out(pipe: &Pipe, _dst: &impl AsFd, _len: usize) -> io::Result<usiz
     match *pipe {}
 }
 
+/// Elsewhere the port of a socket bound to port 0 is chosen at bind time; nothing to set.
+pub fn bind_address_no_port(_socket: &impl AsFd) -> io::Result<()> {
+    Ok(())
+}
+
 pub fn is_splice_unsupported(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::Unsupported
 }

@@ -39,6 +39,7 @@ fn weighted_config(algorithm: Algorithm, backends: &[(SocketAddr, u32)]) -> Conf
             .collect(),
     );
     cfg.algorithm = algorithm;
+    cfg.health.check = holdfast::HealthCheck::None;
     cfg
 }
 

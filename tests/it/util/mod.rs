@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
@@ -128,12 +127,14 @@ pub fn set_timeouts(s: &TcpStream) {
 }
 
 /// A client connected to `target` from 127.0.0.1, with timeouts set.
+#[track_caller]
 pub fn client(target: SocketAddr) -> TcpStream {
     client_from("127.0.0.1", target)
 }
 
 /// A client bound to source address `ip` (any of 127.0.0.0/8, port chosen by the kernel)
 /// and connected to `target`, with timeouts set.
+#[track_caller]
 pub fn client_from(ip: &str, target: SocketAddr) -> TcpStream {
     let ip: IpAddr = ip.parse().expect("client_from: bad IP");
     let sock = Socket::new(
@@ -145,23 +146,7 @@ pub fn client_from(ip: &str, target: SocketAddr) -> TcpStream {
     // Choose the port at connect time, not at bind: connect can share a local port between
     // different destinations, while bind(port 0) takes a port of its own, and thousands of
     // those (plus their TIME_WAITs) would exhaust the ephemeral range over a few runs.
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid fd and a c_int option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "IP_BIND_ADDRESS_NO_PORT: {}",
-        io::Error::last_os_error()
-    );
+    holdfast::bind_address_no_port(&sock).expect("IP_BIND_ADDRESS_NO_PORT");
     sock.bind(&SockAddr::from(SocketAddr::new(ip, 0)))
         .unwrap_or_else(|e| panic!("cannot bind client to {ip}: {e}"));
     sock.connect_timeout(&SockAddr::from(target), IO_TIMEOUT)
@@ -291,6 +276,10 @@ pub fn echo_stream(stream: TcpStream, data: &'static [u8]) -> Result<(), String>
             Err(e) => break Err(format!("read failed after {at} bytes: {e}")),
         }
     };
+    if result.is_err() {
+        // Unblock the writer at once instead of waiting for its write timeout.
+        let _ = reader.shutdown(Shutdown::Both);
+    }
     let sent = sender.join().map_err(|_| "writer panicked".to_string())?;
     result.and(sent)
 }
@@ -379,18 +368,6 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(sock.into())
 }
 
-/// Waits up to `ms` for `fd` to become readable. `false` on timeout or EINTR: callers poll
-/// in a loop.
-fn poll_readable(fd: i32, ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
-}
-
 /// The accept loop and bookkeeping shared by every fake backend.
 struct Server {
     addr: SocketAddr,
@@ -426,12 +403,13 @@ impl Server {
                 while !stop.load(SeqCst) {
                     let accepted_conn = {
                         let guard = lock(&listener);
-                        match guard.as_ref() {
-                            Some(l) if poll_readable(l.as_raw_fd(), 20) => l.accept().ok(),
-                            Some(_) => None,
-                            None => {
+                        // The listener is non-blocking: nothing to accept means a short
+                        // nap outside the lock, then a look at `stop` again.
+                        match guard.as_ref().map(|l| l.accept()) {
+                            Some(Ok(conn)) => Some(conn),
+                            _ => {
                                 drop(guard);
-                                std::thread::sleep(Duration::from_millis(5));
+                                std::thread::sleep(Duration::from_millis(2));
                                 None
                             }
                         }
@@ -766,13 +744,16 @@ impl<T: Send + 'static> OneShotBackend<T> {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let deadline = Instant::now() + IO_TIMEOUT;
-            while !poll_readable(listener.as_raw_fd(), 50) {
-                if Instant::now() >= deadline {
-                    return; // nobody came: result() reports it
+            listener.set_nonblocking(true).unwrap();
+            let stream = loop {
+                match listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    Err(_) if Instant::now() >= deadline => return, // result() reports it
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
-            }
-            let (stream, _) = listener.accept().unwrap();
+            };
             drop(listener);
+            stream.set_nonblocking(false).unwrap();
             set_timeouts(&stream);
             let _ = tx.send(handle(stream));
         });
@@ -796,11 +777,16 @@ impl<T: Send + 'static> OneShotBackend<T> {
 // ---------------------------------------------------------------------------------------------
 
 /// A configuration listening on 127.0.0.1:0 with `backends` at weight 1.
+///
+/// Active health probes are off: they would add connections to the fake backends' counts.
+/// Tests of health checking turn them on.
 pub fn config(backends: &[SocketAddr]) -> Config {
-    Config::new(
+    let mut config = Config::new(
         vec![localhost0()],
         backends.iter().map(|a| BackendSpec::new(*a)).collect(),
-    )
+    );
+    config.health.check = holdfast::HealthCheck::None;
+    config
 }
 
 #[track_caller]
@@ -971,9 +957,12 @@ impl Child {
     /// Sends `signal` and waits (up to `timeout`) for the process to exit.
     #[track_caller]
     pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill: {}", io::Error::last_os_error());
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal} failed");
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
