@@ -534,18 +534,20 @@ impl Worker {
             if session.id != id || !matches!(session.phase, Phase::Queued) {
                 continue; // closed while waiting, and the key reused
             }
+            // Out of the queue while it tries; back in (same place) if there is no room.
             session.set = Arc::clone(&self.backends);
-            match self.place(key, Vec::new()) {
-                Placement::Full if sticky => self.queue.push_back((key, id)),
-                Placement::Full => {
+            session.phase = Phase::Accepted;
+            Counters::decr(&self.counters.queued);
+            if self.place(key, Vec::new()) == Placement::Full {
+                if let Some(session) = self.sessions.get_mut(key) {
+                    session.phase = Phase::Queued;
+                    Counters::incr(&self.counters.queued);
+                }
+                if sticky {
+                    self.queue.push_back((key, id));
+                } else {
                     self.queue.push_front((key, id));
                     break;
-                }
-                Placement::Connecting | Placement::Closed => {
-                    // `close` already took a closed session off the gauge.
-                    if self.sessions.get(key).is_some_and(|s| s.id == id) {
-                        Counters::decr(&self.counters.queued);
-                    }
                 }
             }
         }
