@@ -117,6 +117,23 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub max_queue: usize,
 
+    /// On SIGTERM/SIGINT, how long sessions may end on their own before the rest are closed
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Sessions still open after a drain timeout are closed evenly over this long
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub close_spread: Duration,
+
+    /// A drained backend's remaining sessions are closed (spread out) after DUR [default: never]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub backend_drain_timeout: Option<Duration>,
+
+    /// Log one line per session when it closes (client, listener, backend, duration, bytes,
+    /// how it ended)
+    #[arg(long)]
+    pub log_sessions: bool,
+
     /// error, warn, info, debug or trace (RUST_LOG, if set, refines it)
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
@@ -152,6 +169,10 @@ impl Args {
             queue_timeout: self.queue_timeout,
             max_queue: self.max_queue,
         };
+        config.drain_timeout = self.drain_timeout;
+        config.close_spread = self.close_spread;
+        config.backend_drain_timeout = self.backend_drain_timeout;
+        config.log_sessions = self.log_sessions;
         config.validate()?;
         Ok(config)
     }

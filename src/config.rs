@@ -281,6 +281,15 @@ pub struct Config {
     pub backlog: i32,
     pub health: HealthConfig,
     pub limits: LimitsConfig,
+    /// Graceful shutdown: how long sessions may end on their own.
+    pub drain_timeout: Duration,
+    /// Sessions still open after a drain timeout are closed evenly over this long.
+    pub close_spread: Duration,
+    /// A drained backend's remaining sessions are closed (spread) after this long; `None`:
+    /// they may live on until they end.
+    pub backend_drain_timeout: Option<Duration>,
+    /// One log line per session at close.
+    pub log_sessions: bool,
 }
 
 impl Config {
@@ -300,6 +309,10 @@ impl Config {
             backlog: 4096,
             health: HealthConfig::default(),
             limits: LimitsConfig::default(),
+            drain_timeout: Duration::from_secs(30),
+            close_spread: Duration::from_secs(10),
+            backend_drain_timeout: None,
+            log_sessions: false,
         }
     }
 

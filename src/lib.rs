@@ -23,6 +23,7 @@ pub mod backend;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod error;
 mod health;
 mod listener;
@@ -42,24 +43,21 @@ pub use backend::{BackendSet, BackendState, BackendStatsSnapshot};
 pub use config::{
     Algorithm, BackendSpec, Config, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
 };
+pub use control::{BackendChange, ControlError, Controller};
 pub use error::{ConfigError, StartError};
 pub use stats::StatsSnapshot;
 /// For clients that bind many sockets to 127.0.0.x: choose the local port at connect time.
 pub use sys::bind_address_no_port;
 
-use health::{Command, Health, HealthLink, Published, WorkerLink};
+use health::{Command, Health, HealthLink, WorkerLink};
 use stats::Counters;
 use worker::{Control, Worker};
 
 /// A running balancer. Dropping it shuts it down and waits for the threads.
 pub struct Holdfast {
-    listen_addrs: Vec<SocketAddr>,
-    workers: Vec<WorkerLink>,
-    threads: Vec<JoinHandle<()>>,
-    counters: Arc<Counters>,
-    health: HealthLink,
-    /// The backend set the health thread last published (read here for stats only).
-    backends: Published,
+    control: Controller,
+    workers: Vec<JoinHandle<()>>,
+    health: Option<JoinHandle<()>>,
 }
 
 impl Holdfast {
@@ -105,16 +103,16 @@ impl Holdfast {
             }
         }
         health.attach(for_health);
-        match std::thread::Builder::new()
+        let health_thread = match std::thread::Builder::new()
             .name("holdfast-health".into())
             .spawn(move || health.run())
         {
-            Ok(t) => threads.push(t),
+            Ok(t) => t,
             Err(e) => {
                 stop_and_join(&workers, &health_link, threads);
                 return Err(StartError::Worker(e));
             }
-        }
+        };
         log::info!(
             "holdfast listening on {} with {} worker(s), {} backend(s), algorithm {}, relay {}, \
              health check {}",
@@ -130,71 +128,90 @@ impl Holdfast {
             config.health.check,
         );
         Ok(Holdfast {
-            listen_addrs,
-            workers,
-            threads,
-            counters,
-            health: health_link,
-            backends,
+            control: Controller {
+                counters,
+                published: backends,
+                health: health_link,
+                workers: workers.into(),
+                listen_addrs: listen_addrs.into(),
+                config,
+            },
+            workers: threads,
+            health: Some(health_thread),
         })
+    }
+
+    /// A cloneable handle on the control plane (stats, backend changes, drain, shutdown), for
+    /// other threads: the admin endpoint, a signal handler.
+    pub fn controller(&self) -> &Controller {
+        &self.control
     }
 
     /// The addresses the balancer accepts on, one per configured listen address, with the
     /// real port where port 0 was asked for.
     pub fn listen_addrs(&self) -> &[SocketAddr] {
-        &self.listen_addrs
+        self.control.listen_addrs()
     }
 
     /// Global counters, read now.
     pub fn stats(&self) -> StatsSnapshot {
-        self.counters.snapshot()
+        self.control.stats()
     }
 
     /// Per-backend counters of the current backend set, read now.
     pub fn backend_stats(&self) -> Vec<BackendStatsSnapshot> {
-        self.current_backends().stats_snapshot()
+        self.control.backend_stats()
     }
 
     /// The backend set the workers were last given.
     pub fn current_backends(&self) -> Arc<BackendSet> {
-        Arc::clone(&self.backends.lock().unwrap_or_else(PoisonError::into_inner))
+        self.control.current_backends()
     }
 
-    /// Replaces the backend list. Backends that stay keep their state and counters; new ones
-    /// start up (with slow start when configured). Returns once the workers have been sent the
-    /// new list: connections accepted from then on use it. Live sessions are untouched.
+    /// Replaces the backend list; see [`Controller::set_backends`].
     pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ConfigError> {
-        let mut probe = Config::new(self.listen_addrs.clone(), specs);
-        probe.workers = 1;
-        probe.validate()?;
-        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        self.health
-            .send(Command::SetBackends(probe.backends, done_tx));
-        done_rx
-            .recv()
-            .map_err(|_| ConfigError::Invalid("the balancer is shutting down".into()))
+        self.control.set_backends(specs)
+    }
+
+    /// Drains, readies or reweights one backend; see [`Controller::change_backend`].
+    pub fn change_backend(
+        &self,
+        addr: SocketAddr,
+        change: BackendChange,
+    ) -> Result<(), ControlError> {
+        self.control.change_backend(addr, change)
+    }
+
+    /// Graceful shutdown; see [`Controller::drain`]. [`Holdfast::join`] returns when the last
+    /// session has ended.
+    pub fn drain(&self) {
+        self.control.drain();
     }
 
     /// Asks every thread to stop: listeners and sessions are closed. Returns at once; call
     /// [`Holdfast::join`] to wait.
     pub fn shutdown(&self) {
-        self.health.send(Command::Shutdown);
-        for w in &self.workers {
-            w.send(Control::Shutdown);
-        }
+        self.control.shutdown();
     }
 
-    /// Waits for every thread to exit.
+    /// Waits for the workers to exit (after [`Holdfast::shutdown`], or once a
+    /// [`Holdfast::drain`] has seen the last session end), then stops the health thread.
     pub fn join(mut self) {
-        join_all(std::mem::take(&mut self.threads));
+        self.join_threads();
+    }
+
+    fn join_threads(&mut self) {
+        join_all(std::mem::take(&mut self.workers));
+        self.control.health.send(Command::Shutdown);
+        join_all(self.health.take().into_iter().collect());
     }
 }
 
 impl Drop for Holdfast {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        if self.health.is_some() {
             self.shutdown();
-            join_all(std::mem::take(&mut self.threads));
+            self.join_threads();
         }
     }
 }
