@@ -134,6 +134,11 @@ pub struct Args {
     #[arg(long)]
     pub log_sessions: bool,
 
+    /// Serve metrics, backend state and the runtime API over HTTP on ADDR (bind it to
+    /// loopback) [default: off]
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub admin: Option<SocketAddr>,
+
     /// error, warn, info, debug or trace (RUST_LOG, if set, refines it)
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
@@ -173,6 +178,7 @@ impl Args {
         config.close_spread = self.close_spread;
         config.backend_drain_timeout = self.backend_drain_timeout;
         config.log_sessions = self.log_sessions;
+        config.admin = self.admin;
         config.validate()?;
         Ok(config)
     }

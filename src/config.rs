@@ -290,6 +290,8 @@ pub struct Config {
     pub backend_drain_timeout: Option<Duration>,
     /// One log line per session at close.
     pub log_sessions: bool,
+    /// Where to serve the admin endpoint (metrics, backends, runtime API); `None`: nowhere.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Config {
@@ -313,6 +315,7 @@ impl Config {
             close_spread: Duration::from_secs(10),
             backend_drain_timeout: None,
             log_sessions: false,
+            admin: None,
         }
     }
 

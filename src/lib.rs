@@ -19,6 +19,7 @@
 //!
 //! See `docs/architecture.md` for the threads, the life of one connection, and what is shared.
 
+pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
@@ -49,6 +50,7 @@ pub use stats::StatsSnapshot;
 /// For clients that bind many sockets to 127.0.0.x: choose the local port at connect time.
 pub use sys::bind_address_no_port;
 
+use admin::AdminServer;
 use health::{Command, Health, HealthLink, WorkerLink};
 use stats::Counters;
 use worker::{Control, Worker};
@@ -58,6 +60,7 @@ pub struct Holdfast {
     control: Controller,
     workers: Vec<JoinHandle<()>>,
     health: Option<JoinHandle<()>>,
+    admin: Option<AdminServer>,
 }
 
 impl Holdfast {
@@ -127,18 +130,32 @@ impl Holdfast {
             config.relay,
             config.health.check,
         );
-        Ok(Holdfast {
+        let mut balancer = Holdfast {
             control: Controller {
                 counters,
                 published: backends,
                 health: health_link,
                 workers: workers.into(),
                 listen_addrs: listen_addrs.into(),
-                config,
+                config: Arc::clone(&config),
             },
             workers: threads,
             health: Some(health_thread),
-        })
+            admin: None,
+        };
+        if let Some(addr) = config.admin {
+            // On failure, dropping `balancer` stops everything started so far.
+            let admin = AdminServer::start(addr, balancer.control.clone())
+                .map_err(|source| StartError::Admin { addr, source })?;
+            log::info!("admin endpoint on http://{}", admin.local_addr());
+            balancer.admin = Some(admin);
+        }
+        Ok(balancer)
+    }
+
+    /// Where the admin endpoint listens, if `--admin` was given.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
     }
 
     /// A cloneable handle on the control plane (stats, backend changes, drain, shutdown), for
@@ -202,6 +219,9 @@ impl Holdfast {
 
     fn join_threads(&mut self) {
         join_all(std::mem::take(&mut self.workers));
+        if let Some(admin) = self.admin.take() {
+            admin.stop();
+        }
         self.control.health.send(Command::Shutdown);
         join_all(self.health.take().into_iter().collect());
     }

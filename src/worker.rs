@@ -942,13 +942,16 @@ impl Worker {
     }
 
     /// Closes `keys` one by one, oldest first, evenly over `spread` from `from`, so their
-    /// clients reconnect at a steady rate rather than all in the same instant.
+    /// clients reconnect at a steady rate rather than all in the same instant. Every worker
+    /// spreads its own sessions over the whole window, each shifted by its share of one slot,
+    /// so together they close at a steady rate too.
     fn schedule_closes(&mut self, mut keys: Vec<usize>, from: Instant, spread: Duration) {
         keys.sort_by_key(|&k| self.sessions[k].id);
-        let n = keys.len() as u32;
+        let n = keys.len().max(1) as f64;
+        let shift = self.id as f64 / self.config.workers as f64;
         for (i, key) in keys.into_iter().enumerate() {
             self.timers.push(Timer {
-                at: from + spread * i as u32 / n.max(1),
+                at: from + spread.mul_f64((i as f64 + shift) / n),
                 key,
                 id: self.sessions[key].id,
                 kind: TimerKind::DrainClose,
