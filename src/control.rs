@@ -7,13 +7,14 @@
 //! touches a worker's hot path.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::backend::{BackendSet, BackendStatsSnapshot};
 use crate::config::{BackendSpec, Config, MAX_WEIGHT};
 use crate::error::ConfigError;
 use crate::health::{Command, HealthLink, Published, WorkerLink};
+use crate::sources::Sources;
 use crate::stats::{Counters, StatsSnapshot};
 use crate::worker::Control;
 
@@ -49,6 +50,7 @@ pub struct Controller {
     pub(crate) workers: Arc<[WorkerLink]>,
     pub(crate) listen_addrs: Arc<[SocketAddr]>,
     pub(crate) config: Arc<Config>,
+    pub(crate) sources: Arc<Mutex<Sources>>,
 }
 
 impl Controller {
@@ -90,6 +92,34 @@ impl Controller {
         done_rx
             .recv()
             .map_err(|_| ConfigError::Invalid(ControlError::ShuttingDown.to_string()))
+    }
+
+    /// Re-reads `--backends-file` and applies the difference (see [`Controller::set_backends`]).
+    /// An invalid file changes nothing; the error names the file and line.
+    pub fn reload(&self) -> Result<(), String> {
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        if sources.file.is_none() {
+            return Err("no --backends-file to reload".into());
+        }
+        let previous = sources.file_specs.clone();
+        sources.reload_file()?;
+        let backends = sources.backends();
+        if let Err(e) = self.set_backends(backends) {
+            sources.file_specs = previous;
+            return Err(e.to_string());
+        }
+        Ok(())
+    }
+
+    /// Resolves the `--backend-dns` names again and applies any change. Names that fail to
+    /// resolve keep their last answer; their errors are returned.
+    pub fn refresh_dns(&self) -> Vec<String> {
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let (changed, mut errors) = sources.refresh_dns();
+        if changed && let Err(e) = self.set_backends(sources.backends()) {
+            errors.push(e.to_string());
+        }
+        errors
     }
 
     /// Drains a backend, puts it back in rotation, or changes its weight. Returns once the

@@ -30,6 +30,7 @@ mod health;
 mod listener;
 mod relay;
 mod session;
+pub mod sources;
 pub mod stats;
 mod sys;
 mod timer;
@@ -37,7 +38,9 @@ mod token;
 mod worker;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crossbeam_channel::Sender;
 use std::thread::JoinHandle;
 
 pub use backend::{BackendSet, BackendState, BackendStatsSnapshot};
@@ -52,6 +55,7 @@ pub use sys::bind_address_no_port;
 
 use admin::AdminServer;
 use health::{Command, Health, HealthLink, WorkerLink};
+use sources::Sources;
 use stats::Counters;
 use worker::{Control, Worker};
 
@@ -61,13 +65,29 @@ pub struct Holdfast {
     workers: Vec<JoinHandle<()>>,
     health: Option<JoinHandle<()>>,
     admin: Option<AdminServer>,
+    /// The DNS refresh thread and the sender whose drop stops it.
+    dns: Option<(Sender<()>, JoinHandle<()>)>,
 }
 
 impl Holdfast {
     /// Validates `config`, binds every listener (one SO_REUSEPORT socket per worker and listen
     /// address), and starts the health thread and the workers. Fails without starting anything
     /// if a listener cannot be bound.
-    pub fn start(config: Config) -> Result<Holdfast, StartError> {
+    pub fn start(mut config: Config) -> Result<Holdfast, StartError> {
+        config.validate()?;
+        let sources = Sources::load(
+            config.backends.clone(),
+            config.backends_file.clone(),
+            config.backend_dns.clone(),
+            config.resolver.clone(),
+        )
+        .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?;
+        config.backends = sources.backends();
+        if config.backends.is_empty() {
+            return Err(
+                ConfigError::Invalid("no backends: the file and names gave none".into()).into(),
+            );
+        }
         config.validate()?;
         let config = Arc::new(config);
         let counters = Arc::new(Counters::default());
@@ -138,11 +158,32 @@ impl Holdfast {
                 workers: workers.into(),
                 listen_addrs: listen_addrs.into(),
                 config: Arc::clone(&config),
+                sources: Arc::new(Mutex::new(sources)),
             },
             workers: threads,
             health: Some(health_thread),
             admin: None,
+            dns: None,
         };
+        if !config.backend_dns.is_empty() {
+            let control = balancer.control.clone();
+            let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+            let interval = config.dns_interval;
+            let thread = std::thread::Builder::new()
+                .name("holdfast-dns".into())
+                .spawn(move || {
+                    // Wakes every interval until the sender is dropped at shutdown.
+                    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(interval)
+                    {
+                        for e in control.refresh_dns() {
+                            log::warn!("{e}; keeping the last answer");
+                        }
+                    }
+                })
+                .map_err(StartError::Worker)?;
+            balancer.dns = Some((stop, thread));
+        }
         if let Some(addr) = config.admin {
             // On failure, dropping `balancer` stops everything started so far.
             let admin = AdminServer::start(addr, balancer.control.clone())
@@ -221,6 +262,10 @@ impl Holdfast {
         join_all(std::mem::take(&mut self.workers));
         if let Some(admin) = self.admin.take() {
             admin.stop();
+        }
+        if let Some((stop, thread)) = self.dns.take() {
+            drop(stop);
+            join_all(vec![thread]);
         }
         self.control.health.send(Command::Shutdown);
         join_all(self.health.take().into_iter().collect());

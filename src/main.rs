@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use holdfast::cli::Args;
 use holdfast::{Holdfast, StartError};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 /// Exit status for a usage or configuration error (as clap uses).
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     };
     // Install the handlers before starting, so a signal that arrives during start-up is not
     // lost and does not kill the process the default way.
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             return fail(
@@ -50,6 +50,13 @@ fn main() -> ExitCode {
         .spawn(move || {
             let mut draining = false;
             for signal in signals.forever() {
+                if signal == SIGHUP {
+                    match control.reload() {
+                        Ok(()) => log::info!("SIGHUP: backends reloaded"),
+                        Err(e) => log::error!("SIGHUP: reload failed, backends unchanged: {e}"),
+                    }
+                    continue;
+                }
                 if draining {
                     log::warn!("signal {signal} received again; closing every session now");
                     control.shutdown();
