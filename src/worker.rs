@@ -174,16 +174,18 @@ impl Worker {
             if shutdown {
                 break;
             }
-            if self.draining && self.sessions.is_empty() {
-                log::info!("worker {}: drained", self.id);
-                break;
-            }
             self.accept_all();
             self.run_again();
             if !self.queue.is_empty() {
                 self.service_queue();
             }
             self.fire_timers();
+            // Checked last: the turn may have closed the last session (a drain timer, a
+            // peer's FIN), and with nothing left to wait for the poll would never wake.
+            if self.draining && self.sessions.is_empty() {
+                log::info!("worker {}: drained", self.id);
+                break;
+            }
         }
         self.close_all();
     }
