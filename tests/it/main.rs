@@ -5,6 +5,7 @@
 
 mod util;
 
+mod admin;
 mod algorithms;
 mod cli;
 mod idle;
