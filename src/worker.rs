@@ -215,10 +215,10 @@ impl Worker {
     fn handle_control(&mut self) -> bool {
         loop {
             match self.control.try_recv() {
-                Ok(Control::Backends(set)) => {
-                    self.backends = set;
-                    self.picker.reset();
-                }
+                // Round-robin keeps its credits across sets (it resets itself if the number of
+                // backends changes): restarting on every publish, 32 times per slow-start
+                // window, would hand every tie to the first backend.
+                Ok(Control::Backends(set)) => self.backends = set,
                 Ok(Control::Drain { timeout, spread }) => self.start_drain(timeout, spread),
                 Ok(Control::CloseBackend { addr, spread }) => {
                     let keys: Vec<usize> = self
@@ -447,8 +447,10 @@ impl Worker {
                 }
                 continue;
             }
+            // A fresh clock, not the turn's cached one: a long turn would otherwise release
+            // tokens against a stale time and let connects bunch up.
             if let Some(limit) = &self.rate
-                && backend.stats.try_rate(self.now, limit).is_err()
+                && backend.stats.try_rate(Instant::now(), limit).is_err()
             {
                 backend.stats.release();
                 full.push(index);
@@ -1072,10 +1074,6 @@ impl Picker {
             round_robin: SmoothRoundRobin::default(),
             rng: seed | 1,
         }
-    }
-
-    fn reset(&mut self) {
-        self.round_robin = SmoothRoundRobin::default();
     }
 
     fn next_random(&mut self) -> u64 {

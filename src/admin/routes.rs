@@ -216,7 +216,9 @@ fn change(control: &Controller, addr: &str, action: &str, body: &[u8]) -> Result
     control.change_backend(addr, change).map_err(|e| match e {
         ControlError::UnknownBackend(_) => Reply::text(StatusCode::NOT_FOUND, e.to_string()),
         ControlError::BadWeight(_) => Reply::text(StatusCode::BAD_REQUEST, e.to_string()),
-        ControlError::ShuttingDown => Reply::text(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        ControlError::ShuttingDown | ControlError::Timeout => {
+            Reply::text(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
     })?;
     // The change is published; show the backend as the workers now see it. It can only be
     // missing if the list was replaced in between.

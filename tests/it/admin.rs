@@ -464,10 +464,11 @@ fn drain_ready_and_weight_through_the_admin_api() {
 
     let r = post(admin, &format!("/backends/{}/ready", a.addr()), "");
     assert_eq!(r.json()["state"], "up");
-    let ready = reached(&lb, 4);
-    assert_eq!(
-        (count(&ready, "a"), count(&ready, "b")),
-        (2, 2),
+    // Round-robin keeps its credits across backend sets, so from wherever it stood it gives
+    // each of two equal backends its share within one.
+    let ready = reached(&lb, 8);
+    assert!(
+        (3..=5).contains(&count(&ready, "a")),
         "back in the rotation: {ready:?}"
     );
     round_trip(&mut on_a, b"still alive");
@@ -486,11 +487,9 @@ fn drain_ready_and_weight_through_the_admin_api() {
         3.0
     );
     let weighted = reached(&lb, 12);
-    // The worker restarts the smooth round-robin on every new backend set, so from there
-    // every 4 picks are exactly 3 to A and 1 to B.
-    assert_eq!(
-        (count(&weighted, "a"), count(&weighted, "b")),
-        (9, 3),
+    // Smooth weighted round-robin: over 12 picks, 9 to A and 3 to B, within one.
+    assert!(
+        (8..=10).contains(&count(&weighted, "a")),
         "weight 3 to 1: {weighted:?}"
     );
     // A newline after the number (as `curl --data-binary @file` sends) is fine.
