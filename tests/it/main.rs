@@ -7,8 +7,10 @@ mod util;
 
 mod algorithms;
 mod cli;
+mod health;
 mod idle;
 mod limits;
+mod pacing;
 mod relay;
 mod retry;
 mod websocket;
