@@ -1,17 +1,23 @@
 //! The backend set: an immutable snapshot that workers read on the hot path.
 //!
-//! A new set is built whenever the list or a backend's state changes (by `set_backends` today,
-//! by the health thread and reloads later) and published to every worker as an `Arc`. The only
-//! mutable parts are the per-backend atomic counters, which survive from one set to the next
-//! for a backend whose address stays, so least-conn keeps counting live sessions correctly
-//! across a change.
+//! The health thread builds a new set whenever the list, a backend's state or a slow-start
+//! weight changes, and publishes it to every worker as an `Arc`. The only mutable parts are
+//! the per-backend atomic counters, which survive from one set to the next for a backend whose
+//! address stays, so least-conn keeps counting live sessions correctly across a change, and the
+//! per-backend limits hold across workers.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use crate::balance::{self, Maglev};
 use crate::config::{Algorithm, BackendSpec};
+
+/// Effective weights are kept in 1/64ths of a configured weight, so slow start can ramp a
+/// weight-1 backend smoothly. Least-conn and round-robin only compare weights with each other,
+/// so the scale cancels out.
+pub const WEIGHT_SCALE: u32 = 64;
 
 /// Whether a backend may receive new connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,16 +31,102 @@ pub enum BackendState {
 }
 
 /// Counters for one backend, shared by all workers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BackendStats {
-    /// Sessions assigned to this backend now (connecting or relaying). Least-conn reads this.
+    /// Sessions assigned to this backend now (connecting or relaying). Least-conn reads this,
+    /// and `--max-conns-per-backend` caps it.
     pub active: AtomicU64,
     /// Sessions ever established to this backend.
     pub total: AtomicU64,
     /// Connects that failed: refused, reset or timed out.
     pub connect_failures: AtomicU64,
-    /// Consecutive connect failures, reset by a success: the seam for passive health checks.
+    /// Connections the backend accepted and then closed or reset before a byte moved.
+    pub passive_failures: AtomicU64,
+    /// Consecutive failures of either kind, reset when a session moves a byte. Crossing
+    /// `--observe-errors` marks the backend down.
     pub consecutive_failures: AtomicU64,
+    /// The rate limiter's "theoretical arrival time" (GCRA), in nanoseconds since `epoch`.
+    next_connect_at: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for BackendStats {
+    fn default() -> BackendStats {
+        BackendStats {
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            passive_failures: AtomicU64::new(0),
+            consecutive_failures: AtomicU64::new(0),
+            next_connect_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl BackendStats {
+    /// Takes one of the backend's connection slots: always when `max` is 0 (unlimited),
+    /// otherwise only below `max`. The compare-and-swap makes the cap exact across workers.
+    pub fn try_acquire(&self, max: u64) -> bool {
+        if max == 0 {
+            self.active.fetch_add(1, Relaxed);
+            return true;
+        }
+        self.active
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    pub fn release(&self) {
+        self.active.fetch_sub(1, Relaxed);
+    }
+
+    /// The connect-rate limiter, a GCRA (the "virtual scheduling" form of a token bucket) in
+    /// one atomic: each connect pushes the next permitted time forward by `interval`; a
+    /// connect is allowed while that time is at most `burst` ahead of now. Lock-free and
+    /// shared by every worker. `Err` says how long until the next connect is allowed.
+    pub fn try_rate(&self, now: Instant, limit: &RateLimit) -> Result<(), Duration> {
+        let now = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let mut tat = self.next_connect_at.load(Relaxed);
+        loop {
+            let base = tat.max(now);
+            let ahead = base - now;
+            if ahead > limit.burst_ns {
+                return Err(Duration::from_nanos(ahead - limit.burst_ns));
+            }
+            match self.next_connect_at.compare_exchange_weak(
+                tat,
+                base + limit.interval_ns,
+                Relaxed,
+                Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(current) => tat = current,
+            }
+        }
+    }
+}
+
+/// `--max-connect-rate` as the GCRA sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    interval_ns: u64,
+    burst_ns: u64,
+}
+
+impl RateLimit {
+    /// `per_second` connects a second, with a burst of about a twentieth of a second's worth
+    /// (at least one), so a storm is spread out rather than let through.
+    pub fn new(per_second: u32) -> Option<RateLimit> {
+        (per_second > 0).then(|| {
+            let interval_ns = 1_000_000_000 / u64::from(per_second);
+            let burst = u64::from((per_second / 20).max(1));
+            RateLimit {
+                interval_ns,
+                burst_ns: interval_ns * (burst - 1),
+            }
+        })
+    }
 }
 
 /// One backend in a set.
@@ -42,7 +134,21 @@ pub struct BackendStats {
 pub struct Backend {
     pub spec: BackendSpec,
     pub state: BackendState,
+    /// The weight new connections see, in `WEIGHT_SCALE` units: `spec.weight * WEIGHT_SCALE`
+    /// except while slow start ramps it up.
+    pub effective_weight: u32,
     pub stats: Arc<BackendStats>,
+}
+
+impl Backend {
+    pub fn new(spec: BackendSpec, stats: Arc<BackendStats>) -> Backend {
+        Backend {
+            effective_weight: spec.weight * WEIGHT_SCALE,
+            spec,
+            state: BackendState::Up,
+            stats,
+        }
+    }
 }
 
 /// Per-backend counters, read at one moment.
@@ -50,10 +156,13 @@ pub struct Backend {
 pub struct BackendStatsSnapshot {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// In 1/64ths of `weight` (full weight is `weight * 64`).
+    pub effective_weight: u32,
     pub state: BackendState,
     pub active: u64,
     pub total: u64,
     pub connect_failures: u64,
+    pub passive_failures: u64,
 }
 
 /// An immutable set of backends plus what the algorithms precompute from it.
@@ -63,38 +172,62 @@ pub struct BackendSet {
     /// For source-hash: the Maglev table over every configured backend. A backend that is
     /// not eligible stays in the table and is skipped at lookup, so its clients fall through
     /// to their next slot while everyone else keeps their backend; when it returns, its own
-    /// clients come back.
-    maglev: Option<Maglev>,
+    /// clients come back. Shared with the previous set when only states or slow-start weights
+    /// changed, since the table depends on addresses and configured weights alone.
+    maglev: Option<Arc<Maglev>>,
 }
 
 impl BackendSet {
-    /// Builds a set from `specs`. Backends present in `previous` (same address) keep their
-    /// counters and state.
+    /// Builds a set from `backends`, reusing `previous`'s Maglev table when the addresses and
+    /// configured weights are the same.
+    pub fn new(
+        backends: Vec<Backend>,
+        previous: Option<&BackendSet>,
+        algorithm: Algorithm,
+    ) -> BackendSet {
+        let maglev = (algorithm == Algorithm::SourceHash).then(|| {
+            let same_specs = previous.is_some_and(|p| {
+                p.backends.len() == backends.len()
+                    && p.backends
+                        .iter()
+                        .zip(&backends)
+                        .all(|(a, b)| a.spec == b.spec)
+            });
+            match previous.and_then(|p| p.maglev.as_ref()) {
+                Some(table) if same_specs => Arc::clone(table),
+                _ => {
+                    let entries: Vec<(SocketAddr, u32)> = backends
+                        .iter()
+                        .map(|b| (b.spec.addr, b.spec.weight))
+                        .collect();
+                    Arc::new(Maglev::new(&entries, balance::maglev::DEFAULT_TABLE_SIZE))
+                }
+            }
+        });
+        BackendSet { backends, maglev }
+    }
+
+    /// A set of `specs`, all up at full weight, with fresh counters except for backends
+    /// present in `previous` (same address), which keep theirs.
     pub fn build(
         specs: &[BackendSpec],
         previous: Option<&BackendSet>,
         algorithm: Algorithm,
     ) -> BackendSet {
-        let backends: Vec<Backend> = specs
+        let backends = specs
             .iter()
             .map(|spec| {
-                let old =
-                    previous.and_then(|p| p.backends.iter().find(|b| b.spec.addr == spec.addr));
-                Backend {
-                    spec: spec.clone(),
-                    state: old.map_or(BackendState::Up, |b| b.state),
-                    stats: old.map_or_else(Default::default, |b| Arc::clone(&b.stats)),
-                }
+                let stats = previous
+                    .and_then(|p| p.find(spec.addr))
+                    .map_or_else(Default::default, |b| Arc::clone(&b.stats));
+                Backend::new(spec.clone(), stats)
             })
             .collect();
-        let maglev = (algorithm == Algorithm::SourceHash).then(|| {
-            let entries: Vec<(SocketAddr, u32)> = backends
-                .iter()
-                .map(|b| (b.spec.addr, b.spec.weight))
-                .collect();
-            Maglev::new(&entries, balance::maglev::DEFAULT_TABLE_SIZE)
-        });
-        BackendSet { backends, maglev }
+        BackendSet::new(backends, previous, algorithm)
+    }
+
+    pub fn find(&self, addr: SocketAddr) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.spec.addr == addr)
     }
 
     pub fn len(&self) -> usize {
@@ -109,11 +242,12 @@ impl BackendSet {
         self.backends[i].state == BackendState::Up
     }
 
-    /// The consistent-hash choice for `ip`, skipping ineligible backends and those in `tried`.
-    pub(crate) fn pick_by_source(&self, ip: IpAddr, tried: &[usize]) -> Option<usize> {
+    /// The consistent-hash choice for `ip`, skipping ineligible backends and those `skip`
+    /// names.
+    pub(crate) fn pick_by_source(&self, ip: IpAddr, skip: impl Fn(usize) -> bool) -> Option<usize> {
         let maglev = self.maglev.as_ref()?;
         maglev.pick(balance::hash::hash_ip(ip), |i| {
-            !self.is_eligible(i) || tried.contains(&i)
+            !self.is_eligible(i) || skip(i)
         })
     }
 
@@ -123,11 +257,59 @@ impl BackendSet {
             .map(|b| BackendStatsSnapshot {
                 addr: b.spec.addr,
                 weight: b.spec.weight,
+                effective_weight: b.effective_weight,
                 state: b.state,
                 active: b.stats.active.load(Relaxed),
                 total: b.stats.total.load(Relaxed),
                 connect_failures: b.stats.connect_failures.load(Relaxed),
+                passive_failures: b.stats.passive_failures.load(Relaxed),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_slots_stop_at_the_cap() {
+        let stats = BackendStats::default();
+        assert!(stats.try_acquire(2));
+        assert!(stats.try_acquire(2));
+        assert!(!stats.try_acquire(2));
+        stats.release();
+        assert!(stats.try_acquire(2));
+        assert!(stats.try_acquire(0), "0 means unlimited");
+        assert_eq!(stats.active.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn rate_limit_allows_the_burst_then_the_rate() {
+        let stats = BackendStats::default();
+        let limit = RateLimit::new(200).unwrap(); // 5 ms apart, burst of 10
+        let t0 = stats.epoch + Duration::from_secs(1);
+        let allowed = (0..50)
+            .filter(|_| stats.try_rate(t0, &limit).is_ok())
+            .count();
+        assert_eq!(allowed, 10, "the burst");
+        let wait = stats.try_rate(t0, &limit).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(5));
+        // One second later: 200 more, not 210 (the burst is spent) and not fewer.
+        let mut admitted = 0;
+        for ms in 0..1000u64 {
+            let t = t0 + Duration::from_millis(ms) + Duration::from_micros(1);
+            while stats.try_rate(t, &limit).is_ok() {
+                admitted += 1;
+            }
+        }
+        assert!((199..=201).contains(&admitted), "{admitted} in one second");
+    }
+
+    #[test]
+    fn no_rate_limit_for_zero() {
+        assert!(RateLimit::new(0).is_none());
+        let one = RateLimit::new(1).unwrap();
+        assert_eq!(one.burst_ns, 0);
     }
 }

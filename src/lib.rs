@@ -24,6 +24,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod error;
+mod health;
 mod listener;
 mod relay;
 mod session;
@@ -34,10 +35,8 @@ mod token;
 mod worker;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
-
-use crossbeam_channel::Sender;
 
 pub use backend::{BackendSet, BackendState, BackendStatsSnapshot};
 pub use config::{
@@ -48,70 +47,77 @@ pub use stats::StatsSnapshot;
 /// For clients that bind many sockets to 127.0.0.x: choose the local port at connect time.
 pub use sys::bind_address_no_port;
 
+use health::{Command, Health, HealthLink, Published, WorkerLink};
 use stats::Counters;
 use worker::{Control, Worker};
 
-/// A running balancer. Dropping it shuts it down and waits for the workers.
+/// A running balancer. Dropping it shuts it down and waits for the threads.
 pub struct Holdfast {
     listen_addrs: Vec<SocketAddr>,
-    workers: Vec<WorkerHandle>,
+    workers: Vec<WorkerLink>,
+    threads: Vec<JoinHandle<()>>,
     counters: Arc<Counters>,
-    /// The backend set most recently published to the workers (control plane only).
-    backends: Mutex<Arc<BackendSet>>,
-    algorithm: Algorithm,
-}
-
-struct WorkerHandle {
-    control: Sender<Control>,
-    waker: Arc<mio::Waker>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl WorkerHandle {
-    fn send(&self, msg: Control) {
-        // A worker that already exited has dropped its receiver; nothing is left to tell.
-        if self.control.send(msg).is_ok()
-            && let Err(e) = self.waker.wake()
-        {
-            log::error!("cannot wake worker: {e}");
-        }
-    }
+    health: HealthLink,
+    /// The backend set the health thread last published (read here for stats only).
+    backends: Published,
 }
 
 impl Holdfast {
     /// Validates `config`, binds every listener (one SO_REUSEPORT socket per worker and listen
-    /// address) and starts the workers. Fails without starting anything if a listener cannot
-    /// be bound.
+    /// address), and starts the health thread and the workers. Fails without starting anything
+    /// if a listener cannot be bound.
     pub fn start(config: Config) -> Result<Holdfast, StartError> {
         config.validate()?;
         let config = Arc::new(config);
         let counters = Arc::new(Counters::default());
-        let backends = Arc::new(BackendSet::build(&config.backends, None, config.algorithm));
-
         let (listen_addrs, mut listeners) = listener::bind_all(&config)?;
+        let (mut health, health_link, backends) =
+            Health::new(Arc::clone(&config)).map_err(StartError::Worker)?;
+        let initial = Arc::clone(&backends.lock().unwrap_or_else(PoisonError::into_inner));
 
         let mut workers = Vec::with_capacity(config.workers);
+        let mut for_health = Vec::with_capacity(config.workers);
+        let mut threads = Vec::with_capacity(config.workers + 1);
         for (id, worker_listeners) in listeners.drain(..).enumerate() {
             let (worker, control, waker) = Worker::new(
                 id,
                 Arc::clone(&config),
                 worker_listeners,
-                Arc::clone(&backends),
+                Arc::clone(&initial),
                 Arc::clone(&counters),
+                health_link.clone(),
             )
             .map_err(StartError::Worker)?;
-            let thread = std::thread::Builder::new()
-                .name(format!("holdfast-worker-{id}"))
-                .spawn(move || worker.run())
-                .map_err(StartError::Worker)?;
-            workers.push(WorkerHandle {
-                control,
-                waker,
-                thread: Some(thread),
+            for_health.push(WorkerLink {
+                tx: control.clone(),
+                waker: Arc::clone(&waker),
             });
+            workers.push(WorkerLink { tx: control, waker });
+            let spawned = std::thread::Builder::new()
+                .name(format!("holdfast-worker-{id}"))
+                .spawn(move || worker.run());
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop_and_join(&workers, &health_link, threads);
+                    return Err(StartError::Worker(e));
+                }
+            }
+        }
+        health.attach(for_health);
+        match std::thread::Builder::new()
+            .name("holdfast-health".into())
+            .spawn(move || health.run())
+        {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                stop_and_join(&workers, &health_link, threads);
+                return Err(StartError::Worker(e));
+            }
         }
         log::info!(
-            "holdfast listening on {} with {} worker(s), {} backend(s), algorithm {}, relay {}",
+            "holdfast listening on {} with {} worker(s), {} backend(s), algorithm {}, relay {}, \
+             health check {}",
             listen_addrs
                 .iter()
                 .map(|a| a.to_string())
@@ -121,13 +127,15 @@ impl Holdfast {
             config.backends.len(),
             config.algorithm,
             config.relay,
+            config.health.check,
         );
         Ok(Holdfast {
             listen_addrs,
             workers,
+            threads,
             counters,
-            backends: Mutex::new(backends),
-            algorithm: config.algorithm,
+            health: health_link,
+            backends,
         })
     }
 
@@ -152,52 +160,57 @@ impl Holdfast {
         Arc::clone(&self.backends.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Replaces the backend list. Backends that stay keep their counters; new connections use
-    /// the new list at once; live sessions are untouched.
+    /// Replaces the backend list. Backends that stay keep their state and counters; new ones
+    /// start up (with slow start when configured). Returns once the workers have been sent the
+    /// new list: connections accepted from then on use it. Live sessions are untouched.
     pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ConfigError> {
-        if specs.is_empty() {
-            return Err(ConfigError::Invalid(
-                "at least one backend is required".into(),
-            ));
-        }
-        let mut current = self.backends.lock().unwrap_or_else(PoisonError::into_inner);
-        let next = Arc::new(BackendSet::build(&specs, Some(&current), self.algorithm));
-        *current = Arc::clone(&next);
-        for w in &self.workers {
-            w.send(Control::Backends(Arc::clone(&next)));
-        }
-        Ok(())
+        let mut probe = Config::new(self.listen_addrs.clone(), specs);
+        probe.workers = 1;
+        probe.validate()?;
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        self.health
+            .send(Command::SetBackends(probe.backends, done_tx));
+        done_rx
+            .recv()
+            .map_err(|_| ConfigError::Invalid("the balancer is shutting down".into()))
     }
 
-    /// Asks every worker to stop: listeners and sessions are closed. Returns at once; call
+    /// Asks every thread to stop: listeners and sessions are closed. Returns at once; call
     /// [`Holdfast::join`] to wait.
     pub fn shutdown(&self) {
+        self.health.send(Command::Shutdown);
         for w in &self.workers {
             w.send(Control::Shutdown);
         }
     }
 
-    /// Waits for every worker to exit.
+    /// Waits for every thread to exit.
     pub fn join(mut self) {
-        self.join_workers();
-    }
-
-    fn join_workers(&mut self) {
-        for w in &mut self.workers {
-            if let Some(t) = w.thread.take()
-                && t.join().is_err()
-            {
-                log::error!("a worker thread panicked");
-            }
-        }
+        join_all(std::mem::take(&mut self.threads));
     }
 }
 
 impl Drop for Holdfast {
     fn drop(&mut self) {
-        if self.workers.iter().any(|w| w.thread.is_some()) {
+        if !self.threads.is_empty() {
             self.shutdown();
-            self.join_workers();
+            join_all(std::mem::take(&mut self.threads));
+        }
+    }
+}
+
+fn stop_and_join(workers: &[WorkerLink], health: &HealthLink, threads: Vec<JoinHandle<()>>) {
+    health.send(Command::Shutdown);
+    for w in workers {
+        w.send(Control::Shutdown);
+    }
+    join_all(threads);
+}
+
+fn join_all(threads: Vec<JoinHandle<()>>) {
+    for t in threads {
+        if t.join().is_err() {
+            log::error!("a holdfast thread panicked");
         }
     }
 }

@@ -1,15 +1,18 @@
-//! One proxied connection: a client socket, a backend socket, and where the two stand.
+//! One proxied connection: a client socket, and where it stands with its backend.
 //!
 //! ```text
-//!   accept ──► Connecting ──(connected)──► Relaying ──(both directions done, error,
-//!                 │  ▲                                  idle timeout, shutdown)──► closed
-//!                 └──┘ connect failed or timed out: next candidate, up to --retries
+//!            no backend has room (--max-conns-per-backend, --max-connect-rate)
+//!   accept ─────────────► Queued ──room appears──┐        queue timeout ──► closed
+//!     │                                          ▼
+//!     └──────────────────────────────────► Connecting ──connected──► Relaying ──► closed
+//!                                            │  ▲                 (both directions done,
+//!                                            └──┘                  reset, idle timeout,
+//!          connect failed or timed out: next candidate, up to --retries   shutdown)
 //! ```
 //!
-//! The session always has a backend socket: while connecting, the one being connected (a
-//! retry replaces it); while relaying, the connected one. The state is small and explicit (two
-//! sockets, a phase, the bytes in flight inside the pumps) so that it could one day be handed
-//! to another process intact.
+//! The state is small and explicit (the sockets, a phase enum carrying its data, the bytes in
+//! flight inside the pumps) so that it could one day be handed to another process intact. A
+//! queued session is its client socket alone: no backend socket, no pipe, no buffer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,39 +20,52 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use crate::backend::{BackendSet, BackendStats};
+use crate::backend::BackendSet;
 use crate::relay::{Pools, Pump, Readiness};
+use crate::token::Side;
 
 pub struct Session {
-    /// Unique within the worker; tells a live timer from one left by an earlier session that
-    /// had the same slab key.
+    /// Unique within the worker; tells a live timer or queue entry from one left by an earlier
+    /// session that had the same slab key.
     pub id: u64,
     pub client: TcpStream,
     pub client_addr: SocketAddr,
     pub client_ready: Readiness,
-    pub backend: TcpStream,
-    pub backend_ready: Readiness,
-    /// Index of the backend in `set`.
-    pub backend_index: usize,
-    /// The set the backend was picked from (retries pick from the same set).
+    /// The set the backend is picked from (retries pick from the same set).
     pub set: Arc<BackendSet>,
     pub phase: Phase,
     /// Last time a byte moved either way (for the idle timeout).
     pub last_active: Instant,
     /// Already in the worker's list of sessions to run again next turn.
-    pub queued: bool,
+    pub scheduled: bool,
+}
+
+/// The backend side of a session that has one.
+pub struct Upstream {
+    pub socket: TcpStream,
+    pub ready: Readiness,
+    /// Index of the backend in the session's set.
+    pub index: usize,
 }
 
 pub enum Phase {
+    /// Just accepted; no backend chosen yet.
+    Accepted,
+    /// Waiting in the worker's queue for a backend with room.
+    Queued,
     Connecting {
+        upstream: Upstream,
         /// Counts connect attempts, so a timer armed for an earlier attempt is ignored.
         attempt: u32,
         /// Backends that already failed for this client.
         tried: Vec<usize>,
     },
     Relaying {
+        upstream: Upstream,
         client_to_backend: Pump,
         backend_to_client: Pump,
+        /// Which side ended its stream first, once one has.
+        first_eof: Option<Side>,
     },
 }
 
@@ -59,18 +75,62 @@ pub enum CloseReason {
     /// Both directions finished with EOF.
     Done,
     /// A socket failed (reset, broken pipe); `Side` is where.
-    Reset(crate::token::Side),
+    Reset(Side),
     /// No bytes either way for the idle timeout.
     IdleTimeout,
     /// No backend could be connected.
     NoBackend,
+    /// Waited in the queue longer than the queue timeout.
+    QueueTimeout,
+    /// Out of descriptors or memory.
+    Exhausted,
     /// The worker is shutting down.
     Shutdown,
 }
 
 impl Session {
-    pub fn backend_stats(&self) -> &BackendStats {
-        &self.set.backends[self.backend_index].stats
+    pub fn upstream(&self) -> Option<&Upstream> {
+        match &self.phase {
+            Phase::Accepted | Phase::Queued => None,
+            Phase::Connecting { upstream, .. } | Phase::Relaying { upstream, .. } => Some(upstream),
+        }
+    }
+
+    pub fn upstream_mut(&mut self) -> Option<&mut Upstream> {
+        match &mut self.phase {
+            Phase::Accepted | Phase::Queued => None,
+            Phase::Connecting { upstream, .. } | Phase::Relaying { upstream, .. } => Some(upstream),
+        }
+    }
+
+    /// Whether the session holds a slot in its backend's active count: a queued session has no
+    /// backend yet, and a connect that failed already gave its slot back.
+    pub fn holds_backend_slot(&self) -> bool {
+        match &self.phase {
+            Phase::Accepted | Phase::Queued => false,
+            Phase::Connecting {
+                upstream, tried, ..
+            } => !tried.contains(&upstream.index),
+            Phase::Relaying { .. } => true,
+        }
+    }
+
+    /// The backend accepted the connection and then ended it (closed or reset) before a single
+    /// byte moved either way: a failure seen on live traffic.
+    pub fn backend_gave_up(&self, reason: CloseReason) -> bool {
+        match &self.phase {
+            Phase::Relaying {
+                client_to_backend,
+                backend_to_client,
+                first_eof,
+                ..
+            } => {
+                client_to_backend.bytes + backend_to_client.bytes == 0
+                    && (reason == CloseReason::Reset(Side::Backend)
+                        || *first_eof == Some(Side::Backend))
+            }
+            _ => false,
+        }
     }
 
     /// Gives back the pumps' pipes and buffers.
@@ -78,6 +138,7 @@ impl Session {
         if let Phase::Relaying {
             client_to_backend,
             backend_to_client,
+            ..
         } = &mut self.phase
         {
             client_to_backend.release(pools);

@@ -1,4 +1,4 @@
-//! A worker's timers: connect timeouts and idle timeouts.
+//! A worker's timers: connect, idle and queue timeouts.
 //!
 //! A min-heap of deadlines, each naming a session by slab key *and* session id, so an entry
 //! for a session that has since closed (and whose slab slot may be reused) is recognised as
@@ -20,6 +20,8 @@ pub enum TimerKind {
     Connect { attempt: u32 },
     /// Check whether the session has been idle for the idle timeout.
     Idle,
+    /// The client has waited in the queue for the queue timeout.
+    Queue,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

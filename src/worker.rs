@@ -7,11 +7,13 @@
 //! 2. accepts new clients from listeners that are ready, at most `ACCEPT_BATCH` per listener
 //!    per turn so a connection storm cannot starve live sessions;
 //! 3. runs sessions that used up their byte budget last turn;
-//! 4. fires expired timers (connect and idle timeouts).
+//! 4. places queued clients while backends have room;
+//! 5. fires expired timers (connect, idle and queue timeouts).
 //!
 //! Nothing here blocks, and nothing takes a lock: the backend set is an immutable snapshot
 //! swapped in by a control message, and the only shared writes are relaxed atomic counters.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -25,11 +27,12 @@ use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
 use socket2::{SockRef, TcpKeepalive};
 
-use crate::backend::BackendSet;
+use crate::backend::{BackendSet, RateLimit};
 use crate::balance::{Load, SmoothRoundRobin, least_conn};
 use crate::config::{Algorithm, Config};
+use crate::health::{Command, HealthLink};
 use crate::relay::{Outcome, Pools, Pump, Readiness};
-use crate::session::{CloseReason, Phase, Session};
+use crate::session::{CloseReason, Phase, Session, Upstream};
 use crate::stats::Counters;
 use crate::timer::{Timer, TimerKind, Timers};
 use crate::token::{Side, Target};
@@ -40,6 +43,11 @@ const ACCEPT_BATCH: usize = 64;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How often a worker at `--max-conns` looks again whether there is room.
 const MAX_CONNS_RECHECK: Duration = Duration::from_millis(20);
+/// How often a worker with queued clients looks for room. Room can appear in another worker
+/// (a session closes there) or with time (rate tokens), neither of which wakes this one.
+const QUEUE_RECHECK: Duration = Duration::from_millis(5);
+/// Most queued clients one turn tries to place.
+const QUEUE_SCAN: usize = 256;
 
 /// Messages from the control plane.
 pub enum Control {
@@ -64,6 +72,10 @@ pub struct Worker {
     sessions: Slab<Session>,
     /// Sessions to run again next turn (they stopped early on the byte budget).
     again: Vec<usize>,
+    /// Clients waiting for a backend with room, oldest first: (slab key, session id).
+    queue: VecDeque<(usize, u64)>,
+    rate: Option<RateLimit>,
+    health: HealthLink,
     timers: Timers,
     pools: Pools,
     picker: Picker,
@@ -71,6 +83,7 @@ pub struct Worker {
     now: Instant,
     accept_error_log: LogLimiter,
     no_backend_log: LogLimiter,
+    queue_log: LogLimiter,
 }
 
 impl Worker {
@@ -80,6 +93,7 @@ impl Worker {
         listeners: Vec<TcpListener>,
         backends: Arc<BackendSet>,
         counters: Arc<Counters>,
+        health: HealthLink,
     ) -> io::Result<(Worker, Sender<Control>, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), Target::Waker.token())?);
@@ -93,6 +107,7 @@ impl Worker {
         let worker = Worker {
             id,
             picker: Picker::new(config.algorithm, id),
+            rate: RateLimit::new(config.limits.max_connect_rate),
             config,
             poll,
             control: rx,
@@ -104,11 +119,14 @@ impl Worker {
             counters,
             sessions: Slab::new(),
             again: Vec::new(),
+            queue: VecDeque::new(),
+            health,
             timers: Timers::default(),
             next_id: 0,
             now: Instant::now(),
             accept_error_log: LogLimiter::default(),
             no_backend_log: LogLimiter::default(),
+            queue_log: LogLimiter::default(),
         };
         Ok((worker, tx, waker))
     }
@@ -143,6 +161,9 @@ impl Worker {
             }
             self.accept_all();
             self.run_again();
+            if !self.queue.is_empty() {
+                self.service_queue();
+            }
             self.fire_timers();
         }
         self.close_all();
@@ -162,6 +183,9 @@ impl Worker {
                 None => Duration::ZERO,
             };
             timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+        }
+        if !self.queue.is_empty() {
+            timeout = Some(timeout.map_or(QUEUE_RECHECK, |t| t.min(QUEUE_RECHECK)));
         }
         timeout
     }
@@ -259,15 +283,6 @@ impl Worker {
 
     fn start_session(&mut self, client: TcpStream, client_addr: SocketAddr) {
         tune_socket(&client, self.config.tcp_keepalive);
-        let set = Arc::clone(&self.backends);
-        let mut tried = Vec::new();
-        let (index, backend) = match self.connect_next(&set, client_addr.ip(), &mut tried) {
-            Ok(chosen) => chosen,
-            Err(why) => {
-                self.reject(client_addr, client, why);
-                return;
-            }
-        };
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
         let id = self.next_id;
@@ -277,100 +292,181 @@ impl Worker {
             client,
             client_addr,
             client_ready: Readiness::default(),
-            backend,
-            backend_ready: Readiness::default(),
-            backend_index: index,
-            set,
-            phase: Phase::Connecting { attempt: 0, tried },
+            set: Arc::clone(&self.backends),
+            phase: Phase::Accepted,
             last_active: self.now,
-            queued: false,
+            scheduled: false,
         };
-        let registry = self.poll.registry();
-        let both = Interest::READABLE | Interest::WRITABLE;
-        let registered = registry
-            .register(
-                &mut session.client,
-                Target::Session(key, Side::Client).token(),
-                both,
-            )
-            .and_then(|()| {
-                registry.register(
-                    &mut session.backend,
-                    Target::Session(key, Side::Backend).token(),
-                    both,
-                )
-            });
-        if let Err(e) = registered {
-            log::warn!("worker {}: cannot register session: {e}", self.id);
-            Counters::decr(&session.backend_stats().active);
+        if let Err(e) = self.poll.registry().register(
+            &mut session.client,
+            Target::Session(key, Side::Client).token(),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("worker {}: cannot register client socket: {e}", self.id);
             Counters::decr(&self.counters.active);
             Counters::incr(&self.counters.closed);
             return;
         }
         entry.insert(session);
-        self.timers.push(Timer {
-            at: self.now + self.config.connect_timeout,
-            key,
-            id,
-            kind: TimerKind::Connect { attempt: 0 },
-        });
+        if self.place(key, Vec::new()) == Placement::Full {
+            self.enqueue(key);
+        }
     }
 
-    /// Picks the next candidate not in `tried` and starts a non-blocking connect to it. A
-    /// connect that fails at once (no route, refused by a local firewall) counts as a failed
-    /// attempt and the next candidate is tried, within `--retries`. Running out of local
-    /// descriptors or memory is not the backend's fault: it is not counted against the
-    /// backend, accepting pauses, and the client is closed. The chosen backend's active count
-    /// is raised here, so least-conn in every worker sees it before the connect completes.
+    /// Finds the session a backend and starts connecting to it. `tried` lists backends that
+    /// already failed for this client. On `Full` the session is left as it was (the caller
+    /// queues it or leaves it queued); on `Closed` it is gone.
+    fn place(&mut self, key: usize, mut tried: Vec<usize>) -> Placement {
+        let Some(session) = self.sessions.get(key) else {
+            return Placement::Closed;
+        };
+        let set = Arc::clone(&session.set);
+        let (ip, client_addr, id) = (session.client_addr.ip(), session.client_addr, session.id);
+        let attempt = match &session.phase {
+            Phase::Connecting { attempt, .. } => attempt + 1,
+            _ => 0,
+        };
+        match self.connect_next(&set, ip, &mut tried) {
+            Ok((index, mut socket)) => {
+                let registered = self.poll.registry().register(
+                    &mut socket,
+                    Target::Session(key, Side::Backend).token(),
+                    Interest::READABLE | Interest::WRITABLE,
+                );
+                let Some(session) = self.sessions.get_mut(key) else {
+                    set.backends[index].stats.release();
+                    return Placement::Closed;
+                };
+                // A retry drops the failed socket here; closing it also removes it from the
+                // poller.
+                session.phase = Phase::Connecting {
+                    upstream: Upstream {
+                        socket,
+                        ready: Readiness::default(),
+                        index,
+                    },
+                    attempt,
+                    tried,
+                };
+                if let Err(e) = registered {
+                    log::warn!("worker {}: cannot register backend socket: {e}", self.id);
+                    self.close(key, CloseReason::Exhausted);
+                    return Placement::Closed;
+                }
+                self.timers.push(Timer {
+                    at: self.now + self.config.connect_timeout,
+                    key,
+                    id,
+                    kind: TimerKind::Connect { attempt },
+                });
+                Placement::Connecting
+            }
+            Err(NoConnect::Full) => Placement::Full,
+            Err(why) => {
+                let reason = match why {
+                    NoConnect::Exhausted => CloseReason::Exhausted,
+                    _ => {
+                        self.no_backend(client_addr);
+                        CloseReason::NoBackend
+                    }
+                };
+                self.close(key, reason);
+                Placement::Closed
+            }
+        }
+    }
+
+    /// Picks the next candidate and starts a non-blocking connect to it.
+    ///
+    /// A backend at `--max-conns-per-backend` or out of `--max-connect-rate` tokens is passed
+    /// over (for source-hash, the client waits for its own backend instead: `Full`). A connect
+    /// that fails at once counts as a failed attempt and the next candidate is tried, within
+    /// `--retries`. Running out of local descriptors or memory is not the backend's fault: it
+    /// is not counted against the backend, and accepting pauses. The chosen backend's active
+    /// count is raised here, so least-conn in every worker sees it before the connect ends.
     fn connect_next(
         &mut self,
         set: &BackendSet,
         ip: IpAddr,
         tried: &mut Vec<usize>,
     ) -> Result<(usize, TcpStream), NoConnect> {
+        let max = self.config.limits.max_conns_per_backend;
+        let sticky = self.config.algorithm == Algorithm::SourceHash;
+        // Backends without room right now; allocated only when one is found.
+        let mut full: Vec<usize> = Vec::new();
         while tried.len() <= self.config.retries as usize {
-            let index = self
-                .picker
-                .pick(set, ip, tried)
-                .ok_or(NoConnect::NoBackend)?;
+            let Some(index) = self.picker.pick(set, ip, |i| {
+                tried.contains(&i)
+                    || full.contains(&i)
+                    || (!sticky && max > 0 && set.backends[i].stats.active.load(Relaxed) >= max)
+            }) else {
+                break;
+            };
             let backend = &set.backends[index];
-            match TcpStream::connect(backend.spec.addr) {
-                Ok(stream) => {
-                    Counters::incr(&backend.stats.active);
-                    return Ok((index, stream));
+            if !backend.stats.try_acquire(max) {
+                full.push(index);
+                if sticky {
+                    break;
                 }
+                continue;
+            }
+            if let Some(limit) = &self.rate
+                && backend.stats.try_rate(self.now, limit).is_err()
+            {
+                backend.stats.release();
+                full.push(index);
+                if sticky {
+                    break;
+                }
+                continue;
+            }
+            match TcpStream::connect(backend.spec.addr) {
+                Ok(stream) => return Ok((index, stream)),
                 Err(e) if is_resource_exhaustion(&e) => {
+                    backend.stats.release();
                     Counters::incr(&self.counters.accept_errors);
                     self.resources_exhausted(e);
                     return Err(NoConnect::Exhausted);
                 }
                 Err(e) => {
                     log::debug!("connect to {} failed at once: {e}", backend.spec.addr);
-                    Counters::incr(&backend.stats.active);
-                    self.connect_failed(set, index);
+                    backend.stats.release();
+                    self.backend_failed(set, index, Failure::Connect);
                     tried.push(index);
                 }
             }
         }
-        Err(NoConnect::NoBackend)
-    }
-
-    fn connect_failed(&self, set: &BackendSet, index: usize) {
-        let stats = &set.backends[index].stats;
-        Counters::decr(&stats.active);
-        Counters::incr(&stats.connect_failures);
-        Counters::incr(&stats.consecutive_failures);
-        Counters::incr(&self.counters.connect_failures);
-    }
-
-    /// No backend could take this client: close it at once.
-    fn reject(&mut self, client_addr: SocketAddr, client: TcpStream, why: NoConnect) {
-        Counters::decr(&self.counters.active);
-        Counters::incr(&self.counters.closed);
-        if why == NoConnect::NoBackend {
-            self.no_backend(client_addr);
+        let no_room = !full.is_empty()
+            || (max > 0
+                && (0..set.len()).any(|i| {
+                    set.is_eligible(i)
+                        && !tried.contains(&i)
+                        && set.backends[i].stats.active.load(Relaxed) >= max
+                }));
+        if no_room && tried.len() <= self.config.retries as usize {
+            Err(NoConnect::Full)
+        } else {
+            Err(NoConnect::NoBackend)
         }
-        drop(client);
+    }
+
+    /// Counts a failure against a backend, and tells the health thread when it is the one that
+    /// makes `--observe-errors` consecutive failures.
+    fn backend_failed(&self, set: &BackendSet, index: usize, failure: Failure) {
+        let backend = &set.backends[index];
+        let stats = &backend.stats;
+        match failure {
+            Failure::Connect => {
+                Counters::incr(&stats.connect_failures);
+                Counters::incr(&self.counters.connect_failures);
+            }
+            Failure::Passive => Counters::incr(&stats.passive_failures),
+        }
+        let consecutive = stats.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        let threshold = u64::from(self.config.health.observe_errors);
+        if threshold > 0 && consecutive == threshold {
+            self.health.send(Command::Failing(backend.spec.addr));
+        }
     }
 
     fn no_backend(&mut self, client_addr: SocketAddr) {
@@ -383,6 +479,80 @@ impl Worker {
         }
     }
 
+    // ---- the queue ------------------------------------------------------------------------
+
+    /// No backend has room: the client waits (it costs its socket and nothing else) until one
+    /// has, or until the queue timeout. A full queue closes the client at once.
+    fn enqueue(&mut self, key: usize) {
+        let max = self.config.limits.max_queue as u64;
+        let admitted = self
+            .counters
+            .queued
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok();
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if !admitted {
+            Counters::incr(&self.counters.queue_full);
+            if let Some(suppressed) = self.queue_log.allow(self.now) {
+                log::warn!(
+                    "queue full ({max} clients waiting); closing client {} \
+                     ({suppressed} similar messages suppressed)",
+                    session.client_addr
+                );
+            }
+            self.close(key, CloseReason::NoBackend);
+            return;
+        }
+        session.phase = Phase::Queued;
+        Counters::incr(&self.counters.queued_total);
+        self.queue.push_back((key, session.id));
+        self.timers.push(Timer {
+            at: self.now + self.config.limits.queue_timeout,
+            key,
+            id: session.id,
+            kind: TimerKind::Queue,
+        });
+    }
+
+    /// Places waiting clients, oldest first, while backends have room. With source-hash each
+    /// client waits for its own backend, so one blocked client must not hold up the others:
+    /// the whole queue is tried (up to a bound per turn). Otherwise, once the oldest finds no
+    /// room, nobody behind it would.
+    fn service_queue(&mut self) {
+        let sticky = self.config.algorithm == Algorithm::SourceHash;
+        let mut budget = self.queue.len().min(QUEUE_SCAN);
+        while budget > 0 {
+            budget -= 1;
+            let Some((key, id)) = self.queue.pop_front() else {
+                break;
+            };
+            let Some(session) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            if session.id != id || !matches!(session.phase, Phase::Queued) {
+                continue; // closed while waiting, and the key reused
+            }
+            // Out of the queue while it tries; back in (same place) if there is no room.
+            session.set = Arc::clone(&self.backends);
+            session.phase = Phase::Accepted;
+            Counters::decr(&self.counters.queued);
+            if self.place(key, Vec::new()) == Placement::Full {
+                if let Some(session) = self.sessions.get_mut(key) {
+                    session.phase = Phase::Queued;
+                    Counters::incr(&self.counters.queued);
+                }
+                if sticky {
+                    self.queue.push_back((key, id));
+                } else {
+                    self.queue.push_front((key, id));
+                    break;
+                }
+            }
+        }
+    }
+
     // ---- events ---------------------------------------------------------------------------
 
     fn handle_event(&mut self, key: usize, side: Side, event: &Event) {
@@ -391,7 +561,10 @@ impl Worker {
         };
         let ready = match side {
             Side::Client => &mut session.client_ready,
-            Side::Backend => &mut session.backend_ready,
+            Side::Backend => match session.upstream_mut() {
+                Some(upstream) => &mut upstream.ready,
+                None => return,
+            },
         };
         // Errors and hang-ups are surfaced by the next read or write, which is where they are
         // handled; marking the socket ready makes sure that call happens.
@@ -401,7 +574,8 @@ impl Worker {
 
         match session.phase {
             Phase::Connecting { .. } if side == Side::Backend => self.check_connect(key),
-            Phase::Connecting { .. } => {} // client bytes wait until the backend is connected
+            // Client bytes wait until the backend is connected.
+            Phase::Accepted | Phase::Queued | Phase::Connecting { .. } => {}
             Phase::Relaying { .. } => self.relay(key),
         }
     }
@@ -411,16 +585,19 @@ impl Worker {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        if !session.backend_ready.writable {
+        let Phase::Connecting { upstream, .. } = &mut session.phase else {
+            return;
+        };
+        if !upstream.ready.writable {
             return;
         }
         // mio's recipe: a writable event ends the connect; SO_ERROR says how. If there is no
         // error yet the peer address is unknown (ENOTCONN), the event was spurious.
-        let result = match session.backend.take_error() {
-            Ok(None) => match session.backend.peer_addr() {
+        let result = match upstream.socket.take_error() {
+            Ok(None) => match upstream.socket.peer_addr() {
                 Ok(_) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                    session.backend_ready.writable = false;
+                    upstream.ready.writable = false;
                     return;
                 }
                 Err(e) => Err(e),
@@ -432,7 +609,7 @@ impl Worker {
             Err(e) => {
                 log::debug!(
                     "connect to {} failed: {e}",
-                    session.set.backends[session.backend_index].spec.addr
+                    session.set.backends[upstream.index].spec.addr
                 );
                 self.retry(key);
             }
@@ -443,18 +620,23 @@ impl Worker {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        let stats = session.backend_stats();
-        Counters::incr(&stats.total);
-        stats.consecutive_failures.store(0, Relaxed);
-        tune_socket(&session.backend, self.config.tcp_keepalive);
-        session.phase = Phase::Relaying {
-            client_to_backend: Pump::new(self.config.relay),
-            backend_to_client: Pump::new(self.config.relay),
+        let phase = std::mem::replace(&mut session.phase, Phase::Accepted);
+        let Phase::Connecting { mut upstream, .. } = phase else {
+            session.phase = phase;
+            return;
         };
+        Counters::incr(&session.set.backends[upstream.index].stats.total);
+        tune_socket(&upstream.socket, self.config.tcp_keepalive);
         // Bytes may have arrived on either side while connecting, and under edge-triggered
         // readiness their event may already be spent: look once.
         session.client_ready.readable = true;
-        session.backend_ready.readable = true;
+        upstream.ready.readable = true;
+        session.phase = Phase::Relaying {
+            upstream,
+            client_to_backend: Pump::new(self.config.relay),
+            backend_to_client: Pump::new(self.config.relay),
+            first_eof: None,
+        };
         session.last_active = self.now;
         if let Some(idle) = self.config.idle_timeout {
             self.timers.push(Timer {
@@ -467,62 +649,33 @@ impl Worker {
         self.relay(key);
     }
 
-    /// The current connect attempt failed or timed out: try the next candidate or give up.
+    /// The current connect attempt failed or timed out: try the next candidate, wait in the
+    /// queue if only full backends are left, or give up.
     fn retry(&mut self, key: usize) {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        let Phase::Connecting { attempt, tried } = &mut session.phase else {
+        let Phase::Connecting {
+            upstream, tried, ..
+        } = &mut session.phase
+        else {
             return;
         };
-        let set = Arc::clone(&session.set);
-        let failed = session.backend_index;
-        let ip = session.client_addr.ip();
+        let failed = upstream.index;
         let mut tried = std::mem::take(tried);
-        let attempt = *attempt + 1;
-        self.connect_failed(&set, failed);
         tried.push(failed);
-        match self.connect_next(&set, ip, &mut tried) {
-            Ok((index, mut backend)) => {
-                let registered = self.poll.registry().register(
-                    &mut backend,
-                    Target::Session(key, Side::Backend).token(),
-                    Interest::READABLE | Interest::WRITABLE,
-                );
-                let Some(session) = self.sessions.get_mut(key) else {
-                    return;
-                };
-                // Dropping the old socket closes it, which also removes it from the poller.
-                session.backend = backend;
-                session.backend_ready = Readiness::default();
-                session.backend_index = index;
-                session.phase = Phase::Connecting { attempt, tried };
-                let id = session.id;
-                if let Err(e) = registered {
-                    log::warn!("worker {}: cannot register backend socket: {e}", self.id);
-                    self.close(key, CloseReason::NoBackend);
-                    return;
-                }
-                self.timers.push(Timer {
-                    at: self.now + self.config.connect_timeout,
-                    key,
-                    id,
-                    kind: TimerKind::Connect { attempt },
-                });
-            }
-            Err(why) => {
-                let Some(session) = self.sessions.get_mut(key) else {
-                    return;
-                };
-                // `tried` now holds the current backend too, which tells `close` that no
-                // backend slot is held any more.
-                session.phase = Phase::Connecting { attempt, tried };
-                let client_addr = session.client_addr;
-                if why == NoConnect::NoBackend {
-                    self.no_backend(client_addr);
-                }
-                self.close(key, CloseReason::NoBackend);
-            }
+        let set = Arc::clone(&session.set);
+        set.backends[failed].stats.release();
+        self.backend_failed(&set, failed, Failure::Connect);
+        if let Some(Phase::Connecting { tried: t, .. }) =
+            self.sessions.get_mut(key).map(|s| &mut s.phase)
+        {
+            // Record the failure before anything can close the session, so `close` knows the
+            // slot was given back.
+            t.clone_from(&tried);
+        }
+        if self.place(key, tried) == Placement::Full {
+            self.enqueue(key);
         }
     }
 
@@ -532,8 +685,10 @@ impl Worker {
             return;
         };
         let Phase::Relaying {
+            upstream,
             client_to_backend,
             backend_to_client,
+            first_eof,
         } = &mut session.phase
         else {
             return;
@@ -541,20 +696,36 @@ impl Worker {
         let (up, up_bytes) = client_to_backend.run(
             &session.client,
             &mut session.client_ready,
-            &session.backend,
-            &mut session.backend_ready,
+            &upstream.socket,
+            &mut upstream.ready,
             &mut self.pools,
         );
         let (down, down_bytes) = backend_to_client.run(
-            &session.backend,
-            &mut session.backend_ready,
+            &upstream.socket,
+            &mut upstream.ready,
             &session.client,
             &mut session.client_ready,
             &mut self.pools,
         );
+        if first_eof.is_none() {
+            if backend_to_client.is_done() {
+                *first_eof = Some(Side::Backend);
+            } else if client_to_backend.is_done() {
+                *first_eof = Some(Side::Client);
+            }
+        }
         let both_done = client_to_backend.is_done() && backend_to_client.is_done();
-        if up_bytes + down_bytes > 0 {
+        let moved = (up_bytes + down_bytes) as u64;
+        if moved > 0 {
             session.last_active = self.now;
+            if client_to_backend.bytes + backend_to_client.bytes == moved {
+                // The session's first bytes: the backend is serving, so its run of
+                // consecutive failures is over.
+                session.set.backends[upstream.index]
+                    .stats
+                    .consecutive_failures
+                    .store(0, Relaxed);
+            }
             if up_bytes > 0 {
                 self.counters
                     .bytes_client_to_backend
@@ -575,8 +746,8 @@ impl Worker {
             self.close(key, CloseReason::Reset(side));
         } else if both_done {
             self.close(key, CloseReason::Done);
-        } else if (up == Outcome::Yield || down == Outcome::Yield) && !session.queued {
-            session.queued = true;
+        } else if (up == Outcome::Yield || down == Outcome::Yield) && !session.scheduled {
+            session.scheduled = true;
             self.again.push(key);
         }
     }
@@ -585,7 +756,7 @@ impl Worker {
         let keys = std::mem::take(&mut self.again);
         for &key in &keys {
             if let Some(session) = self.sessions.get_mut(key) {
-                session.queued = false;
+                session.scheduled = false;
                 self.relay(key);
             }
         }
@@ -608,12 +779,14 @@ impl Worker {
                 (
                     TimerKind::Connect { attempt },
                     Phase::Connecting {
-                        attempt: current, ..
+                        attempt: current,
+                        upstream,
+                        ..
                     },
                 ) if attempt == *current => {
                     log::debug!(
                         "connect to {} timed out",
-                        session.set.backends[session.backend_index].spec.addr
+                        session.set.backends[upstream.index].spec.addr
                     );
                     self.retry(timer.key);
                 }
@@ -632,6 +805,10 @@ impl Worker {
                         });
                     }
                 }
+                (TimerKind::Queue, Phase::Queued) => {
+                    Counters::incr(&self.counters.queue_timeouts);
+                    self.close(timer.key, CloseReason::QueueTimeout);
+                }
                 _ => {} // armed for an earlier phase or attempt
             }
         }
@@ -647,23 +824,25 @@ impl Worker {
         }
         let mut session = self.sessions.remove(key);
         session.release(&mut self.pools);
-        // A session holds a slot in its backend's active count unless its current backend is
-        // one that already failed for it (the failure gave the slot back).
-        let holds_slot = match &session.phase {
-            Phase::Connecting { tried, .. } => !tried.contains(&session.backend_index),
-            Phase::Relaying { .. } => true,
-        };
-        if holds_slot {
-            Counters::decr(&session.backend_stats().active);
+        if let Some(upstream) = session.upstream() {
+            if session.holds_backend_slot() {
+                session.set.backends[upstream.index].stats.release();
+            }
+            if session.backend_gave_up(reason) {
+                self.backend_failed(&session.set, upstream.index, Failure::Passive);
+            }
+            if let CloseReason::Reset(side) = reason {
+                Counters::incr(&self.counters.resets);
+                // Pass the abort on: the other peer sees a reset, not a clean end of stream.
+                let other = match side {
+                    Side::Client => &upstream.socket,
+                    Side::Backend => &session.client,
+                };
+                let _ = SockRef::from(other).set_linger(Some(Duration::ZERO));
+            }
         }
-        if let CloseReason::Reset(side) = reason {
-            Counters::incr(&self.counters.resets);
-            // Pass the abort on: the other peer sees a reset, not a clean end of stream.
-            let other = match side {
-                Side::Client => &session.backend,
-                Side::Backend => &session.client,
-            };
-            let _ = SockRef::from(other).set_linger(Some(Duration::ZERO));
+        if matches!(session.phase, Phase::Queued) {
+            Counters::decr(&self.counters.queued);
         }
         log::debug!(
             "session {} from {} closed: {reason:?}",
@@ -688,8 +867,28 @@ impl Worker {
 enum NoConnect {
     /// No eligible backend is left to try.
     NoBackend,
+    /// Eligible backends exist, but none has room now (connection cap or rate limit).
+    Full,
     /// This process is out of descriptors or memory.
     Exhausted,
+}
+
+/// What became of a session that was given a backend to connect to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    Connecting,
+    /// No backend has room; the session is unchanged.
+    Full,
+    Closed,
+}
+
+/// A failure seen on live traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// The connect was refused, reset or timed out.
+    Connect,
+    /// The backend accepted and then closed or reset before any byte moved.
+    Passive,
 }
 
 /// Errors that say this process or machine is out of descriptors or memory.
@@ -749,8 +948,14 @@ impl Picker {
         self.rng
     }
 
-    fn pick(&mut self, set: &BackendSet, ip: IpAddr, tried: &[usize]) -> Option<usize> {
-        let usable = |i: usize| set.is_eligible(i) && !tried.contains(&i);
+    /// The algorithm's choice among eligible backends for which `skip` is false.
+    fn pick(
+        &mut self,
+        set: &BackendSet,
+        ip: IpAddr,
+        skip: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let usable = |i: usize| set.is_eligible(i) && !skip(i);
         let n = set.len();
         match self.algorithm {
             Algorithm::LeastConn => {
@@ -758,14 +963,15 @@ impl Picker {
                 least_conn(n, start, |i| {
                     usable(i).then(|| Load {
                         active: set.backends[i].stats.active.load(Relaxed),
-                        weight: set.backends[i].spec.weight,
+                        weight: set.backends[i].effective_weight,
                     })
                 })
             }
-            Algorithm::SourceHash => set.pick_by_source(ip, tried),
+            // Slow start does not apply: moving sticky clients around would defeat the point.
+            Algorithm::SourceHash => set.pick_by_source(ip, skip),
             Algorithm::RoundRobin => self
                 .round_robin
-                .pick(n, |i| usable(i).then_some(set.backends[i].spec.weight)),
+                .pick(n, |i| usable(i).then_some(set.backends[i].effective_weight)),
         }
     }
 }

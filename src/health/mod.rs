@@ -1,0 +1,534 @@
+//! The health thread: the one owner of each backend's state.
+//!
+//! Everything that changes which backends new clients may reach comes here, and only this
+//! thread publishes new [`BackendSet`]s to the workers:
+//!
+//! - **active probes**: every `--health-interval`, each backend is probed (a TCP connect, or a
+//!   WebSocket upgrade that must be answered `101`) with `--health-timeout`. All probes run
+//!   concurrently on this thread's own `mio::Poll`, so one backend that never answers cannot
+//!   delay the others. Probe start times are spread over the interval with a little jitter, so
+//!   a large pool is not probed in one burst. `--rise` consecutive successes bring a down
+//!   backend up, `--fall` consecutive failures take an up backend down (HAProxy's defaults).
+//!   Backends start up and are confirmed by the first probes.
+//! - **passive detection**: workers count failures seen on real traffic in the backend's shared
+//!   `consecutive_failures`; the worker whose failure crosses `--observe-errors` sends
+//!   [`Command::Failing`], and the backend goes down at once, without waiting for probes.
+//! - **slow start**: a backend that comes up ramps its effective weight from 1/20 to full over
+//!   `--slow-start`; while any backend ramps, a new set is published every few percent of the
+//!   window.
+//! - **the backend list**: [`Command::SetBackends`] replaces it (backends that stay keep their
+//!   state and counters; new ones start up, with slow start).
+//!
+//! Workers never wait for this thread: they read the last set they were sent.
+
+mod probe;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use mio::{Events, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::backend::{Backend, BackendSet, BackendState};
+use crate::config::{BackendSpec, Config, HealthCheck};
+use crate::worker::Control;
+use probe::{Probe, ProbeStep};
+
+const WAKER: Token = Token(0);
+/// Slow start begins at this fraction of the full weight.
+const SLOW_START_FLOOR: u32 = 20;
+/// While a backend ramps, the set is republished this many times over the window.
+const SLOW_START_STEPS: u32 = 32;
+
+/// Messages to the health thread.
+pub enum Command {
+    /// Replace the backend list; the sender is told once the new set is published.
+    SetBackends(Vec<BackendSpec>, Sender<()>),
+    /// A worker saw `--observe-errors` consecutive failures on this backend.
+    Failing(SocketAddr),
+    Shutdown,
+}
+
+/// The set last published, shared by the health thread (which replaces it) and the handle
+/// (which reads it for stats). Control plane only: workers never touch the lock.
+pub type Published = Arc<Mutex<Arc<BackendSet>>>;
+
+/// How workers and the handle reach the health thread.
+#[derive(Clone)]
+pub struct HealthLink {
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+impl HealthLink {
+    pub fn send(&self, command: Command) {
+        // If the thread has exited there is nobody left to tell.
+        if self.tx.send(command).is_ok()
+            && let Err(e) = self.waker.wake()
+        {
+            log::error!("cannot wake the health thread: {e}");
+        }
+    }
+}
+
+/// How the health thread reaches one worker.
+pub struct WorkerLink {
+    pub tx: Sender<Control>,
+    pub waker: Arc<Waker>,
+}
+
+impl WorkerLink {
+    pub fn send(&self, msg: Control) {
+        if self.tx.send(msg).is_ok()
+            && let Err(e) = self.waker.wake()
+        {
+            log::error!("cannot wake worker: {e}");
+        }
+    }
+}
+
+/// What the health thread knows of one backend.
+struct Tracked {
+    state: BackendState,
+    /// Consecutive successful probes.
+    successes: u32,
+    /// Consecutive failed probes.
+    failures: u32,
+    next_probe: Instant,
+    /// A probe is under way (its slab key).
+    probe: Option<usize>,
+    /// Slow start began then; `None` once at full weight.
+    ramp_from: Option<Instant>,
+    /// When it went down (without probes, a passively failed backend is retried after a while).
+    down_since: Option<Instant>,
+}
+
+pub struct Health {
+    config: Arc<Config>,
+    poll: Poll,
+    commands: Receiver<Command>,
+    workers: Vec<WorkerLink>,
+    current: Published,
+    specs: Vec<BackendSpec>,
+    tracked: HashMap<SocketAddr, Tracked>,
+    probes: Slab<Probe>,
+    /// A new set must be published (a state changed).
+    dirty: bool,
+    next_ramp_publish: Option<Instant>,
+    rng: u64,
+}
+
+impl Health {
+    /// Prepares the health thread and the first backend set (with `--slow-start-on-boot`, every
+    /// backend starts its ramp now). Workers are attached with [`Health::attach`] before
+    /// [`Health::run`].
+    pub fn new(config: Arc<Config>) -> io::Result<(Health, HealthLink, Published)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let now = Instant::now();
+        let ramp_from =
+            (config.health.slow_start.is_some() && config.health.slow_start_on_boot).then_some(now);
+        let n = config.backends.len().max(1) as u32;
+        let tracked = config
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                // The first probes are spread evenly over the first interval.
+                let offset = config.health.interval * i as u32 / n;
+                (spec.addr, Tracked::up(now + offset, ramp_from))
+            })
+            .collect();
+        let current = Arc::new(Mutex::new(Arc::new(BackendSet::build(
+            &config.backends,
+            None,
+            config.algorithm,
+        ))));
+        let mut health = Health {
+            specs: config.backends.clone(),
+            config,
+            poll,
+            commands: rx,
+            workers: Vec::new(),
+            current: Arc::clone(&current),
+            tracked,
+            probes: Slab::new(),
+            dirty: false,
+            next_ramp_publish: None,
+            rng: u64::from(std::process::id()) | 1,
+        };
+        // Apply the boot ramp's starting weights before any worker sees the set.
+        if ramp_from.is_some() {
+            health.publish(now);
+        }
+        Ok((health, HealthLink { tx, waker }, current))
+    }
+
+    pub fn attach(&mut self, workers: Vec<WorkerLink>) {
+        self.workers = workers;
+    }
+
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let timeout = self
+                .next_deadline()
+                .map(|at| at.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("health thread: poll failed: {e}; health checks stop");
+                return;
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {
+                        if self.handle_commands(now) {
+                            return;
+                        }
+                    }
+                    Token(t) => self.advance_probe(t - 1, now),
+                }
+            }
+            self.expire_probes(now);
+            self.start_due_probes(now);
+            self.recover_unprobed(now);
+            if self.dirty || self.next_ramp_publish.is_some_and(|at| at <= now) {
+                self.publish(now);
+            }
+        }
+    }
+
+    /// Returns true on shutdown.
+    fn handle_commands(&mut self, now: Instant) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::SetBackends(specs, done)) => {
+                    self.set_backends(specs, now);
+                    self.publish(now);
+                    let _ = done.send(());
+                }
+                Ok(Command::Failing(addr)) => self.passive_failure(addr, now),
+                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return true,
+                Err(TryRecvError::Empty) => return false,
+            }
+        }
+    }
+
+    fn set_backends(&mut self, specs: Vec<BackendSpec>, now: Instant) {
+        let ramp = self.config.health.slow_start.map(|_| now);
+        let interval = self.config.health.interval;
+        let n = specs.len().max(1) as u32;
+        let mut tracked = HashMap::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let t = self.tracked.remove(&spec.addr).unwrap_or_else(|| {
+                log::info!("backend {} added", spec.addr);
+                Tracked::up(now + interval * i as u32 / n, ramp)
+            });
+            tracked.insert(spec.addr, t);
+        }
+        for (addr, old) in self.tracked.drain() {
+            log::info!("backend {addr} removed");
+            if let Some(key) = old.probe {
+                self.probes.try_remove(key);
+            }
+        }
+        self.tracked = tracked;
+        self.specs = specs;
+    }
+
+    /// A worker saw `--observe-errors` consecutive failures on live traffic.
+    fn passive_failure(&mut self, addr: SocketAddr, now: Instant) {
+        let fall = self.config.health.fall;
+        // The next run of failures is counted from zero.
+        if let Some(b) = self.current_set().find(addr) {
+            b.stats.consecutive_failures.store(0, Relaxed);
+        }
+        let Some(t) = self.tracked.get_mut(&addr) else {
+            return;
+        };
+        if t.state == BackendState::Up {
+            log::warn!(
+                "backend {addr} is DOWN: {} consecutive failures on live traffic",
+                self.config.health.observe_errors
+            );
+            t.mark_down(now, fall);
+            self.dirty = true;
+        }
+    }
+
+    /// Without probes nothing would ever bring a passively failed backend back: retry it after
+    /// `interval × rise` (it goes down again at once if it still fails).
+    fn recover_unprobed(&mut self, now: Instant) {
+        if self.config.health.check != HealthCheck::None {
+            return;
+        }
+        let wait = self.config.health.interval * self.config.health.rise;
+        let ramp = self.config.health.slow_start.map(|_| now);
+        for (addr, t) in &mut self.tracked {
+            if t.state == BackendState::Down && t.down_since.is_some_and(|d| now >= d + wait) {
+                log::info!("backend {addr} is UP again (retried after {wait:?} without probes)");
+                t.mark_up(ramp);
+                self.dirty = true;
+            }
+        }
+    }
+
+    // ---- probes ---------------------------------------------------------------------------
+
+    fn start_due_probes(&mut self, now: Instant) {
+        if self.config.health.check == HealthCheck::None {
+            return;
+        }
+        let interval = self.config.health.interval;
+        let due: Vec<SocketAddr> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.probe.is_none() && t.next_probe <= now)
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in due {
+            let jitter = self.jitter(interval);
+            let key = self.probes.vacant_entry().key();
+            let token = Token(key + 1);
+            let started = Probe::start(
+                addr,
+                &self.config.health.check,
+                now + self.config.health.timeout,
+                self.poll.registry(),
+                token,
+            );
+            let Some(t) = self.tracked.get_mut(&addr) else {
+                continue;
+            };
+            t.next_probe = now + interval + jitter;
+            match started {
+                Ok(probe) => {
+                    let inserted = self.probes.insert(probe);
+                    debug_assert_eq!(inserted, key, "the probe's token names its slab key");
+                    t.probe = Some(key);
+                }
+                // Out of descriptors is our problem, not the backend's: try next time.
+                Err(e) if is_local_exhaustion(&e) => {
+                    log::warn!("cannot probe {addr}: {e}");
+                }
+                Err(e) => {
+                    log::debug!("probe of {addr} failed at once: {e}");
+                    self.record(addr, false, now);
+                }
+            }
+        }
+    }
+
+    /// Up to a tenth of the interval either way, so probes of many backends drift apart.
+    fn jitter(&mut self, interval: Duration) -> Duration {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let tenth = interval / 10;
+        let nanos = tenth.as_nanos() as u64;
+        if nanos == 0 {
+            return Duration::ZERO;
+        }
+        // Subtracting is done by shortening: at most a tenth early, never negative.
+        Duration::from_nanos(self.rng % (2 * nanos)).saturating_sub(tenth)
+    }
+
+    fn advance_probe(&mut self, key: usize, now: Instant) {
+        let Some(probe) = self.probes.get_mut(key) else {
+            return;
+        };
+        match probe.advance() {
+            ProbeStep::Pending => {}
+            ProbeStep::Done(ok) => {
+                let probe = self.probes.remove(key);
+                self.finish_probe(probe, ok, now);
+            }
+        }
+    }
+
+    fn expire_probes(&mut self, now: Instant) {
+        let expired: Vec<usize> = self
+            .probes
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in expired {
+            let probe = self.probes.remove(key);
+            log::debug!("probe of {} timed out", probe.addr);
+            self.finish_probe(probe, false, now);
+        }
+    }
+
+    fn finish_probe(&mut self, probe: Probe, ok: bool, now: Instant) {
+        if let Some(t) = self.tracked.get_mut(&probe.addr) {
+            t.probe = None;
+        }
+        self.record(probe.addr, ok, now);
+    }
+
+    fn record(&mut self, addr: SocketAddr, ok: bool, now: Instant) {
+        let (rise, fall) = (self.config.health.rise, self.config.health.fall);
+        let ramp = self.config.health.slow_start.map(|_| now);
+        let Some(t) = self.tracked.get_mut(&addr) else {
+            return;
+        };
+        if ok {
+            t.failures = 0;
+            t.successes = t.successes.saturating_add(1);
+            if t.state == BackendState::Down && t.successes >= rise {
+                log::info!("backend {addr} is UP: {rise} consecutive successful probes");
+                t.mark_up(ramp);
+                self.dirty = true;
+            }
+        } else {
+            t.successes = 0;
+            t.failures = t.failures.saturating_add(1);
+            if t.state == BackendState::Up && t.failures >= fall {
+                log::warn!("backend {addr} is DOWN: {fall} consecutive failed probes");
+                t.mark_down(now, fall);
+                self.dirty = true;
+            }
+        }
+    }
+
+    // ---- publishing -----------------------------------------------------------------------
+
+    fn current_set(&self) -> Arc<BackendSet> {
+        Arc::clone(&self.current.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Builds the set from the list, the states and the slow-start weights, and sends it to
+    /// every worker.
+    fn publish(&mut self, now: Instant) {
+        let previous = self.current_set();
+        let slow_start = self.config.health.slow_start;
+        let mut ramping = false;
+        let backends = self
+            .specs
+            .iter()
+            .map(|spec| {
+                let stats = previous
+                    .find(spec.addr)
+                    .map_or_else(Default::default, |b| Arc::clone(&b.stats));
+                let mut backend = Backend::new(spec.clone(), stats);
+                if let Some(t) = self.tracked.get_mut(&spec.addr) {
+                    backend.state = t.state;
+                    if let (Some(from), Some(window)) = (t.ramp_from, slow_start) {
+                        match ramp_weight(backend.effective_weight, now - from, window) {
+                            Some(w) => {
+                                backend.effective_weight = w;
+                                ramping = true;
+                            }
+                            None => t.ramp_from = None,
+                        }
+                    }
+                }
+                backend
+            })
+            .collect();
+        let set = Arc::new(BackendSet::new(
+            backends,
+            Some(&previous),
+            self.config.algorithm,
+        ));
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&set);
+        for w in &self.workers {
+            w.send(Control::Backends(Arc::clone(&set)));
+        }
+        self.dirty = false;
+        self.next_ramp_publish = match (ramping, slow_start) {
+            (true, Some(window)) => {
+                Some(now + (window / SLOW_START_STEPS).max(Duration::from_millis(10)))
+            }
+            _ => None,
+        };
+    }
+
+    /// When the loop must wake up even without events.
+    fn next_deadline(&self) -> Option<Instant> {
+        let probing = self.config.health.check != HealthCheck::None;
+        let retry_after = self.config.health.interval * self.config.health.rise;
+        let tracked = self.tracked.values().filter_map(|t| {
+            if probing {
+                t.probe.is_none().then_some(t.next_probe)
+            } else {
+                t.down_since.map(|d| d + retry_after)
+            }
+        });
+        let probes = self.probes.iter().map(|(_, p)| p.deadline);
+        tracked.chain(probes).chain(self.next_ramp_publish).min()
+    }
+}
+
+impl Tracked {
+    fn up(next_probe: Instant, ramp_from: Option<Instant>) -> Tracked {
+        Tracked {
+            state: BackendState::Up,
+            successes: 0,
+            failures: 0,
+            next_probe,
+            probe: None,
+            ramp_from,
+            down_since: None,
+        }
+    }
+
+    fn mark_up(&mut self, ramp_from: Option<Instant>) {
+        self.state = BackendState::Up;
+        self.ramp_from = ramp_from;
+        self.down_since = None;
+    }
+
+    fn mark_down(&mut self, now: Instant, fall: u32) {
+        self.state = BackendState::Down;
+        self.successes = 0;
+        self.failures = fall;
+        self.ramp_from = None;
+        self.down_since = Some(now);
+    }
+}
+
+/// The slow-start weight `elapsed` into a `window`, linear from 1/20 of `full` to `full`;
+/// `None` once the window is over.
+fn ramp_weight(full: u32, elapsed: Duration, window: Duration) -> Option<u32> {
+    if elapsed >= window {
+        return None;
+    }
+    let floor = (full / SLOW_START_FLOOR).max(1);
+    let progress = elapsed.as_secs_f64() / window.as_secs_f64();
+    Some(floor + ((full - floor) as f64 * progress) as u32)
+}
+
+fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::WEIGHT_SCALE;
+
+    #[test]
+    fn slow_start_ramps_linearly_from_a_twentieth() {
+        let full = 2 * WEIGHT_SCALE;
+        let w = Duration::from_secs(10);
+        assert_eq!(ramp_weight(full, Duration::ZERO, w), Some(full / 20));
+        let half = ramp_weight(full, Duration::from_secs(5), w).unwrap();
+        assert!((full / 2..=full / 2 + full / 40).contains(&half), "{half}");
+        assert_eq!(ramp_weight(full, w, w), None);
+        assert_eq!(ramp_weight(1, Duration::ZERO, w), Some(1), "never zero");
+    }
+}
