@@ -1366,31 +1366,15 @@ pub fn wait_for_state(
     Instant::now()
 }
 
-/// A field of a backend's snapshot read through its `Debug` form, for fields that are
-/// landing in the library (`passive_failures`, `effective_weight`).
-#[track_caller]
-fn snapshot_field(s: &holdfast::BackendStatsSnapshot, name: &str) -> u64 {
-    let text = format!("{s:?}");
-    text.split(&format!("{name}: "))
-        .nth(1)
-        .and_then(|rest| {
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
-/// Connections the backend accepted and then closed or reset before any byte moved, and
-/// connects to it that failed, as counted by passive health checking.
+/// Connections the backend accepted and then closed or reset before any byte moved either
+/// way, as counted by passive health checking.
 #[track_caller]
 pub fn passive_failures(lb: &Holdfast, addr: SocketAddr) -> u64 {
-    snapshot_field(&backend_stat(lb, addr), "passive_failures")
+    backend_stat(lb, addr).passive_failures
 }
 
 /// The weight new connections see for backend `addr` now, in 1/64 of its configured weight.
 #[track_caller]
 pub fn effective_weight(lb: &Holdfast, addr: SocketAddr) -> u32 {
-    snapshot_field(&backend_stat(lb, addr), "effective_weight") as u32
+    backend_stat(lb, addr).effective_weight
 }
