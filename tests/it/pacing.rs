@@ -91,16 +91,22 @@ fn connect_rate_paces_a_storm_of_clients_and_serves_them_all() {
         lb.stats()
     );
 
-    let times = backend.accept_times();
-    assert_eq!(times.len(), THREADS * PER_THREAD, "backend connections");
-    let busiest = max_in_window(&times, Duration::from_secs(1));
-    // The rate, plus the burst (about rate/20), plus a little for timestamps taken by a
-    // backend that looks for new connections every millisecond.
+    let arrivals = backend.arrivals();
+    assert_eq!(arrivals.len(), THREADS * PER_THREAD, "backend connections");
+    let busiest = busiest_window(&arrivals, Duration::from_secs(1));
+    // The rate, plus the burst (about rate/20), plus a little: window edges, and handshakes
+    // the kernel completes a little late. (Counting only what surely fell inside a window
+    // keeps the backend's own scheduling delays out of it: with plain accept timestamps
+    // the busiest window read up to 227 under the full suite's load.)
     assert!(
-        busiest <= RATE + RATE / 20 + 15,
+        busiest <= RATE + RATE / 20 + 5,
         "{busiest} new backend connections within one second at max_connect_rate {RATE} \
-         (all {} took {took:?})",
-        times.len()
+         (all {} took {took:?}; by accept time alone: {})",
+        arrivals.len(),
+        busiest_window(
+            &arrivals.iter().map(|&(_, t)| (t, t)).collect::<Vec<_>>(),
+            Duration::from_secs(1)
+        )
     );
     // Paced at the rate, not far below it.
     assert!(
