@@ -7,8 +7,10 @@
 //! per-backend limits hold across workers.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use hdrhistogram::Histogram;
 use std::time::{Duration, Instant};
 
 use crate::balance::{self, Maglev};
@@ -45,6 +47,13 @@ pub struct BackendStats {
     /// Consecutive failures of either kind, reset when a session moves a byte. Crossing
     /// `--observe-errors` marks the backend down.
     pub consecutive_failures: AtomicU64,
+    /// Bytes relayed client to backend, and backend to client.
+    pub bytes_client_to_backend: AtomicU64,
+    pub bytes_backend_to_client: AtomicU64,
+    /// Time from starting the connect to the connection being established, in microseconds.
+    /// Locked once per established connection (never per event or byte); the workers rarely
+    /// establish a connection to the same backend in the same few nanoseconds.
+    connect_latency: Mutex<Histogram<u64>>,
     /// The rate limiter's "theoretical arrival time" (GCRA), in nanoseconds since `epoch`.
     next_connect_at: AtomicU64,
     epoch: Instant,
@@ -58,6 +67,9 @@ impl Default for BackendStats {
             connect_failures: AtomicU64::new(0),
             passive_failures: AtomicU64::new(0),
             consecutive_failures: AtomicU64::new(0),
+            bytes_client_to_backend: AtomicU64::new(0),
+            bytes_backend_to_client: AtomicU64::new(0),
+            connect_latency: Mutex::new(latency_histogram()),
             next_connect_at: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -65,6 +77,28 @@ impl Default for BackendStats {
 }
 
 impl BackendStats {
+    pub fn record_connect_latency(&self, latency: Duration) {
+        let micros = (latency.as_micros() as u64).clamp(1, MAX_LATENCY_MICROS);
+        let mut h = self
+            .connect_latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Within the bounds by the clamp above, so recording cannot fail.
+        let _ = h.record(micros);
+    }
+
+    /// Connect latency quantiles (p50, p99, max) in microseconds; zeros before any connect.
+    pub fn connect_latency_micros(&self) -> (u64, u64, u64) {
+        let h = self
+            .connect_latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if h.is_empty() {
+            return (0, 0, 0);
+        }
+        (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max())
+    }
+
     /// Takes one of the backend's connection slots: always when `max` is 0 (unlimited),
     /// otherwise only below `max`. The compare-and-swap makes the cap exact across workers.
     pub fn try_acquire(&self, max: u64) -> bool {
@@ -104,6 +138,17 @@ impl BackendStats {
                 Err(current) => tat = current,
             }
         }
+    }
+}
+
+/// Connect latencies above a minute are recorded as a minute.
+const MAX_LATENCY_MICROS: u64 = 60_000_000;
+
+fn latency_histogram() -> Histogram<u64> {
+    // Two significant figures from 1 µs to a minute: about 10 KiB per backend.
+    match Histogram::new_with_bounds(1, MAX_LATENCY_MICROS, 2) {
+        Ok(h) => h,
+        Err(e) => unreachable!("constant histogram bounds are valid: {e:?}"),
     }
 }
 
@@ -163,6 +208,12 @@ pub struct BackendStatsSnapshot {
     pub total: u64,
     pub connect_failures: u64,
     pub passive_failures: u64,
+    pub bytes_client_to_backend: u64,
+    pub bytes_backend_to_client: u64,
+    /// Time to establish a connection, in microseconds: median, 99th percentile, maximum.
+    pub connect_latency_p50_us: u64,
+    pub connect_latency_p99_us: u64,
+    pub connect_latency_max_us: u64,
 }
 
 /// An immutable set of backends plus what the algorithms precompute from it.
@@ -254,15 +305,23 @@ impl BackendSet {
     pub fn stats_snapshot(&self) -> Vec<BackendStatsSnapshot> {
         self.backends
             .iter()
-            .map(|b| BackendStatsSnapshot {
-                addr: b.spec.addr,
-                weight: b.spec.weight,
-                effective_weight: b.effective_weight,
-                state: b.state,
-                active: b.stats.active.load(Relaxed),
-                total: b.stats.total.load(Relaxed),
-                connect_failures: b.stats.connect_failures.load(Relaxed),
-                passive_failures: b.stats.passive_failures.load(Relaxed),
+            .map(|b| {
+                let (p50, p99, max) = b.stats.connect_latency_micros();
+                BackendStatsSnapshot {
+                    addr: b.spec.addr,
+                    weight: b.spec.weight,
+                    effective_weight: b.effective_weight,
+                    state: b.state,
+                    active: b.stats.active.load(Relaxed),
+                    total: b.stats.total.load(Relaxed),
+                    connect_failures: b.stats.connect_failures.load(Relaxed),
+                    passive_failures: b.stats.passive_failures.load(Relaxed),
+                    bytes_client_to_backend: b.stats.bytes_client_to_backend.load(Relaxed),
+                    bytes_backend_to_client: b.stats.bytes_backend_to_client.load(Relaxed),
+                    connect_latency_p50_us: p50,
+                    connect_latency_p99_us: p99,
+                    connect_latency_max_us: max,
+                }
             })
             .collect()
     }

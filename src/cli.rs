@@ -5,6 +5,7 @@
 //! what a single flag cannot (duplicates, ranges across flags).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -13,6 +14,7 @@ use crate::config::{
     self, Algorithm, BackendSpec, Config, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
 };
 use crate::error::ConfigError;
+use crate::sources::DnsName;
 
 /// An L4 TCP load balancer for long-lived connections (WebSockets and any other TCP service).
 ///
@@ -26,9 +28,24 @@ pub struct Args {
     pub listen: Vec<SocketAddr>,
 
     /// A backend, optionally weighted 1..=256 (repeatable)
-    #[arg(short, long = "backend", value_name = "HOST:PORT[,weight=N]", required = true,
+    #[arg(short, long = "backend", value_name = "HOST:PORT[,weight=N]",
+          required_unless_present_any = ["backends_file", "backend_dns"],
           value_parser = parse_backend)]
     pub backend: Vec<BackendSpec>,
+
+    /// More backends from a file, one HOST:PORT[,weight=N] per line (# comments); re-read on
+    /// SIGHUP
+    #[arg(long, value_name = "PATH")]
+    pub backends_file: Option<PathBuf>,
+
+    /// Backends are also every address NAME resolves to (re-resolved every --dns-interval),
+    /// e.g. a Kubernetes headless service (repeatable)
+    #[arg(long, value_name = "NAME:PORT", value_parser = parse_dns_name)]
+    pub backend_dns: Vec<DnsName>,
+
+    /// How often --backend-dns names are resolved again
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub dns_interval: Duration,
 
     /// least-conn, source-hash (aliases ip-hash, source) or round-robin
     #[arg(short, long, value_name = "NAME", default_value = "least-conn",
@@ -117,6 +134,28 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub max_queue: usize,
 
+    /// On SIGTERM/SIGINT, how long sessions may end on their own before the rest are closed
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Sessions still open after a drain timeout are closed evenly over this long
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub close_spread: Duration,
+
+    /// A drained backend's remaining sessions are closed (spread out) after DUR [default: never]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub backend_drain_timeout: Option<Duration>,
+
+    /// Log one line per session when it closes (client, listener, backend, duration, bytes,
+    /// how it ended)
+    #[arg(long)]
+    pub log_sessions: bool,
+
+    /// Serve metrics, backend state and the runtime API over HTTP on ADDR (bind it to
+    /// loopback) [default: off]
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub admin: Option<SocketAddr>,
+
     /// error, warn, info, debug or trace (RUST_LOG, if set, refines it)
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
@@ -152,6 +191,14 @@ impl Args {
             queue_timeout: self.queue_timeout,
             max_queue: self.max_queue,
         };
+        config.drain_timeout = self.drain_timeout;
+        config.close_spread = self.close_spread;
+        config.backend_drain_timeout = self.backend_drain_timeout;
+        config.log_sessions = self.log_sessions;
+        config.admin = self.admin;
+        config.backends_file = self.backends_file;
+        config.backend_dns = self.backend_dns;
+        config.dns_interval = self.dns_interval;
         config.validate()?;
         Ok(config)
     }
@@ -182,6 +229,10 @@ fn parse_backend(s: &str) -> Result<BackendSpec, String> {
 
 fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
     s.parse().map_err(|e: ConfigError| e.to_string())
+}
+
+fn parse_dns_name(s: &str) -> Result<DnsName, String> {
+    s.parse()
 }
 
 fn parse_health_check(s: &str) -> Result<HealthCheck, String> {

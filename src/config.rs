@@ -6,10 +6,12 @@
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::sources::{DnsName, Resolver};
 
 /// Largest weight a backend may carry (HAProxy's limit as well).
 pub const MAX_WEIGHT: u32 = 256;
@@ -281,6 +283,25 @@ pub struct Config {
     pub backlog: i32,
     pub health: HealthConfig,
     pub limits: LimitsConfig,
+    /// Graceful shutdown: how long sessions may end on their own.
+    pub drain_timeout: Duration,
+    /// Sessions still open after a drain timeout are closed evenly over this long.
+    pub close_spread: Duration,
+    /// A drained backend's remaining sessions are closed (spread) after this long; `None`:
+    /// they may live on until they end.
+    pub backend_drain_timeout: Option<Duration>,
+    /// One log line per session at close.
+    pub log_sessions: bool,
+    /// Where to serve the admin endpoint (metrics, backends, runtime API); `None`: nowhere.
+    pub admin: Option<SocketAddr>,
+    /// More backends from a file, re-read by [`crate::Controller::reload`] (SIGHUP).
+    pub backends_file: Option<PathBuf>,
+    /// Backends are also every address these names resolve to, re-resolved every
+    /// `dns_interval`.
+    pub backend_dns: Vec<DnsName>,
+    pub dns_interval: Duration,
+    /// How `backend_dns` names are resolved (the system resolver unless replaced).
+    pub resolver: Resolver,
 }
 
 impl Config {
@@ -300,6 +321,15 @@ impl Config {
             backlog: 4096,
             health: HealthConfig::default(),
             limits: LimitsConfig::default(),
+            drain_timeout: Duration::from_secs(30),
+            close_spread: Duration::from_secs(10),
+            backend_drain_timeout: None,
+            log_sessions: false,
+            admin: None,
+            backends_file: None,
+            backend_dns: Vec::new(),
+            dns_interval: Duration::from_secs(10),
+            resolver: Resolver::system(),
         }
     }
 
@@ -316,9 +346,14 @@ impl Config {
                 crate::token::MAX_LISTENERS
             )));
         }
-        if self.backends.is_empty() {
+        if self.backends.is_empty() && self.backends_file.is_none() && self.backend_dns.is_empty() {
             return Err(ConfigError::Invalid(
-                "at least one --backend is required".into(),
+                "at least one --backend, --backends-file or --backend-dns is required".into(),
+            ));
+        }
+        if !self.backend_dns.is_empty() && self.dns_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--dns-interval must be greater than 0".into(),
             ));
         }
         if self.workers == 0 || self.workers > 1024 {

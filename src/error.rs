@@ -34,6 +34,12 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot serve the admin endpoint on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot start worker: {0}")]
     Worker(#[source] io::Error),
 }

@@ -19,15 +19,18 @@
 //!
 //! See `docs/architecture.md` for the threads, the life of one connection, and what is shared.
 
+pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod error;
 mod health;
 mod listener;
 mod relay;
 mod session;
+pub mod sources;
 pub mod stats;
 mod sys;
 mod timer;
@@ -35,38 +38,56 @@ mod token;
 mod worker;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crossbeam_channel::Sender;
 use std::thread::JoinHandle;
 
 pub use backend::{BackendSet, BackendState, BackendStatsSnapshot};
 pub use config::{
     Algorithm, BackendSpec, Config, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
 };
+pub use control::{BackendChange, ControlError, Controller};
 pub use error::{ConfigError, StartError};
 pub use stats::StatsSnapshot;
 /// For clients that bind many sockets to 127.0.0.x: choose the local port at connect time.
 pub use sys::bind_address_no_port;
 
-use health::{Command, Health, HealthLink, Published, WorkerLink};
+use admin::AdminServer;
+use health::{Command, Health, HealthLink, WorkerLink};
+use sources::Sources;
 use stats::Counters;
 use worker::{Control, Worker};
 
 /// A running balancer. Dropping it shuts it down and waits for the threads.
 pub struct Holdfast {
-    listen_addrs: Vec<SocketAddr>,
-    workers: Vec<WorkerLink>,
-    threads: Vec<JoinHandle<()>>,
-    counters: Arc<Counters>,
-    health: HealthLink,
-    /// The backend set the health thread last published (read here for stats only).
-    backends: Published,
+    control: Controller,
+    workers: Vec<JoinHandle<()>>,
+    health: Option<JoinHandle<()>>,
+    admin: Option<AdminServer>,
+    /// The DNS refresh thread and the sender whose drop stops it.
+    dns: Option<(Sender<()>, JoinHandle<()>)>,
 }
 
 impl Holdfast {
     /// Validates `config`, binds every listener (one SO_REUSEPORT socket per worker and listen
     /// address), and starts the health thread and the workers. Fails without starting anything
     /// if a listener cannot be bound.
-    pub fn start(config: Config) -> Result<Holdfast, StartError> {
+    pub fn start(mut config: Config) -> Result<Holdfast, StartError> {
+        config.validate()?;
+        let sources = Sources::load(
+            config.backends.clone(),
+            config.backends_file.clone(),
+            config.backend_dns.clone(),
+            config.resolver.clone(),
+        )
+        .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?;
+        config.backends = sources.backends();
+        if config.backends.is_empty() {
+            return Err(
+                ConfigError::Invalid("no backends: the file and names gave none".into()).into(),
+            );
+        }
         config.validate()?;
         let config = Arc::new(config);
         let counters = Arc::new(Counters::default());
@@ -105,16 +126,16 @@ impl Holdfast {
             }
         }
         health.attach(for_health);
-        match std::thread::Builder::new()
+        let health_thread = match std::thread::Builder::new()
             .name("holdfast-health".into())
             .spawn(move || health.run())
         {
-            Ok(t) => threads.push(t),
+            Ok(t) => t,
             Err(e) => {
                 stop_and_join(&workers, &health_link, threads);
                 return Err(StartError::Worker(e));
             }
-        }
+        };
         log::info!(
             "holdfast listening on {} with {} worker(s), {} backend(s), algorithm {}, relay {}, \
              health check {}",
@@ -129,72 +150,133 @@ impl Holdfast {
             config.relay,
             config.health.check,
         );
-        Ok(Holdfast {
-            listen_addrs,
-            workers,
-            threads,
-            counters,
-            health: health_link,
-            backends,
-        })
+        let mut balancer = Holdfast {
+            control: Controller {
+                counters,
+                published: backends,
+                health: health_link,
+                workers: workers.into(),
+                listen_addrs: listen_addrs.into(),
+                config: Arc::clone(&config),
+                sources: Arc::new(Mutex::new(sources)),
+            },
+            workers: threads,
+            health: Some(health_thread),
+            admin: None,
+            dns: None,
+        };
+        if !config.backend_dns.is_empty() {
+            let control = balancer.control.clone();
+            let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+            let interval = config.dns_interval;
+            let thread = std::thread::Builder::new()
+                .name("holdfast-dns".into())
+                .spawn(move || {
+                    // Wakes every interval until the sender is dropped at shutdown.
+                    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(interval)
+                    {
+                        for e in control.refresh_dns() {
+                            log::warn!("{e}; keeping the last answer");
+                        }
+                    }
+                })
+                .map_err(StartError::Worker)?;
+            balancer.dns = Some((stop, thread));
+        }
+        if let Some(addr) = config.admin {
+            // On failure, dropping `balancer` stops everything started so far.
+            let admin = AdminServer::start(addr, balancer.control.clone())
+                .map_err(|source| StartError::Admin { addr, source })?;
+            log::info!("admin endpoint on http://{}", admin.local_addr());
+            balancer.admin = Some(admin);
+        }
+        Ok(balancer)
+    }
+
+    /// Where the admin endpoint listens, if `--admin` was given.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
+    /// A cloneable handle on the control plane (stats, backend changes, drain, shutdown), for
+    /// other threads: the admin endpoint, a signal handler.
+    pub fn controller(&self) -> &Controller {
+        &self.control
     }
 
     /// The addresses the balancer accepts on, one per configured listen address, with the
     /// real port where port 0 was asked for.
     pub fn listen_addrs(&self) -> &[SocketAddr] {
-        &self.listen_addrs
+        self.control.listen_addrs()
     }
 
     /// Global counters, read now.
     pub fn stats(&self) -> StatsSnapshot {
-        self.counters.snapshot()
+        self.control.stats()
     }
 
     /// Per-backend counters of the current backend set, read now.
     pub fn backend_stats(&self) -> Vec<BackendStatsSnapshot> {
-        self.current_backends().stats_snapshot()
+        self.control.backend_stats()
     }
 
     /// The backend set the workers were last given.
     pub fn current_backends(&self) -> Arc<BackendSet> {
-        Arc::clone(&self.backends.lock().unwrap_or_else(PoisonError::into_inner))
+        self.control.current_backends()
     }
 
-    /// Replaces the backend list. Backends that stay keep their state and counters; new ones
-    /// start up (with slow start when configured). Returns once the workers have been sent the
-    /// new list: connections accepted from then on use it. Live sessions are untouched.
+    /// Replaces the backend list; see [`Controller::set_backends`].
     pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ConfigError> {
-        let mut probe = Config::new(self.listen_addrs.clone(), specs);
-        probe.workers = 1;
-        probe.validate()?;
-        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        self.health
-            .send(Command::SetBackends(probe.backends, done_tx));
-        done_rx
-            .recv()
-            .map_err(|_| ConfigError::Invalid("the balancer is shutting down".into()))
+        self.control.set_backends(specs)
+    }
+
+    /// Drains, readies or reweights one backend; see [`Controller::change_backend`].
+    pub fn change_backend(
+        &self,
+        addr: SocketAddr,
+        change: BackendChange,
+    ) -> Result<(), ControlError> {
+        self.control.change_backend(addr, change)
+    }
+
+    /// Graceful shutdown; see [`Controller::drain`]. [`Holdfast::join`] returns when the last
+    /// session has ended.
+    pub fn drain(&self) {
+        self.control.drain();
     }
 
     /// Asks every thread to stop: listeners and sessions are closed. Returns at once; call
     /// [`Holdfast::join`] to wait.
     pub fn shutdown(&self) {
-        self.health.send(Command::Shutdown);
-        for w in &self.workers {
-            w.send(Control::Shutdown);
-        }
+        self.control.shutdown();
     }
 
-    /// Waits for every thread to exit.
+    /// Waits for the workers to exit (after [`Holdfast::shutdown`], or once a
+    /// [`Holdfast::drain`] has seen the last session end), then stops the health thread.
     pub fn join(mut self) {
-        join_all(std::mem::take(&mut self.threads));
+        self.join_threads();
+    }
+
+    fn join_threads(&mut self) {
+        join_all(std::mem::take(&mut self.workers));
+        if let Some(admin) = self.admin.take() {
+            admin.stop();
+        }
+        if let Some((stop, thread)) = self.dns.take() {
+            drop(stop);
+            join_all(vec![thread]);
+        }
+        self.control.health.send(Command::Shutdown);
+        join_all(self.health.take().into_iter().collect());
     }
 }
 
 impl Drop for Holdfast {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        if self.health.is_some() {
             self.shutdown();
-            join_all(std::mem::take(&mut self.threads));
+            self.join_threads();
         }
     }
 }

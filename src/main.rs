@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use holdfast::cli::Args;
 use holdfast::{Holdfast, StartError};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 /// Exit status for a usage or configuration error (as clap uses).
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     };
     // Install the handlers before starting, so a signal that arrives during start-up is not
     // lost and does not kill the process the default way.
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             return fail(
@@ -41,11 +41,45 @@ fn main() -> ExitCode {
         Err(e @ StartError::Config(_)) => return fail(EXIT_USAGE, &e),
         Err(e) => return fail(EXIT_RUNTIME, &e),
     };
-    if let Some(signal) = signals.forever().next() {
-        log::info!("signal {signal} received; shutting down");
+    // The first SIGTERM/SIGINT drains: listeners close at once, sessions end on their own
+    // until --drain-timeout, the rest are closed spread over --close-spread. A second one
+    // closes everything now.
+    let control = balancer.controller().clone();
+    let spawned = std::thread::Builder::new()
+        .name("holdfast-signals".into())
+        .spawn(move || {
+            let mut draining = false;
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    match control.reload() {
+                        Ok(()) => log::info!("SIGHUP: backends reloaded"),
+                        Err(e) => log::error!("SIGHUP: reload failed, backends unchanged: {e}"),
+                    }
+                    continue;
+                }
+                if draining {
+                    log::warn!("signal {signal} received again; closing every session now");
+                    control.shutdown();
+                    return;
+                }
+                log::info!(
+                    "signal {signal} received; draining (at most {:?}; send it again to close \
+                     every session now)",
+                    control.drain_budget()
+                );
+                control.drain();
+                draining = true;
+            }
+        });
+    if let Err(e) = spawned {
+        balancer.shutdown();
+        return fail(
+            EXIT_RUNTIME,
+            &format!("cannot start the signal thread: {e}"),
+        );
     }
-    balancer.shutdown();
     balancer.join();
+    log::info!("holdfast stopped");
     ExitCode::SUCCESS
 }
 

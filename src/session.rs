@@ -34,10 +34,13 @@ pub struct Session {
     /// The set the backend is picked from (retries pick from the same set).
     pub set: Arc<BackendSet>,
     pub phase: Phase,
+    pub started: Instant,
     /// Last time a byte moved either way (for the idle timeout).
     pub last_active: Instant,
     /// Already in the worker's list of sessions to run again next turn.
     pub scheduled: bool,
+    /// Which of the worker's listeners accepted it.
+    pub listener: usize,
 }
 
 /// The backend side of a session that has one.
@@ -46,6 +49,7 @@ pub struct Upstream {
     pub ready: Readiness,
     /// Index of the backend in the session's set.
     pub index: usize,
+    pub connect_started: Instant,
 }
 
 pub enum Phase {
@@ -84,6 +88,8 @@ pub enum CloseReason {
     QueueTimeout,
     /// Out of descriptors or memory.
     Exhausted,
+    /// Closed by a drain (holdfast's own, or a backend's drain timeout).
+    Drain,
     /// The worker is shutting down.
     Shutdown,
 }
@@ -130,6 +136,27 @@ impl Session {
                         || *first_eof == Some(Side::Backend))
             }
             _ => false,
+        }
+    }
+
+    /// How the session ended, in the words of the session log.
+    pub fn end_label(&self, reason: CloseReason) -> &'static str {
+        match reason {
+            CloseReason::Done => match &self.phase {
+                Phase::Relaying {
+                    first_eof: Some(Side::Backend),
+                    ..
+                } => "backend-close",
+                _ => "client-close",
+            },
+            CloseReason::Reset(Side::Client) => "client-reset",
+            CloseReason::Reset(Side::Backend) => "backend-reset",
+            CloseReason::IdleTimeout => "idle-timeout",
+            CloseReason::NoBackend => "connect-failure",
+            CloseReason::QueueTimeout => "queue-timeout",
+            CloseReason::Exhausted => "out-of-resources",
+            CloseReason::Drain => "drain",
+            CloseReason::Shutdown => "shutdown",
         }
     }
 

@@ -42,6 +42,8 @@ counters! {
     idle_timeouts,
     /// Sessions that ended with a reset or socket error on either side.
     resets,
+    /// Sessions closed by a drain (holdfast's graceful shutdown or a backend's drain timeout).
+    closed_by_drain,
     /// Pipes held by sessions right now (bytes in flight through splice).
     pipes_in_use,
     /// Per-session copy buffers held right now (a write to a peer was partial).

@@ -22,6 +22,11 @@ pub enum TimerKind {
     Idle,
     /// The client has waited in the queue for the queue timeout.
     Queue,
+    /// The worker's drain timeout passed: close what is left over `spread` (not a session's
+    /// timer: its key and id are unused).
+    DrainDeadline { spread: Duration },
+    /// Close this session as part of a spread-out drain.
+    DrainClose,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -53,6 +53,11 @@ const QUEUE_SCAN: usize = 256;
 pub enum Control {
     /// Use this backend set for new connections from now on.
     Backends(Arc<BackendSet>),
+    /// Graceful shutdown: close the listeners now, let sessions end on their own for
+    /// `timeout`, then close the rest evenly over `spread`, and exit when none is left.
+    Drain { timeout: Duration, spread: Duration },
+    /// A drained backend's drain timeout passed: close its sessions evenly over `spread`.
+    CloseBackend { addr: SocketAddr, spread: Duration },
     /// Close everything and exit.
     Shutdown,
 }
@@ -84,6 +89,10 @@ pub struct Worker {
     accept_error_log: LogLimiter,
     no_backend_log: LogLimiter,
     queue_log: LogLimiter,
+    /// A graceful shutdown is under way: no listeners, exit when the last session ends.
+    draining: bool,
+    /// The listen address of each listener, for session logs (kept after a drain closes them).
+    listen_addrs: Vec<SocketAddr>,
 }
 
 impl Worker {
@@ -104,6 +113,10 @@ impl Worker {
         }
         let (tx, rx) = crossbeam_channel::unbounded();
         let listener_ready = vec![false; listeners.len()];
+        let listen_addrs = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<io::Result<Vec<_>>>()?;
         let worker = Worker {
             id,
             picker: Picker::new(config.algorithm, id),
@@ -127,6 +140,8 @@ impl Worker {
             accept_error_log: LogLimiter::default(),
             no_backend_log: LogLimiter::default(),
             queue_log: LogLimiter::default(),
+            draining: false,
+            listen_addrs,
         };
         Ok((worker, tx, waker))
     }
@@ -157,6 +172,10 @@ impl Worker {
                 }
             }
             if shutdown {
+                break;
+            }
+            if self.draining && self.sessions.is_empty() {
+                log::info!("worker {}: drained", self.id);
                 break;
             }
             self.accept_all();
@@ -197,6 +216,19 @@ impl Worker {
                 Ok(Control::Backends(set)) => {
                     self.backends = set;
                     self.picker.reset();
+                }
+                Ok(Control::Drain { timeout, spread }) => self.start_drain(timeout, spread),
+                Ok(Control::CloseBackend { addr, spread }) => {
+                    let keys: Vec<usize> = self
+                        .sessions
+                        .iter()
+                        .filter(|(_, s)| {
+                            s.upstream()
+                                .is_some_and(|u| s.set.backends[u.index].spec.addr == addr)
+                        })
+                        .map(|(k, _)| k)
+                        .collect();
+                    self.schedule_closes(keys, self.now, spread);
                 }
                 Ok(Control::Shutdown) | Err(TryRecvError::Disconnected) => return true,
                 Err(TryRecvError::Empty) => return false,
@@ -249,7 +281,7 @@ impl Worker {
             match self.listeners[i].accept() {
                 Ok((stream, addr)) => {
                     Counters::incr(&self.counters.accepted);
-                    self.start_session(stream, addr);
+                    self.start_session(stream, addr, i);
                 }
                 Err(e) => {
                     Counters::decr(&self.counters.active);
@@ -281,7 +313,7 @@ impl Worker {
         }
     }
 
-    fn start_session(&mut self, client: TcpStream, client_addr: SocketAddr) {
+    fn start_session(&mut self, client: TcpStream, client_addr: SocketAddr, listener: usize) {
         tune_socket(&client, self.config.tcp_keepalive);
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
@@ -294,8 +326,10 @@ impl Worker {
             client_ready: Readiness::default(),
             set: Arc::clone(&self.backends),
             phase: Phase::Accepted,
+            started: self.now,
             last_active: self.now,
             scheduled: false,
+            listener,
         };
         if let Err(e) = self.poll.registry().register(
             &mut session.client,
@@ -344,6 +378,7 @@ impl Worker {
                         socket,
                         ready: Readiness::default(),
                         index,
+                        connect_started: self.now,
                     },
                     attempt,
                     tried,
@@ -625,7 +660,9 @@ impl Worker {
             session.phase = phase;
             return;
         };
-        Counters::incr(&session.set.backends[upstream.index].stats.total);
+        let stats = &session.set.backends[upstream.index].stats;
+        Counters::incr(&stats.total);
+        stats.record_connect_latency(self.now.saturating_duration_since(upstream.connect_started));
         tune_socket(&upstream.socket, self.config.tcp_keepalive);
         // Bytes may have arrived on either side while connecting, and under edge-triggered
         // readiness their event may already be spent: look once.
@@ -726,15 +763,16 @@ impl Worker {
                     .consecutive_failures
                     .store(0, Relaxed);
             }
+            let stats = &session.set.backends[upstream.index].stats;
             if up_bytes > 0 {
-                self.counters
-                    .bytes_client_to_backend
-                    .fetch_add(up_bytes as u64, Relaxed);
+                let n = up_bytes as u64;
+                self.counters.bytes_client_to_backend.fetch_add(n, Relaxed);
+                stats.bytes_client_to_backend.fetch_add(n, Relaxed);
             }
             if down_bytes > 0 {
-                self.counters
-                    .bytes_backend_to_client
-                    .fetch_add(down_bytes as u64, Relaxed);
+                let n = down_bytes as u64;
+                self.counters.bytes_backend_to_client.fetch_add(n, Relaxed);
+                stats.bytes_backend_to_client.fetch_add(n, Relaxed);
             }
         }
         let failed = match (up, down) {
@@ -769,6 +807,18 @@ impl Worker {
 
     fn fire_timers(&mut self) {
         while let Some(timer) = self.timers.pop_expired(self.now) {
+            if let TimerKind::DrainDeadline { spread } = timer.kind {
+                let keys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+                if !keys.is_empty() {
+                    log::info!(
+                        "worker {}: drain timeout; closing {} session(s) over {spread:?}",
+                        self.id,
+                        keys.len()
+                    );
+                }
+                self.schedule_closes(keys, self.now, spread);
+                continue;
+            }
             let Some(session) = self.sessions.get(timer.key) else {
                 continue;
             };
@@ -804,6 +854,10 @@ impl Worker {
                             ..timer
                         });
                     }
+                }
+                (TimerKind::DrainClose, _) => {
+                    Counters::incr(&self.counters.closed_by_drain);
+                    self.close(timer.key, CloseReason::Drain);
                 }
                 (TimerKind::Queue, Phase::Queued) => {
                     Counters::incr(&self.counters.queue_timeouts);
@@ -844,13 +898,94 @@ impl Worker {
         if matches!(session.phase, Phase::Queued) {
             Counters::decr(&self.counters.queued);
         }
-        log::debug!(
-            "session {} from {} closed: {reason:?}",
-            session.id,
-            session.client_addr
-        );
+        if reason == CloseReason::Drain {
+            // A normal end of stream on both sides, so clients reconnect with their own
+            // back-off rather than treating it as an error.
+            let _ = session.client.shutdown(Shutdown::Both);
+            if let Some(upstream) = session.upstream() {
+                let _ = upstream.socket.shutdown(Shutdown::Both);
+            }
+        }
+        if self.config.log_sessions {
+            self.log_session(&session, reason);
+        } else {
+            log::debug!(
+                "session {} from {} closed: {reason:?}",
+                session.id,
+                session.client_addr
+            );
+        }
         Counters::decr(&self.counters.active);
         Counters::incr(&self.counters.closed);
+    }
+
+    /// Stops accepting: what is already in the kernel's accept queue is taken (those clients
+    /// connected before the drain began), then the listeners close, so the kernel refuses new
+    /// connections or, with SO_REUSEPORT, hands them to another process on the same port.
+    fn start_drain(&mut self, timeout: Duration, spread: Duration) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        for i in 0..self.listeners.len() {
+            self.listener_ready[i] = true;
+            self.accept_from(i);
+        }
+        self.listeners.clear();
+        self.listener_ready.clear();
+        self.timers.push(Timer {
+            at: self.now + timeout,
+            key: usize::MAX,
+            id: u64::MAX,
+            kind: TimerKind::DrainDeadline { spread },
+        });
+    }
+
+    /// Closes `keys` one by one, oldest first, evenly over `spread` from `from`, so their
+    /// clients reconnect at a steady rate rather than all in the same instant. Every worker
+    /// spreads its own sessions over the whole window, each shifted by its share of one slot,
+    /// so together they close at a steady rate too.
+    fn schedule_closes(&mut self, mut keys: Vec<usize>, from: Instant, spread: Duration) {
+        keys.sort_by_key(|&k| self.sessions[k].id);
+        let n = keys.len().max(1) as f64;
+        let shift = self.id as f64 / self.config.workers as f64;
+        for (i, key) in keys.into_iter().enumerate() {
+            self.timers.push(Timer {
+                at: from + spread.mul_f64((i as f64 + shift) / n),
+                key,
+                id: self.sessions[key].id,
+                kind: TimerKind::DrainClose,
+            });
+        }
+    }
+
+    /// The L4 equivalent of HAProxy's tcplog: who, through which listener, to which backend,
+    /// for how long, how many bytes each way, and how it ended.
+    fn log_session(&self, session: &Session, reason: CloseReason) {
+        let backend = session.upstream().map_or_else(
+            || "-".to_string(),
+            |u| session.set.backends[u.index].spec.addr.to_string(),
+        );
+        let (up, down) = match &session.phase {
+            Phase::Relaying {
+                client_to_backend,
+                backend_to_client,
+                ..
+            } => (client_to_backend.bytes, backend_to_client.bytes),
+            _ => (0, 0),
+        };
+        let listen = self
+            .listen_addrs
+            .get(session.listener)
+            .map_or_else(|| "-".to_string(), |a| a.to_string());
+        log::info!(
+            target: "holdfast::session",
+            "session client={} listen={listen} backend={backend} duration={:.3}s \
+             bytes_client_to_backend={up} bytes_backend_to_client={down} end={}",
+            session.client_addr,
+            self.now.saturating_duration_since(session.started).as_secs_f64(),
+            session.end_label(reason),
+        );
     }
 
     fn close_all(&mut self) {

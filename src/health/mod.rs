@@ -17,7 +17,11 @@
 //!   `--slow-start`; while any backend ramps, a new set is published every few percent of the
 //!   window.
 //! - **the backend list**: [`Command::SetBackends`] replaces it (backends that stay keep their
-//!   state and counters; new ones start up, with slow start).
+//!   state and counters; new ones start up, with slow start; removed ones are drained and
+//!   leave the set once their last session has ended);
+//! - **operators**: [`Command::Backend`] drains a backend (no new sessions; with
+//!   `--backend-drain-timeout`, its remaining sessions are closed, spread out, after the
+//!   timeout), puts it back in rotation, or changes its weight.
 //!
 //! Workers never wait for this thread: they read the last set they were sent.
 
@@ -36,6 +40,7 @@ use slab::Slab;
 
 use crate::backend::{Backend, BackendSet, BackendState};
 use crate::config::{BackendSpec, Config, HealthCheck};
+use crate::control::{BackendChange, ControlError};
 use crate::worker::Control;
 use probe::{Probe, ProbeStep};
 
@@ -44,6 +49,8 @@ const WAKER: Token = Token(0);
 const SLOW_START_FLOOR: u32 = 20;
 /// While a backend ramps, the set is republished this many times over the window.
 const SLOW_START_STEPS: u32 = 32;
+/// How often a removed backend is checked for its last session having ended.
+const LEAVER_RECHECK: Duration = Duration::from_millis(100);
 
 /// Messages to the health thread.
 pub enum Command {
@@ -51,6 +58,8 @@ pub enum Command {
     SetBackends(Vec<BackendSpec>, Sender<()>),
     /// A worker saw `--observe-errors` consecutive failures on this backend.
     Failing(SocketAddr),
+    /// An operator's change to one backend; the sender is told the outcome once published.
+    Backend(SocketAddr, BackendChange, Sender<Result<(), ControlError>>),
     Shutdown,
 }
 
@@ -106,6 +115,14 @@ struct Tracked {
     ramp_from: Option<Instant>,
     /// When it went down (without probes, a passively failed backend is retried after a while).
     down_since: Option<Instant>,
+    /// Drained: by an operator, or because it was removed from the list.
+    drained: bool,
+    /// Removed from the list; leaves the set once its last session ends.
+    leaving: bool,
+    /// The operator's weight, replacing the configured one.
+    weight: Option<u32>,
+    /// With `--backend-drain-timeout`: when the drained backend's remaining sessions are closed.
+    close_at: Option<Instant>,
 }
 
 pub struct Health {
@@ -114,7 +131,9 @@ pub struct Health {
     commands: Receiver<Command>,
     workers: Vec<WorkerLink>,
     current: Published,
+    /// The configured list, then the removed backends still draining.
     specs: Vec<BackendSpec>,
+    leaving: Vec<BackendSpec>,
     tracked: HashMap<SocketAddr, Tracked>,
     probes: Slab<Probe>,
     /// A new set must be published (a state changed).
@@ -152,6 +171,7 @@ impl Health {
         ))));
         let mut health = Health {
             specs: config.backends.clone(),
+            leaving: Vec::new(),
             config,
             poll,
             commands: rx,
@@ -201,6 +221,8 @@ impl Health {
             self.expire_probes(now);
             self.start_due_probes(now);
             self.recover_unprobed(now);
+            self.drain_deadlines(now);
+            self.forget_empty_leavers();
             if self.dirty || self.next_ramp_publish.is_some_and(|at| at <= now) {
                 self.publish(now);
             }
@@ -217,6 +239,13 @@ impl Health {
                     let _ = done.send(());
                 }
                 Ok(Command::Failing(addr)) => self.passive_failure(addr, now),
+                Ok(Command::Backend(addr, change, done)) => {
+                    let result = self.change_backend(addr, change, now);
+                    if result.is_ok() {
+                        self.publish(now);
+                    }
+                    let _ = done.send(result);
+                }
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return true,
                 Err(TryRecvError::Empty) => return false,
             }
@@ -227,22 +256,122 @@ impl Health {
         let ramp = self.config.health.slow_start.map(|_| now);
         let interval = self.config.health.interval;
         let n = specs.len().max(1) as u32;
-        let mut tracked = HashMap::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
-            let t = self.tracked.remove(&spec.addr).unwrap_or_else(|| {
-                log::info!("backend {} added", spec.addr);
-                Tracked::up(now + interval * i as u32 / n, ramp)
-            });
-            tracked.insert(spec.addr, t);
-        }
-        for (addr, old) in self.tracked.drain() {
-            log::info!("backend {addr} removed");
-            if let Some(key) = old.probe {
-                self.probes.try_remove(key);
+            match self.tracked.get_mut(&spec.addr) {
+                Some(t) if t.leaving => {
+                    log::info!("backend {} added back", spec.addr);
+                    t.leaving = false;
+                    t.drained = false;
+                    t.close_at = None;
+                }
+                Some(_) => {}
+                None => {
+                    log::info!("backend {} added", spec.addr);
+                    self.tracked
+                        .insert(spec.addr, Tracked::up(now + interval * i as u32 / n, ramp));
+                }
             }
         }
-        self.tracked = tracked;
+        let removed: Vec<BackendSpec> = self
+            .specs
+            .iter()
+            .chain(&self.leaving)
+            .filter(|old| !specs.iter().any(|s| s.addr == old.addr))
+            .cloned()
+            .collect();
+        for spec in &removed {
+            if let Some(t) = self.tracked.get_mut(&spec.addr)
+                && !t.leaving
+            {
+                log::info!(
+                    "backend {} removed: draining until its last session ends",
+                    spec.addr
+                );
+                t.leaving = true;
+                t.start_drain(now, self.config.backend_drain_timeout);
+                if let Some(key) = t.probe.take() {
+                    self.probes.try_remove(key);
+                }
+            }
+        }
+        self.leaving = removed;
         self.specs = specs;
+    }
+
+    fn change_backend(
+        &mut self,
+        addr: SocketAddr,
+        change: BackendChange,
+        now: Instant,
+    ) -> Result<(), ControlError> {
+        let drain_timeout = self.config.backend_drain_timeout;
+        let t = self
+            .tracked
+            .get_mut(&addr)
+            .filter(|t| !t.leaving)
+            .ok_or(ControlError::UnknownBackend(addr))?;
+        match change {
+            BackendChange::Drain if !t.drained => {
+                log::info!("backend {addr} set to DRAIN by an operator");
+                t.start_drain(now, drain_timeout);
+            }
+            BackendChange::Ready if t.drained => {
+                log::info!("backend {addr} set to READY by an operator");
+                t.drained = false;
+                t.close_at = None;
+            }
+            BackendChange::Weight(w) => {
+                log::info!("backend {addr} weight set to {w} by an operator");
+                t.weight = Some(w);
+            }
+            BackendChange::Drain | BackendChange::Ready => {}
+        }
+        Ok(())
+    }
+
+    /// `--backend-drain-timeout` has passed for a drained backend: its workers close its
+    /// remaining sessions, spread over `--close-spread`.
+    fn drain_deadlines(&mut self, now: Instant) {
+        for (addr, t) in &mut self.tracked {
+            if t.close_at.is_some_and(|at| at <= now) {
+                t.close_at = None;
+                log::info!(
+                    "backend {addr}: drain timeout reached; closing its remaining sessions over {:?}",
+                    self.config.close_spread
+                );
+                for w in &self.workers {
+                    w.send(Control::CloseBackend {
+                        addr: *addr,
+                        spread: self.config.close_spread,
+                    });
+                }
+            }
+        }
+    }
+
+    /// A removed backend leaves the set once it holds no session.
+    fn forget_empty_leavers(&mut self) {
+        if self.leaving.is_empty() {
+            return;
+        }
+        let current = self.current_set();
+        let before = self.leaving.len();
+        self.leaving.retain(|spec| {
+            current
+                .find(spec.addr)
+                .is_some_and(|b| b.stats.active.load(Relaxed) > 0)
+        });
+        if self.leaving.len() != before {
+            let (specs, leaving) = (&self.specs, &self.leaving);
+            self.tracked.retain(|addr, _| {
+                let keep = specs.iter().chain(leaving).any(|s| s.addr == *addr);
+                if !keep {
+                    log::info!("backend {addr} has no sessions left and leaves the set");
+                }
+                keep
+            });
+            self.dirty = true;
+        }
     }
 
     /// A worker saw `--observe-errors` consecutive failures on live traffic.
@@ -292,7 +421,7 @@ impl Health {
         let due: Vec<SocketAddr> = self
             .tracked
             .iter()
-            .filter(|(_, t)| t.probe.is_none() && t.next_probe <= now)
+            .filter(|(_, t)| !t.leaving && t.probe.is_none() && t.next_probe <= now)
             .map(|(addr, _)| *addr)
             .collect();
         for addr in due {
@@ -416,13 +545,23 @@ impl Health {
         let backends = self
             .specs
             .iter()
+            .chain(&self.leaving)
             .map(|spec| {
                 let stats = previous
                     .find(spec.addr)
                     .map_or_else(Default::default, |b| Arc::clone(&b.stats));
-                let mut backend = Backend::new(spec.clone(), stats);
-                if let Some(t) = self.tracked.get_mut(&spec.addr) {
-                    backend.state = t.state;
+                let mut spec = spec.clone();
+                let tracked = self.tracked.get_mut(&spec.addr);
+                if let Some(w) = tracked.as_ref().and_then(|t| t.weight) {
+                    spec.weight = w;
+                }
+                let mut backend = Backend::new(spec, stats);
+                if let Some(t) = tracked {
+                    backend.state = if t.drained {
+                        BackendState::Drain
+                    } else {
+                        t.state
+                    };
                     if let (Some(from), Some(window)) = (t.ramp_from, slow_start) {
                         match ramp_weight(backend.effective_weight, now - from, window) {
                             Some(w) => {
@@ -466,7 +605,15 @@ impl Health {
             }
         });
         let probes = self.probes.iter().map(|(_, p)| p.deadline);
-        tracked.chain(probes).chain(self.next_ramp_publish).min()
+        let closes = self.tracked.values().filter_map(|t| t.close_at);
+        // A removed backend is looked at now and then, to see whether its last session ended.
+        let leavers = (!self.leaving.is_empty()).then(|| Instant::now() + LEAVER_RECHECK);
+        tracked
+            .chain(probes)
+            .chain(closes)
+            .chain(leavers)
+            .chain(self.next_ramp_publish)
+            .min()
     }
 }
 
@@ -480,7 +627,16 @@ impl Tracked {
             probe: None,
             ramp_from,
             down_since: None,
+            drained: false,
+            leaving: false,
+            weight: None,
+            close_at: None,
         }
+    }
+
+    fn start_drain(&mut self, now: Instant, timeout: Option<Duration>) {
+        self.drained = true;
+        self.close_at = timeout.map(|t| now + t);
     }
 
     fn mark_up(&mut self, ramp_from: Option<Instant>) {

@@ -161,7 +161,16 @@ fn port_in_use_is_a_runtime_error() {
 fn relays_and_exits_cleanly_on_sigterm() {
     let echo = EchoBackend::start();
     let b = echo.addr().to_string();
-    let mut child = Child::spawn(&["--backend", &b, "--workers", "2"]);
+    let mut child = Child::spawn(&[
+        "--backend",
+        &b,
+        "--workers",
+        "2",
+        "--drain-timeout",
+        "200ms",
+        "--close-spread",
+        "200ms",
+    ]);
     let mut c = client(child.addr());
     round_trip(&mut c, b"through the real binary");
     let status = child.signal_and_wait(libc::SIGTERM, Duration::from_secs(5));
@@ -172,6 +181,10 @@ fn relays_and_exits_cleanly_on_sigterm() {
         child.stderr()
     );
     assert_eq!(child.stdout(), "", "holdfast printed on stdout");
-    // Its sessions went with it.
-    expect_closed(&mut c, Duration::from_secs(2));
+    // The session outlived the signal until the drain timeout, then ended with a clean FIN.
+    let (how, _) = expect_closed(&mut c, Duration::from_secs(2));
+    assert!(
+        matches!(how, Closed::Eof),
+        "the drained session ended with {how:?}"
+    );
 }
