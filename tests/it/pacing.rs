@@ -94,12 +94,13 @@ fn connect_rate_paces_a_storm_of_clients_and_serves_them_all() {
     let arrivals = backend.arrivals();
     assert_eq!(arrivals.len(), THREADS * PER_THREAD, "backend connections");
     let busiest = busiest_window(&arrivals, Duration::from_secs(1));
-    // The rate, plus the burst (about rate/20), plus a little: window edges, and handshakes
-    // the kernel completes a little late. (Counting only what surely fell inside a window
-    // keeps the backend's own scheduling delays out of it: with plain accept timestamps
-    // the busiest window read up to 227 under the full suite's load.)
+    // The rate, plus the burst (about rate/20), plus slack for handshakes that complete
+    // late and in a bunch. Counting only what surely fell inside a window keeps this
+    // backend's own scheduling delays out (by accept time alone the busiest window read up
+    // to 228 in full-suite runs), but not the kernel's or holdfast's: over 19 full-suite
+    // runs this read 208-211, and once 225.
     assert!(
-        busiest <= RATE + RATE / 20 + 5,
+        busiest <= RATE + RATE / 20 + 20,
         "{busiest} new backend connections within one second at max_connect_rate {RATE} \
          (all {} took {took:?}; by accept time alone: {})",
         arrivals.len(),
@@ -107,6 +108,15 @@ fn connect_rate_paces_a_storm_of_clients_and_serves_them_all() {
             &arrivals.iter().map(|&(_, t)| (t, t)).collect::<Vec<_>>(),
             Duration::from_secs(1)
         )
+    );
+    // The tighter check of rate and burst together: after the burst, each connection costs
+    // 1/RATE s, so the 1000 cannot arrive in less than (1000 - burst) / RATE = 4.95 s. A
+    // late bunch can only shorten the span by its own length, so allow 200 ms: a rate 4%
+    // too high, or a burst of 50, fails.
+    let span = arrivals.last().unwrap().0 - arrivals[0].1;
+    assert!(
+        span >= Duration::from_millis(4750),
+        "1000 connections at max_connect_rate {RATE} arrived within {span:?}"
     );
     // Paced at the rate, not far below it.
     assert!(
