@@ -1027,7 +1027,7 @@ enum Failure {
 }
 
 /// Errors that say this process or machine is out of descriptors or memory.
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
