@@ -610,6 +610,7 @@ impl Worker {
         let failed = event.is_error();
         ready.readable |= event.is_readable() || event.is_read_closed() || failed;
         ready.writable |= event.is_writable() || event.is_write_closed() || failed;
+        ready.hung_up |= event.is_read_closed() || failed;
 
         match session.phase {
             Phase::Connecting { .. } if side == Side::Backend => self.check_connect(key),

@@ -47,11 +47,15 @@ pub const MAX_POOLED_BUFFERS: usize = 16;
 pub const AUTO_SPLICE_THRESHOLD: usize = 16 * 1024;
 
 /// What is known about one socket's readiness, under edge-triggered notification: set by an
-/// event, cleared when a call returns `WouldBlock`.
+/// event, cleared when a call returns `WouldBlock` (or a short read shows the socket drained).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Readiness {
     pub readable: bool,
     pub writable: bool,
+    /// An event reported the peer's FIN (EPOLLRDHUP) or an error. Their wakeup may already
+    /// have been spent on the event that also reported the last data, so from then on reads
+    /// continue until they say EOF or fail: a short read proves nothing.
+    pub hung_up: bool,
 }
 
 /// The worker's shared relay resources.
@@ -249,7 +253,7 @@ impl Pump {
             }
             let read = match self.method {
                 Method::Splice if pools.splice_works => self.splice_in(src, pools),
-                _ => self.copy_in(src, dst, dst_ready, pools),
+                _ => self.copy_in(src, src_ready, dst, dst_ready, pools),
             };
             match read {
                 Ok(Step::Eof) => self.stage = Stage::Flushing,
@@ -339,6 +343,7 @@ impl Pump {
     fn copy_in(
         &mut self,
         src: &TcpStream,
+        src_ready: &mut Readiness,
         dst: &TcpStream,
         dst_ready: &mut Readiness,
         pools: &mut Pools,
@@ -348,6 +353,15 @@ impl Pump {
             .map_err(ReadError::Source)?;
         if n == 0 {
             return Ok(Step::Eof);
+        }
+        if n < pools.scratch.len() && !src_ready.hung_up {
+            // A TCP read returns less than asked only when it emptied the receive queue, and
+            // under edge-triggered readiness any byte (or FIN) arriving after that raises a
+            // new event. So the socket is drained: skip the read that would only say EAGAIN
+            // (haproxy's raw_sock does the same, and likewise trusts it only without RDHUP).
+            // Not for splice: a socket-to-pipe splice can stop short when the pipe's slots
+            // fill with small segments.
+            src_ready.readable = false;
         }
         if self.adaptive && n >= AUTO_SPLICE_THRESHOLD {
             self.method = Method::Splice;
