@@ -8,6 +8,7 @@ mod util;
 mod algorithms;
 mod cli;
 mod idle;
+mod lifecycle;
 mod limits;
 mod relay;
 mod retry;
