@@ -609,6 +609,85 @@ fn dns_name_follows_answers_and_keeps_the_last_one() {
     assert_eq!(backend_stat(&lb, b.addr()).state, BackendState::Up);
 }
 
+/// The tag of the backend a new client of `target` reaches, or why it reached none.
+fn try_tag(target: SocketAddr) -> Result<String, String> {
+    let mut c = client(target);
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match std::io::Read::read(&mut c, &mut byte) {
+            Ok(0) => return Err("closed before a backend spoke: no backend took it".into()),
+            Ok(_) if byte[0] == b'\n' => return Ok(String::from_utf8_lossy(&line).into_owned()),
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("no backend spoke: {e}")),
+        }
+    }
+}
+
+/// The same as `dns_name_follows_answers_and_keeps_the_last_one`, with one more backend in the
+/// list that takes no clients (a `--backend` drained by the operator). With the name as the
+/// only source, an empty or failed answer could never be applied (a list with no backend is
+/// rejected), so the name's last answer would survive even if holdfast dropped it; here it
+/// must survive on its own.
+#[test]
+fn dns_keeps_the_last_answer_beside_other_backends() {
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let standby = TaggedBackend::start("standby");
+    // The test resolver, as in the test above: the test's answer, lookups counted.
+    let answer: Arc<Mutex<io::Result<Vec<SocketAddr>>>> = Arc::new(Mutex::new(Ok(vec![a.addr()])));
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let mut cfg = round_robin_lb(&[standby.addr()]);
+    cfg.backend_dns = vec!["pool.example.test:7000".parse().unwrap()];
+    cfg.dns_interval = ms(100);
+    cfg.resolver = {
+        let (answer, lookups) = (Arc::clone(&answer), Arc::clone(&lookups));
+        Resolver::new(move |_host, _port| {
+            lookups.fetch_add(1, SeqCst);
+            match &*answer.lock().unwrap() {
+                Ok(addrs) => Ok(addrs.clone()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            }
+        })
+    };
+    let set_answer = |new: io::Result<Vec<SocketAddr>>| {
+        *answer.lock().unwrap() = new;
+        let seen = lookups.load(SeqCst);
+        wait_until(Duration::from_secs(2), || lookups.load(SeqCst) >= seen + 2);
+    };
+    let lb = start_balancer(cfg);
+    let target = lb_addr(&lb);
+    lb.change_backend(standby.addr(), BackendChange::Drain)
+        .unwrap();
+
+    let tags = tags_of_new_clients(target, 4);
+    assert_eq!(count_tag(&tags, "a"), 4, "{tags:?}");
+    set_answer(Ok(vec![b.addr()]));
+    let tags = tags_of_new_clients(target, 4);
+    assert_eq!(count_tag(&tags, "b"), 4, "{tags:?}");
+
+    for (what, new) in [
+        (
+            "a failed lookup",
+            Err(io::Error::new(io::ErrorKind::NotFound, "no such name")),
+        ),
+        ("an empty answer", Ok(Vec::new())),
+    ] {
+        set_answer(new);
+        let got: Vec<Result<String, String>> = (0..4).map(|_| try_tag(target)).collect();
+        assert!(
+            got.iter().all(|t| t.as_deref() == Ok("b")),
+            "after {what}, new clients should still reach the last answer (b): {got:?}; \
+             backends: {:?}",
+            lb.backend_stats()
+                .iter()
+                .map(|s| (s.addr, s.state))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The session log (the real binary, --log-sessions)
 // ---------------------------------------------------------------------------------------------
