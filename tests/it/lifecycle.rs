@@ -607,6 +607,19 @@ fn dns_name_follows_answers_and_keeps_the_last_one() {
     );
     round_trip(&mut live_a, b"still here");
     assert_eq!(backend_stat(&lb, b.addr()).state, BackendState::Up);
+
+    // a, out of the answer, was kept (drained) only for its live session: once that ends, a
+    // leaves the set.
+    assert_eq!(backend_stat(&lb, a.addr()).state, BackendState::Drain);
+    drop(live_a);
+    wait_until_ok(Duration::from_secs(2), || {
+        let left: Vec<SocketAddr> = lb.backend_stats().iter().map(|s| s.addr).collect();
+        if left == [b.addr()] {
+            Ok(())
+        } else {
+            Err(format!("backends {left:?}, want only b {}", b.addr()))
+        }
+    });
 }
 
 /// The tag of the backend a new client of `target` reaches, or why it reached none.
