@@ -39,6 +39,19 @@ pub enum ControlError {
     BadWeight(u32),
     #[error("the balancer is shutting down")]
     ShuttingDown,
+    #[error("the health thread did not answer in time")]
+    Timeout,
+}
+
+/// How long an operator's request waits for the health thread to apply it. The health thread
+/// never blocks, so this only guards a caller (the admin endpoint) against a stalled one.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn answer<T>(rx: &crossbeam_channel::Receiver<T>) -> Result<T, ControlError> {
+    rx.recv_timeout(ANSWER_TIMEOUT).map_err(|e| match e {
+        crossbeam_channel::RecvTimeoutError::Timeout => ControlError::Timeout,
+        crossbeam_channel::RecvTimeoutError::Disconnected => ControlError::ShuttingDown,
+    })
 }
 
 /// A handle on a running balancer's control plane. Clone it freely.
@@ -136,7 +149,7 @@ impl Controller {
         }
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         self.health.send(Command::Backend(addr, change, done_tx));
-        done_rx.recv().map_err(|_| ControlError::ShuttingDown)?
+        answer(&done_rx)?
     }
 
     /// Graceful shutdown: stop accepting at once (listeners close, so new connections go to

@@ -174,16 +174,18 @@ impl Worker {
             if shutdown {
                 break;
             }
-            if self.draining && self.sessions.is_empty() {
-                log::info!("worker {}: drained", self.id);
-                break;
-            }
             self.accept_all();
             self.run_again();
             if !self.queue.is_empty() {
                 self.service_queue();
             }
             self.fire_timers();
+            // Checked last: the turn may have closed the last session (a drain timer, a
+            // peer's FIN), and with nothing left to wait for the poll would never wake.
+            if self.draining && self.sessions.is_empty() {
+                log::info!("worker {}: drained", self.id);
+                break;
+            }
         }
         self.close_all();
     }
@@ -213,10 +215,10 @@ impl Worker {
     fn handle_control(&mut self) -> bool {
         loop {
             match self.control.try_recv() {
-                Ok(Control::Backends(set)) => {
-                    self.backends = set;
-                    self.picker.reset();
-                }
+                // Round-robin keeps its credits across sets (it resets itself if the number of
+                // backends changes): restarting on every publish, 32 times per slow-start
+                // window, would hand every tie to the first backend.
+                Ok(Control::Backends(set)) => self.backends = set,
                 Ok(Control::Drain { timeout, spread }) => self.start_drain(timeout, spread),
                 Ok(Control::CloseBackend { addr, spread }) => {
                     let keys: Vec<usize> = self
@@ -445,8 +447,10 @@ impl Worker {
                 }
                 continue;
             }
+            // A fresh clock, not the turn's cached one: a long turn would otherwise release
+            // tokens against a stale time and let connects bunch up.
             if let Some(limit) = &self.rate
-                && backend.stats.try_rate(self.now, limit).is_err()
+                && backend.stats.try_rate(Instant::now(), limit).is_err()
             {
                 backend.stats.release();
                 full.push(index);
@@ -1027,7 +1031,7 @@ enum Failure {
 }
 
 /// Errors that say this process or machine is out of descriptors or memory.
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
@@ -1070,10 +1074,6 @@ impl Picker {
             round_robin: SmoothRoundRobin::default(),
             rng: seed | 1,
         }
-    }
-
-    fn reset(&mut self) {
-        self.round_robin = SmoothRoundRobin::default();
     }
 
     fn next_random(&mut self) -> u64 {

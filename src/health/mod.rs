@@ -41,7 +41,7 @@ use slab::Slab;
 use crate::backend::{Backend, BackendSet, BackendState};
 use crate::config::{BackendSpec, Config, HealthCheck};
 use crate::control::{BackendChange, ControlError};
-use crate::worker::Control;
+use crate::worker::{Control, is_resource_exhaustion};
 use probe::{Probe, ProbeStep};
 
 const WAKER: Token = Token(0);
@@ -446,7 +446,7 @@ impl Health {
                     t.probe = Some(key);
                 }
                 // Out of descriptors is our problem, not the backend's: try next time.
-                Err(e) if is_local_exhaustion(&e) => {
+                Err(e) if is_resource_exhaustion(&e) => {
                     log::warn!("cannot probe {addr}: {e}");
                 }
                 Err(e) => {
@@ -663,13 +663,6 @@ fn ramp_weight(full: u32, elapsed: Duration, window: Duration) -> Option<u32> {
     let floor = (full / SLOW_START_FLOOR).max(1);
     let progress = elapsed.as_secs_f64() / window.as_secs_f64();
     Some(floor + ((full - floor) as f64 * progress) as u32)
-}
-
-fn is_local_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
 
 #[cfg(test)]

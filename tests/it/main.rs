@@ -5,11 +5,14 @@
 
 mod util;
 
+mod admin;
 mod algorithms;
 mod cli;
+mod health;
 mod idle;
 mod lifecycle;
 mod limits;
+mod pacing;
 mod relay;
 mod retry;
 mod websocket;

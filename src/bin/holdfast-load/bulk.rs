@@ -14,7 +14,6 @@
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -23,7 +22,8 @@ use serde::Serialize;
 
 use crate::common::{
     EVENTS_CAPACITY, ErrorCounts, Gate, IO_BUDGET, Report, SourceIps, connect_all,
-    effective_threads, gbit_per_s, interrupted, io_reason, secs, share, stopped, would_block,
+    effective_threads, gbit_per_s, interrupted, io_reason, run_threads, secs, share, stopped,
+    would_block,
 };
 
 const MAX_POLL: Duration = Duration::from_millis(100);
@@ -119,39 +119,21 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<BulkReport, String> {
     let threads = effective_threads(args.threads, args.streams);
     let gate = Gate::new(threads);
     let mut total = Tally::default();
-    thread::scope(|s| -> Result<(), String> {
-        let mut handles = Vec::with_capacity(threads);
-        for t in 0..threads {
-            let gate = &gate;
-            let spawned = thread::Builder::new()
-                .name(format!("bulk-{t}"))
-                .spawn_scoped(s, move || {
-                    worker(args, share(args.streams, threads, t), gate, stop)
-                });
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    gate.abandon();
-                    return Err(format!("cannot start worker thread: {e}"));
-                }
-            }
-        }
-        for h in handles {
-            match h.join() {
-                Ok(Ok(t)) => {
-                    total.tx += t.tx;
-                    total.rx += t.rx;
-                    total.errors += t.errors;
-                    total.mismatched += t.mismatched;
-                    total.error_kinds.merge(&t.error_kinds);
-                    total.elapsed = total.elapsed.max(t.elapsed);
-                }
-                Ok(Err(e)) => return Err(format!("event loop failed: {e}")),
-                Err(_) => return Err("worker thread panicked".to_owned()),
-            }
-        }
-        Ok(())
-    })?;
+    let tallies = run_threads(
+        "bulk",
+        threads,
+        || gate.abandon(),
+        || {},
+        |t| worker(args, share(args.streams, threads, t), &gate, stop),
+    )?;
+    for t in tallies {
+        total.tx += t.tx;
+        total.rx += t.rx;
+        total.errors += t.errors;
+        total.mismatched += t.mismatched;
+        total.error_kinds.merge(&t.error_kinds);
+        total.elapsed = total.elapsed.max(t.elapsed);
+    }
 
     let window = total.elapsed.as_secs_f64();
     Ok(BulkReport {

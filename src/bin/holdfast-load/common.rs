@@ -175,6 +175,44 @@ pub fn check_fd_budget(flag: &str, conns: usize, threads: usize) -> Result<(), S
 
 /// Size of part `index` when `total` is split as evenly as possible into
 /// `parts` (the first `total % parts` parts get one more).
+/// Runs `work(t)` for t in 0..threads, each on a scoped thread named `{name}-{t}`, calls
+/// `between` once every thread has started (a mode's own synchronisation: announcing, gating
+/// the start), and returns each thread's result in order. If a thread cannot be started,
+/// `abandon` releases the ones already waiting on a gate before the error is returned.
+pub fn run_threads<T: Send, E: Send + std::fmt::Display>(
+    name: &str,
+    threads: usize,
+    abandon: impl FnOnce(),
+    between: impl FnOnce(),
+    work: impl Fn(usize) -> Result<T, E> + Sync,
+) -> Result<Vec<T>, String> {
+    std::thread::scope(|s| {
+        let work = &work;
+        let mut handles = Vec::with_capacity(threads);
+        for t in 0..threads {
+            let spawned = std::thread::Builder::new()
+                .name(format!("{name}-{t}"))
+                .spawn_scoped(s, move || work(t));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    abandon();
+                    return Err(format!("cannot start worker thread: {e}"));
+                }
+            }
+        }
+        between();
+        handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(Ok(t)) => Ok(t),
+                Ok(Err(e)) => Err(format!("event loop failed: {e}")),
+                Err(_) => Err("worker thread panicked".to_owned()),
+            })
+            .collect()
+    })
+}
+
 pub fn share(total: usize, parts: usize, index: usize) -> usize {
     total / parts + usize::from(index < total % parts)
 }

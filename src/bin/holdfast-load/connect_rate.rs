@@ -19,7 +19,6 @@
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -29,8 +28,8 @@ use serde::Serialize;
 
 use crate::common::{
     EVENTS_CAPACITY, ErrorCounts, Gate, Percentiles, Report, SourceIps, connect, connect_outcome,
-    effective_threads, interrupted, merge, new_histogram, record, round1, secs, share, stopped,
-    would_block,
+    effective_threads, interrupted, merge, new_histogram, record, round1, run_threads, secs, share,
+    stopped, would_block,
 };
 
 /// Bytes exchanged per cycle.
@@ -138,38 +137,22 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<ConnectRateReport, String> 
     let threads = effective_threads(args.threads, args.concurrency);
     let gate = Gate::new(threads);
     let mut total = Tally::new();
-    thread::scope(|s| -> Result<(), String> {
-        let mut handles = Vec::with_capacity(threads);
-        for t in 0..threads {
-            let gate = &gate;
-            let spawned = thread::Builder::new()
-                .name(format!("connect-{t}"))
-                .spawn_scoped(s, move || worker(args, t, threads, gate, stop));
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    gate.abandon();
-                    return Err(format!("cannot start worker thread: {e}"));
-                }
-            }
-        }
-        for h in handles {
-            match h.join() {
-                Ok(Ok(t)) => {
-                    total.completed += t.completed;
-                    total.failures += t.failures;
-                    total.error_kinds.merge(&t.error_kinds);
-                    merge(&mut total.connect, &t.connect);
-                    merge(&mut total.cycle, &t.cycle);
-                    total.elapsed = total.elapsed.max(t.elapsed);
-                    total.source_ips = t.source_ips;
-                }
-                Ok(Err(e)) => return Err(format!("event loop failed: {e}")),
-                Err(_) => return Err("worker thread panicked".to_owned()),
-            }
-        }
-        Ok(())
-    })?;
+    let tallies = run_threads(
+        "connect",
+        threads,
+        || gate.abandon(),
+        || {},
+        |t| worker(args, t, threads, &gate, stop),
+    )?;
+    for t in tallies {
+        total.completed += t.completed;
+        total.failures += t.failures;
+        total.error_kinds.merge(&t.error_kinds);
+        merge(&mut total.connect, &t.connect);
+        merge(&mut total.cycle, &t.cycle);
+        total.elapsed = total.elapsed.max(t.elapsed);
+        total.source_ips = t.source_ips;
+    }
     let window = total.elapsed.as_secs_f64();
     Ok(ConnectRateReport {
         mode: "connect-rate",

@@ -12,7 +12,6 @@
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -23,7 +22,7 @@ use serde::Serialize;
 use crate::common::{
     EVENTS_CAPACITY, ErrorCounts, Gate, Percentiles, Report, SourceIps, announce, connect,
     connect_outcome, effective_threads, interrupted, io_reason, merge, millis, new_histogram,
-    record, secs, share, stopped, would_block,
+    record, run_threads, secs, share, stopped, would_block,
 };
 
 const SCAN_EVERY: Duration = Duration::from_millis(100);
@@ -106,39 +105,20 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<HoldReport, String> {
     let settled = Gate::new(threads + 1);
     let established = AtomicU64::new(0);
     let start = Instant::now();
-    let mut tallies = Vec::with_capacity(threads);
-    thread::scope(|s| -> Result<(), String> {
-        let mut handles = Vec::with_capacity(threads);
-        for t in 0..threads {
-            let (settled, established) = (&settled, &established);
-            let spawned = thread::Builder::new()
-                .name(format!("hold-{t}"))
-                .spawn_scoped(s, move || {
-                    worker(args, t, threads, settled, established, stop)
-                });
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    settled.abandon();
-                    return Err(format!("cannot start worker thread: {e}"));
-                }
+    let tallies = run_threads(
+        "hold",
+        threads,
+        || settled.abandon(),
+        || {
+            if settled.wait(stop) {
+                announce(
+                    &format!("holding {}", established.load(Ordering::SeqCst)),
+                    args.json,
+                );
             }
-        }
-        if settled.wait(stop) {
-            announce(
-                &format!("holding {}", established.load(Ordering::SeqCst)),
-                args.json,
-            );
-        }
-        for h in handles {
-            match h.join() {
-                Ok(Ok(t)) => tallies.push(t),
-                Ok(Err(e)) => return Err(format!("event loop failed: {e}")),
-                Err(_) => return Err("worker thread panicked".to_owned()),
-            }
-        }
-        Ok(())
-    })?;
+        },
+        |t| worker(args, t, threads, &settled, &established, stop),
+    )?;
 
     let mut latency = new_histogram();
     let mut error_kinds = ErrorCounts::default();

@@ -26,7 +26,6 @@
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -36,8 +35,8 @@ use serde::Serialize;
 
 use crate::common::{
     EVENTS_CAPACITY, ErrorCounts, Gate, Percentiles, Report, SourceIps, connect_all,
-    effective_threads, interrupted, merge, new_histogram, record, round1, secs, share, stopped,
-    would_block,
+    effective_threads, interrupted, merge, new_histogram, record, round1, run_threads, secs, share,
+    stopped, would_block,
 };
 
 /// Below this much time to the next send, poll without sleeping (see the
@@ -182,30 +181,16 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<LatencyReport, String> {
     let threads = effective_threads(args.threads, args.conns);
     let gate = Gate::new(threads);
     let mut total = Tally::new();
-    thread::scope(|s| -> Result<(), String> {
-        let mut handles = Vec::with_capacity(threads);
-        for t in 0..threads {
-            let gate = &gate;
-            let spawned = thread::Builder::new()
-                .name(format!("latency-{t}"))
-                .spawn_scoped(s, move || worker(args, t, threads, gate, stop));
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    gate.abandon();
-                    return Err(format!("cannot start worker thread: {e}"));
-                }
-            }
-        }
-        for h in handles {
-            match h.join() {
-                Ok(Ok(tally)) => total.merge(&tally),
-                Ok(Err(e)) => return Err(format!("event loop failed: {e}")),
-                Err(_) => return Err("worker thread panicked".to_owned()),
-            }
-        }
-        Ok(())
-    })?;
+    let tallies = run_threads(
+        "latency",
+        threads,
+        || gate.abandon(),
+        || {},
+        |t| worker(args, t, threads, &gate, stop),
+    )?;
+    for tally in &tallies {
+        total.merge(tally);
+    }
 
     let measured = total.measured.as_secs_f64();
     Ok(LatencyReport {

@@ -28,7 +28,7 @@ use socket2::Socket;
 use crate::common::{
     EVENTS_CAPACITY, ErrorCounts, Gate, Percentiles, Report, SourceIps, connect_outcome,
     effective_threads, interrupted, io_reason, merge, millis, new_histogram, new_socket, record,
-    share, start_connect, stopped, would_block,
+    run_threads, share, start_connect, stopped, would_block,
 };
 use crate::echo_server::{ReportFile, unix_ms};
 
@@ -141,37 +141,20 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<StormReport, String> {
     // storm up with the first backend's sampling tick when there is one.
     let gate = Gate::new(threads + 1);
     let mut start_ms = unix_ms();
-    let mut tallies = Vec::with_capacity(threads);
-    thread::scope(|s| -> Result<(), String> {
-        let mut handles = Vec::with_capacity(threads);
-        for t in 0..threads {
-            let gate = &gate;
-            let spawned = thread::Builder::new()
-                .name(format!("storm-{t}"))
-                .spawn_scoped(s, move || worker(args, t, threads, gate, stop));
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    gate.abandon();
-                    return Err(format!("cannot start worker thread: {e}"));
-                }
+    let tallies = run_threads(
+        "storm",
+        threads,
+        || gate.abandon(),
+        || {
+            // Sockets are being created meanwhile; sleeping here costs nothing.
+            if let Some(wait) = args.report_files.first().and_then(|p| until_next_window(p)) {
+                thread::sleep(wait);
             }
-        }
-        // Sockets are being created meanwhile; sleeping here costs nothing.
-        if let Some(wait) = args.report_files.first().and_then(|p| until_next_window(p)) {
-            thread::sleep(wait);
-        }
-        start_ms = unix_ms();
-        gate.wait(stop);
-        for h in handles {
-            match h.join() {
-                Ok(Ok(t)) => tallies.push(t),
-                Ok(Err(e)) => return Err(format!("event loop failed: {e}")),
-                Err(_) => return Err("worker thread panicked".to_owned()),
-            }
-        }
-        Ok(())
-    })?;
+            start_ms = unix_ms();
+            gate.wait(stop);
+        },
+        |t| worker(args, t, threads, &gate, stop),
+    )?;
     let end_ms = unix_ms();
 
     let mut connect = new_histogram();

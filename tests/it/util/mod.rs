@@ -991,6 +991,417 @@ impl Drop for Child {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Health checking and pacing
+// ---------------------------------------------------------------------------------------------
+
+/// Like [`client_from`], but a failure to connect is returned, not a panic: for client loops
+/// that must count failed connections instead of dying on the first one.
+pub fn try_client_from(ip: &str, target: SocketAddr) -> io::Result<TcpStream> {
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{ip}: {e}")))?;
+    let sock = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    holdfast::bind_address_no_port(&sock)?;
+    sock.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
+    sock.connect_timeout(&SockAddr::from(target), IO_TIMEOUT)?;
+    let stream: TcpStream = sock.into();
+    set_timeouts(&stream);
+    Ok(stream)
+}
+
+/// One complete visit to a [`TaggedBackend`] through the balancer, as a user would make it:
+/// connect from `ip`, read the tag line, echo one byte, close. `Ok(tag)` only if all of that
+/// worked; otherwise what went wrong. Never panics, and every read is bounded by `within`.
+pub fn visit_tagged(ip: &str, target: SocketAddr, within: Duration) -> Result<String, String> {
+    let mut stream = try_client_from(ip, target).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(within))
+        .map_err(|e| e.to_string())?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => {
+                return Err(format!(
+                    "EOF before the tag line (after {:?})",
+                    String::from_utf8_lossy(&line)
+                ));
+            }
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if line.len() >= 256 => return Err("tag line longer than 256 bytes".into()),
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading the tag: {e}")),
+        }
+    }
+    let tag = String::from_utf8(line).map_err(|_| "tag not UTF-8".to_string())?;
+    stream
+        .write_all(b"x")
+        .map_err(|e| format!("tag {tag}: write: {e}"))?;
+    stream
+        .read_exact(&mut byte)
+        .map_err(|e| format!("tag {tag}: echo: {e}"))?;
+    if byte[0] != b'x' {
+        return Err(format!("tag {tag}: echo was {:?}", byte[0]));
+    }
+    Ok(tag)
+}
+
+/// What a client socket has for the reader right now, looked at without blocking or
+/// consuming anything.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pending {
+    /// Nothing yet; the connection is open.
+    Nothing,
+    /// Bytes are waiting.
+    Data,
+    /// The peer closed (EOF) or reset the connection.
+    Closed,
+}
+
+pub fn pending(stream: &TcpStream) -> Pending {
+    stream.set_nonblocking(true).expect("set_nonblocking");
+    let mut byte = [0u8; 1];
+    let result = loop {
+        match stream.peek(&mut byte) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => break other,
+        }
+    };
+    stream.set_nonblocking(false).expect("set_nonblocking");
+    match result {
+        Ok(0) => Pending::Closed,
+        Ok(_) => Pending::Data,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Pending::Nothing,
+        Err(_) => Pending::Closed,
+    }
+}
+
+/// Counts of one [`CountingBackend`].
+#[derive(Default)]
+struct CountingState {
+    /// For each accepted connection: it was established after the first instant and before
+    /// the second (see [`CountingBackend::arrivals`]).
+    arrivals: Vec<(Instant, Instant)>,
+    open: usize,
+    peak: usize,
+}
+
+/// An echo backend that knows exactly how many connections are open at its end, and when
+/// each was accepted.
+///
+/// One thread owns every socket (non-blocking): each turn it accepts what is pending, then
+/// reads every connection (echoing data, dropping those at EOF or reset), and only then
+/// counts. A connection closed by the balancer before it opened the next one is therefore
+/// never counted together with it: on loopback the FIN is queued on the old socket before
+/// the new connection's handshake completes, so the sweep after the accept sees it. (A
+/// thread-per-connection backend only notices the EOF when that thread next runs, and could
+/// briefly count one connection too many.)
+pub struct CountingBackend {
+    addr: SocketAddr,
+    state: Arc<Mutex<CountingState>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CountingBackend {
+    pub fn start() -> CountingBackend {
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        sock.bind(&SockAddr::from(localhost0())).unwrap();
+        sock.listen(1024).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let addr = sock.local_addr().unwrap().as_socket().unwrap();
+        let listener: TcpListener = sock.into();
+        let state = Arc::new(Mutex::new(CountingState::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
+            std::thread::spawn(move || counting_loop(listener, &state, &stop))
+        };
+        CountingBackend {
+            addr,
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        lock(&self.state).arrivals.len()
+    }
+
+    /// When each connection arrived, in order, as an interval that surely contains it:
+    /// after the last look at the listener that found nothing, and before the accept that
+    /// returned it. Normally under a millisecond wide; wider where this backend's thread was
+    /// not scheduled for a while, which a bare accept timestamp would silently shift (and
+    /// bunch up) instead.
+    pub fn arrivals(&self) -> Vec<(Instant, Instant)> {
+        lock(&self.state).arrivals.clone()
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        lock(&self.state).open
+    }
+
+    /// Most connections ever open at once.
+    pub fn peak(&self) -> usize {
+        lock(&self.state).peak
+    }
+}
+
+impl Drop for CountingBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn counting_loop(listener: TcpListener, state: &Mutex<CountingState>, stop: &AtomicBool) {
+    // Each connection with the bytes it still has to echo.
+    let mut conns: Vec<(TcpStream, Vec<u8>)> = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    // When the listener was last found empty: anything accepted later arrived after this.
+    let mut empty_at = Instant::now();
+    while !stop.load(SeqCst) {
+        let mut busy = false;
+        let mut accepted = Vec::new();
+        loop {
+            let looked_at = Instant::now();
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    accepted.push((empty_at, Instant::now()));
+                    if stream.set_nonblocking(true).is_ok() {
+                        conns.push((stream, Vec::new()));
+                    }
+                }
+                Err(_) => {
+                    empty_at = looked_at;
+                    break;
+                }
+            }
+        }
+        busy |= !accepted.is_empty();
+        conns.retain_mut(|(stream, out)| {
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => return false,
+                    Ok(n) => {
+                        busy = true;
+                        out.extend_from_slice(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => return false,
+                }
+            }
+            while !out.is_empty() {
+                match stream.write(out) {
+                    Ok(n) => {
+                        out.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => return false,
+                }
+            }
+            true
+        });
+        {
+            let mut st = lock(state);
+            st.arrivals.extend(accepted);
+            st.open = conns.len();
+            st.peak = st.peak.max(conns.len());
+        }
+        if !busy {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// A real WebSocket server (tungstenite's `accept` on each connection, one thread per
+/// connection) that records the request path of every upgrade it completes, then reads
+/// frames until the peer goes away.
+pub struct WebSocketBackend {
+    addr: SocketAddr,
+    paths: Arc<Mutex<Vec<String>>>,
+    failed: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WebSocketBackend {
+    pub fn start() -> WebSocketBackend {
+        let listener = TcpListener::bind(localhost0()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let paths = Arc::new(Mutex::new(Vec::new()));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (paths, failed, stop) =
+                (Arc::clone(&paths), Arc::clone(&failed), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(SeqCst) {
+                    let Ok((stream, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    };
+                    let (paths, failed, stop) =
+                        (Arc::clone(&paths), Arc::clone(&failed), Arc::clone(&stop));
+                    std::thread::spawn(move || websocket_conn(stream, &paths, &failed, &stop));
+                }
+            })
+        };
+        WebSocketBackend {
+            addr,
+            paths,
+            failed,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Request paths of the upgrades completed so far.
+    pub fn paths(&self) -> Vec<String> {
+        lock(&self.paths).clone()
+    }
+
+    /// Connections whose upgrade request was not a valid WebSocket handshake.
+    pub fn failed_handshakes(&self) -> usize {
+        self.failed.load(SeqCst)
+    }
+}
+
+impl Drop for WebSocketBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn websocket_conn(
+    stream: TcpStream,
+    paths: &Mutex<Vec<String>>,
+    failed: &AtomicUsize,
+    stop: &AtomicBool,
+) {
+    if stream.set_nonblocking(false).is_err() {
+        return;
+    }
+    let _ = stream.set_read_timeout(Some(BACKEND_READ_TICK));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let mut path = String::new();
+    // The callback's signature is tungstenite's, large error variant and all.
+    #[allow(clippy::result_large_err)]
+    let handshake = tungstenite::accept_hdr(
+        NoEintr(stream),
+        |req: &tungstenite::handshake::server::Request,
+         resp: tungstenite::handshake::server::Response| {
+            path = req.uri().path().to_string();
+            Ok(resp)
+        },
+    );
+    let mut ws = match handshake {
+        Ok(ws) => ws,
+        Err(_) => {
+            failed.fetch_add(1, SeqCst);
+            return;
+        }
+    };
+    lock(paths).push(path);
+    loop {
+        match ws.read() {
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stop.load(SeqCst) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// The largest number of `arrivals` (intervals as from [`CountingBackend::arrivals`], in
+/// order) that surely fell within one window of length `window`: those whose whole interval
+/// lies inside it. A lower bound of the true busiest window, and equal to it when the
+/// intervals are narrow, so a bound asserted on it cannot fail because the observer was
+/// slow.
+pub fn busiest_window(arrivals: &[(Instant, Instant)], window: Duration) -> usize {
+    arrivals
+        .iter()
+        .map(|&(start, _)| {
+            arrivals
+                .iter()
+                .filter(|&&(after, before)| after >= start && before < start + window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The state `lb` reports for backend `addr` now.
+#[track_caller]
+pub fn backend_state(lb: &Holdfast, addr: SocketAddr) -> holdfast::BackendState {
+    backend_stat(lb, addr).state
+}
+
+/// Waits until `lb` reports backend `addr` in `state`; returns when that was seen.
+#[track_caller]
+pub fn wait_for_state(
+    lb: &Holdfast,
+    addr: SocketAddr,
+    state: holdfast::BackendState,
+    within: Duration,
+) -> Instant {
+    wait_until_ok(within, || {
+        let s = backend_stat(lb, addr);
+        if s.state == state {
+            Ok(())
+        } else {
+            Err(format!("{addr} is {:?}, want {state:?}: {s:?}", s.state))
+        }
+    });
+    Instant::now()
+}
+
+/// Connections the backend accepted and then closed or reset before any byte moved either
+/// way, as counted by passive health checking.
+#[track_caller]
+pub fn passive_failures(lb: &Holdfast, addr: SocketAddr) -> u64 {
+    backend_stat(lb, addr).passive_failures
+}
+
+/// The weight new connections see for backend `addr` now, in 1/64 of its configured weight.
+#[track_caller]
+pub fn effective_weight(lb: &Holdfast, addr: SocketAddr) -> u32 {
+    backend_stat(lb, addr).effective_weight
+}
+
+// ---------------------------------------------------------------------------------------------
 // Lifecycle: signals, exits, refusals, tags and backend files
 // ---------------------------------------------------------------------------------------------
 

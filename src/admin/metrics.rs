@@ -1,0 +1,427 @@
+//! `GET /metrics`: the counters in Prometheus' text exposition format (version 0.0.4).
+//!
+//! Every family has `# HELP` and `# TYPE` lines and a `holdfast_` name; counters end in
+//! `_total`. Global families come from [`StatsSnapshot`], per-backend ones (label
+//! `backend="IP:PORT"`) from [`BackendStatsSnapshot`]:
+//!
+//! - `holdfast_backend_up` is 1 while the backend takes new sessions (state up), and
+//!   `holdfast_backend_state{state="up|down|drain"}` is a state set: 1 for the current state,
+//!   0 for the others.
+//! - `holdfast_backend_effective_weight` is in units of weight (fractional during slow start).
+//! - Connect latencies are gauges in seconds over the backend's lifetime: p50, p99 and max.
+
+use std::fmt::{self, Write};
+
+use crate::backend::BackendStatsSnapshot;
+use crate::stats::StatsSnapshot;
+
+use super::routes::{STATES, effective_weight, state_name};
+
+/// The `Content-Type` of the text format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        }
+    }
+}
+
+/// A sample's value: counts print as integers, the rest as decimals.
+#[derive(Clone, Copy)]
+enum Value {
+    Int(u64),
+    Float(f64),
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Value::Int(n) => write!(f, "{n}"),
+            // Rust never prints an f64 in exponent form, which the format also accepts.
+            Value::Float(x) if x.is_finite() => write!(f, "{x}"),
+            Value::Float(x) if x.is_nan() => f.write_str("NaN"),
+            Value::Float(x) if x > 0.0 => f.write_str("+Inf"),
+            Value::Float(_) => f.write_str("-Inf"),
+        }
+    }
+}
+
+type Global = (&'static str, Kind, &'static str, fn(&StatsSnapshot) -> u64);
+
+/// The global families: name, type, help, value.
+const GLOBAL: &[Global] = &[
+    (
+        "holdfast_sessions_active",
+        Kind::Gauge,
+        "Client sessions open now (connecting to a backend or relaying).",
+        |s| s.active,
+    ),
+    (
+        "holdfast_accepted_total",
+        Kind::Counter,
+        "Client connections accepted.",
+        |s| s.accepted,
+    ),
+    (
+        "holdfast_sessions_closed_total",
+        Kind::Counter,
+        "Client sessions closed, for any reason.",
+        |s| s.closed,
+    ),
+    (
+        "holdfast_no_backend_total",
+        Kind::Counter,
+        "Clients refused because no backend was eligible or every candidate failed.",
+        |s| s.no_backend,
+    ),
+    (
+        "holdfast_connect_failures_total",
+        Kind::Counter,
+        "Backend connects that failed (refused, reset, timed out), retried or not.",
+        |s| s.connect_failures,
+    ),
+    (
+        "holdfast_queue_length",
+        Kind::Gauge,
+        "Clients waiting in the queue for a backend with room now.",
+        |s| s.queued,
+    ),
+    (
+        "holdfast_queued_total",
+        Kind::Counter,
+        "Clients that had to wait in the queue.",
+        |s| s.queued_total,
+    ),
+    (
+        "holdfast_queue_timeouts_total",
+        Kind::Counter,
+        "Clients closed after waiting longer than the queue timeout.",
+        |s| s.queue_timeouts,
+    ),
+    (
+        "holdfast_queue_full_total",
+        Kind::Counter,
+        "Clients closed at once because the queue was full.",
+        |s| s.queue_full,
+    ),
+    (
+        "holdfast_sessions_closed_by_drain_total",
+        Kind::Counter,
+        "Sessions closed by a drain (graceful shutdown or a backend's drain timeout).",
+        |s| s.closed_by_drain,
+    ),
+    (
+        "holdfast_idle_timeouts_total",
+        Kind::Counter,
+        "Sessions closed by the idle timeout.",
+        |s| s.idle_timeouts,
+    ),
+    (
+        "holdfast_resets_total",
+        Kind::Counter,
+        "Sessions that ended with a reset or socket error on either side.",
+        |s| s.resets,
+    ),
+    (
+        "holdfast_accept_errors_total",
+        Kind::Counter,
+        "Times descriptors or memory ran out when accepting or opening a backend socket.",
+        |s| s.accept_errors,
+    ),
+    (
+        "holdfast_pipes_in_use",
+        Kind::Gauge,
+        "Pipes held by sessions now (bytes in flight through splice).",
+        |s| s.pipes_in_use,
+    ),
+    (
+        "holdfast_buffers_in_use",
+        Kind::Gauge,
+        "Per-session copy buffers held now (a write to a peer was partial).",
+        |s| s.buffers_in_use,
+    ),
+    (
+        "holdfast_bytes_client_to_backend_total",
+        Kind::Counter,
+        "Bytes relayed from clients to backends.",
+        |s| s.bytes_client_to_backend,
+    ),
+    (
+        "holdfast_bytes_backend_to_client_total",
+        Kind::Counter,
+        "Bytes relayed from backends to clients.",
+        |s| s.bytes_backend_to_client,
+    ),
+];
+
+type PerBackend = (
+    &'static str,
+    Kind,
+    &'static str,
+    fn(&BackendStatsSnapshot) -> Value,
+);
+
+fn seconds(micros: u64) -> Value {
+    Value::Float(micros as f64 / 1e6)
+}
+
+/// The per-backend families with one sample per backend.
+const PER_BACKEND: &[PerBackend] = &[
+    (
+        "holdfast_backend_up",
+        Kind::Gauge,
+        "1 if the backend takes new sessions (state up), 0 if it is down or draining.",
+        |b| Value::Int(u64::from(b.state == crate::backend::BackendState::Up)),
+    ),
+    (
+        "holdfast_backend_weight",
+        Kind::Gauge,
+        "Configured weight (or the one last set through the admin API).",
+        |b| Value::Int(u64::from(b.weight)),
+    ),
+    (
+        "holdfast_backend_effective_weight",
+        Kind::Gauge,
+        "Weight new sessions see now, in units of weight; below the weight during slow start.",
+        |b| Value::Float(effective_weight(b)),
+    ),
+    (
+        "holdfast_backend_sessions_active",
+        Kind::Gauge,
+        "Sessions assigned to the backend now (connecting or relaying).",
+        |b| Value::Int(b.active),
+    ),
+    (
+        "holdfast_backend_sessions_total",
+        Kind::Counter,
+        "Sessions established to the backend.",
+        |b| Value::Int(b.total),
+    ),
+    (
+        "holdfast_backend_connect_failures_total",
+        Kind::Counter,
+        "Connects to the backend that failed: refused, reset or timed out.",
+        |b| Value::Int(b.connect_failures),
+    ),
+    (
+        "holdfast_backend_passive_failures_total",
+        Kind::Counter,
+        "Connections the backend accepted, then closed or reset before a byte moved.",
+        |b| Value::Int(b.passive_failures),
+    ),
+    (
+        "holdfast_backend_bytes_client_to_backend_total",
+        Kind::Counter,
+        "Bytes relayed from clients to the backend.",
+        |b| Value::Int(b.bytes_client_to_backend),
+    ),
+    (
+        "holdfast_backend_bytes_backend_to_client_total",
+        Kind::Counter,
+        "Bytes relayed from the backend to clients.",
+        |b| Value::Int(b.bytes_backend_to_client),
+    ),
+    (
+        "holdfast_backend_connect_latency_p50_seconds",
+        Kind::Gauge,
+        "Median time to establish a connection to the backend (0 before any).",
+        |b| seconds(b.connect_latency_p50_us),
+    ),
+    (
+        "holdfast_backend_connect_latency_p99_seconds",
+        Kind::Gauge,
+        "99th percentile of the time to establish a connection to the backend (0 before any).",
+        |b| seconds(b.connect_latency_p99_us),
+    ),
+    (
+        "holdfast_backend_connect_latency_max_seconds",
+        Kind::Gauge,
+        "Longest time to establish a connection to the backend (0 before any).",
+        |b| seconds(b.connect_latency_max_us),
+    ),
+];
+
+/// Renders every family.
+pub fn render(stats: &StatsSnapshot, backends: &[BackendStatsSnapshot]) -> String {
+    let mut out = String::with_capacity(4096 + 2048 * backends.len());
+    // Writing to a String cannot fail.
+    let _ = write_all(&mut out, stats, backends);
+    out
+}
+
+fn write_all(
+    out: &mut String,
+    stats: &StatsSnapshot,
+    backends: &[BackendStatsSnapshot],
+) -> fmt::Result {
+    family(
+        out,
+        "holdfast_build_info",
+        Kind::Gauge,
+        "Always 1; the version label says which holdfast this is.",
+    )?;
+    writeln!(
+        out,
+        "holdfast_build_info{{version=\"{}\"}} 1",
+        escape(env!("CARGO_PKG_VERSION"))
+    )?;
+    for &(name, kind, help, value) in GLOBAL {
+        family(out, name, kind, help)?;
+        writeln!(out, "{name} {}", value(stats))?;
+    }
+    family(
+        out,
+        "holdfast_backend_state",
+        Kind::Gauge,
+        "1 for the backend's current state (up, down or drain), 0 for the others.",
+    )?;
+    for b in backends {
+        let backend = escape(&b.addr.to_string());
+        for state in STATES {
+            writeln!(
+                out,
+                "holdfast_backend_state{{backend=\"{backend}\",state=\"{}\"}} {}",
+                state_name(state),
+                u8::from(b.state == state)
+            )?;
+        }
+    }
+    for &(name, kind, help, value) in PER_BACKEND {
+        family(out, name, kind, help)?;
+        for b in backends {
+            let backend = escape(&b.addr.to_string());
+            writeln!(out, "{name}{{backend=\"{backend}\"}} {}", value(b))?;
+        }
+    }
+    Ok(())
+}
+
+fn family(out: &mut String, name: &str, kind: Kind, help: &str) -> fmt::Result {
+    writeln!(out, "# HELP {name} {help}")?;
+    writeln!(out, "# TYPE {name} {}", kind.name())
+}
+
+/// A label value as the format wants it: backslash, double quote and newline escaped.
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{BackendState, WEIGHT_SCALE};
+
+    fn backend(addr: &str, state: BackendState) -> BackendStatsSnapshot {
+        BackendStatsSnapshot {
+            addr: addr.parse().unwrap(),
+            weight: 2,
+            effective_weight: WEIGHT_SCALE, // half way through slow start
+            state,
+            active: 1,
+            total: 7,
+            connect_failures: 3,
+            passive_failures: 1,
+            bytes_client_to_backend: 100,
+            bytes_backend_to_client: 200,
+            connect_latency_p50_us: 120,
+            connect_latency_p99_us: 1_500,
+            connect_latency_max_us: 2_000_000,
+        }
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_one_sample_per_backend() {
+        let backends = [
+            backend("127.0.0.1:1", BackendState::Up),
+            backend("[::1]:2", BackendState::Drain),
+        ];
+        let text = render(&StatsSnapshot::default(), &backends);
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if let Some(help) = line.strip_prefix("# HELP ") {
+                let name = help.split(' ').next().unwrap();
+                assert!(name.starts_with("holdfast_"), "{line}");
+                assert!(
+                    lines[i + 1].starts_with(&format!("# TYPE {name} ")),
+                    "no TYPE after {line}"
+                );
+                if lines[i + 1].ends_with(" counter") {
+                    assert!(name.ends_with("_total"), "counter {name}");
+                }
+            } else if !line.starts_with("# TYPE ") {
+                assert!(line.starts_with("holdfast_"), "{line}");
+            }
+        }
+        let samples = |name: &str| {
+            lines
+                .iter()
+                .filter(|l| {
+                    l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))
+                })
+                .count()
+        };
+        assert_eq!(samples("holdfast_accepted_total"), 1);
+        for &(name, ..) in PER_BACKEND {
+            assert_eq!(samples(name), 2, "{name}");
+        }
+        assert_eq!(samples("holdfast_backend_state"), 6);
+    }
+
+    #[test]
+    fn backend_values() {
+        let text = render(
+            &StatsSnapshot::default(),
+            &[backend("[::1]:2", BackendState::Drain)],
+        );
+        for expected in [
+            "holdfast_backend_up{backend=\"[::1]:2\"} 0",
+            "holdfast_backend_state{backend=\"[::1]:2\",state=\"up\"} 0",
+            "holdfast_backend_state{backend=\"[::1]:2\",state=\"down\"} 0",
+            "holdfast_backend_state{backend=\"[::1]:2\",state=\"drain\"} 1",
+            "holdfast_backend_weight{backend=\"[::1]:2\"} 2",
+            "holdfast_backend_effective_weight{backend=\"[::1]:2\"} 1",
+            "holdfast_backend_sessions_total{backend=\"[::1]:2\"} 7",
+            "holdfast_backend_connect_latency_p50_seconds{backend=\"[::1]:2\"} 0.00012",
+            "holdfast_backend_connect_latency_p99_seconds{backend=\"[::1]:2\"} 0.0015",
+            "holdfast_backend_connect_latency_max_seconds{backend=\"[::1]:2\"} 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == expected),
+                "missing {expected}\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape("x\ny"), "x\\ny");
+    }
+
+    #[test]
+    fn values_print_in_the_format() {
+        assert_eq!(Value::Int(42).to_string(), "42");
+        assert_eq!(Value::Float(0.5).to_string(), "0.5");
+        assert_eq!(Value::Float(1e-7).to_string(), "0.0000001");
+        assert_eq!(Value::Float(f64::INFINITY).to_string(), "+Inf");
+        assert_eq!(Value::Float(f64::NAN).to_string(), "NaN");
+    }
+}

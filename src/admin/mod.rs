@@ -1,0 +1,264 @@
+//! The admin endpoint (`--admin ADDR`): metrics, backend state, and the runtime API.
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `GET /metrics` | Prometheus text exposition format (0.0.4), holdfast_* families |
+//! | `GET /backends` | JSON array, one object per backend |
+//! | `GET /backends/{addr}` | that backend's JSON object |
+//! | `POST /backends/{addr}/drain` | no new sessions for it; live ones continue |
+//! | `POST /backends/{addr}/ready` | back in rotation after a drain |
+//! | `POST /backends/{addr}/weight` | body: the new weight, `1`..=`256`, as plain text |
+//!
+//! `{addr}` is `IP:PORT`, `[IPv6]:PORT`, either one percent-encoded or not. A change answers
+//! 200 with the backend's JSON object as it is once the workers have been sent the change.
+//! Errors answer 4xx (5xx while shutting down) with a one-line reason as plain text.
+//!
+//! # How it is served
+//!
+//! hyper's HTTP/1.1 server on a single-threaded tokio runtime, on a thread of its own
+//! (`holdfast-admin`). It reads and changes the balancer only through a [`Controller`], so
+//! the data plane never waits for it. What a client can cost is bounded: at most
+//! [`MAX_CONNECTIONS`] connections (more are answered 503 and closed), request heads of at
+//! most [`MAX_HEAD_BYTES`] that must arrive within [`HEAD_TIMEOUT`] (which also closes idle
+//! keep-alive connections), bodies of at most [`MAX_BODY_BYTES`] within [`BODY_TIMEOUT`],
+//! and a connection is wound down after [`MAX_CONNECTION_AGE`] (the request in flight is
+//! answered first, for at most [`CLOSE_GRACE`]), which also bounds a client that never reads
+//! its response. A failed `accept` (out of descriptors) is retried after a pause rather than
+//! ending the endpoint: it matters most when the balancer is in trouble.
+//!
+//! [`AdminServer::stop`] closes the listener, drops every connection and joins the thread; the
+//! only thing that can delay it is a runtime change in progress, which waits for the health
+//! thread's answer.
+
+mod metrics;
+mod routes;
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use crate::control::Controller;
+use routes::Reply;
+
+/// Connections served at once; one more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Largest request head (request line and headers) accepted.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Largest request body accepted; a larger one is answered 413.
+pub const MAX_BODY_BYTES: usize = 1024;
+/// Time a client has to send a request head, and the longest a keep-alive connection idles.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to send a request body once its head has arrived.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection older than this is closed once its request in flight (if any) is answered.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// How long the request in flight may take to finish when a connection is wound down.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (descriptors or memory ran out) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The admin HTTP server, on a thread of its own. It reads through a [`Controller`] and
+/// never touches the data plane.
+pub struct AdminServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AdminServer {
+    /// Binds `addr` and starts serving. Binding errors are returned here, not logged later.
+    pub fn start(addr: SocketAddr, control: Controller) -> io::Result<AdminServer> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .thread_name("holdfast-admin")
+            .build()?;
+        let listener = std::net::TcpListener::bind(addr)?;
+        let local = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let listener = {
+            // Registering with the reactor needs the runtime's context.
+            let _entered = runtime.enter();
+            TcpListener::from_std(listener)?
+        };
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("holdfast-admin".into())
+            .spawn(move || {
+                runtime.block_on(serve(listener, control, stop_rx));
+                // Dropping the runtime drops every connection task, closing its socket.
+                drop(runtime);
+                log::debug!("admin endpoint stopped");
+            })?;
+        Ok(AdminServer {
+            addr: local,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The bound address (the real port when port 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving and waits for the thread: once it returns, the port refuses connections
+    /// and every admin connection is closed.
+    pub fn stop(self) {
+        // Drop does it.
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            // An error means the thread has already ended; joining says how.
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            log::error!("the admin endpoint's thread panicked");
+        }
+    }
+}
+
+/// Accepts until told to stop (or until the [`AdminServer`] is gone).
+async fn serve(listener: TcpListener, control: Controller, mut stop: oneshot::Receiver<()>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Accept failures and a full house come in streaks (descriptors stay short for a while, a
+    // client opens connections in a loop): one warning per streak, not one per connection.
+    let mut failing = false;
+    let mut full = false;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if std::mem::take(&mut failing) {
+                    log::info!("admin endpoint: accepting again");
+                }
+                match Arc::clone(&slots).try_acquire_owned() {
+                    Ok(slot) => {
+                        full = false;
+                        tokio::spawn(serve_connection(stream, control.clone(), slot));
+                    }
+                    Err(_) => {
+                        if !std::mem::replace(&mut full, true) {
+                            log::warn!(
+                                "admin endpoint: {MAX_CONNECTIONS} connections open; refusing \
+                                 {peer} and others until one closes"
+                            );
+                        }
+                        refuse_busy(&stream);
+                    }
+                }
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut failing, true) {
+                    log::warn!(
+                        "admin endpoint: accept failed: {e}; retrying every {ACCEPT_BACKOFF:?}"
+                    );
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => break,
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+            }
+        }
+    }
+    // The listener closes here, before the thread is joined.
+}
+
+/// Tells a client over the connection limit why it is closed, if its socket takes the few
+/// bytes at once; never waits.
+fn refuse_busy(stream: &TcpStream) {
+    let body = "too many admin connections\n";
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
+         content-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
+}
+
+/// Serves one connection's requests (keep-alive allowed) within the bounds above.
+async fn serve_connection(stream: TcpStream, control: Controller, _slot: OwnedSemaphorePermit) {
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |request| {
+        let control = control.clone();
+        async move { Ok::<_, Infallible>(handle(request, &control).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let mut connection = pin!(builder.serve_connection(TokioIo::new(stream), service));
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                log::debug!("admin connection: {e}");
+            }
+            return;
+        }
+        _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    if tokio::time::timeout(CLOSE_GRACE, connection).await.is_err() {
+        log::debug!("admin connection: closed after {MAX_CONNECTION_AGE:?} and a grace period");
+    }
+}
+
+/// Reads a bounded body (POST only; others are not read), then answers.
+async fn handle(request: Request<Incoming>, control: &Controller) -> Response<Full<Bytes>> {
+    let (head, body) = request.into_parts();
+    let body = if head.method == Method::POST {
+        let collected =
+            tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY_BYTES).collect()).await;
+        match collected {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(e)) if e.is::<LengthLimitError>() => {
+                return Reply::text(
+                    hyper::StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body over {MAX_BODY_BYTES} bytes"),
+                )
+                .into_response();
+            }
+            Ok(Err(e)) => {
+                return Reply::text(
+                    hyper::StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {e}"),
+                )
+                .into_response();
+            }
+            Err(_) => {
+                return Reply::text(
+                    hyper::StatusCode::REQUEST_TIMEOUT,
+                    format!("request body not received within {BODY_TIMEOUT:?}"),
+                )
+                .into_response();
+            }
+        }
+    } else {
+        Bytes::new()
+    };
+    routes::route(&head.method, head.uri.path(), &body, control).into_response()
+}
