@@ -310,7 +310,7 @@ fn library_drain_counts_only_the_sessions_it_closed() {
 // ---------------------------------------------------------------------------------------------
 
 /// A round-robin balancer with one worker (so the rotation is predictable) over `backends`.
-fn round_robin_lb(backends: &[SocketAddr]) -> holdfast::Config {
+fn round_robin_config(backends: &[SocketAddr]) -> holdfast::Config {
     let mut cfg = config(backends);
     cfg.algorithm = Algorithm::RoundRobin;
     cfg.workers = 1;
@@ -321,7 +321,7 @@ fn round_robin_lb(backends: &[SocketAddr]) -> holdfast::Config {
 fn drained_backend_gets_no_new_sessions_and_ready_restores_it() {
     let a = TaggedBackend::start("a");
     let b = TaggedBackend::start("b");
-    let lb = start_balancer(round_robin_lb(&[a.addr(), b.addr()]));
+    let lb = start_balancer(round_robin_config(&[a.addr(), b.addr()]));
     let target = lb_addr(&lb);
     let first = connect_tagged(target);
     let second = connect_tagged(target);
@@ -361,7 +361,7 @@ fn backend_drain_timeout_closes_only_that_backends_sessions_spread_out() {
     const SPREAD: Duration = Duration::from_millis(300);
     let a = TaggedBackend::start("a");
     let b = TaggedBackend::start("b");
-    let mut cfg = round_robin_lb(&[a.addr(), b.addr()]);
+    let mut cfg = round_robin_config(&[a.addr(), b.addr()]);
     cfg.backend_drain_timeout = Some(TIMEOUT);
     cfg.close_spread = SPREAD;
     let lb = start_balancer(cfg);
@@ -545,7 +545,7 @@ fn dns_name_follows_answers_and_keeps_the_last_one() {
     // name's port is ignored.
     let answer: Arc<Mutex<io::Result<Vec<SocketAddr>>>> = Arc::new(Mutex::new(Ok(vec![a.addr()])));
     let lookups = Arc::new(AtomicUsize::new(0));
-    let mut cfg = round_robin_lb(&[]);
+    let mut cfg = round_robin_config(&[]);
     cfg.backend_dns = vec!["pool.example.test:7000".parse().unwrap()];
     cfg.dns_interval = ms(100);
     cfg.resolver = {
@@ -651,7 +651,7 @@ fn dns_keeps_the_last_answer_beside_other_backends() {
     // The test resolver, as in the test above: the test's answer, lookups counted.
     let answer: Arc<Mutex<io::Result<Vec<SocketAddr>>>> = Arc::new(Mutex::new(Ok(vec![a.addr()])));
     let lookups = Arc::new(AtomicUsize::new(0));
-    let mut cfg = round_robin_lb(&[standby.addr()]);
+    let mut cfg = round_robin_config(&[standby.addr()]);
     cfg.backend_dns = vec!["pool.example.test:7000".parse().unwrap()];
     cfg.dns_interval = ms(100);
     cfg.resolver = {
