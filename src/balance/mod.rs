@@ -15,7 +15,7 @@
 //!   backend across instances and restarts and moves few clients when the
 //!   backend set changes; a down backend's clients fall through to
 //!   neighbouring slots without disturbing anyone else's.
-//! * [`least_conn`]: weighted least-connections, for workloads whose
+//! * [`least_conn`](mod@least_conn): weighted least-connections, for workloads whose
 //!   connections differ widely in lifetime or cost.
 //! * [`round_robin`]: nginx's smooth weighted round-robin, the cheap
 //!   default when connections are alike: exact weight proportions with no
