@@ -10,6 +10,7 @@ mod algorithms;
 mod cli;
 mod health;
 mod idle;
+mod lifecycle;
 mod limits;
 mod pacing;
 mod relay;

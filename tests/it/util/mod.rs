@@ -1400,3 +1400,120 @@ pub fn passive_failures(lb: &Holdfast, addr: SocketAddr) -> u64 {
 pub fn effective_weight(lb: &Holdfast, addr: SocketAddr) -> u32 {
     backend_stat(lb, addr).effective_weight
 }
+
+// ---------------------------------------------------------------------------------------------
+// Lifecycle: signals, exits, refusals, tags and backend files
+// ---------------------------------------------------------------------------------------------
+
+impl Child {
+    /// Sends `signal` without waiting for anything; returns the instant just after `kill`
+    /// returned (the signal has been sent by then), to measure reactions from.
+    #[track_caller]
+    pub fn signal(&self, signal: i32) -> Instant {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal} failed");
+        Instant::now()
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Whether a connect to `addr` is refused (ECONNREFUSED) now. A connect that succeeds is
+/// closed at once.
+pub fn connect_refused(addr: SocketAddr) -> bool {
+    match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+        Err(e) => e.kind() == io::ErrorKind::ConnectionRefused,
+        Ok(_) => false,
+    }
+}
+
+/// Polls connects to `addr` until one is refused; returns when that was. Panics if connects
+/// are still not refused after `timeout`.
+#[track_caller]
+pub fn wait_refused(addr: SocketAddr, timeout: Duration) -> Instant {
+    let mut refused_at = None;
+    wait_until_ok(timeout, || {
+        if connect_refused(addr) {
+            refused_at = Some(Instant::now());
+            Ok(())
+        } else {
+            Err(format!("{addr} still accepts connections"))
+        }
+    });
+    refused_at.expect("set when the wait succeeded")
+}
+
+/// Sleeps until `at` (at once if it has passed). For tests that check that nothing happens
+/// before a moment, where there is no condition to wait for.
+pub fn sleep_until(at: Instant) {
+    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+}
+
+/// A new client of `target` and the tag of the [`TaggedBackend`] it reached.
+#[track_caller]
+pub fn connect_tagged(target: SocketAddr) -> (String, TcpStream) {
+    let mut c = client(target);
+    let tag = read_line(&mut c);
+    (tag, c)
+}
+
+/// The tags reached by `n` new clients of `target`, one after another (each closed before
+/// the next connects).
+#[track_caller]
+pub fn tags_of_new_clients(target: SocketAddr, n: usize) -> Vec<String> {
+    (0..n).map(|_| connect_tagged(target).0).collect()
+}
+
+/// How many of `tags` are `tag`.
+pub fn count_tag(tags: &[String], tag: &str) -> usize {
+    tags.iter().filter(|t| *t == tag).count()
+}
+
+/// A file in the temporary directory, removed on drop (a `--backends-file`, say).
+pub struct TempFile {
+    path: PathBuf,
+}
+
+impl TempFile {
+    #[track_caller]
+    pub fn new(what: &str, contents: &str) -> TempFile {
+        let file = TempFile {
+            path: temp_path(what),
+        };
+        file.write(contents);
+        file
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Replaces the contents.
+    #[track_caller]
+    pub fn write(&self, contents: &str) {
+        fs::write(&self.path, contents)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", self.path.display()));
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
