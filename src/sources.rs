@@ -151,6 +151,11 @@ impl Sources {
             .resolver
             .resolve(&name.host, name.port)
             .map_err(|e| format!("cannot resolve {name}: {e}"))?;
+        // An empty answer is a failed lookup, not a request to remove every backend the name
+        // gave: it keeps the last answer, as an error does.
+        if addrs.is_empty() {
+            return Err(format!("{name} resolves to no address"));
+        }
         // A stable order, so an unchanged answer in another order is no change.
         addrs.sort();
         addrs.dedup();
@@ -250,6 +255,13 @@ mod tests {
         assert_eq!(sources.refresh_dns(), (false, vec![]));
         answers.lock().unwrap().pop();
         assert_eq!(sources.refresh_dns(), (true, vec![]));
+        assert_eq!(sources.backends().len(), 1);
+        answers.lock().unwrap().clear();
+        let (changed, errors) = sources.refresh_dns();
+        assert!(
+            !changed && errors.len() == 1,
+            "an empty answer keeps the last one"
+        );
         assert_eq!(sources.backends().len(), 1);
     }
 }

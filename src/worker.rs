@@ -215,10 +215,22 @@ impl Worker {
     fn handle_control(&mut self) -> bool {
         loop {
             match self.control.try_recv() {
-                // Round-robin keeps its credits across sets (it resets itself if the number of
-                // backends changes): restarting on every publish, 32 times per slow-start
-                // window, would hand every tie to the first backend.
-                Ok(Control::Backends(set)) => self.backends = set,
+                // Round-robin keeps its credits across sets that list the same backends in the
+                // same places: restarting on every publish (32 times per slow-start window,
+                // every state change) would hand every tie to the first backend. A set that
+                // moved backends around gets a fresh rotation.
+                Ok(Control::Backends(set)) => {
+                    let same_places = set.len() == self.backends.len()
+                        && set
+                            .backends
+                            .iter()
+                            .zip(&self.backends.backends)
+                            .all(|(a, b)| a.spec.addr == b.spec.addr);
+                    if !same_places {
+                        self.picker.reset();
+                    }
+                    self.backends = set;
+                }
                 Ok(Control::Drain { timeout, spread }) => self.start_drain(timeout, spread),
                 Ok(Control::CloseBackend { addr, spread }) => {
                     let keys: Vec<usize> = self
@@ -1075,6 +1087,10 @@ impl Picker {
             round_robin: SmoothRoundRobin::default(),
             rng: seed | 1,
         }
+    }
+
+    fn reset(&mut self) {
+        self.round_robin = SmoothRoundRobin::default();
     }
 
     fn next_random(&mut self) -> u64 {
