@@ -337,14 +337,18 @@ def main():
     with open(os.path.join(d, "rounds.md"), "w") as f:
         f.write("\n".join(detail) + "\n")
 
+    # The HAProxy configuration and the commands are part of the published result.
+    full = (
+        table
+        + "\n### HAProxy configuration (variant `default`; the others add the lines shown)\n\n```\n"
+        + meta["haproxy_config"]
+        + "```\n\n- `splice`: `option splice-request` + `option splice-response` in `defaults`\n"
+        + "- `splice-auto`: `option splice-auto` in `defaults`\n\n"
+        + "### Commands\n\n```\n" + "\n".join(meta["commands"]) + "\n```\n"
+    )
     with open(os.path.join(d, "results.md"), "w") as f:
-        f.write(table)
-        f.write("\n### HAProxy configuration (variant `default`; the others add the lines shown)\n\n```\n")
-        f.write(meta["haproxy_config"])
-        f.write("```\n\n- `splice`: `option splice-request` + `option splice-response` in `defaults`\n")
-        f.write("- `splice-auto`: `option splice-auto` in `defaults`\n\n")
-        f.write("### Commands\n\n```\n" + "\n".join(meta["commands"]) + "\n```\n")
-    sys.stdout.write(table)
+        f.write(full)
+    sys.stdout.write(full)
 
 
 if __name__ == "__main__":
