@@ -34,7 +34,7 @@ if ((QUICK)); then
 else
     ROUNDS=${ROUNDS:-3} DUR=5s WARM=0.5s
 fi
-SIZES=(512 2048 4096 8192 16384 32768 65536)
+SIZES=(512 2048 4096 8192 12288 16384 32768 65536)
 CONNS=50
 RATE=5000 # 5000 req/s x 64 KiB = 328 MB/s each way at the largest size
 MODES=(copy splice auto)
