@@ -373,6 +373,8 @@ struct Server {
     addr: SocketAddr,
     _guard: Socket,
     listener: Arc<Mutex<Option<TcpListener>>>,
+    /// Asks the accept thread to close the listener once its accept queue is empty.
+    close_request: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     accepted: Arc<AtomicUsize>,
     open: Arc<AtomicUsize>,
@@ -386,13 +388,15 @@ impl Server {
         let (guard, addr) = port_guard().expect("reserve a port for a fake backend");
         let listener = bind_listener(addr).expect("bind fake backend");
         let listener = Arc::new(Mutex::new(Some(listener)));
+        let close_request = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(AtomicUsize::new(0));
         let conns = Arc::new(Mutex::new(HashMap::new()));
         let thread = {
-            let (listener, stop, accepted, open, conns) = (
+            let (listener, close_request, stop, accepted, open, conns) = (
                 Arc::clone(&listener),
+                Arc::clone(&close_request),
                 Arc::clone(&stop),
                 Arc::clone(&accepted),
                 Arc::clone(&open),
@@ -402,11 +406,19 @@ impl Server {
                 let next_id = AtomicU64::new(0);
                 while !stop.load(SeqCst) {
                     let accepted_conn = {
-                        let guard = lock(&listener);
+                        let mut guard = lock(&listener);
                         // The listener is non-blocking: nothing to accept means a short
                         // nap outside the lock, then a look at `stop` again.
                         match guard.as_ref().map(|l| l.accept()) {
                             Some(Ok(conn)) => Some(conn),
+                            // Closing a listener resets the connections still waiting in
+                            // its accept queue, which a client of the proxy would see as
+                            // a failure after a successful connect. A stop asked for by
+                            // the test closes it right after the queue was found empty.
+                            Some(Err(_)) if close_request.swap(false, SeqCst) => {
+                                *guard = None;
+                                None
+                            }
                             _ => {
                                 drop(guard);
                                 std::thread::sleep(Duration::from_millis(2));
@@ -443,6 +455,7 @@ impl Server {
             addr,
             _guard: guard,
             listener,
+            close_request,
             stop,
             accepted,
             open,
@@ -452,11 +465,25 @@ impl Server {
     }
 
     fn set_refusing(&self, refusing: bool) {
-        let mut slot = lock(&self.listener);
         if refusing {
-            *slot = None; // closes the listening socket: connects are refused
+            // The accept thread closes the listening socket (connects are then refused)
+            // once everything already in its accept queue has been taken in.
+            if lock(&self.listener).is_none() {
+                return;
+            }
+            self.close_request.store(true, SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while lock(&self.listener).is_some() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the accept thread of {} never closed its listener",
+                    self.addr
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
             return;
         }
+        let mut slot = lock(&self.listener);
         if slot.is_some() {
             return;
         }
