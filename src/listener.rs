@@ -7,7 +7,9 @@
 use std::net::SocketAddr;
 
 use mio::net::TcpListener;
-use socket2::{Domain, Protocol, Socket, Type};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::config::Config;
 use crate::error::StartError;
@@ -22,10 +24,13 @@ pub fn bind_all(config: &Config) -> Result<(Vec<SocketAddr>, Vec<Vec<TcpListener
     for &requested in &config.listen {
         let mut addr = requested;
         for listeners in per_worker.iter_mut() {
-            let listener = bind_one(addr, config.backlog).map_err(|source| StartError::Listen {
-                addr: requested,
-                source,
-            })?;
+            let listener =
+                bind_one(addr, config.backlog, config.tcp_keepalive).map_err(|source| {
+                    StartError::Listen {
+                        addr: requested,
+                        source,
+                    }
+                })?;
             if addr.port() == 0 {
                 addr = listener.local_addr().map_err(|source| StartError::Listen {
                     addr: requested,
@@ -39,7 +44,11 @@ pub fn bind_all(config: &Config) -> Result<(Vec<SocketAddr>, Vec<Vec<TcpListener
     Ok((addrs, per_worker))
 }
 
-fn bind_one(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
+fn bind_one(
+    addr: SocketAddr,
+    backlog: i32,
+    keepalive: Option<Duration>,
+) -> std::io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         // `[::]:443` should not also claim the IPv4 port; users list `0.0.0.0:443` for that.
@@ -52,7 +61,56 @@ fn bind_one(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    // Set once here rather than on every accepted socket: on Linux an accepted socket is a
+    // clone of its listener and inherits them (see sys::ACCEPT_INHERITS_SOCKET_OPTIONS).
+    tune_socket(SockRef::from(&socket), keepalive);
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// TCP_NODELAY (a proxy must not add Nagle delay to small messages) and keepalive (so a peer
+/// that vanished is noticed on an otherwise idle long-lived connection).
+pub(crate) fn tune_socket(sock: SockRef<'_>, keepalive: Option<Duration>) {
+    let mut result = sock.set_tcp_nodelay(true);
+    if let Some(idle) = keepalive {
+        let interval = idle.clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let ka = TcpKeepalive::new().with_time(idle).with_interval(interval);
+        result = result.and_then(|()| sock.set_tcp_keepalive(&ka));
+    }
+    if let Err(e) = result {
+        log::debug!("cannot set socket options: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The worker skips tuning accepted sockets where the platform says they inherit the
+    /// listener's options; this checks the platform really does.
+    #[test]
+    fn accepted_sockets_carry_the_listeners_options() {
+        let keepalive = Duration::from_secs(37);
+        let listener = bind_one("127.0.0.1:0".parse().unwrap(), 16, Some(keepalive)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let accepted = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        let sock = SockRef::from(&accepted);
+        if crate::sys::ACCEPT_INHERITS_SOCKET_OPTIONS {
+            assert!(sock.tcp_nodelay().unwrap(), "TCP_NODELAY inherited");
+            assert!(sock.keepalive().unwrap(), "SO_KEEPALIVE inherited");
+            assert_eq!(
+                sock.tcp_keepalive_time().unwrap(),
+                keepalive,
+                "TCP_KEEPIDLE inherited"
+            );
+        }
+    }
 }

@@ -25,15 +25,17 @@ use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
-use socket2::{SockRef, TcpKeepalive};
+use socket2::SockRef;
 
 use crate::backend::{BackendSet, RateLimit};
 use crate::balance::{Load, SmoothRoundRobin, least_conn};
 use crate::config::{Algorithm, Config};
 use crate::health::{Command, HealthLink};
+use crate::listener::tune_socket;
 use crate::relay::{Outcome, Pools, Pump, Readiness};
 use crate::session::{CloseReason, Phase, Session, Upstream};
 use crate::stats::Counters;
+use crate::sys;
 use crate::timer::{Timer, TimerKind, Timers};
 use crate::token::{Side, Target};
 
@@ -328,7 +330,10 @@ impl Worker {
     }
 
     fn start_session(&mut self, client: TcpStream, client_addr: SocketAddr, listener: usize) {
-        tune_socket(&client, self.config.tcp_keepalive);
+        // On Linux the accepted socket already carries the listener's options.
+        if !sys::ACCEPT_INHERITS_SOCKET_OPTIONS {
+            tune_socket(SockRef::from(&client), self.config.tcp_keepalive);
+        }
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
         let id = self.next_id;
@@ -625,7 +630,14 @@ impl Worker {
         ready.hung_up |= event.is_read_closed() || failed;
 
         match session.phase {
-            Phase::Connecting { .. } if side == Side::Backend => self.check_connect(key),
+            Phase::Connecting { .. } if side == Side::Backend => {
+                // A plain writable event, with no error or hang-up beside it.
+                let clean = event.is_writable()
+                    && !failed
+                    && !event.is_read_closed()
+                    && !event.is_write_closed();
+                self.check_connect(key, clean)
+            }
             // Client bytes wait until the backend is connected.
             Phase::Accepted | Phase::Queued | Phase::Connecting { .. } => {}
             Phase::Relaying { .. } => self.relay(key),
@@ -633,7 +645,8 @@ impl Worker {
     }
 
     /// The backend socket of a connecting session changed readiness: did the connect succeed?
-    fn check_connect(&mut self, key: usize) {
+    /// `clean` says the event was writable with no error or hang-up flagged beside it.
+    fn check_connect(&mut self, key: usize, clean: bool) {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
@@ -641,6 +654,12 @@ impl Worker {
             return;
         };
         if !upstream.ready.writable {
+            return;
+        }
+        // Where the platform promises a clean writable event only for an established
+        // connection, that event is proof enough and costs no syscall.
+        if clean && sys::WRITABLE_MEANS_CONNECTED {
+            self.connected(key);
             return;
         }
         // mio's recipe: a writable event ends the connect; SO_ERROR says how. If there is no
@@ -680,7 +699,7 @@ impl Worker {
         let stats = &session.set.backends[upstream.index].stats;
         Counters::incr(&stats.total);
         stats.record_connect_latency(self.now.saturating_duration_since(upstream.connect_started));
-        tune_socket(&upstream.socket, self.config.tcp_keepalive);
+        tune_socket(SockRef::from(&upstream.socket), self.config.tcp_keepalive);
         // Bytes may have arrived on either side while connecting, and under edge-triggered
         // readiness their event may already be spent: look once.
         session.client_ready.readable = true;
@@ -753,6 +772,7 @@ impl Worker {
             &upstream.socket,
             &mut upstream.ready,
             &mut self.pools,
+            backend_to_client.is_done(),
         );
         let (down, down_bytes) = backend_to_client.run(
             &upstream.socket,
@@ -760,6 +780,7 @@ impl Worker {
             &session.client,
             &mut session.client_ready,
             &mut self.pools,
+            client_to_backend.is_done(),
         );
         if first_eof.is_none() {
             if backend_to_client.is_done() {
@@ -1049,23 +1070,6 @@ pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
-}
-
-/// TCP_NODELAY (a proxy must not add Nagle delay to small messages) and keepalive (so a peer
-/// that vanished is noticed on an otherwise idle long-lived connection).
-fn tune_socket(stream: &TcpStream, keepalive: Option<Duration>) {
-    let sock = SockRef::from(stream);
-    let mut result = sock.set_tcp_nodelay(true);
-    if let Some(idle) = keepalive {
-        let ka = TcpKeepalive::new().with_time(idle).with_interval(
-            idle.min(Duration::from_secs(10))
-                .max(Duration::from_secs(1)),
-        );
-        result = result.and_then(|()| sock.set_tcp_keepalive(&ka));
-    }
-    if let Err(e) = result {
-        log::debug!("cannot set socket options: {e}");
-    }
 }
 
 /// Chooses backends for one worker. Least-conn and source-hash are stateless here; round-robin

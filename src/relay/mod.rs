@@ -199,6 +199,8 @@ impl Pump {
 
     /// Moves bytes from `src` to `dst` until one of them would block, the source ends, the
     /// budget is spent, or a socket fails. Returns how the turn ended and the bytes written.
+    /// `other_done` says the opposite direction has finished, so this one's end closes the
+    /// session.
     pub fn run(
         &mut self,
         src: &TcpStream,
@@ -206,6 +208,7 @@ impl Pump {
         dst: &TcpStream,
         dst_ready: &mut Readiness,
         pools: &mut Pools,
+        other_done: bool,
     ) -> (Outcome, usize) {
         let mut moved = 0;
         let outcome = loop {
@@ -233,9 +236,14 @@ impl Pump {
             match self.stage {
                 Stage::Done => break Outcome::Done,
                 Stage::Flushing => {
-                    // The peer may already be gone (ENOTCONN); the session's other direction
-                    // will find out on its own, so there is nothing to report here.
-                    let _ = dst.shutdown(Shutdown::Write);
+                    // Forward the EOF. When the other direction is done too, the session is
+                    // about to close the sockets, and close() sends the FIN itself (the
+                    // destination's receive queue is empty: it said EOF), so the shutdown
+                    // call is saved. The peer may already be gone (ENOTCONN); the other
+                    // direction finds out on its own, so there is nothing to report here.
+                    if !other_done {
+                        let _ = dst.shutdown(Shutdown::Write);
+                    }
                     self.stage = Stage::Done;
                     break Outcome::Done;
                 }

@@ -5,6 +5,17 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 pub const SPLICE_AVAILABLE: bool = true;
 
+/// An accepted TCP socket is cloned from its listener and keeps TCP_NODELAY and the keepalive
+/// settings, so they are set once on the listener (checked by a test in listener.rs).
+pub const ACCEPT_INHERITS_SOCKET_OPTIONS: bool = true;
+
+/// epoll reports a connecting TCP socket writable only once the handshake is done
+/// (`tcp_poll` withholds EPOLLOUT in SYN_SENT unless TCP_FASTOPEN_CONNECT defers the
+/// connect, which holdfast never asks for); a failed connect comes with EPOLLERR. So a
+/// writable event without error or hang-up means connected, with no SO_ERROR or
+/// getpeername call to confirm it.
+pub const WRITABLE_MEANS_CONNECTED: bool = true;
+
 /// Turns the C convention (-1 and errno) into an `io::Result`.
 macro_rules! syscall {
     ($fn:ident ( $($arg:expr),* $(,)? )) => {{

@@ -5,6 +5,10 @@
 //! signatures:
 //!
 //! - `SPLICE_AVAILABLE: bool`, whether zero-copy relaying can work at all on this platform;
+//! - `ACCEPT_INHERITS_SOCKET_OPTIONS: bool`, whether an accepted socket keeps the listener's
+//!   TCP_NODELAY and keepalive settings (so they need not be set again per connection);
+//! - `WRITABLE_MEANS_CONNECTED: bool`, whether a writable event with no error or hang-up on a
+//!   connecting socket proves the connect succeeded (so SO_ERROR need not be asked);
 //! - `Pipe`, a non-blocking, close-on-exec kernel pipe, closed on drop;
 //! - `Pipe::new() -> io::Result<Pipe>`;
 //! - `splice_in(src, &Pipe, len) -> io::Result<usize>`: move up to `len` bytes from a socket

@@ -6,6 +6,13 @@ use std::os::fd::AsFd;
 
 pub const SPLICE_AVAILABLE: bool = false;
 
+/// Not relied on elsewhere: accepted sockets are tuned one by one.
+pub const ACCEPT_INHERITS_SOCKET_OPTIONS: bool = false;
+
+/// Not promised by every poller (kqueue, for one, is not documented to): a connect is
+/// confirmed with SO_ERROR and the peer address.
+pub const WRITABLE_MEANS_CONNECTED: bool = false;
+
 /// Never constructed on this platform.
 #[derive(Debug)]
 pub enum Pipe {}
