@@ -382,7 +382,25 @@ fn backends_json_lists_every_backend() {
     let (_, mut c) = tagged(&lb);
     round_trip(&mut c, b"hello");
 
-    let all = get(admin, "/backends").json();
+    // A worker counts bytes after it has written them, so the client may see the echo a
+    // moment before the counters do: wait for the tag line and the echo (2 + 5 bytes) back,
+    // and the 5 bytes sent.
+    let mut all = serde_json::Value::Null;
+    wait_until_ok(Duration::from_secs(3), || {
+        all = get(admin, "/backends").json();
+        let sum = |key: &str| -> u64 {
+            all.as_array()
+                .map(|v| v.iter().filter_map(|b| b[key].as_u64()).sum())
+                .unwrap_or(0)
+        };
+        match (
+            sum("bytes_client_to_backend"),
+            sum("bytes_backend_to_client"),
+        ) {
+            (5, 7) => Ok(()),
+            other => Err(format!("bytes counted so far {other:?}: {all}")),
+        }
+    });
     let all = all.as_array().expect("an array");
     assert_eq!(all.len(), 2, "{all:?}");
     for (json, addr) in all.iter().zip([a.addr(), b.addr()]) {
