@@ -55,8 +55,15 @@ pub struct Upstream {
 pub enum Phase {
     /// Just accepted; no backend chosen yet.
     Accepted,
-    /// Waiting in the worker's queue for a backend with room.
-    Queued,
+    /// Waiting in the worker's queue for a backend with room, until `deadline` (the queue
+    /// timeout from when it joined). A client that is placed, fails its connect and is queued
+    /// again waits a whole new timeout, and the first wait's timer no longer matches.
+    /// `tried` lists the backends that already failed for it (excluded, and counted
+    /// against `--retries`, when it is placed).
+    Queued {
+        deadline: Instant,
+        tried: Vec<usize>,
+    },
     Connecting {
         upstream: Upstream,
         /// Counts connect attempts, so a timer armed for an earlier attempt is ignored.
@@ -97,14 +104,14 @@ pub enum CloseReason {
 impl Session {
     pub fn upstream(&self) -> Option<&Upstream> {
         match &self.phase {
-            Phase::Accepted | Phase::Queued => None,
+            Phase::Accepted | Phase::Queued { .. } => None,
             Phase::Connecting { upstream, .. } | Phase::Relaying { upstream, .. } => Some(upstream),
         }
     }
 
     pub fn upstream_mut(&mut self) -> Option<&mut Upstream> {
         match &mut self.phase {
-            Phase::Accepted | Phase::Queued => None,
+            Phase::Accepted | Phase::Queued { .. } => None,
             Phase::Connecting { upstream, .. } | Phase::Relaying { upstream, .. } => Some(upstream),
         }
     }
@@ -113,7 +120,7 @@ impl Session {
     /// backend yet, and a connect that failed already gave its slot back.
     pub fn holds_backend_slot(&self) -> bool {
         match &self.phase {
-            Phase::Accepted | Phase::Queued => false,
+            Phase::Accepted | Phase::Queued { .. } => false,
             Phase::Connecting {
                 upstream, tried, ..
             } => !tried.contains(&upstream.index),

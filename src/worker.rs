@@ -361,26 +361,26 @@ impl Worker {
             return;
         }
         entry.insert(session);
-        if self.place(key, Vec::new()) == Placement::Full {
-            self.enqueue(key);
+        if let Placement::Full(tried) = self.place(key, Vec::new()) {
+            self.enqueue(key, tried);
         }
     }
 
     /// Finds the session a backend and starts connecting to it. `tried` lists backends that
-    /// already failed for this client. On `Full` the session is left as it was (the caller
-    /// queues it or leaves it queued); on `Closed` it is gone.
+    /// already failed for this client. On `Full` the session is left as it was and `tried`
+    /// (with any backend that failed at once added) is handed back for the queue to keep; on
+    /// `Closed` it is gone.
     fn place(&mut self, key: usize, mut tried: Vec<usize>) -> Placement {
         let Some(session) = self.sessions.get(key) else {
             return Placement::Closed;
         };
         let set = Arc::clone(&session.set);
         let (ip, client_addr, id) = (session.client_addr.ip(), session.client_addr, session.id);
-        let attempt = match &session.phase {
-            Phase::Connecting { attempt, .. } => attempt + 1,
-            _ => 0,
-        };
         match self.connect_next(&set, ip, &mut tried) {
             Ok((index, mut socket)) => {
+                // Backends tried so far number the attempts, so a connect timer armed for an
+                // earlier one (even before a stay in the queue) is told apart.
+                let attempt = tried.len() as u32;
                 let registered = self.poll.registry().register(
                     &mut socket,
                     Target::Session(key, Side::Backend).token(),
@@ -415,7 +415,7 @@ impl Worker {
                 });
                 Placement::Connecting
             }
-            Err(NoConnect::Full) => Placement::Full,
+            Err(NoConnect::Full) => Placement::Full(tried),
             Err(why) => {
                 let reason = match why {
                     NoConnect::Exhausted => CloseReason::Exhausted,
@@ -539,7 +539,7 @@ impl Worker {
 
     /// No backend has room: the client waits (it costs its socket and nothing else) until one
     /// has, or until the queue timeout. A full queue closes the client at once.
-    fn enqueue(&mut self, key: usize) {
+    fn enqueue(&mut self, key: usize, tried: Vec<usize>) {
         let max = self.config.limits.max_queue as u64;
         let admitted = self
             .counters
@@ -561,11 +561,12 @@ impl Worker {
             self.close(key, CloseReason::NoBackend);
             return;
         }
-        session.phase = Phase::Queued;
+        let deadline = self.now + self.config.limits.queue_timeout;
+        session.phase = Phase::Queued { deadline, tried };
         Counters::incr(&self.counters.queued_total);
         self.queue.push_back((key, session.id));
         self.timers.push(Timer {
-            at: self.now + self.config.limits.queue_timeout,
+            at: deadline,
             key,
             id: session.id,
             kind: TimerKind::Queue,
@@ -587,16 +588,29 @@ impl Worker {
             let Some(session) = self.sessions.get_mut(key) else {
                 continue;
             };
-            if session.id != id || !matches!(session.phase, Phase::Queued) {
+            if session.id != id || !matches!(session.phase, Phase::Queued { .. }) {
                 continue; // closed while waiting, and the key reused
             }
-            // Out of the queue while it tries; back in (same place) if there is no room.
-            session.set = Arc::clone(&self.backends);
-            session.phase = Phase::Accepted;
+            let Phase::Queued {
+                deadline,
+                mut tried,
+            } = std::mem::replace(&mut session.phase, Phase::Accepted)
+            else {
+                continue;
+            };
+            // Out of the queue while it tries; back in (same place, same deadline) if there
+            // is no room. Backends that already failed for this client stay excluded and
+            // count against --retries: a refusing backend with room must not be hammered by
+            // a client that keeps coming back from the queue. New backends (a reload or a
+            // DNS answer) renumber the set: a fresh start.
+            if !Arc::ptr_eq(&session.set, &self.backends) {
+                session.set = Arc::clone(&self.backends);
+                tried.clear();
+            }
             Counters::decr(&self.counters.queued);
-            if self.place(key, Vec::new()) == Placement::Full {
+            if let Placement::Full(tried) = self.place(key, tried) {
                 if let Some(session) = self.sessions.get_mut(key) {
-                    session.phase = Phase::Queued;
+                    session.phase = Phase::Queued { deadline, tried };
                     Counters::incr(&self.counters.queued);
                 }
                 if sticky {
@@ -639,7 +653,7 @@ impl Worker {
                 self.check_connect(key, clean)
             }
             // Client bytes wait until the backend is connected.
-            Phase::Accepted | Phase::Queued | Phase::Connecting { .. } => {}
+            Phase::Accepted | Phase::Queued { .. } | Phase::Connecting { .. } => {}
             Phase::Relaying { .. } => self.relay(key),
         }
     }
@@ -747,8 +761,8 @@ impl Worker {
             // slot was given back.
             t.clone_from(&tried);
         }
-        if self.place(key, tried) == Placement::Full {
-            self.enqueue(key);
+        if let Placement::Full(tried) = self.place(key, tried) {
+            self.enqueue(key, tried);
         }
     }
 
@@ -897,7 +911,7 @@ impl Worker {
                     Counters::incr(&self.counters.closed_by_drain);
                     self.close(timer.key, CloseReason::Drain);
                 }
-                (TimerKind::Queue, Phase::Queued) => {
+                (TimerKind::Queue, Phase::Queued { deadline, .. }) if timer.at == *deadline => {
                     Counters::incr(&self.counters.queue_timeouts);
                     self.close(timer.key, CloseReason::QueueTimeout);
                 }
@@ -933,7 +947,7 @@ impl Worker {
                 let _ = SockRef::from(other).set_linger(Some(Duration::ZERO));
             }
         }
-        if matches!(session.phase, Phase::Queued) {
+        if matches!(session.phase, Phase::Queued { .. }) {
             Counters::decr(&self.counters.queued);
         }
         if reason == CloseReason::Drain {
@@ -1047,11 +1061,11 @@ enum NoConnect {
 }
 
 /// What became of a session that was given a backend to connect to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 enum Placement {
     Connecting,
-    /// No backend has room; the session is unchanged.
-    Full,
+    /// No backend has room; the session is unchanged. Carries the backends already tried.
+    Full(Vec<usize>),
     Closed,
 }
 

@@ -349,3 +349,73 @@ fn with_source_hash_a_client_waits_for_its_own_backend() {
     );
     round_trip(&mut second, b"mine");
 }
+
+/// A queued client that is placed, finds its backend refusing, and has only full backends
+/// left waits again, a whole new queue timeout: the timer of its first wait must not close
+/// it, and the backend that refused it is not tried again (it has room, but retrying it
+/// straight from the queue once made a busy loop of over 40,000 connects a second). Two tagged backends each hold one client (the cap is 1); W waits (its first deadline
+/// is T0 + 1 s). Half a second in, A stops listening and its client leaves: W is placed on
+/// A, refused, and queued again (deadline about T0 + 1.5 s). At T0 + 1.2 s, past the first
+/// deadline, W is still waiting; then B's client leaves and W is served by B.
+#[test]
+fn a_client_queued_again_after_a_failed_connect_gets_a_fresh_queue_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let mut cfg = config(&[a.addr(), b.addr()]);
+    cfg.workers = 1;
+    cfg.limits.max_conns_per_backend = 1;
+    cfg.limits.queue_timeout = TIMEOUT;
+    cfg.retries = 2;
+    cfg.health.observe_errors = 0; // a refused connect must not take A out of the picture
+    let lb = start_balancer(cfg);
+    let target = lb_addr(&lb);
+
+    let mut holders: Vec<(String, TcpStream)> = (0..2)
+        .map(|_| {
+            let mut c = client(target);
+            (read_line(&mut c), c)
+        })
+        .collect();
+    holders.sort_by(|x, y| x.0.cmp(&y.0));
+    let tags: Vec<&str> = holders.iter().map(|h| h.0.as_str()).collect();
+    assert_eq!(tags, ["a", "b"], "one client on each backend");
+
+    let mut waiting = client(target);
+    let t0 = Instant::now();
+    wait_for_queued(&lb, 1);
+
+    std::thread::sleep(Duration::from_millis(500).saturating_sub(t0.elapsed()));
+    a.set_refusing(true);
+    drop(holders.remove(0)); // A's client leaves: W is placed on A, which refuses
+    wait_until_ok(Duration::from_secs(3), || {
+        let st = lb.stats();
+        let failures = backend_stat(&lb, a.addr()).connect_failures;
+        if failures == 1 && st.queued == 1 && st.queued_total == 2 {
+            Ok(())
+        } else {
+            Err(format!("A connect failures {failures}: {st:?}"))
+        }
+    });
+    let requeued = t0.elapsed();
+
+    // Past the first wait's deadline, well before the second one's.
+    std::thread::sleep((TIMEOUT + Duration::from_millis(200)).saturating_sub(t0.elapsed()));
+    assert!(
+        t0.elapsed() < requeued + TIMEOUT,
+        "too slow to tell the two deadlines apart (queued again at {requeued:?})"
+    );
+    assert_eq!(
+        pending(&waiting),
+        Pending::Nothing,
+        "W should still be waiting {:?} after it first queued (again at {requeued:?})",
+        t0.elapsed()
+    );
+    assert_eq!(lb.stats().queue_timeouts, 0);
+
+    drop(holders.remove(0)); // B's client leaves
+    assert_eq!(read_line(&mut waiting), "b");
+    round_trip(&mut waiting, b"served at last");
+    let st = lb.stats();
+    assert_eq!((st.queued, st.queue_timeouts), (0, 0), "{st:?}");
+}
