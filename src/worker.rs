@@ -858,6 +858,15 @@ impl Worker {
     }
 
     fn fire_timers(&mut self) {
+        if self.timers.needs_compaction() {
+            // Drop the entries of closed sessions (see timer.rs). A live session keeps all of
+            // its entries; ones armed for an earlier attempt are few and expire soon.
+            let sessions = &self.sessions;
+            self.timers.compact(|t| {
+                matches!(t.kind, TimerKind::DrainDeadline { .. })
+                    || sessions.get(t.key).is_some_and(|s| s.id == t.id)
+            });
+        }
         while let Some(timer) = self.timers.pop_expired(self.now) {
             if let TimerKind::DrainDeadline { spread } = timer.kind {
                 let keys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
