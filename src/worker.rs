@@ -706,7 +706,7 @@ impl Worker {
             return;
         };
         let phase = std::mem::replace(&mut session.phase, Phase::Accepted);
-        let Phase::Connecting { mut upstream, .. } = phase else {
+        let Phase::Connecting { upstream, .. } = phase else {
             session.phase = phase;
             return;
         };
@@ -714,10 +714,10 @@ impl Worker {
         Counters::incr(&stats.total);
         stats.record_connect_latency(self.now.saturating_duration_since(upstream.connect_started));
         tune_socket(SockRef::from(&upstream.socket), self.config.tcp_keepalive);
-        // Bytes may have arrived on either side while connecting, and under edge-triggered
-        // readiness their event may already be spent: look once.
-        session.client_ready.readable = true;
-        upstream.ready.readable = true;
+        // Bytes that arrived on either side while connecting are not lost: both sockets were
+        // registered before (a registration reports readiness already there), and every
+        // event since was recorded in their Readiness. So only a side known to be readable
+        // is read, and a backend that has said nothing yet costs no EAGAIN read.
         session.phase = Phase::Relaying {
             upstream,
             client_to_backend: Pump::new(self.config.relay),
