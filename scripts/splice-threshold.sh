@@ -4,7 +4,8 @@
 #   scripts/splice-threshold.sh [--quick] [--rounds N] [--out DIR] [--no-build]
 #
 # holdfast --relay auto copies a direction until one read returns >= 16 KiB
-# (AUTO_SPLICE_THRESHOLD), then splices, and goes back to copying after a splice of < 4 KiB.
+# (AUTO_SPLICE_THRESHOLD), then splices, and goes back to copying after 4 splices in a row
+# of < 4 KiB (AUTO_SMALL_SPLICES).
 # This script measures the cost the switch is supposed to follow: one holdfast per relay mode
 # (copy, splice, and auto for reference; --workers 1) in front of one echo backend, and for
 # each message size a fixed-rate request/response run (same offered load for every mode, so

@@ -129,7 +129,7 @@ def main():
             w("- %s: splice is not cheaper than copying at any measured message size" % label)
         else:
             w("- %s: **splice is cheaper than copying from %s messages up** (at that size and every larger one)" % (label, size_label(c)))
-    w("\nFor reference, holdfast's `auto` switches a direction to splice after a read of >= 16 KiB (AUTO_SPLICE_THRESHOLD) and back after a splice of < 4 KiB.")
+    w("\nFor reference, holdfast's `auto` switches a direction to splice after a read of >= 16 KiB (AUTO_SPLICE_THRESHOLD) and back after 4 splices in a row of < 4 KiB (AUTO_SMALL_SPLICES).")
     if failures:
         w("\n**Failed runs** (excluded):\n")
         for x in failures:
