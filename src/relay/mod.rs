@@ -47,10 +47,10 @@ pub const MAX_POOLED_BUFFERS: usize = 16;
 pub const AUTO_SPLICE_THRESHOLD: usize = 16 * 1024;
 /// In `auto` mode, this many splices in a row of less than a quarter of the threshold switch a
 /// direction back to copying. One is not enough: a stream that the proxy keeps up with often
-/// finds only a few KB waiting, and flipping to copy on each such read sent much of a bulk
-/// stream down the copy path (one echo stream, docs/benchmarks.md: 6.8 Gbit/s and 0.52 CPU
-/// s/GB when one small splice switched back, 8.6 Gbit/s and 0.41 with four; pure splice
-/// 8.3 and 0.42).
+/// finds only a few KB waiting, and with one a bulk echo stream flipped to copying and back
+/// 25–75 times a second (only ~0.1% of its bytes were copied, but each flip costs a copy
+/// read). With four it never flipped; in an interleaved A/B of six 3-second runs the median
+/// went from 7.5 to 7.8 Gbit/s with ~7% less CPU per GB, within this machine's noise.
 pub const AUTO_SMALL_SPLICES: u8 = 4;
 
 /// What is known about one socket's readiness, under edge-triggered notification: set by an
