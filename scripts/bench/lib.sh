@@ -79,12 +79,11 @@ s.close()
 EOF
 }
 
-# start_ready LOG PATTERN TIMEOUT_S CMD...: starts CMD in the background (stdout+stderr to LOG)
-# and waits until LOG has a line matching PATTERN; sets STARTED_PID. Fails (and stops CMD) if
-# it exits or does not get ready in time. Not to be called in a subshell: the pid must reach
-# BENCH_PIDS.
-start_ready() {
-    local logf=$1 pattern=$2 timeout=$3
+# start_when LOG TIMEOUT_S CHECK CMD...: starts CMD in the background (stdout+stderr to LOG)
+# and waits until `eval CHECK` succeeds; sets STARTED_PID. Fails (and stops CMD) if it exits
+# or does not get ready in time. Not to be called in a subshell: the pid must reach BENCH_PIDS.
+start_when() {
+    local logf=$1 timeout=$2 check=$3
     shift 3
     "$@" >"$logf" 2>&1 &
     local pid=$!
@@ -92,7 +91,7 @@ start_ready() {
     STARTED_PID=
     local deadline=$((SECONDS + timeout))
     while ((SECONDS <= deadline)); do
-        if grep -q -- "$pattern" "$logf" 2>/dev/null; then
+        if eval "$check"; then
             STARTED_PID=$pid
             return 0
         fi
@@ -108,6 +107,14 @@ start_ready() {
     sed 's/^/    /' "$logf" >&2
     stop_pid "$pid"
     return 1
+}
+
+# start_ready LOG PATTERN TIMEOUT_S CMD...: start_when, ready once LOG has a line matching
+# PATTERN.
+start_ready() {
+    local logf=$1 pattern=$2 timeout=$3
+    shift 3
+    start_when "$logf" "$timeout" 'grep -q -- "$pattern" "$logf" 2>/dev/null' "$@"
 }
 
 # The address in the first "listening on ADDR" line of a log.
@@ -183,7 +190,7 @@ EOF
 
 # start_haproxy NAME VARIANT BACKEND: HAProxy on a free port; sets PROXY_PID and PROXY_ADDR.
 start_haproxy() {
-    local name=$1 variant=$2 backend=$3 port cfg pid
+    local name=$1 variant=$2 backend=$3 port cfg
     port=$(free_port "$BENCH_IP") || return 1
     cfg=$WORK/$name.cfg
     haproxy_config "$variant" "$BENCH_IP:$port" "$backend" >"$cfg" || return 1
@@ -192,27 +199,11 @@ start_haproxy() {
         sed 's/^/    /' "$WORK/$name.check" >&2
         return 1
     fi
-    haproxy -db -f "$cfg" >"$WORK/$name.log" 2>&1 &
-    pid=$!
-    BENCH_PIDS+=("$pid")
     # HAProxy prints no readiness line: wait for its listening socket.
-    for _ in $(seq 500); do
-        if is_listening "$BENCH_IP" "$port"; then
-            PROXY_PID=$pid
-            PROXY_ADDR=$BENCH_IP:$port
-            return 0
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "error: haproxy exited at start:" >&2
-            sed 's/^/    /' "$WORK/$name.log" >&2
-            stop_pid "$pid"
-            return 1
-        fi
-        sleep 0.02
-    done
-    echo "error: haproxy not listening after 10s" >&2
-    stop_pid "$pid"
-    return 1
+    start_when "$WORK/$name.log" 10 'is_listening "$BENCH_IP" "$port"' \
+        haproxy -db -f "$cfg" || return 1
+    PROXY_PID=$STARTED_PID
+    PROXY_ADDR=$BENCH_IP:$port
 }
 
 # Process CPU time (user + system, all threads) in seconds, from /proc/PID/stat.
