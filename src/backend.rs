@@ -179,6 +179,9 @@ impl RateLimit {
 pub struct Backend {
     pub spec: BackendSpec,
     pub state: BackendState,
+    /// The health checks' (and passive detection's) verdict, whatever an operator's drain
+    /// says: a drained backend can be healthy or not, and its `state` shows only `Drain`.
+    pub healthy: bool,
     /// The weight new connections see, in `WEIGHT_SCALE` units: `spec.weight * WEIGHT_SCALE`
     /// except while slow start ramps it up.
     pub effective_weight: u32,
@@ -191,6 +194,7 @@ impl Backend {
             effective_weight: spec.weight * WEIGHT_SCALE,
             spec,
             state: BackendState::Up,
+            healthy: true,
             stats,
         }
     }
@@ -204,6 +208,8 @@ pub struct BackendStatsSnapshot {
     /// In 1/64ths of `weight` (full weight is `weight * 64`).
     pub effective_weight: u32,
     pub state: BackendState,
+    /// False while health checks or passive detection hold it down, even if drained.
+    pub healthy: bool,
     pub active: u64,
     pub total: u64,
     pub connect_failures: u64,
@@ -312,6 +318,7 @@ impl BackendSet {
                     weight: b.spec.weight,
                     effective_weight: b.effective_weight,
                     state: b.state,
+                    healthy: b.healthy,
                     active: b.stats.active.load(Relaxed),
                     total: b.stats.total.load(Relaxed),
                     connect_failures: b.stats.connect_failures.load(Relaxed),

@@ -6,7 +6,7 @@
 //!
 //! - `holdfast_backend_up` is 1 while the backend takes new sessions (state up), and
 //!   `holdfast_backend_state{state="up|down|drain"}` is a state set: 1 for the current state,
-//!   0 for the others.
+//!   0 for the others. `holdfast_backend_healthy` is the health verdict, also while draining.
 //! - `holdfast_backend_effective_weight` is in units of weight (fractional during slow start).
 //! - Connect latencies are gauges in seconds over the backend's lifetime: p50, p99 and max.
 
@@ -183,6 +183,12 @@ const PER_BACKEND: &[PerBackend] = &[
         |b| Value::Int(u64::from(b.state == crate::backend::BackendState::Up)),
     ),
     (
+        "holdfast_backend_healthy",
+        Kind::Gauge,
+        "1 unless health checks or passive detection hold the backend down (also while draining).",
+        |b| Value::Int(u64::from(b.healthy)),
+    ),
+    (
         "holdfast_backend_weight",
         Kind::Gauge,
         "Configured weight (or the one last set through the admin API).",
@@ -335,6 +341,7 @@ mod tests {
             weight: 2,
             effective_weight: WEIGHT_SCALE, // half way through slow start
             state,
+            healthy: true,
             active: 1,
             total: 7,
             connect_failures: 3,
@@ -393,6 +400,7 @@ mod tests {
         );
         for expected in [
             "holdfast_backend_up{backend=\"[::1]:2\"} 0",
+            "holdfast_backend_healthy{backend=\"[::1]:2\"} 1",
             "holdfast_backend_state{backend=\"[::1]:2\",state=\"up\"} 0",
             "holdfast_backend_state{backend=\"[::1]:2\",state=\"down\"} 0",
             "holdfast_backend_state{backend=\"[::1]:2\",state=\"drain\"} 1",

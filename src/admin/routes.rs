@@ -99,6 +99,8 @@ pub(super) struct BackendView {
     pub addr: SocketAddr,
     /// `up`, `down` or `drain`.
     pub state: &'static str,
+    /// The health verdict, also while drained (`state` then says only `drain`).
+    pub healthy: bool,
     pub weight: u32,
     pub effective_weight: f64,
     pub sessions_active: u64,
@@ -117,6 +119,7 @@ impl From<&BackendStatsSnapshot> for BackendView {
         BackendView {
             addr: b.addr,
             state: state_name(b.state),
+            healthy: b.healthy,
             weight: b.weight,
             effective_weight: effective_weight(b),
             sessions_active: b.active,
@@ -340,6 +343,7 @@ mod tests {
             weight: 2,
             effective_weight: 2 * WEIGHT_SCALE,
             state: BackendState::Drain,
+            healthy: false,
             active: 0,
             total: 0,
             connect_failures: 0,
@@ -353,6 +357,7 @@ mod tests {
         let view = BackendView::from(&snapshot);
         assert_eq!(view.effective_weight, 2.0);
         assert_eq!(view.state, "drain");
+        assert!(!view.healthy);
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(json["addr"], "127.0.0.1:1");
         assert_eq!(json["effective_weight"], 2.0);

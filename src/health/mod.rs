@@ -562,6 +562,7 @@ impl Health {
                     } else {
                         t.state
                     };
+                    backend.healthy = t.state != BackendState::Down;
                     if let (Some(from), Some(window)) = (t.ramp_from, slow_start) {
                         match ramp_weight(backend.effective_weight, now - from, window) {
                             Some(w) => {

@@ -406,6 +406,7 @@ fn backends_json_lists_every_backend() {
     for (json, addr) in all.iter().zip([a.addr(), b.addr()]) {
         assert_eq!(json["addr"], addr.to_string());
         assert_eq!(json["state"], "up");
+        assert_eq!(json["healthy"], true);
         assert_eq!(json["weight"], 1);
         assert_eq!(json["effective_weight"], 1.0);
         for key in [
@@ -513,6 +514,64 @@ fn drain_ready_and_weight_through_the_admin_api() {
     // A newline after the number (as `curl --data-binary @file` sends) is fine.
     let r = post(admin, &format!("/backends/{}/weight", a.addr()), "1\n");
     assert_eq!(r.json()["weight"], 1);
+}
+
+/// A drained backend that then stops answering its health checks still says `drain` as its
+/// state, but `healthy` (JSON and /metrics) shows it is down, and shows it back up once it
+/// answers again; a backend that is only down says so in both.
+#[test]
+fn a_drained_backend_still_shows_its_health() {
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let mut cfg = config(&[a.addr(), b.addr()]);
+    cfg.workers = 1;
+    cfg.admin = Some(localhost0());
+    cfg.health.check = holdfast::HealthCheck::Tcp;
+    cfg.health.interval = Duration::from_millis(50);
+    cfg.health.timeout = Duration::from_millis(300);
+    cfg.health.rise = 1;
+    cfg.health.fall = 1;
+    let lb = start_balancer(cfg);
+    let admin = lb.admin_addr().expect("admin endpoint configured");
+
+    let health = |addr: SocketAddr| {
+        let json = backend_json(admin, addr);
+        let gauge = per_backend(&scrape(admin), "holdfast_backend_healthy", addr);
+        (
+            json["state"].as_str().unwrap_or("?").to_string(),
+            json["healthy"].clone(),
+            gauge,
+        )
+    };
+    let wait_for = |addr: SocketAddr, want: (&str, bool)| {
+        wait_until_ok(Duration::from_secs(5), || {
+            let (state, healthy, gauge) = health(addr);
+            let want_gauge = if want.1 { 1.0 } else { 0.0 };
+            if state == want.0 && healthy == want.1 && gauge == want_gauge {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{addr}: state {state}, healthy {healthy}, gauge {gauge}"
+                ))
+            }
+        })
+    };
+    wait_for(a.addr(), ("up", true));
+
+    assert_eq!(
+        post(admin, &format!("/backends/{}/drain", a.addr()), "").status,
+        200
+    );
+    wait_for(a.addr(), ("drain", true));
+    a.set_refusing(true);
+    wait_for(a.addr(), ("drain", false));
+    a.set_refusing(false);
+    wait_for(a.addr(), ("drain", true));
+
+    b.set_refusing(true);
+    wait_for(b.addr(), ("down", false));
+    b.set_refusing(false);
+    wait_for(b.addr(), ("up", true));
 }
 
 #[test]
