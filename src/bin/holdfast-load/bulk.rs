@@ -214,13 +214,7 @@ impl Stream {
 }
 
 fn worker(args: &Args, n: usize, gate: &Gate, stop: &AtomicBool) -> io::Result<Tally> {
-    let mut poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            gate.abandon();
-            return Err(e);
-        }
-    };
+    let mut poll = gate.poll()?;
     let mut events = Events::with_capacity(EVENTS_CAPACITY);
     let mut no_sources = SourceIps::for_target(args.target, 0, 0);
     let (streams, connect_errors) = match connect_all(

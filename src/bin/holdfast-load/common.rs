@@ -173,8 +173,6 @@ pub fn check_fd_budget(flag: &str, conns: usize, threads: usize) -> Result<(), S
     }
 }
 
-/// Size of part `index` when `total` is split as evenly as possible into
-/// `parts` (the first `total % parts` parts get one more).
 /// Runs `work(t)` for t in 0..threads, each on a scoped thread named `{name}-{t}`, calls
 /// `between` once every thread has started (a mode's own synchronisation: announcing, gating
 /// the start), and returns each thread's result in order. If a thread cannot be started,
@@ -213,6 +211,8 @@ pub fn run_threads<T: Send, E: Send + std::fmt::Display>(
     })
 }
 
+/// Size of part `index` when `total` is split as evenly as possible into
+/// `parts` (the first `total % parts` parts get one more).
 pub fn share(total: usize, parts: usize, index: usize) -> usize {
     total / parts + usize::from(index < total % parts)
 }
@@ -520,6 +520,12 @@ impl Gate {
             parties,
             abandoned: AtomicBool::new(false),
         }
+    }
+
+    /// A new `Poll` for a worker that will wait at this gate; if it cannot be made, the gate
+    /// is abandoned first so the other workers do not wait for this one.
+    pub fn poll(&self) -> io::Result<Poll> {
+        Poll::new().inspect_err(|_| self.abandon())
     }
 
     /// Blocks until all parties arrived (true) or the gate was abandoned

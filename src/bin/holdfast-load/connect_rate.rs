@@ -211,13 +211,7 @@ fn worker(
     stop: &AtomicBool,
 ) -> io::Result<Tally> {
     let n = share(args.concurrency, threads, index);
-    let poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            gate.abandon();
-            return Err(e);
-        }
-    };
+    let poll = gate.poll()?;
     let now = Instant::now();
     let slots = (0..n)
         .map(|_| Slot {

@@ -191,13 +191,7 @@ fn worker(
     stop: &AtomicBool,
 ) -> io::Result<Tally> {
     let n = share(args.conns, threads, index);
-    let poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            settled.abandon();
-            return Err(e);
-        }
-    };
+    let poll = settled.poll()?;
     let start = Instant::now();
     let sources = SourceIps::for_target(args.target, args.source_ips, index);
     let mut w = Worker {

@@ -311,13 +311,7 @@ fn worker(
     stop: &AtomicBool,
 ) -> io::Result<Tally> {
     let n = share(args.conns, threads, index);
-    let mut poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            gate.abandon();
-            return Err(e);
-        }
-    };
+    let mut poll = gate.poll()?;
     let mut events = Events::with_capacity(EVENTS_CAPACITY);
     // Latency runs use few connections: no source-address rotation needed.
     let mut no_sources = SourceIps::for_target(args.target, 0, 0);

@@ -313,13 +313,7 @@ fn worker(
     stop: &AtomicBool,
 ) -> io::Result<Tally> {
     let n = share(args.conns, threads, index);
-    let poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            gate.abandon();
-            return Err(e);
-        }
-    };
+    let poll = gate.poll()?;
     let mut sources = SourceIps::for_target(args.target, args.source_ips, index);
     let mut tally = Tally {
         connected: 0,
