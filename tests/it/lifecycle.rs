@@ -534,37 +534,64 @@ fn sighup_reload_adds_removes_reweights_and_rejects_a_bad_file() {
 // Following a DNS name (library, with a test resolver)
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn dns_name_follows_answers_and_keeps_the_last_one() {
-    let a = TaggedBackend::start("a");
-    let b = TaggedBackend::start("b");
-    // The test resolver: `Config::resolver` replaces getaddrinfo for `backend_dns` names. It
-    // answers whatever the test last stored (`Err`: the name does not resolve) and counts the
-    // lookups, so the test can wait for a refresh instead of sleeping. The fake backends share
-    // 127.0.0.1 and differ by port, so the answer carries whole socket addresses and the
-    // name's port is ignored.
-    let answer: Arc<Mutex<io::Result<Vec<SocketAddr>>>> = Arc::new(Mutex::new(Ok(vec![a.addr()])));
-    let lookups = Arc::new(AtomicUsize::new(0));
-    let mut cfg = round_robin_config(&[]);
-    cfg.backend_dns = vec!["pool.example.test:7000".parse().unwrap()];
-    cfg.dns_interval = ms(100);
-    cfg.resolver = {
-        let (answer, lookups) = (Arc::clone(&answer), Arc::clone(&lookups));
-        Resolver::new(move |host, _port| {
-            assert_eq!(host, "pool.example.test");
+/// The test resolver: `Config::resolver` replaces getaddrinfo for `backend_dns` names. It
+/// answers whatever the test last stored (`Err`: the name does not resolve) and counts the
+/// lookups, so a test can wait for a refresh instead of sleeping. The fake backends share
+/// 127.0.0.1 and differ by port, so the answer carries whole socket addresses and the name's
+/// port is ignored.
+struct FakeDns {
+    answer: Arc<Mutex<io::Result<Vec<SocketAddr>>>>,
+    lookups: Arc<AtomicUsize>,
+}
+
+impl FakeDns {
+    const NAME: &'static str = "pool.example.test";
+
+    fn new(first: Vec<SocketAddr>) -> FakeDns {
+        FakeDns {
+            answer: Arc::new(Mutex::new(Ok(first))),
+            lookups: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Points `cfg` at this resolver for `pool.example.test:7000`, refreshed every 100 ms.
+    fn configure(&self, cfg: &mut holdfast::Config) {
+        cfg.backend_dns = vec![format!("{}:7000", Self::NAME).parse().unwrap()];
+        cfg.dns_interval = ms(100);
+        let (answer, lookups) = (Arc::clone(&self.answer), Arc::clone(&self.lookups));
+        cfg.resolver = Resolver::new(move |host, _port| {
+            assert_eq!(host, Self::NAME);
             lookups.fetch_add(1, SeqCst);
             match &*answer.lock().unwrap() {
                 Ok(addrs) => Ok(addrs.clone()),
                 Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
             }
-        })
-    };
-    let set_answer = |new: io::Result<Vec<SocketAddr>>| {
-        *answer.lock().unwrap() = new;
-        // Two lookups after the change: at least one whole refresh saw the new answer.
-        let seen = lookups.load(SeqCst);
-        wait_until(Duration::from_secs(2), || lookups.load(SeqCst) >= seen + 2);
-    };
+        });
+    }
+
+    /// The answer from the next lookup on.
+    fn answer(&self, new: io::Result<Vec<SocketAddr>>) {
+        *self.answer.lock().unwrap() = new;
+    }
+
+    /// The answer from the next lookup on, and waits for two lookups: at least one whole
+    /// refresh has seen it.
+    fn answer_and_wait(&self, new: io::Result<Vec<SocketAddr>>) {
+        self.answer(new);
+        let seen = self.lookups.load(SeqCst);
+        wait_until(Duration::from_secs(2), || {
+            self.lookups.load(SeqCst) >= seen + 2
+        });
+    }
+}
+
+#[test]
+fn dns_name_follows_answers_and_keeps_the_last_one() {
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let dns = FakeDns::new(vec![a.addr()]);
+    let mut cfg = round_robin_config(&[]);
+    dns.configure(&mut cfg);
     let lb = start_balancer(cfg);
     let target = lb_addr(&lb);
 
@@ -574,7 +601,7 @@ fn dns_name_follows_answers_and_keeps_the_last_one() {
     let (_, mut live_a) = connect_tagged(target);
 
     // Now to b: new clients reach b within about a second; a's live session survives.
-    *answer.lock().unwrap() = Ok(vec![b.addr()]);
+    dns.answer(Ok(vec![b.addr()]));
     let changed = Instant::now();
     wait_until_ok(Duration::from_secs(1), || match connect_tagged(target).0 {
         t if t == "b" => Ok(()),
@@ -588,14 +615,14 @@ fn dns_name_follows_answers_and_keeps_the_last_one() {
     round_trip(&mut live_a, b"a left the answer, this session stays");
 
     // Then to nothing, then to an error: the last answer (b) is kept.
-    set_answer(Ok(Vec::new()));
+    dns.answer_and_wait(Ok(Vec::new()));
     let tags = tags_of_new_clients(target, 4);
     assert_eq!(
         count_tag(&tags, "b"),
         4,
         "after an empty answer, the last one (b) should be kept: {tags:?}"
     );
-    set_answer(Err(io::Error::new(
+    dns.answer_and_wait(Err(io::Error::new(
         io::ErrorKind::NotFound,
         "no such name (test resolver)",
     )));
@@ -648,27 +675,9 @@ fn dns_keeps_the_last_answer_beside_other_backends() {
     let a = TaggedBackend::start("a");
     let b = TaggedBackend::start("b");
     let standby = TaggedBackend::start("standby");
-    // The test resolver, as in the test above: the test's answer, lookups counted.
-    let answer: Arc<Mutex<io::Result<Vec<SocketAddr>>>> = Arc::new(Mutex::new(Ok(vec![a.addr()])));
-    let lookups = Arc::new(AtomicUsize::new(0));
+    let dns = FakeDns::new(vec![a.addr()]);
     let mut cfg = round_robin_config(&[standby.addr()]);
-    cfg.backend_dns = vec!["pool.example.test:7000".parse().unwrap()];
-    cfg.dns_interval = ms(100);
-    cfg.resolver = {
-        let (answer, lookups) = (Arc::clone(&answer), Arc::clone(&lookups));
-        Resolver::new(move |_host, _port| {
-            lookups.fetch_add(1, SeqCst);
-            match &*answer.lock().unwrap() {
-                Ok(addrs) => Ok(addrs.clone()),
-                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-            }
-        })
-    };
-    let set_answer = |new: io::Result<Vec<SocketAddr>>| {
-        *answer.lock().unwrap() = new;
-        let seen = lookups.load(SeqCst);
-        wait_until(Duration::from_secs(2), || lookups.load(SeqCst) >= seen + 2);
-    };
+    dns.configure(&mut cfg);
     let lb = start_balancer(cfg);
     let target = lb_addr(&lb);
     lb.change_backend(standby.addr(), BackendChange::Drain)
@@ -676,7 +685,7 @@ fn dns_keeps_the_last_answer_beside_other_backends() {
 
     let tags = tags_of_new_clients(target, 4);
     assert_eq!(count_tag(&tags, "a"), 4, "{tags:?}");
-    set_answer(Ok(vec![b.addr()]));
+    dns.answer_and_wait(Ok(vec![b.addr()]));
     let tags = tags_of_new_clients(target, 4);
     assert_eq!(count_tag(&tags, "b"), 4, "{tags:?}");
 
@@ -687,7 +696,7 @@ fn dns_keeps_the_last_answer_beside_other_backends() {
         ),
         ("an empty answer", Ok(Vec::new())),
     ] {
-        set_answer(new);
+        dns.answer_and_wait(new);
         let got: Vec<Result<String, String>> = (0..4).map(|_| try_tag(target)).collect();
         assert!(
             got.iter().all(|t| t.as_deref() == Ok("b")),
