@@ -178,39 +178,31 @@ impl Stream {
         };
         let mut more = false;
         if writing {
-            let mut budget = IO_BUDGET;
-            loop {
-                if budget == 0 {
-                    more = true;
-                    break;
-                }
-                budget -= 1;
-                match stream.write(chunk) {
-                    Ok(0) => return Err("write_zero".to_owned()),
-                    Ok(n) => self.sent += n as u64,
-                    Err(e) if would_block(&e) => break,
-                    Err(e) if interrupted(&e) => {}
-                    Err(e) => return Err(io_reason(&e)),
-                }
-            }
+            more |= budgeted("write_zero", &mut self.sent, || stream.write(chunk))?;
         }
-        let mut budget = IO_BUDGET;
-        loop {
-            if budget == 0 {
-                more = true;
-                break;
-            }
-            budget -= 1;
-            match stream.read(buf) {
-                Ok(0) => return Err("eof".to_owned()),
-                Ok(n) => self.received += n as u64,
-                Err(e) if would_block(&e) => break,
-                Err(e) if interrupted(&e) => {}
-                Err(e) => return Err(io_reason(&e)),
-            }
-        }
+        more |= budgeted("eof", &mut self.received, || stream.read(buf))?;
         Ok(if more { Next::Again } else { Next::Wait })
     }
+}
+
+/// Repeats `op` (a read or a write), adding what it moves to `counter`, until it would block
+/// (`false`) or `IO_BUDGET` attempts are spent (`true`: there may be more). A zero-byte result
+/// is the error `zero`.
+fn budgeted(
+    zero: &str,
+    counter: &mut u64,
+    mut op: impl FnMut() -> io::Result<usize>,
+) -> Result<bool, String> {
+    for _ in 0..IO_BUDGET {
+        match op() {
+            Ok(0) => return Err(zero.to_owned()),
+            Ok(n) => *counter += n as u64,
+            Err(e) if would_block(&e) => return Ok(false),
+            Err(e) if interrupted(&e) => {}
+            Err(e) => return Err(io_reason(&e)),
+        }
+    }
+    Ok(true)
 }
 
 fn worker(args: &Args, n: usize, gate: &Gate, stop: &AtomicBool) -> io::Result<Tally> {
