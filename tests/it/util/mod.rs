@@ -944,25 +944,22 @@ impl Child {
             stderr,
             _reservation: reservation,
         };
-        let deadline = Instant::now() + IO_TIMEOUT;
-        loop {
+        wait_until_ok(IO_TIMEOUT, || {
             if let Some(status) = me.child.try_wait().unwrap() {
                 panic!(
                     "holdfast {args:?} exited at start with {status}; stderr:\n{}",
                     me.stderr()
                 );
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return me;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "holdfast {args:?} does not accept on {addr}; stderr:\n{}",
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!(
+                    "holdfast {args:?} does not accept on {addr} ({e}); stderr:\n{}",
                     me.stderr()
-                );
+                )),
             }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        });
+        me
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -990,19 +987,18 @@ impl Child {
             .status()
             .expect("run kill");
         assert!(sent.success(), "kill -{signal} failed");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "holdfast did not exit within {timeout:?} of signal {signal}; stderr:\n{}",
+        let mut exited = None;
+        wait_until_ok(timeout, || {
+            exited = self.child.try_wait().unwrap();
+            match exited {
+                Some(_) => Ok(()),
+                None => Err(format!(
+                    "holdfast did not exit after signal {signal}; stderr:\n{}",
                     self.stderr()
-                );
+                )),
             }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        });
+        exited.expect("wait_until_ok returns only once the check passed")
     }
 }
 
