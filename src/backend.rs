@@ -235,6 +235,17 @@ pub struct BackendSet {
 }
 
 impl BackendSet {
+    /// Whether `other` lists the same backends (by address) in the same places, so that an
+    /// index into one names the same backend in the other.
+    pub fn same_places(&self, other: &BackendSet) -> bool {
+        self.len() == other.len()
+            && self
+                .backends
+                .iter()
+                .zip(&other.backends)
+                .all(|(a, b)| a.spec.addr == b.spec.addr)
+    }
+
     /// Builds a set from `backends`, reusing `previous`'s Maglev table when the addresses and
     /// configured weights are the same.
     pub fn new(

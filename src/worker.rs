@@ -222,13 +222,7 @@ impl Worker {
                 // every state change) would hand every tie to the first backend. A set that
                 // moved backends around gets a fresh rotation.
                 Ok(Control::Backends(set)) => {
-                    let same_places = set.len() == self.backends.len()
-                        && set
-                            .backends
-                            .iter()
-                            .zip(&self.backends.backends)
-                            .all(|(a, b)| a.spec.addr == b.spec.addr);
-                    if !same_places {
+                    if !set.same_places(&self.backends) {
                         self.picker.reset();
                     }
                     self.backends = set;
@@ -588,25 +582,23 @@ impl Worker {
             let Some(session) = self.sessions.get_mut(key) else {
                 continue;
             };
-            if session.id != id || !matches!(session.phase, Phase::Queued { .. }) {
+            if session.id != id {
                 continue; // closed while waiting, and the key reused
             }
-            let Phase::Queued {
-                deadline,
-                mut tried,
-            } = std::mem::replace(&mut session.phase, Phase::Accepted)
-            else {
-                continue;
+            let Phase::Queued { deadline, tried } = &mut session.phase else {
+                continue; // cannot happen: a queue entry's session is queued
             };
+            let (deadline, mut tried) = (*deadline, std::mem::take(tried));
+            session.phase = Phase::Accepted;
             // Out of the queue while it tries; back in (same place, same deadline) if there
             // is no room. Backends that already failed for this client stay excluded and
             // count against --retries: a refusing backend with room must not be hammered by
-            // a client that keeps coming back from the queue. New backends (a reload or a
-            // DNS answer) renumber the set: a fresh start.
-            if !Arc::ptr_eq(&session.set, &self.backends) {
-                session.set = Arc::clone(&self.backends);
+            // a client that keeps coming back from the queue. A set that moved backends
+            // around (a reload or a DNS answer) invalidates their indices: a fresh start.
+            if !session.set.same_places(&self.backends) {
                 tried.clear();
             }
+            session.set = Arc::clone(&self.backends);
             Counters::decr(&self.counters.queued);
             if let Placement::Full(tried) = self.place(key, tried) {
                 if let Some(session) = self.sessions.get_mut(key) {
