@@ -43,7 +43,8 @@ pub const MAX_POOLED_PIPES: usize = 16;
 /// Free buffers a worker keeps for reuse; more are freed.
 pub const MAX_POOLED_BUFFERS: usize = 16;
 /// In `auto` mode, a copy read at least this large marks the direction as a bulk stream and
-/// switches it to splice; [`AUTO_SMALL_SPLICES`] splices in a row of less than a quarter of it switch back.
+/// switches it to splice; [`AUTO_SMALL_SPLICES`] splices in a row of less than a quarter of it
+/// switch back.
 pub const AUTO_SPLICE_THRESHOLD: usize = 16 * 1024;
 /// In `auto` mode, this many splices in a row of less than a quarter of the threshold switch a
 /// direction back to copying. One is not enough: a stream that the proxy keeps up with often

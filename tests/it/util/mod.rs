@@ -472,15 +472,13 @@ impl Server {
                 return;
             }
             self.close_request.store(true, SeqCst);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while lock(&self.listener).is_some() {
-                assert!(
-                    Instant::now() < deadline,
-                    "the accept thread of {} never closed its listener",
+            wait_until_ok(Duration::from_secs(5), || match *lock(&self.listener) {
+                None => Ok(()),
+                Some(_) => Err(format!(
+                    "the accept thread of {} has not closed its listener",
                     self.addr
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
+                )),
+            });
             return;
         }
         let mut slot = lock(&self.listener);
