@@ -37,15 +37,30 @@ pub enum Transfer {
     Oneway,
 }
 
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Where to connect: HOST:PORT (an echo server or a proxy in front of one).
+    #[arg(long, value_name = "ADDR", value_parser = crate::parse_addr)]
     pub target: SocketAddr,
+    #[arg(long, default_value_t = 1, value_parser = crate::positive)]
     pub streams: usize,
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
     pub duration: Duration,
+    /// echo: read the echo back and verify byte counts; oneway: only the
+    /// sending direction counts (echoed bytes are drained).
+    #[arg(long = "mode", value_name = "MODE", value_enum, default_value_t = Transfer::Echo)]
     pub transfer: Transfer,
+    /// Bytes per write() call.
+    #[arg(long, default_value_t = 128 * 1024, value_parser = crate::buffer_size)]
     pub chunk: usize,
-    pub threads: usize,
+    #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
     pub connect_timeout: Duration,
+    /// Echo mode: how long to wait for the echo to catch up at the end.
+    #[arg(long, default_value = "5s", value_parser = crate::parse_duration_zero)]
     pub drain: Duration,
+    /// `--threads`, filled in from the global flag.
+    #[arg(skip)]
+    pub threads: usize,
 }
 
 #[derive(Debug, Serialize)]

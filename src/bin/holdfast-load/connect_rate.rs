@@ -44,13 +44,27 @@ const SCAN_EVERY: Duration = Duration::from_millis(100);
 
 const MAX_POLL: Duration = Duration::from_millis(100);
 
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Where to connect: HOST:PORT (an echo server or a proxy in front of one).
+    #[arg(long, value_name = "ADDR", value_parser = crate::parse_addr)]
     pub target: SocketAddr,
+    #[arg(long, default_value_t = 16, value_parser = crate::positive)]
     pub concurrency: usize,
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
     pub duration: Duration,
+    /// Rotate over source addresses 127.0.0.2..=127.0.0.(K+1) when the
+    /// target is on 127.0.0.0/8 (0: let the kernel choose).
+    #[arg(long, value_name = "K", default_value_t = 16, value_parser = crate::source_ips)]
     pub source_ips: usize,
+    /// Close with RST (SO_LINGER 0) instead of FIN: no TIME_WAIT.
+    #[arg(long)]
     pub rst: bool,
+    /// A cycle taking longer than this fails.
+    #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
     pub timeout: Duration,
+    /// `--threads`, filled in from the global flag.
+    #[arg(skip)]
     pub threads: usize,
 }
 

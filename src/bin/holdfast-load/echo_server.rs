@@ -48,15 +48,27 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Samples kept for the report file (one per second).
 const HISTORY: usize = 60;
 
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Address to listen on; port 0 picks a free port (printed).
+    #[arg(long, value_name = "ADDR", value_parser = crate::parse_addr)]
     pub listen: SocketAddr,
-    pub threads: usize,
-    pub backlog: i32,
+    /// Rewrite this JSON file every second with accept statistics
+    /// (read by `storm --report-files`).
+    #[arg(long, value_name = "PATH")]
     pub report_file: Option<PathBuf>,
+    /// Listen backlog (capped by net.core.somaxconn).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(i32).range(1..=65535))]
+    pub backlog: i32,
+    /// A line sent to every client on accept, before echoing (server speaks first).
+    #[arg(long, value_name = "TEXT")]
+    pub banner: Option<String>,
+    /// `--threads`, filled in from the global flag.
+    #[arg(skip)]
+    pub threads: usize,
+    /// `--json`, filled in from the global flag.
+    #[arg(skip)]
     pub json: bool,
-    /// Sent to each client on accept, before any echo (server speaks first), so a client
-    /// can tell which backend it reached. Empty: none.
-    pub banner: Vec<u8>,
 }
 
 /// Counters shared between the workers and the sampling thread.
@@ -135,7 +147,12 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<EchoReport, String> {
     let stats = Arc::new(Stats::default());
     for (i, listener) in listeners.into_iter().enumerate() {
         let stats = Arc::clone(&stats);
-        let banner = args.banner.clone();
+        // The banner line, so a client can tell which backend it reached (empty: none).
+        let banner = args
+            .banner
+            .as_ref()
+            .map(|b| format!("{b}\n").into_bytes())
+            .unwrap_or_default();
         thread::Builder::new()
             .name(format!("echo-{i}"))
             .spawn(move || {

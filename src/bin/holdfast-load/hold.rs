@@ -28,14 +28,29 @@ use crate::common::{
 const SCAN_EVERY: Duration = Duration::from_millis(100);
 const MAX_POLL: Duration = Duration::from_millis(100);
 
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Where to connect: HOST:PORT (an echo server or a proxy in front of one).
+    #[arg(long, value_name = "ADDR", value_parser = crate::parse_addr)]
     pub target: SocketAddr,
+    #[arg(long, value_parser = crate::positive)]
     pub conns: usize,
+    /// How long to hold (default: until SIGINT/SIGTERM).
+    #[arg(long, value_parser = crate::parse_duration_zero)]
     pub hold: Option<Duration>,
+    #[arg(long, value_name = "K", default_value_t = 16, value_parser = crate::source_ips)]
     pub source_ips: usize,
+    /// Handshakes pending at once while establishing.
+    #[arg(long, default_value_t = 512, value_parser = crate::positive)]
     pub in_flight: usize,
+    /// A connection not established and echoing within this fails.
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
     pub timeout: Duration,
+    /// `--threads`, filled in from the global flag.
+    #[arg(skip)]
     pub threads: usize,
+    /// `--json`, filled in from the global flag.
+    #[arg(skip)]
     pub json: bool,
 }
 

@@ -53,17 +53,39 @@ const STOP_GRACE: Duration = Duration::from_millis(100);
 /// but reading more per call is harmless.
 const READ_BUF: usize = 64 * 1024;
 
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Where to connect: HOST:PORT (an echo server or a proxy in front of one).
+    #[arg(long, value_name = "ADDR", value_parser = crate::parse_addr)]
     pub target: SocketAddr,
+    /// Connections; each carries one request at a time.
+    #[arg(long, default_value_t = 10, value_parser = crate::positive)]
     pub conns: usize,
+    /// Total requests per second, spread evenly over the connections.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub rate: u64,
+    /// Request size in bytes (the echo is the same size).
+    #[arg(long, default_value_t = 64, value_parser = crate::buffer_size)]
     pub size: usize,
+    /// Measured time.
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
     pub duration: Duration,
+    /// Unmeasured run-in before `--duration`.
+    #[arg(long, default_value = "0s", value_parser = crate::parse_duration_zero)]
     pub warmup: Duration,
-    pub threads: usize,
-    pub spin: bool,
+    /// Sleep in epoll right up to each send instead of spinning the last
+    /// millisecond: saves a core, but sends can be up to ~1 ms late.
+    #[arg(long)]
+    pub no_spin: bool,
+    #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
     pub connect_timeout: Duration,
+    /// After the schedule ends, how long to wait for outstanding replies
+    /// before counting them as timed out.
+    #[arg(long, default_value = "2s", value_parser = crate::parse_duration_zero)]
     pub drain: Duration,
+    /// `--threads`, filled in from the global flag.
+    #[arg(skip)]
+    pub threads: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -202,7 +224,7 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<LatencyReport, String> {
         size: args.size,
         duration_s: secs(total.measured),
         warmup_s: secs(args.warmup),
-        spin: args.spin,
+        spin: !args.no_spin,
         scheduled: total.scheduled,
         sent: total.sent,
         completed: total.completed,
@@ -370,7 +392,7 @@ fn worker(
         poll,
         tally,
         stop,
-        spin: args.spin,
+        spin: !args.no_spin,
     };
     w.run(&mut events, args.drain)?;
     Ok(w.tally)

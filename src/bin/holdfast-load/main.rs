@@ -22,7 +22,6 @@ mod latency;
 mod storm;
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -58,139 +57,26 @@ struct Cli {
 enum Mode {
     /// Echo backend. Prints `listening on ADDR` (on stderr with --json) and
     /// runs until SIGINT/SIGTERM.
-    EchoServer {
-        /// Address to listen on; port 0 picks a free port (printed).
-        #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
-        listen: SocketAddr,
-        /// Rewrite this JSON file every second with accept statistics
-        /// (read by `storm --report-files`).
-        #[arg(long, value_name = "PATH")]
-        report_file: Option<PathBuf>,
-        /// Listen backlog (capped by net.core.somaxconn).
-        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(i32).range(1..=65535))]
-        backlog: i32,
-        /// A line sent to every client on accept, before echoing (server speaks first).
-        #[arg(long, value_name = "TEXT")]
-        banner: Option<String>,
-    },
+    EchoServer(echo_server::Args),
 
     /// Open-loop request/response latency at a fixed rate, corrected for
     /// coordinated omission.
-    Latency {
-        /// Where to connect: HOST:PORT (an echo server or a proxy in front of one).
-        #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
-        target: SocketAddr,
-        /// Connections; each carries one request at a time.
-        #[arg(long, default_value_t = 10, value_parser = positive)]
-        conns: usize,
-        /// Total requests per second, spread evenly over the connections.
-        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-        rate: u64,
-        /// Request size in bytes (the echo is the same size).
-        #[arg(long, default_value_t = 64, value_parser = buffer_size)]
-        size: usize,
-        /// Measured time.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        duration: Duration,
-        /// Unmeasured run-in before `--duration`.
-        #[arg(long, default_value = "0s", value_parser = parse_duration_zero)]
-        warmup: Duration,
-        /// Sleep in epoll right up to each send instead of spinning the last
-        /// millisecond: saves a core, but sends can be up to ~1 ms late.
-        #[arg(long)]
-        no_spin: bool,
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
-        connect_timeout: Duration,
-        /// After the schedule ends, how long to wait for outstanding replies
-        /// before counting them as timed out.
-        #[arg(long, default_value = "2s", value_parser = parse_duration_zero)]
-        drain: Duration,
-    },
+    Latency(latency::Args),
 
     /// Bulk throughput over long-lived streams.
-    Bulk {
-        /// Where to connect: HOST:PORT (an echo server or a proxy in front of one).
-        #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
-        target: SocketAddr,
-        #[arg(long, default_value_t = 1, value_parser = positive)]
-        streams: usize,
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        duration: Duration,
-        /// echo: read the echo back and verify byte counts; oneway: only the
-        /// sending direction counts (echoed bytes are drained).
-        #[arg(long, value_enum, default_value_t = bulk::Transfer::Echo)]
-        mode: bulk::Transfer,
-        /// Bytes per write() call.
-        #[arg(long, default_value_t = 128 * 1024, value_parser = buffer_size)]
-        chunk: usize,
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
-        connect_timeout: Duration,
-        /// Echo mode: how long to wait for the echo to catch up at the end.
-        #[arg(long, default_value = "5s", value_parser = parse_duration_zero)]
-        drain: Duration,
-    },
+    Bulk(bulk::Args),
 
     /// Short connections: connect, 64 B round trip, close; N in flight.
-    ConnectRate {
-        /// Where to connect: HOST:PORT (an echo server or a proxy in front of one).
-        #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
-        target: SocketAddr,
-        #[arg(long, default_value_t = 16, value_parser = positive)]
-        concurrency: usize,
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        duration: Duration,
-        /// Rotate over source addresses 127.0.0.2..=127.0.0.(K+1) when the
-        /// target is on 127.0.0.0/8 (0: let the kernel choose).
-        #[arg(long, value_name = "K", default_value_t = 16, value_parser = source_ips)]
-        source_ips: usize,
-        /// Close with RST (SO_LINGER 0) instead of FIN: no TIME_WAIT.
-        #[arg(long)]
-        rst: bool,
-        /// A cycle taking longer than this fails.
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
-        timeout: Duration,
-    },
+    ConnectRate(connect_rate::Args),
 
     /// Open N connections, prove each with a 1-byte round trip, then hold
     /// them idle. Prints `holding N` once they are established (on stderr
     /// with --json).
-    Hold {
-        /// Where to connect: HOST:PORT (an echo server or a proxy in front of one).
-        #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
-        target: SocketAddr,
-        #[arg(long, value_parser = positive)]
-        conns: usize,
-        /// How long to hold (default: until SIGINT/SIGTERM).
-        #[arg(long, value_parser = parse_duration_zero)]
-        hold: Option<Duration>,
-        #[arg(long, value_name = "K", default_value_t = 16, value_parser = source_ips)]
-        source_ips: usize,
-        /// Handshakes pending at once while establishing.
-        #[arg(long, default_value_t = 512, value_parser = positive)]
-        in_flight: usize,
-        /// A connection not established and echoing within this fails.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        timeout: Duration,
-    },
+    Hold(hold::Args),
 
     /// Reconnect storm: N connects issued at once, each then does a 1-byte
     /// round trip.
-    Storm {
-        /// Where to connect: HOST:PORT (an echo server or a proxy in front of one).
-        #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
-        target: SocketAddr,
-        #[arg(long, value_parser = positive)]
-        conns: usize,
-        /// Comma-separated `echo-server --report-file` paths; each backend's
-        /// peak accepts/s during the storm is reported.
-        #[arg(long, value_name = "PATH,...", value_delimiter = ',')]
-        report_files: Vec<PathBuf>,
-        #[arg(long, value_name = "K", default_value_t = 16, value_parser = source_ips)]
-        source_ips: usize,
-        /// A connection not established and echoing within this fails.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        timeout: Duration,
-    },
+    Storm(storm::Args),
 }
 
 fn main() -> ExitCode {
@@ -242,130 +128,35 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     let threads = usize::from(cli.threads);
     let json = cli.json;
     let stop = stop_flag().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    // Each mode's `Args` is its subcommand's flags plus the global ones, filled in here.
     let code = match cli.mode {
-        Mode::EchoServer {
-            listen,
-            report_file,
-            backlog,
-            banner,
-        } => {
-            let args = echo_server::Args {
-                listen,
-                threads,
-                backlog,
-                report_file,
-                json,
-                banner: banner
-                    .map(|b| format!("{b}\n").into_bytes())
-                    .unwrap_or_default(),
-            };
+        Mode::EchoServer(mut args) => {
+            (args.threads, args.json) = (threads, json);
             emit(&echo_server::run(&args, &stop)?, json)
         }
-        Mode::Latency {
-            target,
-            conns,
-            rate,
-            size,
-            duration,
-            warmup,
-            no_spin,
-            connect_timeout,
-            drain,
-        } => {
-            check_fd_budget("--conns", conns, threads)?;
-            let args = latency::Args {
-                target,
-                conns,
-                rate,
-                size,
-                duration,
-                warmup,
-                threads,
-                spin: !no_spin,
-                connect_timeout,
-                drain,
-            };
+        Mode::Latency(mut args) => {
+            check_fd_budget("--conns", args.conns, threads)?;
+            args.threads = threads;
             emit(&latency::run(&args, &stop)?, json)
         }
-        Mode::Bulk {
-            target,
-            streams,
-            duration,
-            mode,
-            chunk,
-            connect_timeout,
-            drain,
-        } => {
-            check_fd_budget("--streams", streams, threads)?;
-            let args = bulk::Args {
-                target,
-                streams,
-                duration,
-                transfer: mode,
-                chunk,
-                threads,
-                connect_timeout,
-                drain,
-            };
+        Mode::Bulk(mut args) => {
+            check_fd_budget("--streams", args.streams, threads)?;
+            args.threads = threads;
             emit(&bulk::run(&args, &stop)?, json)
         }
-        Mode::ConnectRate {
-            target,
-            concurrency,
-            duration,
-            source_ips,
-            rst,
-            timeout,
-        } => {
-            check_fd_budget("--concurrency", concurrency, threads)?;
-            let args = connect_rate::Args {
-                target,
-                concurrency,
-                duration,
-                source_ips,
-                rst,
-                timeout,
-                threads,
-            };
+        Mode::ConnectRate(mut args) => {
+            check_fd_budget("--concurrency", args.concurrency, threads)?;
+            args.threads = threads;
             emit(&connect_rate::run(&args, &stop)?, json)
         }
-        Mode::Hold {
-            target,
-            conns,
-            hold,
-            source_ips,
-            in_flight,
-            timeout,
-        } => {
-            check_fd_budget("--conns", conns, threads)?;
-            let args = hold::Args {
-                target,
-                conns,
-                hold,
-                source_ips,
-                in_flight,
-                timeout,
-                threads,
-                json,
-            };
+        Mode::Hold(mut args) => {
+            check_fd_budget("--conns", args.conns, threads)?;
+            (args.threads, args.json) = (threads, json);
             emit(&hold::run(&args, &stop)?, json)
         }
-        Mode::Storm {
-            target,
-            conns,
-            report_files,
-            source_ips,
-            timeout,
-        } => {
-            check_fd_budget("--conns", conns, threads)?;
-            let args = storm::Args {
-                target,
-                conns,
-                report_files,
-                source_ips,
-                timeout,
-                threads,
-            };
+        Mode::Storm(mut args) => {
+            check_fd_budget("--conns", args.conns, threads)?;
+            args.threads = threads;
             emit(&storm::run(&args, &stop)?, json)
         }
     };

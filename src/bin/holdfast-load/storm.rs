@@ -41,12 +41,24 @@ const ISSUE_BATCH: usize = 64;
 /// (it writes once per second).
 const REPORT_WAIT: Duration = Duration::from_secs(3);
 
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Where to connect: HOST:PORT (an echo server or a proxy in front of one).
+    #[arg(long, value_name = "ADDR", value_parser = crate::parse_addr)]
     pub target: SocketAddr,
+    #[arg(long, value_parser = crate::positive)]
     pub conns: usize,
+    /// Comma-separated `echo-server --report-file` paths; each backend's
+    /// peak accepts/s during the storm is reported.
+    #[arg(long, value_name = "PATH,...", value_delimiter = ',')]
     pub report_files: Vec<PathBuf>,
+    #[arg(long, value_name = "K", default_value_t = 16, value_parser = crate::source_ips)]
     pub source_ips: usize,
+    /// A connection not established and echoing within this fails.
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
     pub timeout: Duration,
+    /// `--threads`, filled in from the global flag.
+    #[arg(skip)]
     pub threads: usize,
 }
 
