@@ -979,12 +979,7 @@ impl Child {
     /// Sends `signal` and waits (up to `timeout`) for the process to exit.
     #[track_caller]
     pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
-        let sent = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -{signal} failed");
+        self.signal(signal);
         let mut exited = None;
         wait_until_ok(timeout, || {
             exited = self.child.try_wait().unwrap();
