@@ -93,7 +93,10 @@ pub struct Args {
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
     pub health_timeout: Duration,
 
-    /// tcp (a connect), websocket:/PATH (an upgrade answered 101), or none
+    /// tcp (a connect), websocket:/PATH (an upgrade answered 101), redis (PING answered
+    /// +PONG), postgres[:USER[/DATABASE]] (a startup answered by an auth request, not an
+    /// error), send:BYTES,expect:BYTES (\r \n \t \\ \, \xHH escapes; either part alone), or
+    /// none
     #[arg(long, value_name = "KIND", default_value = "tcp", value_parser = parse_health_check)]
     pub health_check: HealthCheck,
 

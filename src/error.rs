@@ -17,8 +17,8 @@ pub enum ConfigError {
     Algorithm(String),
     #[error("invalid relay mode '{0}' (expected auto, splice or copy)")]
     Relay(String),
-    #[error("invalid health check '{0}' (expected tcp, none or websocket:/PATH)")]
-    HealthCheck(String),
+    #[error("invalid health check '{value}': {why}")]
+    HealthCheck { value: String, why: String },
     #[error("{0}")]
     Invalid(String),
 }

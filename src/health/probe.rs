@@ -1,9 +1,18 @@
-//! One health probe: a non-blocking TCP connect, and for `websocket:/PATH` an upgrade request
-//! that must be answered `HTTP/1.1 101`.
+//! One health probe: a non-blocking TCP connect, then, depending on the check, one exchange:
+//! bytes written, and an answer read (at most [`MAX_PROBE_BYTES`]) until it is judged.
 //!
-//! This is the only place holdfast speaks HTTP, and only to its own backends: the data plane
-//! never parses a byte. The probe reads no more than the response head (at most 4 KiB) and
-//! looks only at the status code.
+//! - `websocket:/PATH`: an upgrade request; the status line must say `101`. This is the only
+//!   place holdfast speaks HTTP, and only to its own backends: the data plane never parses a
+//!   byte.
+//! - `send:`/`expect:`: the send bytes (if any); the expect bytes (if any) must appear in the
+//!   answer before the backend closes, the cap is reached, or the probe times out (a server
+//!   that answers something else and keeps the connection open fails at the timeout).
+//! - `redis`: `PING\r\n`; the answer must start with `+PONG` (any other first bytes, such as
+//!   `-LOADING` or `-NOAUTH`, fail at once).
+//! - `postgres`: a StartupMessage; the answer must start with `R` (an authentication
+//!   request), not `E` (an error such as "the database system is shutting down"). The answer
+//!   is never searched for `R`: an ErrorResponse holds one (its routine field,
+//!   `RProcessStartupPacket`).
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -12,22 +21,45 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use crate::config::HealthCheck;
+use crate::config::{HealthCheck, MAX_PROBE_BYTES};
 
-/// Most bytes of a response head the probe reads before giving up on it.
-const MAX_RESPONSE_HEAD: usize = 4096;
+/// The PostgreSQL protocol version a StartupMessage asks for: 3.0.
+const POSTGRES_PROTOCOL_3_0: u32 = 3 << 16;
 
 pub struct Probe {
     pub addr: SocketAddr,
     pub deadline: Instant,
     stream: TcpStream,
+    /// What follows the connect; `None`: the connect alone decides.
+    exchange: Option<Exchange>,
     stage: Stage,
 }
 
+/// What a probe writes once connected, and what it wants back.
+struct Exchange {
+    request: Vec<u8>,
+    answer: Answer,
+}
+
+/// How the backend's answer is judged.
+#[derive(Debug)]
+enum Answer {
+    /// Nothing is awaited: the probe passes if, once the request is written, the backend has
+    /// neither closed nor reset the connection.
+    Nothing,
+    /// An HTTP status line that says `101`.
+    SwitchingProtocols,
+    /// These bytes appear somewhere in the answer.
+    Contains(Vec<u8>),
+    /// The answer starts with these bytes: decided by its first bytes, so a wrong answer
+    /// fails at once rather than at the timeout.
+    StartsWith(&'static [u8]),
+}
+
 enum Stage {
-    Connecting { upgrade: Option<Vec<u8>> },
-    Sending { request: Vec<u8>, written: usize },
-    Receiving { head: Vec<u8> },
+    Connecting,
+    Sending { written: usize },
+    Receiving { got: Vec<u8> },
 }
 
 /// Where a probe stands after an event.
@@ -48,15 +80,12 @@ impl Probe {
     ) -> io::Result<Probe> {
         let mut stream = TcpStream::connect(addr)?;
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
-        let upgrade = match check {
-            HealthCheck::WebSocket { path } => Some(upgrade_request(path, addr)),
-            HealthCheck::Tcp | HealthCheck::None => None,
-        };
         Ok(Probe {
             addr,
             deadline,
             stream,
-            stage: Stage::Connecting { upgrade },
+            exchange: Exchange::for_check(check, addr),
+            stage: Stage::Connecting,
         })
     }
 
@@ -64,19 +93,21 @@ impl Probe {
     pub fn advance(&mut self) -> ProbeStep {
         loop {
             let next = match &mut self.stage {
-                Stage::Connecting { upgrade } => match connected(&self.stream) {
+                Stage::Connecting => match connected(&self.stream) {
                     Ok(false) => return ProbeStep::Pending,
                     Err(_) => return ProbeStep::Done(false),
-                    Ok(true) => match upgrade.take() {
+                    Ok(true) => match &self.exchange {
                         None => return ProbeStep::Done(true),
-                        Some(request) => Stage::Sending {
-                            request,
-                            written: 0,
-                        },
+                        Some(x) if x.request.is_empty() => Stage::Receiving { got: Vec::new() },
+                        Some(_) => Stage::Sending { written: 0 },
                     },
                 },
-                Stage::Sending { request, written } => {
-                    match (&self.stream).write(&request[*written..]) {
+                Stage::Sending { written } => {
+                    let Some(x) = &self.exchange else {
+                        return ProbeStep::Done(true);
+                    };
+                    match (&self.stream).write(&x.request[*written..]) {
+                        Ok(0) => return ProbeStep::Done(false),
                         Ok(n) => *written += n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             return ProbeStep::Pending;
@@ -84,34 +115,129 @@ impl Probe {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(_) => return ProbeStep::Done(false),
                     }
-                    if *written < request.len() {
+                    if *written < x.request.len() {
                         continue;
                     }
                     Stage::Receiving {
-                        head: Vec::with_capacity(512),
+                        got: Vec::with_capacity(512),
                     }
                 }
-                Stage::Receiving { head } => {
+                Stage::Receiving { got } => {
+                    let Some(x) = &self.exchange else {
+                        return ProbeStep::Done(true);
+                    };
                     let mut buf = [0u8; 1024];
-                    match (&self.stream).read(&mut buf) {
-                        Ok(0) => return ProbeStep::Done(is_switching_protocols(head)),
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    let room = (MAX_PROBE_BYTES - got.len()).min(buf.len());
+                    let finished = match (&self.stream).read(&mut buf[..room]) {
+                        Ok(0) => true,
+                        Ok(n) => {
+                            got.extend_from_slice(&buf[..n]);
+                            got.len() >= MAX_PROBE_BYTES
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if matches!(x.answer, Answer::Nothing) {
+                                return ProbeStep::Done(true);
+                            }
                             return ProbeStep::Pending;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(_) => return ProbeStep::Done(false),
+                    };
+                    match x.answer.verdict(got, finished) {
+                        Some(passed) => return ProbeStep::Done(passed),
+                        None => continue,
                     }
-                    if head.windows(4).any(|w| w == b"\r\n\r\n") || head.len() >= MAX_RESPONSE_HEAD
-                    {
-                        return ProbeStep::Done(is_switching_protocols(head));
-                    }
-                    continue;
                 }
             };
             self.stage = next;
         }
     }
+}
+
+impl Exchange {
+    fn for_check(check: &HealthCheck, addr: SocketAddr) -> Option<Exchange> {
+        let (request, answer) = match check {
+            HealthCheck::Tcp | HealthCheck::None => return None,
+            HealthCheck::WebSocket { path } => {
+                (upgrade_request(path, addr), Answer::SwitchingProtocols)
+            }
+            HealthCheck::SendExpect(se) => (
+                se.send().to_vec(),
+                if se.expect().is_empty() {
+                    Answer::Nothing
+                } else {
+                    Answer::Contains(se.expect().to_vec())
+                },
+            ),
+            HealthCheck::Redis => (b"PING\r\n".to_vec(), Answer::StartsWith(b"+PONG")),
+            HealthCheck::Postgres { user, database } => (
+                startup_message(user, database.as_deref()),
+                Answer::StartsWith(b"R"),
+            ),
+        };
+        Some(Exchange { request, answer })
+    }
+}
+
+impl Answer {
+    /// The verdict on the answer so far: `None` while more bytes could change it. `finished`:
+    /// no more bytes will be read (the backend closed, or the cap is reached).
+    fn verdict(&self, got: &[u8], finished: bool) -> Option<bool> {
+        match self {
+            Answer::Nothing if got.is_empty() => finished.then_some(false),
+            Answer::Nothing => Some(true),
+            Answer::StartsWith(prefix) => {
+                let n = got.len().min(prefix.len());
+                if got[..n] != prefix[..n] {
+                    Some(false)
+                } else if n == prefix.len() {
+                    Some(true)
+                } else {
+                    finished.then_some(false)
+                }
+            }
+            Answer::SwitchingProtocols => (finished || got.windows(4).any(|w| w == b"\r\n\r\n"))
+                .then(|| is_switching_protocols(got)),
+            Answer::Contains(needle) => {
+                if contains(got, needle) {
+                    Some(true)
+                } else {
+                    finished.then_some(false)
+                }
+            }
+        }
+    }
+}
+
+/// Whether `needle` occurs in `haystack` (an empty needle does).
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A PostgreSQL StartupMessage (protocol 3.0) for `user`, and `database` if given (the server
+/// takes the user name otherwise). `application_name` tells the server's logs and
+/// `pg_stat_activity` who is asking.
+fn startup_message(user: &str, database: Option<&str>) -> Vec<u8> {
+    let mut msg = vec![0; 4];
+    msg.extend_from_slice(&POSTGRES_PROTOCOL_3_0.to_be_bytes());
+    let params = [
+        ("user", Some(user)),
+        ("database", database),
+        ("application_name", Some("holdfast-health-check")),
+    ];
+    for (key, value) in params {
+        if let Some(value) = value {
+            for s in [key, value] {
+                msg.extend_from_slice(s.as_bytes());
+                msg.push(0);
+            }
+        }
+    }
+    msg.push(0);
+    // The length counts itself; names are short (a flag value), so it fits.
+    let len = u32::try_from(msg.len()).unwrap_or(u32::MAX);
+    msg[..4].copy_from_slice(&len.to_be_bytes());
+    msg
 }
 
 /// mio's recipe for a non-blocking connect: SO_ERROR tells a failure; without one, a known
@@ -167,6 +293,74 @@ mod tests {
         assert!(!is_switching_protocols(b"HTTP/1.1 1010 Nope\r\n"));
         assert!(!is_switching_protocols(b"SSH-2.0-OpenSSH\r\n"));
         assert!(!is_switching_protocols(b""));
+    }
+
+    #[test]
+    fn contains_waits_for_the_needle_across_reads_and_fails_at_the_end() {
+        let a = Answer::Contains(b"+PONG".to_vec());
+        assert_eq!(a.verdict(b"", false), None);
+        assert_eq!(a.verdict(b"+PO", false), None);
+        assert_eq!(a.verdict(b"+PONG\r\n", false), Some(true));
+        assert_eq!(a.verdict(b"banner\r\n+PONG", false), Some(true));
+        assert_eq!(a.verdict(b"+PO", true), Some(false), "closed half-way");
+        assert_eq!(a.verdict(b"-ERR shutting down\r\n", true), Some(false));
+        assert_eq!(a.verdict(b"", true), Some(false));
+    }
+
+    #[test]
+    fn starts_with_is_not_a_search_and_fails_on_the_first_wrong_byte() {
+        let redis = Answer::StartsWith(b"+PONG");
+        assert_eq!(redis.verdict(b"+PO", false), None);
+        assert_eq!(redis.verdict(b"+PONG", false), Some(true));
+        assert_eq!(
+            redis.verdict(b"-", false),
+            Some(false),
+            "no need to wait for more"
+        );
+        assert_eq!(redis.verdict(b"-NOAUTH x +PONG\r\n", false), Some(false));
+        assert_eq!(redis.verdict(b"+PO", true), Some(false), "closed half-way");
+        let a = Answer::StartsWith(b"R");
+        assert_eq!(a.verdict(b"", false), None);
+        assert_eq!(a.verdict(b"R\0\0\0\x08\0\0\0\0", false), Some(true));
+        // PostgreSQL 15's answer to a StartupMessage during a smart shutdown: it holds an
+        // 'R' (the routine field), and still fails.
+        let shutting_down = b"E\0\0\0jSFATAL\0VFATAL\0C57P03\0Mthe database system is \
+            shutting down\0Fpostmaster.c\0L2432\0RProcessStartupPacket\0\0";
+        assert_eq!(a.verdict(shutting_down, false), Some(false));
+        assert_eq!(a.verdict(b"", true), Some(false));
+    }
+
+    #[test]
+    fn nothing_awaited_passes_on_data_and_fails_on_close() {
+        assert_eq!(Answer::Nothing.verdict(b"", false), None);
+        assert_eq!(Answer::Nothing.verdict(b"hi", false), Some(true));
+        assert_eq!(Answer::Nothing.verdict(b"", true), Some(false));
+    }
+
+    #[test]
+    fn upgrade_waits_for_the_end_of_the_head() {
+        let a = Answer::SwitchingProtocols;
+        assert_eq!(a.verdict(b"HTTP/1.1 101 Switching", false), None);
+        assert_eq!(a.verdict(b"HTTP/1.1 101 OK\r\n\r\n", false), Some(true));
+        assert_eq!(a.verdict(b"HTTP/1.1 503 Busy\r\n\r\n", false), Some(false));
+        assert_eq!(a.verdict(b"HTTP/1.1 101 OK\r\n", true), Some(true));
+    }
+
+    #[test]
+    fn startup_message_is_what_postgres_expects() {
+        let msg = startup_message("app", Some("shop"));
+        let len = u32::from_be_bytes(msg[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, msg.len());
+        assert_eq!(msg[4..8], [0, 3, 0, 0], "protocol 3.0");
+        assert_eq!(
+            &msg[8..],
+            b"user\0app\0database\0shop\0application_name\0holdfast-health-check\0\0"
+        );
+        let msg = startup_message("holdfast", None);
+        assert_eq!(
+            &msg[8..],
+            b"user\0holdfast\0application_name\0holdfast-health-check\0\0"
+        );
     }
 
     #[test]
