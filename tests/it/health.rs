@@ -1,13 +1,13 @@
-//! Health checking: active probes (TCP, WebSocket) take a failing backend out and bring it
-//! back, passive detection reacts to failures on real traffic, and slow start ramps a backend
-//! that comes back.
+//! Health checking: active probes (TCP, WebSocket, send/expect, Redis, PostgreSQL) take a
+//! failing backend out and bring it back, passive detection reacts to failures on real
+//! traffic, and slow start ramps a backend that comes back.
 //!
 //! Probe connections are real connections to the fake backends, so these tests count what
 //! the clients see (tags, echoes) and the balancer's per-backend state, not raw accepts.
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -661,4 +661,567 @@ fn slow_start_on_boot_ramps_every_backend() {
         [64, 64],
         "ramped at start without slow_start_on_boot"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Send/expect probes: a backend that accepts, and then refuses at the application level
+// ---------------------------------------------------------------------------------------------
+
+/// A fake backend whose every connection (probe or client) runs `handle` on a thread of its
+/// own, with a read timeout of [`IO_TIMEOUT`]. The listener closes when this is dropped; a
+/// connection's thread ends when its handler returns (the handlers here return on EOF).
+struct ScriptedBackend {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ScriptedBackend {
+    fn start(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> ScriptedBackend {
+        let listener = TcpListener::bind(localhost0()).expect("bind scripted backend");
+        let addr = listener.local_addr().expect("scripted backend address");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = Arc::new(handle);
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let _ = stream.set_nonblocking(false);
+                            let _ = stream.set_nodelay(true);
+                            set_timeouts(&stream);
+                            let handle = Arc::clone(&handle);
+                            std::thread::spawn(move || handle(stream));
+                        }
+                        // Nothing to accept: a short nap, then a look at `stop` again.
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        ScriptedBackend {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for ScriptedBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads until `stream` has sent `want` (or more), EOF or an error; returns what it sent.
+fn read_until_contains(stream: &mut TcpStream, want: &[u8]) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(want.len()).any(|w| w == want) {
+        match stream.read(&mut buf) {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    got
+}
+
+/// A Redis look-alike that answers every `PING\r\n` with `reply` and counts the answers.
+fn pinger(reply: &'static [u8]) -> (ScriptedBackend, Arc<AtomicUsize>) {
+    let answered = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&answered);
+    let backend = ScriptedBackend::start(move |mut stream| {
+        let mut pending = Vec::new();
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = stream.read(&mut buf) {
+            pending.extend_from_slice(&buf[..n]);
+            while let Some(at) = pending.windows(6).position(|w| w == b"PING\r\n") {
+                pending.drain(..at + 6);
+                if stream.write_all(reply).is_err() {
+                    return;
+                }
+                counter.fetch_add(1, SeqCst);
+            }
+        }
+    });
+    (backend, answered)
+}
+
+/// Probes every 100 ms with `check`, a probe timeout of `timeout`, rise 2 and the given fall,
+/// round-robin on one worker.
+fn checked(backends: &[SocketAddr], check: &str, timeout: Duration, fall: u32) -> Config {
+    let mut cfg = probed(backends, INTERVAL, 2, fall);
+    cfg.health.check = check.parse().expect("a valid health check");
+    cfg.health.timeout = timeout;
+    cfg.algorithm = Algorithm::RoundRobin;
+    cfg.workers = 1;
+    cfg
+}
+
+/// Waits until `answered` has grown by `n` (that many more probes were answered), checking
+/// all along that `lb` keeps backend `addr` up.
+#[track_caller]
+fn stays_up_while_probed(
+    lb: &holdfast::Holdfast,
+    addr: SocketAddr,
+    answered: impl Fn() -> usize,
+    n: usize,
+) {
+    let before = answered();
+    wait_until_ok(Duration::from_secs(10), || {
+        assert_eq!(
+            backend_state(lb, addr),
+            BackendState::Up,
+            "{addr} was marked down although it answered its probes"
+        );
+        let more = answered() - before;
+        if more >= n {
+            Ok(())
+        } else {
+            Err(format!("{addr} answered {more} more probes, want {n}"))
+        }
+    });
+}
+
+/// What a Redis client sees through `lb`: the answer line to one `PING`.
+fn ping_through(lb: &holdfast::Holdfast) -> String {
+    let mut c = client(lb_addr(lb));
+    c.write_all(b"PING\r\n").expect("write PING");
+    read_line(&mut c).trim_end().to_string()
+}
+
+/// The `redis` probe: a backend that answers `PING` with an error (here Redis's own answer
+/// while it loads its data set) accepts connections and sends bytes, so the TCP probe and
+/// passive detection both keep it; the `redis` probe takes it down, keeps the one that
+/// answers `+PONG`, and every client then gets `+PONG`.
+#[test]
+fn redis_probe_takes_down_a_backend_that_answers_ping_with_an_error() {
+    let (good, good_answers) = pinger(b"+PONG\r\n");
+    let (sick, _) = pinger(b"-LOADING Redis is loading the dataset in memory\r\n");
+    let fall = 2;
+    let lb = start_balancer(checked(
+        &[good.addr(), sick.addr()],
+        "redis",
+        Duration::from_secs(1),
+        fall,
+    ));
+    wait_for_state(
+        &lb,
+        sick.addr(),
+        BackendState::Down,
+        INTERVAL * fall + SLACK,
+    );
+    stays_up_while_probed(&lb, good.addr(), || good_answers.load(SeqCst), 5);
+
+    let sessions_to_sick = backend_stat(&lb, sick.addr()).total;
+    for i in 0..10 {
+        assert_eq!(ping_through(&lb), "+PONG", "client {i}");
+    }
+    assert_eq!(
+        backend_stat(&lb, sick.addr()).total,
+        sessions_to_sick,
+        "clients were sent to the backend that is down"
+    );
+}
+
+/// PostgreSQL 15's ErrorResponse to a StartupMessage during a smart shutdown, byte for byte
+/// (it holds an `R`: the routine field).
+const PG_SHUTTING_DOWN: &[u8] = b"E\0\0\0jSFATAL\0VFATAL\0C57P03\0Mthe database system is \
+    shutting down\0Fpostmaster.c\0L2432\0RProcessStartupPacket\0\0";
+/// PostgreSQL 15's answer to a StartupMessage when the user must authenticate with
+/// SCRAM-SHA-256.
+const PG_SASL_REQUEST: &[u8] = b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0";
+
+/// A StartupMessage: the protocol version and the parameters.
+type Startup = (u32, Vec<(String, String)>);
+
+/// One StartupMessage read from `stream`.
+fn read_startup(stream: &mut TcpStream) -> Option<Startup> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).ok()?;
+    let len = u32::from_be_bytes(len) as usize;
+    let mut body = vec![0u8; len.checked_sub(4)?];
+    stream.read_exact(&mut body).ok()?;
+    let version = u32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+    let words: Vec<String> = body[4..]
+        .split(|&b| b == 0)
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    let params = words
+        .chunks(2)
+        .filter(|kv| kv.len() == 2 && !kv[0].is_empty())
+        .map(|kv| (kv[0].clone(), kv[1].clone()))
+        .collect();
+    Some((version, params))
+}
+
+/// A PostgreSQL look-alike: reads a StartupMessage, records it, answers `reply`, then waits
+/// for the peer to go away.
+fn fake_postgres(reply: &'static [u8]) -> (ScriptedBackend, Arc<Mutex<Vec<Startup>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let backend = ScriptedBackend::start(move |mut stream| {
+        let Some(startup) = read_startup(&mut stream) else {
+            return;
+        };
+        record.lock().unwrap().push(startup);
+        if stream.write_all(reply).is_ok() {
+            let _ = stream.read(&mut [0u8; 64]);
+        }
+    });
+    (backend, seen)
+}
+
+/// The `postgres` probe: a server in shutdown still accepts connections (and answers an
+/// SSLRequest), but refuses the StartupMessage with an error; the probe takes it down and
+/// keeps the one that asks the user to authenticate. The probe starts up as the user and
+/// database it was given, and clients then only reach the server that lets them log in.
+#[test]
+fn postgres_probe_takes_down_a_server_that_refuses_to_start_a_session() {
+    let (good, good_seen) = fake_postgres(PG_SASL_REQUEST);
+    let (sick, sick_seen) = fake_postgres(PG_SHUTTING_DOWN);
+    let fall = 2;
+    let lb = start_balancer(checked(
+        &[good.addr(), sick.addr()],
+        "postgres:app/shop",
+        Duration::from_secs(1),
+        fall,
+    ));
+    wait_for_state(
+        &lb,
+        sick.addr(),
+        BackendState::Down,
+        INTERVAL * fall + SLACK,
+    );
+    stays_up_while_probed(&lb, good.addr(), || good_seen.lock().unwrap().len(), 5);
+
+    let expected = vec![
+        ("user".to_string(), "app".to_string()),
+        ("database".to_string(), "shop".to_string()),
+        (
+            "application_name".to_string(),
+            "holdfast-health-check".to_string(),
+        ),
+    ];
+    for (version, params) in good_seen
+        .lock()
+        .unwrap()
+        .iter()
+        .chain(&*sick_seen.lock().unwrap())
+    {
+        assert_eq!(*version, 196608, "protocol 3.0");
+        assert_eq!(*params, expected);
+    }
+
+    // A client's own StartupMessage gets the authentication request every time.
+    let startup = b"\0\0\0\x14\0\x03\0\0user\0alice\0\0";
+    for i in 0..10 {
+        let mut c = client(lb_addr(&lb));
+        c.write_all(startup).expect("write StartupMessage");
+        let mut first = [0u8; 1];
+        c.read_exact(&mut first).expect("read the answer");
+        assert_eq!(
+            first[0], b'R',
+            "client {i} got message type {:?}",
+            first[0] as char
+        );
+    }
+}
+
+/// An `expect:` that arrives in pieces (three writes, each its own segment, the search
+/// string split across them) is found: the backend stays up. The probe writes exactly the
+/// unescaped `send:` bytes.
+#[test]
+fn expect_finds_an_answer_split_over_several_segments() {
+    let received = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let backend = {
+        let (received, answered) = (Arc::clone(&received), Arc::clone(&answered));
+        ScriptedBackend::start(move |mut stream| {
+            let got = read_until_contains(&mut stream, b"\r\n");
+            received.lock().unwrap().push(got);
+            for piece in [&b"+READY TO"[..], b" SER", b"VE\r\n"] {
+                if stream.write_all(piece).is_err() {
+                    return;
+                }
+                // Apart in time, so each piece is a segment (and a read) of its own.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            answered.fetch_add(1, SeqCst);
+            let _ = stream.read(&mut [0u8; 64]);
+        })
+    };
+    let lb = start_balancer(checked(
+        &[backend.addr()],
+        r"send:HELLO\x00\,\t\\\r\n,expect:READY TO SERVE",
+        Duration::from_secs(2),
+        1,
+    ));
+    stays_up_while_probed(&lb, backend.addr(), || answered.load(SeqCst), 5);
+    let received = received.lock().unwrap();
+    assert!(
+        received.iter().all(|r| r == b"HELLO\0,\t\\\r\n"),
+        "the probe sent {received:?}"
+    );
+}
+
+/// A backend that closes (FIN) or resets before the whole expected answer has arrived is
+/// down at once: the probe does not wait for its (here 5 s) timeout, and a healthy backend
+/// beside them keeps serving every client.
+#[test]
+fn a_backend_that_closes_or_resets_before_the_answer_is_down() {
+    // Half an answer, then a clean close.
+    let closer = ScriptedBackend::start(|mut stream| {
+        read_until_contains(&mut stream, b"PING\r\n");
+        let _ = stream.write_all(b"+PO");
+    });
+    // Reads the PING, then resets.
+    let resetter = ResetBackend::start(1);
+    let (good, good_answers) = pinger(b"+PONG\r\n");
+    let timeout = Duration::from_secs(5);
+    let fall = 2;
+    let lb = start_balancer(checked(
+        &[closer.addr(), resetter.addr(), good.addr()],
+        "redis",
+        timeout,
+        fall,
+    ));
+    // Well before a single probe could time out.
+    let within = INTERVAL * fall + SLACK;
+    assert!(within < timeout);
+    wait_for_state(&lb, closer.addr(), BackendState::Down, within);
+    wait_for_state(&lb, resetter.addr(), BackendState::Down, within);
+    stays_up_while_probed(&lb, good.addr(), || good_answers.load(SeqCst), 3);
+    for i in 0..6 {
+        assert_eq!(ping_through(&lb), "+PONG", "client {i}");
+    }
+}
+
+/// `expect:` alone is a banner check (SSH, SMTP): nothing is sent, the greeting must hold
+/// the bytes. A server that greets with a refusal is down.
+#[test]
+fn banner_check_wants_the_banner() {
+    let ssh_greeted = Arc::new(AtomicUsize::new(0));
+    let ssh = {
+        let greeted = Arc::clone(&ssh_greeted);
+        ScriptedBackend::start(move |mut stream| {
+            if stream.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").is_ok() {
+                greeted.fetch_add(1, SeqCst);
+                // Nothing is sent to a banner check: this read ends at the probe's close.
+                let _ = stream.read(&mut [0u8; 64]);
+            }
+        })
+    };
+    // An SMTP server over its connection limit: a refusal, and the connection closed.
+    let busy = ScriptedBackend::start(|mut stream| {
+        let _ = stream.write_all(b"421 4.3.2 Service not available, closing channel\r\n");
+    });
+    let fall = 2;
+    let lb = start_balancer(checked(
+        &[ssh.addr(), busy.addr()],
+        "expect:SSH-2.0-",
+        Duration::from_secs(1),
+        fall,
+    ));
+    wait_for_state(
+        &lb,
+        busy.addr(),
+        BackendState::Down,
+        INTERVAL * fall + SLACK,
+    );
+    stays_up_while_probed(&lb, ssh.addr(), || ssh_greeted.load(SeqCst), 5);
+}
+
+/// `send:` alone writes the bytes and passes if the backend has not closed the connection.
+#[test]
+fn send_only_check_writes_its_bytes() {
+    let received = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let backend = {
+        let received = Arc::clone(&received);
+        ScriptedBackend::start(move |mut stream| {
+            let mut got = Vec::new();
+            let _ = stream.read_to_end(&mut got);
+            received.lock().unwrap().push(got);
+        })
+    };
+    let lb = start_balancer(checked(
+        &[backend.addr()],
+        r"send:QUIT\r\n",
+        Duration::from_secs(1),
+        1,
+    ));
+    stays_up_while_probed(&lb, backend.addr(), || received.lock().unwrap().len(), 5);
+    let received = received.lock().unwrap();
+    assert!(
+        received.iter().all(|r| r == b"QUIT\r\n"),
+        "the probe sent {received:?}"
+    );
+}
+
+/// A malformed `--health-check` is a one-line usage error naming the problem, exit 2.
+#[test]
+fn bad_send_expect_flag_is_a_usage_error() {
+    for (value, needle) in [
+        (r"send:PING\q", r"unknown escape '\q'"),
+        ("send:a,b", "neither send:BYTES nor expect:BYTES"),
+        ("expect:", "expect: is empty"),
+        ("postgres:", "postgres:USER"),
+    ] {
+        let out = run_binary(
+            &[
+                "-l",
+                "127.0.0.1:0",
+                "-b",
+                "127.0.0.1:1",
+                "--health-check",
+                value,
+            ],
+            Duration::from_secs(10),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{value}: {stderr}");
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("error:") && first.contains(needle),
+            "{value}: {stderr}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against a real Redis, when `redis-server` is installed
+// ---------------------------------------------------------------------------------------------
+
+/// A `redis-server` child on a reserved loopback port, without persistence. Killed on drop.
+struct RedisServer {
+    child: std::process::Child,
+    addr: SocketAddr,
+    /// Holds the port (bound, never listening) so no other test takes it before Redis
+    /// listens; Redis binds with SO_REUSEADDR as well, which Linux allows beside it.
+    _port: socket2::Socket,
+}
+
+impl RedisServer {
+    /// `None` if `redis-server` is not installed.
+    fn start() -> Option<RedisServer> {
+        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+        let port = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).ok()?;
+        port.set_reuse_address(true).ok()?;
+        port.bind(&SockAddr::from(localhost0())).ok()?;
+        let addr = port.local_addr().ok()?.as_socket()?;
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => panic!("cannot start redis-server: {e}"),
+        };
+        let server = RedisServer {
+            child,
+            addr,
+            _port: port,
+        };
+        wait_until_ok(Duration::from_secs(10), || match server.command("PING") {
+            Ok(answer) if answer == "+PONG" => Ok(()),
+            Ok(answer) => Err(format!("PING answered {answer:?}")),
+            Err(e) => Err(format!("redis-server not answering yet: {e}")),
+        });
+        Some(server)
+    }
+
+    /// Sends one inline command on a new connection and returns the first answer line.
+    fn command(&self, command: &str) -> std::io::Result<String> {
+        let mut c = TcpStream::connect(self.addr)?;
+        set_timeouts(&c);
+        c.write_all(format!("{command}\r\n").as_bytes())?;
+        let got = read_until_contains(&mut c, b"\r\n");
+        Ok(String::from_utf8_lossy(&got)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    /// Connections Redis has accepted so far (`INFO stats`).
+    fn connections(&self) -> usize {
+        let mut c = TcpStream::connect(self.addr).expect("connect to redis-server");
+        set_timeouts(&c);
+        c.write_all(b"INFO stats\r\n").expect("INFO");
+        let got = read_until_contains(&mut c, b"total_commands_processed");
+        let text = String::from_utf8_lossy(&got);
+        text.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no total_connections_received in {text:?}"))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `redis` probe against a real Redis: up while it answers `PING`; down once it requires
+/// a password (`-NOAUTH` to an unauthenticated `PING`: a Redis that accepts connections and
+/// serves nobody), during which clients all reach the other backend; up again once the
+/// password is removed. Skipped (with a message) without `redis-server`.
+#[test]
+fn real_redis_is_down_while_it_refuses_ping() {
+    let Some(redis) = RedisServer::start() else {
+        eprintln!(
+            "SKIPPED real_redis_is_down_while_it_refuses_ping: redis-server is not installed \
+             (apt-get install redis-server)"
+        );
+        return;
+    };
+    let (other, _) = pinger(b"+PONG\r\n");
+    let fall = 2;
+    let lb = start_balancer(checked(
+        &[redis.addr, other.addr()],
+        "redis",
+        Duration::from_secs(1),
+        fall,
+    ));
+    // Each probe is a connection; the test's own INFO adds one per look.
+    stays_up_while_probed(&lb, redis.addr, || redis.connections() / 2, 3);
+
+    let set = redis
+        .command("CONFIG SET requirepass hunter2")
+        .expect("CONFIG SET");
+    assert_eq!(set, "+OK");
+    wait_for_state(&lb, redis.addr, BackendState::Down, INTERVAL * fall + SLACK);
+    for i in 0..6 {
+        assert_eq!(
+            ping_through(&lb),
+            "+PONG",
+            "client {i} while Redis wants a password"
+        );
+    }
+
+    let mut admin = TcpStream::connect(redis.addr).expect("connect to redis-server");
+    set_timeouts(&admin);
+    admin
+        .write_all(b"AUTH hunter2\r\nCONFIG SET requirepass \"\"\r\n")
+        .expect("AUTH");
+    let answers = read_until_contains(&mut admin, b"+OK\r\n+OK\r\n");
+    assert_eq!(answers, b"+OK\r\n+OK\r\n");
+    wait_for_state(&lb, redis.addr, BackendState::Up, INTERVAL * 2 + SLACK);
 }
