@@ -3,8 +3,9 @@
 //! Everything that changes which backends new clients may reach comes here, and only this
 //! thread publishes new [`BackendSet`]s to the workers:
 //!
-//! - **active probes**: every `--health-interval`, each backend is probed (a TCP connect, or a
-//!   WebSocket upgrade that must be answered `101`) with `--health-timeout`. All probes run
+//! - **active probes**: every `--health-interval`, each backend is probed (a TCP connect, a
+//!   WebSocket upgrade that must be answered `101`, or a send/expect exchange) with
+//!   `--health-timeout`. All probes run
 //!   concurrently on this thread's own `mio::Poll`, so one backend that never answers cannot
 //!   delay the others. Probe start times are spread over the interval with a little jitter, so
 //!   a large pool is not probed in one burst. `--rise` consecutive successes bring a down
