@@ -1107,6 +1107,8 @@ fn bad_send_expect_flag_is_a_usage_error() {
 struct RedisServer {
     child: std::process::Child,
     addr: SocketAddr,
+    /// Connections this test made itself (to configure or inspect it).
+    own: AtomicUsize,
     /// Holds the port (bound, never listening) so no other test takes it before Redis
     /// listens; Redis binds with SO_REUSEADDR as well, which Linux allows beside it.
     _port: socket2::Socket,
@@ -1135,6 +1137,7 @@ impl RedisServer {
         let server = RedisServer {
             child,
             addr,
+            own: AtomicUsize::new(0),
             _port: port,
         };
         wait_until_ok(Duration::from_secs(10), || match server.command("PING") {
@@ -1147,8 +1150,7 @@ impl RedisServer {
 
     /// Sends one inline command on a new connection and returns the first answer line.
     fn command(&self, command: &str) -> std::io::Result<String> {
-        let mut c = TcpStream::connect(self.addr)?;
-        set_timeouts(&c);
+        let mut c = self.connect()?;
         c.write_all(format!("{command}\r\n").as_bytes())?;
         let got = read_until_contains(&mut c, b"\r\n");
         Ok(String::from_utf8_lossy(&got)
@@ -1158,17 +1160,26 @@ impl RedisServer {
             .to_string())
     }
 
-    /// Connections Redis has accepted so far (`INFO stats`).
-    fn connections(&self) -> usize {
-        let mut c = TcpStream::connect(self.addr).expect("connect to redis-server");
+    /// A connection of the test's own, with timeouts set.
+    fn connect(&self) -> std::io::Result<TcpStream> {
+        let c = TcpStream::connect(self.addr)?;
+        self.own.fetch_add(1, SeqCst);
         set_timeouts(&c);
+        Ok(c)
+    }
+
+    /// Connections Redis has accepted from others (the probes, clients through holdfast)
+    /// so far, from `INFO stats`.
+    fn others_connections(&self) -> usize {
+        let mut c = self.connect().expect("connect to redis-server");
         c.write_all(b"INFO stats\r\n").expect("INFO");
         let got = read_until_contains(&mut c, b"total_commands_processed");
         let text = String::from_utf8_lossy(&got);
         text.lines()
             .find_map(|l| l.strip_prefix("total_connections_received:"))
-            .and_then(|n| n.trim().parse().ok())
+            .and_then(|n| n.trim().parse::<usize>().ok())
             .unwrap_or_else(|| panic!("no total_connections_received in {text:?}"))
+            - self.own.load(SeqCst)
     }
 }
 
@@ -1200,8 +1211,8 @@ fn real_redis_is_down_while_it_refuses_ping() {
         Duration::from_secs(1),
         fall,
     ));
-    // Each probe is a connection; the test's own INFO adds one per look.
-    stays_up_while_probed(&lb, redis.addr, || redis.connections() / 2, 3);
+    // Each probe is a connection (nothing else goes through holdfast yet).
+    stays_up_while_probed(&lb, redis.addr, || redis.others_connections(), 3);
 
     let set = redis
         .command("CONFIG SET requirepass hunter2")
@@ -1216,8 +1227,7 @@ fn real_redis_is_down_while_it_refuses_ping() {
         );
     }
 
-    let mut admin = TcpStream::connect(redis.addr).expect("connect to redis-server");
-    set_timeouts(&admin);
+    let mut admin = redis.connect().expect("connect to redis-server");
     admin
         .write_all(b"AUTH hunter2\r\nCONFIG SET requirepass \"\"\r\n")
         .expect("AUTH");
