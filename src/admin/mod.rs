@@ -9,15 +9,17 @@
 //! | `POST /backends/{addr}/ready` | back in rotation after a drain |
 //! | `POST /backends/{addr}/weight` | body: the new weight, `1`..=`256`, as plain text |
 //!
-//! `{addr}` is `IP:PORT`, `[IPv6]:PORT`, either one percent-encoded or not. A change answers
-//! 200 with the backend's JSON object as it is once the workers have been sent the change.
-//! Errors answer 4xx (5xx while shutting down) with a one-line reason as plain text.
+//! `{addr}` is `IP:PORT`, `[IPv6]:PORT`, either one percent-encoded or not. A query string is
+//! ignored. A change answers 200 with the backend's JSON object as it is once the workers have
+//! been sent the change. Errors answer 4xx (5xx while shutting down) with a one-line reason as
+//! plain text.
 //!
 //! # How it is served
 //!
 //! hyper's HTTP/1.1 server on a single-threaded tokio runtime, on a thread of its own
-//! (`holdfast-admin`). It reads and changes the balancer only through a [`Controller`], so
-//! the data plane never waits for it. What a client can cost is bounded: at most
+//! (`holdfast-admin`). A request is checked by [`routes::parse_request`], a pure function, and
+//! answered through a [`Controller`] alone, so the data plane never waits for it. What a
+//! client can cost is bounded: at most
 //! [`MAX_CONNECTIONS`] connections (more are answered 503 and closed), request heads of at
 //! most [`MAX_HEAD_BYTES`] that must arrive within [`HEAD_TIMEOUT`] (which also closes idle
 //! keep-alive connections), bodies of at most [`MAX_BODY_BYTES`] within [`BODY_TIMEOUT`],
@@ -52,6 +54,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::control::Controller;
 use routes::Reply;
+
+/// The request parser, for the fuzz targets in `fuzz/`; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::routes::{AdminRequest, Reply, parse_request};
+}
 
 /// Connections served at once; one more is answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -227,7 +235,7 @@ async fn serve_connection(stream: TcpStream, control: Controller, _slot: OwnedSe
     }
 }
 
-/// Reads a bounded body (POST only; others are not read), then answers.
+/// Reads a bounded body (POST only; others are not read), checks the request, then answers.
 async fn handle(request: Request<Incoming>, control: &Controller) -> Response<Full<Bytes>> {
     let (head, body) = request.into_parts();
     let body = if head.method == Method::POST {
@@ -260,5 +268,9 @@ async fn handle(request: Request<Incoming>, control: &Controller) -> Response<Fu
     } else {
         Bytes::new()
     };
-    routes::route(&head.method, head.uri.path(), &body, control).into_response()
+    match routes::parse_request(head.method.as_str(), head.uri.path(), &body) {
+        Ok(request) => routes::respond(&request, control),
+        Err(reply) => reply,
+    }
+    .into_response()
 }
