@@ -11,15 +11,19 @@
 //!
 //! `{addr}` is `IP:PORT`, `[IPv6]:PORT`, either one percent-encoded or not. A query string is
 //! ignored. A change answers 200 with the backend's JSON object as it is once the workers have
-//! been sent the change. Errors answer 4xx (5xx while shutting down) with a one-line reason as
-//! plain text.
+//! been sent the change. Errors answer 4xx (5xx while shutting down, or when the health thread
+//! does not answer within 5 s) with a one-line reason as plain text.
 //!
 //! # How it is served
 //!
 //! hyper's HTTP/1.1 server on a single-threaded tokio runtime, on a thread of its own
 //! (`holdfast-admin`). A request is checked by [`routes::parse_request`], a pure function, and
-//! answered through a [`Controller`] alone, so the data plane never waits for it. What a
-//! client can cost is bounded: at most
+//! answered through a [`Controller`] alone, so the data plane never waits for it. Reads answer
+//! at once. A change waits for the health thread's answer (up to 5 s), so it runs on tokio's
+//! blocking pool, never on the runtime: a slow change delays its own client only, not
+//! `/metrics` nor any other client. At most [`MAX_CONNECTIONS`] changes are in flight at once.
+//!
+//! What a client can cost is bounded: at most
 //! [`MAX_CONNECTIONS`] connections (more are answered 503 and closed), request heads of at
 //! most [`MAX_HEAD_BYTES`] that must arrive within [`HEAD_TIMEOUT`] (which also closes idle
 //! keep-alive connections), bodies of at most [`MAX_BODY_BYTES`] within [`BODY_TIMEOUT`],
@@ -28,9 +32,9 @@
 //! its response. A failed `accept` (out of descriptors) is retried after a pause rather than
 //! ending the endpoint: it matters most when the balancer is in trouble.
 //!
-//! [`AdminServer::stop`] closes the listener, drops every connection and joins the thread; the
-//! only thing that can delay it is a runtime change in progress, which waits for the health
-//! thread's answer.
+//! [`AdminServer::stop`] closes the listener, drops every connection and joins the thread at
+//! once; a change in progress finishes on its blocking thread (the health thread answers, or
+//! 5 s pass).
 
 mod metrics;
 mod routes;
@@ -47,13 +51,13 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::control::Controller;
-use routes::Reply;
+use routes::{AdminRequest, Reply};
 
 /// The request parser, for the fuzz targets in `fuzz/`; not an API.
 #[doc(hidden)]
@@ -93,6 +97,8 @@ impl AdminServer {
             .enable_io()
             .enable_time()
             .thread_name("holdfast-admin")
+            // The changes in flight; see `answer`.
+            .max_blocking_threads(MAX_CONNECTIONS)
             .build()?;
         let listener = std::net::TcpListener::bind(addr)?;
         let local = listener.local_addr()?;
@@ -107,8 +113,10 @@ impl AdminServer {
             .name("holdfast-admin".into())
             .spawn(move || {
                 runtime.block_on(serve(listener, control, stop_rx));
-                // Dropping the runtime drops every connection task, closing its socket.
-                drop(runtime);
+                // This drops every connection task, closing its socket, and does not wait
+                // for a change in progress: it ends on its own once the health thread
+                // answers or the wait for it times out.
+                runtime.shutdown_background();
                 log::debug!("admin endpoint stopped");
             })?;
         Ok(AdminServer {
@@ -147,6 +155,7 @@ impl Drop for AdminServer {
 /// Accepts until told to stop (or until the [`AdminServer`] is gone).
 async fn serve(listener: TcpListener, control: Controller, mut stop: oneshot::Receiver<()>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let changes = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // Accept failures and a full house come in streaks (descriptors stay short for a while, a
     // client opens connections in a loop): one warning per streak, not one per connection.
     let mut failing = false;
@@ -165,7 +174,12 @@ async fn serve(listener: TcpListener, control: Controller, mut stop: oneshot::Re
                 match Arc::clone(&slots).try_acquire_owned() {
                     Ok(slot) => {
                         full = false;
-                        tokio::spawn(serve_connection(stream, control.clone(), slot));
+                        tokio::spawn(serve_connection(
+                            stream,
+                            control.clone(),
+                            Arc::clone(&changes),
+                            slot,
+                        ));
                     }
                     Err(_) => {
                         if !std::mem::replace(&mut full, true) {
@@ -208,11 +222,17 @@ fn refuse_busy(stream: &TcpStream) {
 }
 
 /// Serves one connection's requests (keep-alive allowed) within the bounds above.
-async fn serve_connection(stream: TcpStream, control: Controller, _slot: OwnedSemaphorePermit) {
+async fn serve_connection(
+    stream: TcpStream,
+    control: Controller,
+    changes: Arc<Semaphore>,
+    _slot: OwnedSemaphorePermit,
+) {
     let _ = stream.set_nodelay(true);
     let service = service_fn(move |request| {
         let control = control.clone();
-        async move { Ok::<_, Infallible>(handle(request, &control).await) }
+        let changes = Arc::clone(&changes);
+        async move { Ok::<_, Infallible>(handle(request, control, changes).await) }
     });
     let mut builder = http1::Builder::new();
     builder
@@ -236,7 +256,11 @@ async fn serve_connection(stream: TcpStream, control: Controller, _slot: OwnedSe
 }
 
 /// Reads a bounded body (POST only; others are not read), checks the request, then answers.
-async fn handle(request: Request<Incoming>, control: &Controller) -> Response<Full<Bytes>> {
+async fn handle(
+    request: Request<Incoming>,
+    control: Controller,
+    changes: Arc<Semaphore>,
+) -> Response<Full<Bytes>> {
     let (head, body) = request.into_parts();
     let body = if head.method == Method::POST {
         let collected =
@@ -245,21 +269,21 @@ async fn handle(request: Request<Incoming>, control: &Controller) -> Response<Fu
             Ok(Ok(body)) => body.to_bytes(),
             Ok(Err(e)) if e.is::<LengthLimitError>() => {
                 return Reply::text(
-                    hyper::StatusCode::PAYLOAD_TOO_LARGE,
+                    StatusCode::PAYLOAD_TOO_LARGE,
                     format!("request body over {MAX_BODY_BYTES} bytes"),
                 )
                 .into_response();
             }
             Ok(Err(e)) => {
                 return Reply::text(
-                    hyper::StatusCode::BAD_REQUEST,
+                    StatusCode::BAD_REQUEST,
                     format!("cannot read the request body: {e}"),
                 )
                 .into_response();
             }
             Err(_) => {
                 return Reply::text(
-                    hyper::StatusCode::REQUEST_TIMEOUT,
+                    StatusCode::REQUEST_TIMEOUT,
                     format!("request body not received within {BODY_TIMEOUT:?}"),
                 )
                 .into_response();
@@ -268,9 +292,32 @@ async fn handle(request: Request<Incoming>, control: &Controller) -> Response<Fu
     } else {
         Bytes::new()
     };
-    match routes::parse_request(head.method.as_str(), head.uri.path(), &body) {
-        Ok(request) => routes::respond(&request, control),
+    let reply = match routes::parse_request(head.method.as_str(), head.uri.path(), &body) {
+        Ok(request) => answer(request, control, &changes).await,
         Err(reply) => reply,
+    };
+    reply.into_response()
+}
+
+/// Answers a checked request: a read at once, a change on the blocking pool (it waits for
+/// the health thread), at most [`MAX_CONNECTIONS`] of them at a time. A change whose client
+/// has gone is still made.
+async fn answer(request: AdminRequest, control: Controller, changes: &Arc<Semaphore>) -> Reply {
+    if !request.is_change() {
+        return routes::respond(&request, &control);
     }
-    .into_response()
+    let Ok(permit) = Arc::clone(changes).acquire_owned().await else {
+        // Only a closed semaphore fails, and this one is never closed.
+        return Reply::text(StatusCode::SERVICE_UNAVAILABLE, "the endpoint is stopping");
+    };
+    let change = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        routes::respond(&request, &control)
+    });
+    change.await.unwrap_or_else(|e| {
+        Reply::text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the change did not complete: {e}"),
+        )
+    })
 }

@@ -1,10 +1,13 @@
 //! The admin endpoint over real HTTP: `/metrics` parsed as Prometheus text and checked against
 //! the traffic sent, `/backends`, the runtime API (drain, ready, weight), its errors, slow
-//! clients, and stopping.
+//! clients, slow changes, and stopping.
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use holdfast::admin::AdminServer;
@@ -701,5 +704,191 @@ fn assert_refused(addr: SocketAddr) {
     match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
         other => panic!("{addr} should refuse connections: {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow changes
+// ---------------------------------------------------------------------------------------------
+
+/// A change waits for the health thread. Here the health thread is stuck the way a real one
+/// gets stuck: its log goes to a pipe nobody reads any more (a stopped log reader, a terminal
+/// paused with Ctrl-S), so it blocks writing the line that records the change, before it
+/// answers. Meanwhile `/metrics` and `/backends` are answered at once; the change is answered
+/// once the log flows again.
+#[test]
+fn a_slow_change_delays_neither_metrics_nor_reads() {
+    let a = TaggedBackend::start("a");
+    let mut lb = LoggingToPipe::spawn(&[
+        "--backend",
+        &a.addr().to_string(),
+        "--health-check",
+        "none",
+        "--workers",
+        "1",
+    ]);
+    let admin = lb.admin;
+    assert_eq!(backend_json(admin, a.addr())["state"], "up");
+
+    lb.stall_log();
+    let mut change = client(admin);
+    change
+        .write_all(
+            format!(
+                "POST /backends/{}/drain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                 Content-Length: 0\r\n\r\n",
+                a.addr()
+            )
+            .as_bytes(),
+        )
+        .expect("write the drain request");
+    lb.wait_for_health_thread_stuck_in_log();
+
+    // The health thread holds the change; the admin endpoint answers everything else.
+    let s = scrape(admin);
+    assert_eq!(per_backend(&s, "holdfast_backend_up", a.addr()), 1.0);
+    assert_eq!(
+        backend_json(admin, a.addr())["state"],
+        "up",
+        "not drained yet"
+    );
+    assert_eq!(
+        pending(&change),
+        Pending::Nothing,
+        "the drain is still waiting for the health thread"
+    );
+
+    lb.resume_log();
+    let mut raw = Vec::new();
+    change
+        .read_to_end(&mut raw)
+        .expect("read the drain's answer");
+    assert_eq!(parse_response(&raw).json()["state"], "drain");
+    assert_eq!(backend_json(admin, a.addr())["state"], "drain");
+}
+
+/// The real binary, with `--listen 127.0.0.1:0 --admin 127.0.0.1:0` and its stderr (the log)
+/// on a pipe that this test reads, or stops reading. Killed on drop.
+struct LoggingToPipe {
+    child: std::process::Child,
+    admin: SocketAddr,
+    /// The log's read end, while nobody reads it.
+    log: Option<std::io::PipeReader>,
+}
+
+impl LoggingToPipe {
+    #[track_caller]
+    fn spawn(args: &[&str]) -> LoggingToPipe {
+        let (mut log, log_writer) = std::io::pipe().expect("pipe");
+        let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_writer)
+            .spawn()
+            .expect("spawn holdfast");
+        // Read the log up to the line that says where the admin endpoint listens, and no
+        // further, on a thread: a holdfast that never says it is waited for boundedly.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            let found = loop {
+                match log.read(&mut byte) {
+                    Ok(0) | Err(_) => break None,
+                    Ok(_) if byte[0] == b'\n' => {
+                        let text = String::from_utf8_lossy(&line).into_owned();
+                        if let Some((_, addr)) = text.split_once("admin endpoint on http://") {
+                            break addr.trim().parse::<SocketAddr>().ok();
+                        }
+                        line.clear();
+                    }
+                    Ok(_) => line.push(byte[0]),
+                }
+            };
+            let _ = tx.send((found, log));
+        });
+        let mut me = LoggingToPipe {
+            child,
+            admin: localhost0(),
+            log: None,
+        };
+        match rx.recv_timeout(IO_TIMEOUT) {
+            Ok((Some(admin), log)) => {
+                me.admin = admin;
+                me.log = Some(log);
+            }
+            Ok((None, _)) => panic!(
+                "holdfast ended its log without an admin address: {:?}",
+                me.child.try_wait()
+            ),
+            Err(e) => panic!("holdfast did not log its admin address: {e}"),
+        }
+        me
+    }
+
+    /// Fills the log pipe: the next thread of holdfast's that logs blocks until
+    /// [`LoggingToPipe::resume_log`]. Written through a second, non-blocking opening of the
+    /// pipe, so that it stops exactly when the pipe is full; holdfast's own stays blocking.
+    fn stall_log(&self) {
+        let mut pipe = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/{}/fd/2", self.child.id()))
+            .expect("open holdfast's stderr pipe");
+        let chunk = [b'#'; 4096];
+        for size in [chunk.len(), 1] {
+            loop {
+                match pipe.write(&chunk[..size]) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => panic!("filling the log pipe: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Reads the log again (to its end, on a thread), unblocking whoever waits to write it.
+    fn resume_log(&mut self) {
+        if let Some(mut log) = self.log.take() {
+            std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+        }
+    }
+
+    /// Waits until holdfast's health thread is blocked in a write to stderr, as
+    /// `/proc/PID/task/TID/syscall` shows it (write or writev, first argument 2).
+    #[track_caller]
+    fn wait_for_health_thread_stuck_in_log(&self) {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        wait_until_ok(IO_TIMEOUT, || {
+            // A thread takes its name once it runs: look for it each time.
+            let health = std::fs::read_dir(&tasks)
+                .map_err(|e| format!("{tasks}: {e}"))?
+                .filter_map(|t| t.ok().map(|t| t.path()))
+                .find(|t| {
+                    std::fs::read_to_string(t.join("comm"))
+                        .is_ok_and(|c| c.trim() == "holdfast-health")
+                })
+                .ok_or("no thread named holdfast-health yet")?;
+            let syscall = std::fs::read_to_string(health.join("syscall")).unwrap_or_default();
+            let mut fields = syscall.split_whitespace();
+            match (fields.next(), fields.next()) {
+                (Some("1" | "20"), Some("0x2")) => Ok(()),
+                _ => Err(format!(
+                    "the health thread is in syscall {:?}",
+                    syscall.trim()
+                )),
+            }
+        });
+    }
+}
+
+impl Drop for LoggingToPipe {
+    fn drop(&mut self) {
+        self.resume_log();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
