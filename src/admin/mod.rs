@@ -23,14 +23,17 @@
 //! blocking pool, never on the runtime: a slow change delays its own client only, not
 //! `/metrics` nor any other client. At most [`MAX_CONNECTIONS`] changes are in flight at once.
 //!
-//! What a client can cost is bounded: at most
-//! [`MAX_CONNECTIONS`] connections (more are answered 503 and closed), request heads of at
-//! most [`MAX_HEAD_BYTES`] that must arrive within [`HEAD_TIMEOUT`] (which also closes idle
+//! What a client can cost is bounded: at most [`MAX_CONNECTIONS`] connections, request heads of
+//! at most [`MAX_HEAD_BYTES`] that must arrive within [`HEAD_TIMEOUT`] (which also closes idle
 //! keep-alive connections), bodies of at most [`MAX_BODY_BYTES`] within [`BODY_TIMEOUT`],
 //! and a connection is wound down after [`MAX_CONNECTION_AGE`] (the request in flight is
 //! answered first, for at most [`CLOSE_GRACE`]), which also bounds a client that never reads
-//! its response. A failed `accept` (out of descriptors) is retried after a pause rather than
-//! ending the endpoint: it matters most when the balancer is in trouble.
+//! its response. When every connection slot is taken, a new connection is let in and a
+//! connection waiting on its client is closed instead (see `slots.rs` for which one), so
+//! clients that connect and never finish a request (a slowloris), even reconnecting ones,
+//! cannot keep a scrape out; only when every connection is being answered is the new one
+//! answered 503 and closed. A failed `accept` (out of descriptors) is retried after a pause
+//! rather than ending the endpoint: it matters most when the balancer is in trouble.
 //!
 //! [`AdminServer::stop`] closes the listener, drops every connection and joins the thread at
 //! once; a change in progress finishes on its blocking thread (the health thread answers, or
@@ -38,6 +41,7 @@
 
 mod metrics;
 mod routes;
+mod slots;
 
 use std::convert::Infallible;
 use std::io;
@@ -45,7 +49,7 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -54,10 +58,11 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::control::Controller;
 use routes::{AdminRequest, Reply};
+use slots::{Admission, Slot, Slots, Tracker};
 
 /// The request parser, for the fuzz targets in `fuzz/`; not an API.
 #[doc(hidden)]
@@ -65,7 +70,8 @@ pub mod fuzzing {
     pub use super::routes::{AdminRequest, Reply, parse_request};
 }
 
-/// Connections served at once; one more is answered 503 and closed.
+/// Connections served at once; one more takes the slot of a connection that waits on its
+/// client (see the module's documentation).
 pub const MAX_CONNECTIONS: usize = 64;
 /// Largest request head (request line and headers) accepted.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -154,7 +160,7 @@ impl Drop for AdminServer {
 
 /// Accepts until told to stop (or until the [`AdminServer`] is gone).
 async fn serve(listener: TcpListener, control: Controller, mut stop: oneshot::Receiver<()>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::new(MAX_CONNECTIONS);
     let changes = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // Accept failures and a full house come in streaks (descriptors stay short for a while, a
     // client opens connections in a loop): one warning per streak, not one per connection.
@@ -171,21 +177,37 @@ async fn serve(listener: TcpListener, control: Controller, mut stop: oneshot::Re
                 if std::mem::take(&mut failing) {
                     log::info!("admin endpoint: accepting again");
                 }
-                match Arc::clone(&slots).try_acquire_owned() {
-                    Ok(slot) => {
-                        full = false;
+                match slots.admit(peer.ip(), Instant::now()) {
+                    Admission::Admitted {
+                        slot,
+                        close,
+                        closed_other,
+                    } => {
+                        if !closed_other {
+                            full = false;
+                        } else if !std::mem::replace(&mut full, true) {
+                            log::warn!(
+                                "admin endpoint: {MAX_CONNECTIONS} connections open; each new \
+                                 one (the first from {peer}) closes one that waits on its client"
+                            );
+                        }
                         tokio::spawn(serve_connection(
                             stream,
                             control.clone(),
                             Arc::clone(&changes),
                             slot,
+                            close,
                         ));
+                        // Let the closed connection go and the new one read its request
+                        // before the next accept: under a flood of connections, a client
+                        // that sends its request at once is answered.
+                        tokio::task::yield_now().await;
                     }
-                    Err(_) => {
+                    Admission::Full => {
                         if !std::mem::replace(&mut full, true) {
                             log::warn!(
-                                "admin endpoint: {MAX_CONNECTIONS} connections open; refusing \
-                                 {peer} and others until one closes"
+                                "admin endpoint: {MAX_CONNECTIONS} requests being answered; \
+                                 refusing {peer} and others until one is done"
                             );
                         }
                         refuse_busy(&stream);
@@ -209,10 +231,10 @@ async fn serve(listener: TcpListener, control: Controller, mut stop: oneshot::Re
     // The listener closes here, before the thread is joined.
 }
 
-/// Tells a client over the connection limit why it is closed, if its socket takes the few
-/// bytes at once; never waits.
+/// Tells a client turned away why it is closed, if its socket takes the few bytes at once;
+/// never waits.
 fn refuse_busy(stream: &TcpStream) {
-    let body = "too many admin connections\n";
+    let body = "too many admin requests in progress\n";
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
          content-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\r\n{body}",
@@ -221,18 +243,22 @@ fn refuse_busy(stream: &TcpStream) {
     let _ = stream.try_write(response.as_bytes());
 }
 
-/// Serves one connection's requests (keep-alive allowed) within the bounds above.
+/// Serves one connection's requests (keep-alive allowed) within the bounds above, until the
+/// connection ends, grows too old, or `close` says its slot was given to a newer one.
 async fn serve_connection(
     stream: TcpStream,
     control: Controller,
     changes: Arc<Semaphore>,
-    _slot: OwnedSemaphorePermit,
+    slot: Slot,
+    mut close: oneshot::Receiver<()>,
 ) {
     let _ = stream.set_nodelay(true);
+    let tracker = slot.tracker();
     let service = service_fn(move |request| {
         let control = control.clone();
         let changes = Arc::clone(&changes);
-        async move { Ok::<_, Infallible>(handle(request, control, changes).await) }
+        let tracker = tracker.clone();
+        async move { Ok::<_, Infallible>(handle(request, control, changes, tracker).await) }
     });
     let mut builder = http1::Builder::new();
     builder
@@ -247,6 +273,10 @@ async fn serve_connection(
             }
             return;
         }
+        _ = &mut close => {
+            log::debug!("admin connection: closed to make room for a new one");
+            return;
+        }
         _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
     }
     connection.as_mut().graceful_shutdown();
@@ -256,10 +286,13 @@ async fn serve_connection(
 }
 
 /// Reads a bounded body (POST only; others are not read), checks the request, then answers.
+/// The connection counts as waiting on its client until the request is checked, and as busy
+/// (never closed for a newer connection) while it is answered.
 async fn handle(
     request: Request<Incoming>,
     control: Controller,
     changes: Arc<Semaphore>,
+    tracker: Tracker,
 ) -> Response<Full<Bytes>> {
     let (head, body) = request.into_parts();
     let body = if head.method == Method::POST {
@@ -293,7 +326,10 @@ async fn handle(
         Bytes::new()
     };
     let reply = match routes::parse_request(head.method.as_str(), head.uri.path(), &body) {
-        Ok(request) => answer(request, control, &changes).await,
+        Ok(request) => {
+            let _busy = tracker.busy();
+            answer(request, control, &changes).await
+        }
         Err(reply) => reply,
     };
     reply.into_response()

@@ -1,13 +1,16 @@
 //! The admin endpoint over real HTTP: `/metrics` parsed as Prometheus text and checked against
 //! the traffic sent, `/backends`, the runtime API (drain, ready, weight), its errors, slow
-//! clients, slow changes, and stopping.
+//! clients, floods of connections, slow changes, and stopping.
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use holdfast::admin::AdminServer;
@@ -95,7 +98,13 @@ fn parse_response(raw: &[u8]) -> HttpResponse {
 
 #[track_caller]
 fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> HttpResponse {
-    let mut s = client(addr);
+    send(client(addr), method, path, body)
+}
+
+/// Sends one request on `s` and reads its whole response.
+#[track_caller]
+fn send(mut s: TcpStream, method: &str, path: &str, body: &[u8]) -> HttpResponse {
+    let addr = s.peer_addr().expect("peer address");
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
          Content-Length: {}\r\n\r\n",
@@ -126,7 +135,20 @@ fn post(addr: SocketAddr, path: &str, body: &str) -> HttpResponse {
 /// has HELP and TYPE, and that counters end in `_total`.
 #[track_caller]
 fn scrape(admin: SocketAddr) -> Scrape {
-    let r = get(admin, "/metrics");
+    parse_scrape(&get(admin, "/metrics"))
+}
+
+/// A scrape from source address `ip` that must be answered `within` (a read timeout, so a
+/// scrape kept waiting fails rather than hangs).
+#[track_caller]
+fn scrape_from(ip: &str, admin: SocketAddr, within: Duration) -> Scrape {
+    let s = client_from(ip, admin);
+    s.set_read_timeout(Some(within)).unwrap();
+    parse_scrape(&send(s, "GET", "/metrics", b""))
+}
+
+#[track_caller]
+fn parse_scrape(r: &HttpResponse) -> Scrape {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
         r.header("content-type"),
@@ -704,6 +726,195 @@ fn assert_refused(addr: SocketAddr) {
     match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
         other => panic!("{addr} should refuse connections: {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Floods of connections
+// ---------------------------------------------------------------------------------------------
+
+/// A connection that sends the start of a request and nothing more.
+#[track_caller]
+fn half_request(admin: SocketAddr) -> TcpStream {
+    let mut s = client(admin);
+    s.write_all(b"GET /metr").expect("write half a request");
+    s
+}
+
+/// 200 connections that send half a request each and stop (more than the endpoint's 64
+/// slots): a scrape is still answered, long before the 10 s head timeout would free a slot,
+/// because each new connection takes the slot of the one that has waited longest.
+#[test]
+fn half_requests_do_not_keep_a_scrape_out() {
+    let a = TaggedBackend::start("a");
+    let (_lb, admin) = balancer_with_admin(&[a.addr()]);
+    let mut half: Vec<TcpStream> = (0..200).map(|_| half_request(admin)).collect();
+
+    let s = scrape_from("127.0.0.1", admin, Duration::from_secs(3));
+    assert_eq!(value(&s, "holdfast_accepted_total", &[]), 0.0);
+    assert_eq!(
+        get(admin, "/backends").json().as_array().map(Vec::len),
+        Some(1)
+    );
+
+    // The oldest were closed to make room; the newest still wait (their 10 s are not up).
+    expect_closed(&mut half[0], Duration::from_secs(3));
+    let newest = half.last().expect("200 connections");
+    assert_eq!(
+        pending(newest),
+        Pending::Nothing,
+        "the newest connection is open"
+    );
+}
+
+/// Connections from one address that send half a request each and reconnect as soon as they
+/// are closed, as fast as they can: scrapes from another address keep being answered.
+#[test]
+fn a_reconnecting_flood_does_not_lock_out_scrapes() {
+    let a = TaggedBackend::start("a");
+    let (_lb, admin) = balancer_with_admin(&[a.addr()]);
+    let flood = Flood::start(admin, "127.0.0.77", 100);
+    wait_until_ok(IO_TIMEOUT, || match flood.connected() {
+        100.. => Ok(()),
+        n => Err(format!("{n} flood connections so far")),
+    });
+
+    let before = flood.reconnects();
+    for _ in 0..10 {
+        scrape_from("127.0.0.1", admin, Duration::from_secs(3));
+        assert_eq!(get(admin, "/backends").status, 200);
+    }
+    let (reconnects, errors) = flood.stop();
+    assert!(
+        reconnects > before,
+        "the flood kept reconnecting while the scrapes were answered ({before} before, \
+         {reconnects} after; connect errors {errors})"
+    );
+}
+
+/// Keeps `n` connections from one source address open, each having sent half a request, and
+/// opens a new one whenever one is closed, until stopped. One thread, non-blocking sockets.
+struct Flood {
+    stop: Arc<AtomicBool>,
+    connected: Arc<AtomicUsize>,
+    reconnects: Arc<AtomicUsize>,
+    errors: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Flood {
+    fn start(admin: SocketAddr, from: &'static str, n: usize) -> Flood {
+        let stop = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(AtomicUsize::new(0));
+        let reconnects = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let (stop, connected, reconnects, errors) = (
+                Arc::clone(&stop),
+                Arc::clone(&connected),
+                Arc::clone(&reconnects),
+                Arc::clone(&errors),
+            );
+            std::thread::spawn(move || {
+                let open = || -> std::io::Result<mio::net::TcpStream> {
+                    let mut s = try_client_from(from, admin)?;
+                    s.write_all(b"GET /metr")?;
+                    s.set_nonblocking(true)?;
+                    Ok(mio::net::TcpStream::from_std(s))
+                };
+                let mut poll = mio::Poll::new().expect("poll");
+                let mut events = mio::Events::with_capacity(256);
+                let mut conns: Vec<Option<mio::net::TcpStream>> = (0..n).map(|_| None).collect();
+                let mut first = vec![true; n];
+                while !stop.load(SeqCst) {
+                    // (Re)open every closed one.
+                    for (i, slot) in conns.iter_mut().enumerate() {
+                        if slot.is_some() {
+                            continue;
+                        }
+                        match open() {
+                            Ok(mut s) => {
+                                poll.registry()
+                                    .register(&mut s, mio::Token(i), mio::Interest::READABLE)
+                                    .expect("register");
+                                *slot = Some(s);
+                                if std::mem::take(&mut first[i]) {
+                                    connected.fetch_add(1, SeqCst);
+                                } else {
+                                    reconnects.fetch_add(1, SeqCst);
+                                }
+                            }
+                            Err(_) => {
+                                errors.fetch_add(1, SeqCst);
+                            }
+                        }
+                    }
+                    match poll.poll(&mut events, Some(Duration::from_millis(20))) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        Err(e) => panic!("flood: poll: {e}"),
+                    }
+                    for event in events.iter() {
+                        let i = event.token().0;
+                        let Some(s) = conns[i].as_mut() else { continue };
+                        // Read to the end of what is there: an answer (a 503), EOF or reset.
+                        let mut buf = [0u8; 1024];
+                        let closed = loop {
+                            match s.read(&mut buf) {
+                                Ok(0) => break true,
+                                Ok(_) => {}
+                                Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
+                                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                                Err(_) => break true,
+                            }
+                        };
+                        if closed && let Some(mut s) = conns[i].take() {
+                            let _ = poll.registry().deregister(&mut s);
+                        }
+                    }
+                }
+            })
+        };
+        Flood {
+            stop,
+            connected,
+            reconnects,
+            errors,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections opened for the first time.
+    fn connected(&self) -> usize {
+        self.connected.load(SeqCst)
+    }
+
+    /// Connections opened again after being closed.
+    fn reconnects(&self) -> usize {
+        self.reconnects.load(SeqCst)
+    }
+
+    /// Stops the flood (closing its connections); returns the reconnections and the failed
+    /// connects.
+    fn stop(mut self) -> (usize, usize) {
+        self.stop_thread();
+        (self.reconnects(), self.errors.load(SeqCst))
+    }
+
+    fn stop_thread(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+            && !std::thread::panicking()
+        {
+            panic!("the flood thread panicked");
+        }
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop_thread();
     }
 }
 
