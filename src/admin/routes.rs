@@ -364,13 +364,22 @@ fn parse_weight(body: &[u8]) -> Result<u32, Reply> {
     Ok(weight)
 }
 
-/// A client's text quoted for a one-line error: escaped, and cut to a reasonable length
-/// (bodies are at most [`MAX_BODY_BYTES`], paths longer).
+/// A client's text quoted for a one-line error: escaped, and cut so that the escaped text
+/// takes at most 80 bytes (a control character escapes to up to 10).
 fn shown(text: &str) -> String {
-    const MAX_CHARS: usize = 80;
-    const _: () = assert!(MAX_CHARS <= MAX_BODY_BYTES);
-    let mut cut: String = text.chars().take(MAX_CHARS).collect();
-    if cut.len() < text.len() {
+    const MAX_BYTES: usize = 80;
+    let mut used = 0;
+    let mut end = text.len();
+    for (i, c) in text.char_indices() {
+        // An upper bound on what `{:?}` writes for it.
+        used += c.escape_debug().map(char::len_utf8).sum::<usize>();
+        if used > MAX_BYTES {
+            end = i;
+            break;
+        }
+    }
+    let mut cut = text[..end].to_string();
+    if end < text.len() {
         cut.push_str("...");
     }
     format!("{cut:?}")
@@ -499,6 +508,29 @@ mod tests {
         assert!(q.len() < 200, "{q}");
         assert!(q.ends_with("...\""));
         assert_eq!(shown("abc"), "\"abc\"");
+        // Characters that escape long count at their escaped length (found by fuzzing: 80
+        // control characters made a 700-byte line).
+        for c in ['\u{14}', '\u{10ffff}', '\u{301}', '\n', 'é'] {
+            let q = shown(&c.to_string().repeat(1000));
+            assert!(q.len() < 100, "{c:?}: {} bytes: {q}", q.len());
+            assert!(q.ends_with("...\""), "{q}");
+        }
+    }
+
+    /// The fuzzer's finds: errors quoting control characters were one line, but 500 to 700
+    /// bytes long.
+    #[test]
+    fn errors_quoting_unprintable_text_stay_short() {
+        let path = "\u{14}".repeat(85) + "\u{fffd}";
+        let e = parse_request("!", &path, b"").unwrap_err();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert!(e.body.len() < 200, "{} bytes: {}", e.body.len(), e.body);
+        let method = "GE".to_string() + &"\u{1b}".repeat(85);
+        let e = parse_request(&method, &path, b"").unwrap_err();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        let e = parse_request(&method, "/metrics", b"").unwrap_err();
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(e.body.len() < 200, "{} bytes: {}", e.body.len(), e.body);
     }
 
     #[test]
