@@ -1,13 +1,14 @@
-//! From a request's method, path and body to a [`Reply`], through the [`Controller`] alone.
-//! Nothing here does I/O, so every answer can be checked without a socket.
+//! From a request's method, path and body to a [`Reply`]: [`parse_request`] checks the
+//! request and says what it asks for (a pure function: no I/O, no [`Controller`], so it can be
+//! property-tested and fuzzed), then [`respond`] answers it through the [`Controller`] alone.
 
 use std::net::SocketAddr;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
-use hyper::{Method, Response, StatusCode};
-use percent_encoding::percent_decode_str;
+use hyper::{Response, StatusCode};
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use serde::Serialize;
 
 use super::{MAX_BODY_BYTES, metrics};
@@ -20,7 +21,7 @@ const JSON: &str = "application/json";
 
 /// An answer, before it becomes an HTTP response.
 #[derive(Debug)]
-pub(super) struct Reply {
+pub struct Reply {
     pub status: StatusCode,
     content_type: &'static str,
     /// For 405: the methods the path takes.
@@ -68,12 +69,16 @@ impl Reply {
         }
     }
 
-    fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> Reply {
+    fn method_not_allowed(method: &str, path: &str, allow: &'static str) -> Reply {
         Reply {
             allow: Some(allow),
             ..Reply::text(
                 StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} is not allowed on {}; use {allow}", shown(path)),
+                format!(
+                    "{} is not allowed on {}; use {allow}",
+                    shown(method),
+                    shown(path)
+                ),
             )
         }
     }
@@ -162,60 +167,137 @@ POST /backends/ADDR/ready     ADDR back in rotation
 POST /backends/ADDR/weight    body: the new weight, 1 to 256
 ";
 
-/// Answers one request. `body` is what a POST carried (empty otherwise), at most
-/// [`MAX_BODY_BYTES`].
-pub(super) fn route(method: &Method, path: &str, body: &[u8], control: &Controller) -> Reply {
-    let read = |answer: &dyn Fn() -> Result<Reply, Reply>| {
-        if method == Method::GET || method == Method::HEAD {
-            answer().unwrap_or_else(|e| e)
-        } else {
-            Reply::method_not_allowed(method, path, "GET, HEAD")
-        }
-    };
-    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
-    match segments.as_slice() {
-        [""] => read(&|| {
-            Ok(Reply {
-                body: INDEX.to_string(),
-                ..Reply::text(StatusCode::OK, "")
-            })
-        }),
-        ["metrics"] => read(&|| {
-            Ok(Reply::metrics(metrics::render(
-                &control.stats(),
-                &control.backend_stats(),
-            )))
-        }),
-        ["backends"] => read(&|| {
-            let all: Vec<BackendView> = control.backend_stats().iter().map(Into::into).collect();
-            Ok(Reply::json(&all))
-        }),
-        ["backends", addr] => read(&|| {
-            let addr = parse_addr(addr)?;
-            let backend = find(control, addr).ok_or_else(|| unknown(addr))?;
-            Ok(Reply::json(&backend))
-        }),
-        ["backends", addr, action @ ("drain" | "ready" | "weight")] => {
-            if method != Method::POST {
-                return Reply::method_not_allowed(method, path, "POST");
+/// What a client asked for, once its method, path and body have been checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminRequest {
+    /// `GET /`: the list of endpoints.
+    Index,
+    /// `GET /metrics`.
+    Metrics,
+    /// `GET /backends`.
+    Backends,
+    /// `GET /backends/{addr}`.
+    Backend(SocketAddr),
+    /// `POST /backends/{addr}/{drain|ready|weight}`; a weight is within 1..=[`MAX_WEIGHT`].
+    Change(SocketAddr, BackendChange),
+}
+
+impl AdminRequest {
+    /// True for a change, which waits for the health thread (up to 5 s): the server runs it
+    /// off its runtime.
+    pub fn is_change(&self) -> bool {
+        matches!(self, AdminRequest::Change(..))
+    }
+
+    /// A method, path and body that [`parse_request`] turns back into this request. The
+    /// address is percent-encoded where it must be (an IPv6 scope's `%`).
+    pub fn encode(&self) -> (&'static str, String, Vec<u8>) {
+        let path = |addr: &SocketAddr, action: &str| {
+            let addr = utf8_percent_encode(&addr.to_string(), ADDR_ENCODE).to_string();
+            format!("/backends/{addr}{action}")
+        };
+        match self {
+            AdminRequest::Index => ("GET", "/".into(), Vec::new()),
+            AdminRequest::Metrics => ("GET", "/metrics".into(), Vec::new()),
+            AdminRequest::Backends => ("GET", "/backends".into(), Vec::new()),
+            AdminRequest::Backend(addr) => ("GET", path(addr, ""), Vec::new()),
+            AdminRequest::Change(addr, BackendChange::Drain) => {
+                ("POST", path(addr, "/drain"), Vec::new())
             }
-            change(control, addr, action, body).unwrap_or_else(|e| e)
+            AdminRequest::Change(addr, BackendChange::Ready) => {
+                ("POST", path(addr, "/ready"), Vec::new())
+            }
+            AdminRequest::Change(addr, BackendChange::Weight(w)) => {
+                ("POST", path(addr, "/weight"), w.to_string().into_bytes())
+            }
         }
-        _ => Reply::text(
-            StatusCode::NOT_FOUND,
-            format!("no such path: {} (GET / lists them)", shown(path)),
-        ),
     }
 }
 
-/// `POST /backends/{addr}/{action}`.
-fn change(control: &Controller, addr: &str, action: &str, body: &[u8]) -> Result<Reply, Reply> {
-    let addr = parse_addr(addr)?;
-    let change = match action {
-        "drain" => BackendChange::Drain,
-        "ready" => BackendChange::Ready,
-        _ => BackendChange::Weight(parse_weight(body)?),
+/// What [`AdminRequest::encode`] percent-encodes in an address: what a path segment cannot
+/// carry as it is.
+const ADDR_ENCODE: &AsciiSet = &CONTROLS.add(b'%').add(b'/').add(b'?').add(b'#').add(b' ');
+
+/// Checks a request and says what it asks for, or answers it with an error: no I/O, no
+/// [`Controller`]. `method` is case-sensitive (HTTP's methods are); `path` is the request
+/// target's path, without the query (which the endpoint ignores); `body` is what a POST
+/// carried (the server reads no other), at most [`MAX_BODY_BYTES`] (a longer one is answered
+/// 413). `HEAD` is answered like `GET`. Errors are 4xx with a one-line reason, quoting the
+/// client's text escaped and cut short.
+pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<AdminRequest, Reply> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(Reply::text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {MAX_BODY_BYTES} bytes"),
+        ));
+    }
+    let read_only = || {
+        if method == "GET" || method == "HEAD" {
+            Ok(())
+        } else {
+            Err(Reply::method_not_allowed(method, path, "GET, HEAD"))
+        }
     };
+    let not_found = || {
+        Reply::text(
+            StatusCode::NOT_FOUND,
+            format!("no such path: {} (GET / lists them)", shown(path)),
+        )
+    };
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(not_found());
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    match segments.as_slice() {
+        [""] => read_only().map(|()| AdminRequest::Index),
+        ["metrics"] => read_only().map(|()| AdminRequest::Metrics),
+        ["backends"] => read_only().map(|()| AdminRequest::Backends),
+        ["backends", addr] => {
+            read_only()?;
+            Ok(AdminRequest::Backend(parse_addr(addr)?))
+        }
+        ["backends", addr, action @ ("drain" | "ready" | "weight")] => {
+            if method != "POST" {
+                return Err(Reply::method_not_allowed(method, path, "POST"));
+            }
+            let addr = parse_addr(addr)?;
+            let change = match *action {
+                "drain" => BackendChange::Drain,
+                "ready" => BackendChange::Ready,
+                _ => BackendChange::Weight(parse_weight(body)?),
+            };
+            Ok(AdminRequest::Change(addr, change))
+        }
+        _ => Err(not_found()),
+    }
+}
+
+/// Answers a request through `control`. A change waits for the health thread's answer (at
+/// most 5 s); everything else answers at once.
+pub(super) fn respond(request: &AdminRequest, control: &Controller) -> Reply {
+    let answer = match *request {
+        AdminRequest::Index => Ok(Reply {
+            body: INDEX.to_string(),
+            ..Reply::text(StatusCode::OK, "")
+        }),
+        AdminRequest::Metrics => Ok(Reply::metrics(metrics::render(
+            &control.stats(),
+            &control.backend_stats(),
+        ))),
+        AdminRequest::Backends => {
+            let all: Vec<BackendView> = control.backend_stats().iter().map(Into::into).collect();
+            Ok(Reply::json(&all))
+        }
+        AdminRequest::Backend(addr) => find(control, addr)
+            .ok_or_else(|| unknown(addr))
+            .map(|backend| Reply::json(&backend)),
+        AdminRequest::Change(addr, change) => apply(control, addr, change),
+    };
+    answer.unwrap_or_else(|e| e)
+}
+
+/// `POST /backends/{addr}/{action}`.
+fn apply(control: &Controller, addr: SocketAddr, change: BackendChange) -> Result<Reply, Reply> {
     control.change_backend(addr, change).map_err(|e| match e {
         ControlError::UnknownBackend(_) => Reply::text(StatusCode::NOT_FOUND, e.to_string()),
         ControlError::BadWeight(_) => Reply::text(StatusCode::BAD_REQUEST, e.to_string()),
@@ -260,11 +342,11 @@ fn parse_addr(segment: &str) -> Result<SocketAddr, Reply> {
     })
 }
 
-/// The body of `POST .../weight`: an integer, surrounding white space allowed. Its range is
-/// checked by [`Controller::change_backend`].
+/// The body of `POST .../weight`: an integer from 1 to [`MAX_WEIGHT`], surrounding white
+/// space allowed.
 fn parse_weight(body: &[u8]) -> Result<u32, Reply> {
     let text = String::from_utf8_lossy(body);
-    text.trim().parse().map_err(|_| {
+    let weight: u32 = text.trim().parse().map_err(|_| {
         Reply::text(
             StatusCode::BAD_REQUEST,
             format!(
@@ -272,16 +354,32 @@ fn parse_weight(body: &[u8]) -> Result<u32, Reply> {
                 shown(&text)
             ),
         )
-    })
+    })?;
+    if !(1..=MAX_WEIGHT).contains(&weight) {
+        return Err(Reply::text(
+            StatusCode::BAD_REQUEST,
+            ControlError::BadWeight(weight).to_string(),
+        ));
+    }
+    Ok(weight)
 }
 
-/// A client's text quoted for a one-line error: escaped, and cut to a reasonable length
-/// (bodies are at most [`MAX_BODY_BYTES`], paths longer).
+/// A client's text quoted for a one-line error: escaped, and cut so that the escaped text
+/// takes at most 80 bytes (a control character escapes to up to 10).
 fn shown(text: &str) -> String {
-    const MAX_CHARS: usize = 80;
-    const _: () = assert!(MAX_CHARS <= MAX_BODY_BYTES);
-    let mut cut: String = text.chars().take(MAX_CHARS).collect();
-    if cut.len() < text.len() {
+    const MAX_BYTES: usize = 80;
+    let mut used = 0;
+    let mut end = text.len();
+    for (i, c) in text.char_indices() {
+        // An upper bound on what `{:?}` writes for it.
+        used += c.escape_debug().map(char::len_utf8).sum::<usize>();
+        if used > MAX_BYTES {
+            end = i;
+            break;
+        }
+    }
+    let mut cut = text[..end].to_string();
+    if end < text.len() {
         cut.push_str("...");
     }
     format!("{cut:?}")
@@ -314,16 +412,92 @@ mod tests {
     }
 
     #[test]
-    fn weights_are_integers() {
+    fn weights_are_integers_from_1_to_256() {
         assert_eq!(parse_weight(b"3").unwrap(), 3);
         assert_eq!(parse_weight(b" 256\r\n").unwrap(), 256);
-        // The range is the controller's to check.
-        assert_eq!(parse_weight(b"0").unwrap(), 0);
-        for bad in [&b""[..], b"abc", b"-1", b"1.5", b"99999999999", b"\xff"] {
+        assert_eq!(parse_weight(b"1").unwrap(), 1);
+        for bad in [
+            &b""[..],
+            b"abc",
+            b"-1",
+            b"1.5",
+            b"99999999999",
+            b"\xff",
+            b"0",
+            b"257",
+        ] {
             let e = parse_weight(bad).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST);
             assert_eq!(e.body.lines().count(), 1, "{}", e.body);
         }
+    }
+
+    #[test]
+    fn requests_parse_into_what_they_ask_for() {
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let ok = |method, path, body: &[u8]| parse_request(method, path, body).unwrap();
+        assert_eq!(ok("GET", "/", b""), AdminRequest::Index);
+        assert_eq!(ok("HEAD", "/metrics", b""), AdminRequest::Metrics);
+        assert_eq!(ok("GET", "/backends", b""), AdminRequest::Backends);
+        assert_eq!(
+            ok("GET", "/backends/10.0.0.1:80", b""),
+            AdminRequest::Backend(a)
+        );
+        assert_eq!(
+            ok("POST", "/backends/10.0.0.1:80/drain", b"ignored"),
+            AdminRequest::Change(a, BackendChange::Drain)
+        );
+        assert_eq!(
+            ok("POST", "/backends/10.0.0.1%3A80/ready", b""),
+            AdminRequest::Change(a, BackendChange::Ready)
+        );
+        assert_eq!(
+            ok("POST", "/backends/10.0.0.1:80/weight", b"7\n"),
+            AdminRequest::Change(a, BackendChange::Weight(7))
+        );
+        let err = |method, path, body: &[u8]| parse_request(method, path, body).unwrap_err();
+        for (method, path, body, status, allow) in [
+            ("GET", "/nope", &b""[..], 404, None),
+            ("GET", "/metrics/", b"", 404, None),
+            ("GET", "metrics", b"", 404, None),
+            ("GET", "", b"", 404, None),
+            ("POST", "/backends/10.0.0.1:80/frobnicate", b"", 404, None),
+            ("POST", "/metrics", b"", 405, Some("GET, HEAD")),
+            ("get", "/metrics", b"", 405, Some("GET, HEAD")),
+            (
+                "DELETE",
+                "/backends/10.0.0.1:80",
+                b"",
+                405,
+                Some("GET, HEAD"),
+            ),
+            ("GET", "/backends/10.0.0.1:80/drain", b"", 405, Some("POST")),
+            ("GET", "/backends/nope", b"", 400, None),
+            ("POST", "/backends/10.0.0.1/drain", b"", 400, None),
+            ("POST", "/backends/10.0.0.1:80/weight", b"0", 400, None),
+            (
+                "POST",
+                "/backends/10.0.0.1:80/weight",
+                &[b'1'; 1025],
+                413,
+                None,
+            ),
+            ("GET", "/nope", &[0; 1025], 413, None),
+        ] {
+            let e = err(method, path, body);
+            assert_eq!(e.status.as_u16(), status, "{method} {path:?}: {}", e.body);
+            assert_eq!(e.allow, allow, "{method} {path:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_with_an_ipv6_scope_round_trip() {
+        // Display writes the scope after a `%`, which must be encoded to survive decoding.
+        let scoped: SocketAddr = "[fe80::1%12]:80".parse().unwrap();
+        let request = AdminRequest::Change(scoped, BackendChange::Drain);
+        let (method, path, body) = request.encode();
+        assert_eq!(path, "/backends/[fe80::1%2512]:80/drain");
+        assert_eq!(parse_request(method, &path, &body).unwrap(), request);
     }
 
     #[test]
@@ -334,6 +508,29 @@ mod tests {
         assert!(q.len() < 200, "{q}");
         assert!(q.ends_with("...\""));
         assert_eq!(shown("abc"), "\"abc\"");
+        // Characters that escape long count at their escaped length (found by fuzzing: 80
+        // control characters made a 700-byte line).
+        for c in ['\u{14}', '\u{10ffff}', '\u{301}', '\n', 'é'] {
+            let q = shown(&c.to_string().repeat(1000));
+            assert!(q.len() < 100, "{c:?}: {} bytes: {q}", q.len());
+            assert!(q.ends_with("...\""), "{q}");
+        }
+    }
+
+    /// The fuzzer's finds: errors quoting control characters were one line, but 500 to 700
+    /// bytes long.
+    #[test]
+    fn errors_quoting_unprintable_text_stay_short() {
+        let path = "\u{14}".repeat(85) + "\u{fffd}";
+        let e = parse_request("!", &path, b"").unwrap_err();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert!(e.body.len() < 200, "{} bytes: {}", e.body.len(), e.body);
+        let method = "GE".to_string() + &"\u{1b}".repeat(85);
+        let e = parse_request(&method, &path, b"").unwrap_err();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        let e = parse_request(&method, "/metrics", b"").unwrap_err();
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(e.body.len() < 200, "{} bytes: {}", e.body.len(), e.body);
     }
 
     #[test]
@@ -361,5 +558,147 @@ mod tests {
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(json["addr"], "127.0.0.1:1");
         assert_eq!(json["effective_weight"], 2.0);
+    }
+
+    mod properties {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Any address: IPv6 with or without a scope (its flow label is never written).
+        fn addr() -> impl Strategy<Value = SocketAddr> {
+            prop_oneof![
+                (any::<Ipv4Addr>(), any::<u16>())
+                    .prop_map(|(ip, port)| SocketAddr::V4(SocketAddrV4::new(ip, port))),
+                (
+                    any::<Ipv6Addr>(),
+                    any::<u16>(),
+                    prop_oneof![Just(0u32), any::<u32>()]
+                )
+                    .prop_map(|(ip, port, scope)| {
+                        SocketAddr::V6(SocketAddrV6::new(ip, port, 0, scope))
+                    }),
+            ]
+        }
+
+        fn request() -> impl Strategy<Value = AdminRequest> {
+            prop_oneof![
+                Just(AdminRequest::Index),
+                Just(AdminRequest::Metrics),
+                Just(AdminRequest::Backends),
+                addr().prop_map(AdminRequest::Backend),
+                (
+                    addr(),
+                    prop_oneof![
+                        Just(BackendChange::Drain),
+                        Just(BackendChange::Ready),
+                        (1..=MAX_WEIGHT).prop_map(BackendChange::Weight),
+                    ]
+                )
+                    .prop_map(|(addr, change)| AdminRequest::Change(addr, change)),
+            ]
+        }
+
+        fn method() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("GET".to_string()),
+                Just("HEAD".to_string()),
+                Just("POST".to_string()),
+                Just("PUT".to_string()),
+                any::<String>(),
+            ]
+        }
+
+        /// Paths near the real ones as well as anything at all.
+        fn path() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "(/(backends|metrics|drain|ready|weight|[0-9a-f.:\\[\\]%]{0,12})){0,4}",
+                "/backends/.*",
+                any::<String>(),
+            ]
+        }
+
+        /// An error is a 4xx with a reason on one short line.
+        fn check_error(e: &Reply) -> Result<(), TestCaseError> {
+            prop_assert!(e.status.is_client_error(), "{}", e.status);
+            prop_assert!(e.body.ends_with('\n'), "{:?}", e.body);
+            prop_assert_eq!(e.body.matches(['\n', '\r']).count(), 1, "{:?}", &e.body);
+            prop_assert!(e.body.len() < 512, "{:?}", e.body);
+            prop_assert_eq!(
+                e.allow.is_some(),
+                e.status == StatusCode::METHOD_NOT_ALLOWED
+            );
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn prop_any_request_parses_or_gets_a_one_line_4xx(
+                method in method(),
+                path in path(),
+                body in proptest::collection::vec(any::<u8>(), 0..1100),
+            ) {
+                match parse_request(&method, &path, &body) {
+                    Ok(request) => {
+                        prop_assert!(["GET", "HEAD", "POST"].contains(&method.as_str()));
+                        prop_assert!(body.len() <= MAX_BODY_BYTES);
+                        // What was understood reads back as the same request.
+                        let (m, p, b) = request.encode();
+                        prop_assert_eq!(parse_request(m, &p, &b).ok(), Some(request));
+                    }
+                    Err(e) => check_error(&e)?,
+                }
+            }
+
+            #[test]
+            fn prop_valid_requests_round_trip(request in request()) {
+                let (method, path, body) = request.encode();
+                prop_assert_eq!(parse_request(method, &path, &body).ok(), Some(request));
+                if method == "GET" {
+                    prop_assert_eq!(parse_request("HEAD", &path, &body).ok(), Some(request));
+                }
+            }
+
+            #[test]
+            fn prop_percent_encoded_addresses_parse_like_plain_ones(
+                ip in any::<IpAddr>(),
+                port in any::<u16>(),
+                encode in proptest::collection::vec(any::<(bool, bool)>(), 64),
+                action in prop_oneof![Just(""), Just("/drain"), Just("/ready")],
+            ) {
+                let addr = SocketAddr::new(ip, port);
+                let plain = addr.to_string();
+                // Each byte encoded or not, in upper- or lower-case hex.
+                let encoded: String = plain
+                    .bytes()
+                    .zip(encode.iter().cycle())
+                    .map(|(b, &(on, upper))| match (on, upper) {
+                        (false, _) => char::from(b).to_string(),
+                        (true, true) => format!("%{b:02X}"),
+                        (true, false) => format!("%{b:02x}"),
+                    })
+                    .collect();
+                let method = if action.is_empty() { "GET" } else { "POST" };
+                let parse = |a: &str| parse_request(method, &format!("/backends/{a}{action}"), b"");
+                let from_plain = parse(&plain).ok();
+                prop_assert!(from_plain.is_some());
+                prop_assert_eq!(parse(&encoded).ok(), from_plain);
+            }
+
+            #[test]
+            fn prop_bodies_are_bounded(
+                method in method(),
+                path in path(),
+                extra in 1..4096usize,
+                byte in any::<u8>(),
+            ) {
+                let body = vec![byte; MAX_BODY_BYTES + extra];
+                let e = parse_request(&method, &path, &body).unwrap_err();
+                prop_assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+                check_error(&e)?;
+            }
+        }
     }
 }

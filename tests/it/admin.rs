@@ -1,10 +1,16 @@
 //! The admin endpoint over real HTTP: `/metrics` parsed as Prometheus text and checked against
 //! the traffic sent, `/backends`, the runtime API (drain, ready, weight), its errors, slow
-//! clients, and stopping.
+//! clients, floods of connections, slow changes, and stopping.
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use holdfast::admin::AdminServer;
@@ -92,7 +98,13 @@ fn parse_response(raw: &[u8]) -> HttpResponse {
 
 #[track_caller]
 fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> HttpResponse {
-    let mut s = client(addr);
+    send(client(addr), method, path, body)
+}
+
+/// Sends one request on `s` and reads its whole response.
+#[track_caller]
+fn send(mut s: TcpStream, method: &str, path: &str, body: &[u8]) -> HttpResponse {
+    let addr = s.peer_addr().expect("peer address");
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
          Content-Length: {}\r\n\r\n",
@@ -123,7 +135,20 @@ fn post(addr: SocketAddr, path: &str, body: &str) -> HttpResponse {
 /// has HELP and TYPE, and that counters end in `_total`.
 #[track_caller]
 fn scrape(admin: SocketAddr) -> Scrape {
-    let r = get(admin, "/metrics");
+    parse_scrape(&get(admin, "/metrics"))
+}
+
+/// A scrape from source address `ip` that must be answered `within` (a read timeout, so a
+/// scrape kept waiting fails rather than hangs).
+#[track_caller]
+fn scrape_from(ip: &str, admin: SocketAddr, within: Duration) -> Scrape {
+    let s = client_from(ip, admin);
+    s.set_read_timeout(Some(within)).unwrap();
+    parse_scrape(&send(s, "GET", "/metrics", b""))
+}
+
+#[track_caller]
+fn parse_scrape(r: &HttpResponse) -> Scrape {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
         r.header("content-type"),
@@ -701,5 +726,380 @@ fn assert_refused(addr: SocketAddr) {
     match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
         other => panic!("{addr} should refuse connections: {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Floods of connections
+// ---------------------------------------------------------------------------------------------
+
+/// A connection that sends the start of a request and nothing more.
+#[track_caller]
+fn half_request(admin: SocketAddr) -> TcpStream {
+    let mut s = client(admin);
+    s.write_all(b"GET /metr").expect("write half a request");
+    s
+}
+
+/// 200 connections that send half a request each and stop (more than the endpoint's 64
+/// slots): a scrape is still answered, long before the 10 s head timeout would free a slot,
+/// because each new connection takes the slot of the one that has waited longest.
+#[test]
+fn half_requests_do_not_keep_a_scrape_out() {
+    let a = TaggedBackend::start("a");
+    let (_lb, admin) = balancer_with_admin(&[a.addr()]);
+    let mut half: Vec<TcpStream> = (0..200).map(|_| half_request(admin)).collect();
+
+    let s = scrape_from("127.0.0.1", admin, Duration::from_secs(3));
+    assert_eq!(value(&s, "holdfast_accepted_total", &[]), 0.0);
+    assert_eq!(
+        get(admin, "/backends").json().as_array().map(Vec::len),
+        Some(1)
+    );
+
+    // The oldest were closed to make room; the newest still wait (their 10 s are not up).
+    expect_closed(&mut half[0], Duration::from_secs(3));
+    let newest = half.last().expect("200 connections");
+    assert_eq!(
+        pending(newest),
+        Pending::Nothing,
+        "the newest connection is open"
+    );
+}
+
+/// Connections from one address that send half a request each and reconnect as soon as they
+/// are closed, as fast as they can: scrapes from another address keep being answered.
+#[test]
+fn a_reconnecting_flood_does_not_lock_out_scrapes() {
+    let a = TaggedBackend::start("a");
+    let (_lb, admin) = balancer_with_admin(&[a.addr()]);
+    let flood = Flood::start(admin, "127.0.0.77", 100);
+    wait_until_ok(IO_TIMEOUT, || match flood.connected() {
+        100.. => Ok(()),
+        n => Err(format!("{n} flood connections so far")),
+    });
+
+    let before = flood.reconnects();
+    for _ in 0..10 {
+        scrape_from("127.0.0.1", admin, Duration::from_secs(3));
+        assert_eq!(get(admin, "/backends").status, 200);
+    }
+    let (reconnects, errors) = flood.stop();
+    assert!(
+        reconnects > before,
+        "the flood kept reconnecting while the scrapes were answered ({before} before, \
+         {reconnects} after; connect errors {errors})"
+    );
+}
+
+/// Keeps `n` connections from one source address open, each having sent half a request, and
+/// opens a new one whenever one is closed, until stopped. One thread, non-blocking sockets.
+struct Flood {
+    stop: Arc<AtomicBool>,
+    connected: Arc<AtomicUsize>,
+    reconnects: Arc<AtomicUsize>,
+    errors: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Flood {
+    fn start(admin: SocketAddr, from: &'static str, n: usize) -> Flood {
+        let stop = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(AtomicUsize::new(0));
+        let reconnects = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let (stop, connected, reconnects, errors) = (
+                Arc::clone(&stop),
+                Arc::clone(&connected),
+                Arc::clone(&reconnects),
+                Arc::clone(&errors),
+            );
+            std::thread::spawn(move || {
+                let open = || -> std::io::Result<mio::net::TcpStream> {
+                    let mut s = try_client_from(from, admin)?;
+                    s.write_all(b"GET /metr")?;
+                    s.set_nonblocking(true)?;
+                    Ok(mio::net::TcpStream::from_std(s))
+                };
+                let mut poll = mio::Poll::new().expect("poll");
+                let mut events = mio::Events::with_capacity(256);
+                let mut conns: Vec<Option<mio::net::TcpStream>> = (0..n).map(|_| None).collect();
+                let mut first = vec![true; n];
+                while !stop.load(SeqCst) {
+                    // (Re)open every closed one.
+                    for (i, slot) in conns.iter_mut().enumerate() {
+                        if slot.is_some() {
+                            continue;
+                        }
+                        match open() {
+                            Ok(mut s) => {
+                                poll.registry()
+                                    .register(&mut s, mio::Token(i), mio::Interest::READABLE)
+                                    .expect("register");
+                                *slot = Some(s);
+                                if std::mem::take(&mut first[i]) {
+                                    connected.fetch_add(1, SeqCst);
+                                } else {
+                                    reconnects.fetch_add(1, SeqCst);
+                                }
+                            }
+                            Err(_) => {
+                                errors.fetch_add(1, SeqCst);
+                            }
+                        }
+                    }
+                    match poll.poll(&mut events, Some(Duration::from_millis(20))) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        Err(e) => panic!("flood: poll: {e}"),
+                    }
+                    for event in events.iter() {
+                        let i = event.token().0;
+                        let Some(s) = conns[i].as_mut() else { continue };
+                        // Read to the end of what is there: an answer (a 503), EOF or reset.
+                        let mut buf = [0u8; 1024];
+                        let closed = loop {
+                            match s.read(&mut buf) {
+                                Ok(0) => break true,
+                                Ok(_) => {}
+                                Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
+                                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                                Err(_) => break true,
+                            }
+                        };
+                        if closed && let Some(mut s) = conns[i].take() {
+                            let _ = poll.registry().deregister(&mut s);
+                        }
+                    }
+                }
+            })
+        };
+        Flood {
+            stop,
+            connected,
+            reconnects,
+            errors,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections opened for the first time.
+    fn connected(&self) -> usize {
+        self.connected.load(SeqCst)
+    }
+
+    /// Connections opened again after being closed.
+    fn reconnects(&self) -> usize {
+        self.reconnects.load(SeqCst)
+    }
+
+    /// Stops the flood (closing its connections); returns the reconnections and the failed
+    /// connects.
+    fn stop(mut self) -> (usize, usize) {
+        self.stop_thread();
+        (self.reconnects(), self.errors.load(SeqCst))
+    }
+
+    fn stop_thread(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+            && !std::thread::panicking()
+        {
+            panic!("the flood thread panicked");
+        }
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow changes
+// ---------------------------------------------------------------------------------------------
+
+/// A change waits for the health thread. Here the health thread is stuck the way a real one
+/// gets stuck: its log goes to a pipe nobody reads any more (a stopped log reader, a terminal
+/// paused with Ctrl-S), so it blocks writing the line that records the change, before it
+/// answers. Meanwhile `/metrics` and `/backends` are answered at once; the change is answered
+/// once the log flows again.
+#[test]
+fn a_slow_change_delays_neither_metrics_nor_reads() {
+    let a = TaggedBackend::start("a");
+    let mut lb = LoggingToPipe::spawn(&[
+        "--backend",
+        &a.addr().to_string(),
+        "--health-check",
+        "none",
+        "--workers",
+        "1",
+    ]);
+    let admin = lb.admin;
+    assert_eq!(backend_json(admin, a.addr())["state"], "up");
+
+    lb.stall_log();
+    let mut change = client(admin);
+    change
+        .write_all(
+            format!(
+                "POST /backends/{}/drain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                 Content-Length: 0\r\n\r\n",
+                a.addr()
+            )
+            .as_bytes(),
+        )
+        .expect("write the drain request");
+    lb.wait_for_health_thread_stuck_in_log();
+
+    // The health thread holds the change; the admin endpoint answers everything else.
+    let s = scrape(admin);
+    assert_eq!(per_backend(&s, "holdfast_backend_up", a.addr()), 1.0);
+    assert_eq!(
+        backend_json(admin, a.addr())["state"],
+        "up",
+        "not drained yet"
+    );
+    assert_eq!(
+        pending(&change),
+        Pending::Nothing,
+        "the drain is still waiting for the health thread"
+    );
+
+    lb.resume_log();
+    let mut raw = Vec::new();
+    change
+        .read_to_end(&mut raw)
+        .expect("read the drain's answer");
+    assert_eq!(parse_response(&raw).json()["state"], "drain");
+    assert_eq!(backend_json(admin, a.addr())["state"], "drain");
+}
+
+/// The real binary, with `--listen 127.0.0.1:0 --admin 127.0.0.1:0` and its stderr (the log)
+/// on a pipe that this test reads, or stops reading. Killed on drop.
+struct LoggingToPipe {
+    child: std::process::Child,
+    admin: SocketAddr,
+    /// The log's read end, while nobody reads it.
+    log: Option<std::io::PipeReader>,
+}
+
+impl LoggingToPipe {
+    #[track_caller]
+    fn spawn(args: &[&str]) -> LoggingToPipe {
+        let (mut log, log_writer) = std::io::pipe().expect("pipe");
+        let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_writer)
+            .spawn()
+            .expect("spawn holdfast");
+        // Read the log up to the line that says where the admin endpoint listens, and no
+        // further, on a thread: a holdfast that never says it is waited for boundedly.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            let found = loop {
+                match log.read(&mut byte) {
+                    Ok(0) | Err(_) => break None,
+                    Ok(_) if byte[0] == b'\n' => {
+                        let text = String::from_utf8_lossy(&line).into_owned();
+                        if let Some((_, addr)) = text.split_once("admin endpoint on http://") {
+                            break addr.trim().parse::<SocketAddr>().ok();
+                        }
+                        line.clear();
+                    }
+                    Ok(_) => line.push(byte[0]),
+                }
+            };
+            let _ = tx.send((found, log));
+        });
+        let mut me = LoggingToPipe {
+            child,
+            admin: localhost0(),
+            log: None,
+        };
+        match rx.recv_timeout(IO_TIMEOUT) {
+            Ok((Some(admin), log)) => {
+                me.admin = admin;
+                me.log = Some(log);
+            }
+            Ok((None, _)) => panic!(
+                "holdfast ended its log without an admin address: {:?}",
+                me.child.try_wait()
+            ),
+            Err(e) => panic!("holdfast did not log its admin address: {e}"),
+        }
+        me
+    }
+
+    /// Fills the log pipe: the next thread of holdfast's that logs blocks until
+    /// [`LoggingToPipe::resume_log`]. Written through a second, non-blocking opening of the
+    /// pipe, so that it stops exactly when the pipe is full; holdfast's own stays blocking.
+    fn stall_log(&self) {
+        let mut pipe = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/{}/fd/2", self.child.id()))
+            .expect("open holdfast's stderr pipe");
+        let chunk = [b'#'; 4096];
+        for size in [chunk.len(), 1] {
+            loop {
+                match pipe.write(&chunk[..size]) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => panic!("filling the log pipe: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Reads the log again (to its end, on a thread), unblocking whoever waits to write it.
+    fn resume_log(&mut self) {
+        if let Some(mut log) = self.log.take() {
+            std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+        }
+    }
+
+    /// Waits until holdfast's health thread is blocked in a write to stderr, as
+    /// `/proc/PID/task/TID/syscall` shows it (write or writev, first argument 2).
+    #[track_caller]
+    fn wait_for_health_thread_stuck_in_log(&self) {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        wait_until_ok(IO_TIMEOUT, || {
+            // A thread takes its name once it runs: look for it each time.
+            let health = std::fs::read_dir(&tasks)
+                .map_err(|e| format!("{tasks}: {e}"))?
+                .filter_map(|t| t.ok().map(|t| t.path()))
+                .find(|t| {
+                    std::fs::read_to_string(t.join("comm"))
+                        .is_ok_and(|c| c.trim() == "holdfast-health")
+                })
+                .ok_or("no thread named holdfast-health yet")?;
+            let syscall = std::fs::read_to_string(health.join("syscall")).unwrap_or_default();
+            let mut fields = syscall.split_whitespace();
+            match (fields.next(), fields.next()) {
+                (Some("1" | "20"), Some("0x2")) => Ok(()),
+                _ => Err(format!(
+                    "the health thread is in syscall {:?}",
+                    syscall.trim()
+                )),
+            }
+        });
+    }
+}
+
+impl Drop for LoggingToPipe {
+    fn drop(&mut self) {
+        self.resume_log();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
