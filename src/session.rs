@@ -41,6 +41,9 @@ pub struct Session {
     pub scheduled: bool,
     /// Which of the worker's listeners accepted it.
     pub listener: usize,
+    /// Backend connects started so far. It numbers the attempts (see `Phase::Connecting`) and
+    /// only goes up: a stay in the queue may forget the backends tried, never this count.
+    pub connect_attempts: u32,
 }
 
 /// The backend side of a session that has one.
@@ -66,7 +69,8 @@ pub enum Phase {
     },
     Connecting {
         upstream: Upstream,
-        /// Counts connect attempts, so a timer armed for an earlier attempt is ignored.
+        /// This attempt's number (`Session::connect_attempts` when it started), so a timer
+        /// armed for an earlier attempt is ignored.
         attempt: u32,
         /// Backends that already failed for this client.
         tried: Vec<usize>,

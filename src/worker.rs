@@ -343,6 +343,7 @@ impl Worker {
             last_active: self.now,
             scheduled: false,
             listener,
+            connect_attempts: 0,
         };
         if let Err(e) = self.poll.registry().register(
             &mut session.client,
@@ -372,9 +373,6 @@ impl Worker {
         let (ip, client_addr, id) = (session.client_addr.ip(), session.client_addr, session.id);
         match self.connect_next(&set, ip, &mut tried) {
             Ok((index, mut socket)) => {
-                // Backends tried so far number the attempts, so a connect timer armed for an
-                // earlier one (even before a stay in the queue) is told apart.
-                let attempt = tried.len() as u32;
                 let registered = self.poll.registry().register(
                     &mut socket,
                     Target::Session(key, Side::Backend).token(),
@@ -384,6 +382,11 @@ impl Worker {
                     set.backends[index].stats.release();
                     return Placement::Closed;
                 };
+                // Numbered by the session's own counter, which only goes up, so a connect
+                // timer armed for an earlier attempt is told apart, even one armed before a
+                // stay in the queue that forgot the backends tried.
+                session.connect_attempts += 1;
+                let attempt = session.connect_attempts;
                 // A retry drops the failed socket here; closing it also removes it from the
                 // poller.
                 session.phase = Phase::Connecting {
