@@ -196,3 +196,155 @@ fn a_connect_timer_from_before_the_queue_does_not_fail_the_next_backend() {
     assert_eq!(backend_stat(&lb, y.addr()).connect_failures, 0);
     drop(holder);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The real binary's descriptors
+// ---------------------------------------------------------------------------------------------
+
+/// The real binary listening on a kernel-chosen port, read back from its start-up log line,
+/// so that (unlike [`Child::spawn`]) no connection is made to it before the test's own.
+/// Killed on drop.
+struct Quiet {
+    child: std::process::Child,
+    addr: SocketAddr,
+    stderr: std::path::PathBuf,
+}
+
+impl Quiet {
+    fn spawn(args: &[&str]) -> Quiet {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let stderr = std::env::temp_dir().join(format!(
+            "holdfast-reliability-{}-{}.log",
+            std::process::id(),
+            N.fetch_add(1, SeqCst)
+        ));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn holdfast");
+        let mut addr = None;
+        wait_until_ok(IO_TIMEOUT, || {
+            let log = std::fs::read_to_string(&stderr).unwrap_or_default();
+            addr = log
+                .split("listening on ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.trim_end_matches(',').parse().ok());
+            addr.map(|_| ())
+                .ok_or(format!("no listen address in the log yet: {log}"))
+        });
+        Quiet {
+            child,
+            addr: addr.expect("set when the wait succeeded"),
+            stderr,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
+/// Open descriptors of process `pid` now.
+fn fd_count(pid: u32) -> usize {
+    let dir = format!("/proc/{pid}/fd");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
+        .count()
+}
+
+/// Sets process `pid`'s soft RLIMIT_NOFILE to `n` while it runs (the hard limit stays: raising
+/// it again would need a privilege the test may not have).
+fn set_nofile(pid: u32, n: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: with a null new limit, prlimit only writes the current one into `limit`, which
+    // lives across the call.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut limit,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit({pid}): {}", io::Error::last_os_error());
+    limit.rlim_cur = (n as libc::rlim_t).min(limit.rlim_max);
+    // SAFETY: prlimit reads the one rlimit passed by reference for the duration of the call
+    // and writes nothing (the old-limit pointer is null).
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "prlimit({pid}, NOFILE, {n}): {}",
+        io::Error::last_os_error()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 7: a pipe that cannot be made costs one burst its splice, not the session's life
+// ---------------------------------------------------------------------------------------------
+
+/// With `--relay splice`, a session whose pump cannot get a pipe (no descriptor free) copies
+/// that burst, and the client is served all the same; once descriptors are free again the
+/// next burst is spliced (a pipe is made: holdfast holds pipe descriptors).
+///
+/// The binary is started without a test connection, so its pipe pool starts empty.
+#[test]
+fn a_pipe_shortage_falls_back_to_copying_for_one_burst_only() {
+    let echo = EchoBackend::start();
+    let lb = Quiet::spawn(&[
+        "--backend",
+        &echo.addr().to_string(),
+        "--workers",
+        "1",
+        "--relay",
+        "splice",
+        "--health-check",
+        "none",
+    ]);
+    let pid = lb.pid();
+    let mut c = client(lb.addr);
+    echo.wait_for_accepted(1, IO_TIMEOUT);
+    // Pipe descriptors it did not make (inherited ones, if any).
+    let inherited = pipe_fds(pid);
+
+    // Not one descriptor free: the burst is copied.
+    set_nofile(pid, fd_count(pid));
+    let burst = random_bytes(200 * 1024, 7);
+    round_trip(&mut c, &burst);
+    assert_eq!(
+        pipe_fds(pid),
+        inherited,
+        "a pipe was made with no descriptor free"
+    );
+
+    // Descriptors free again: the next burst is spliced (the pipe stays open in the pool).
+    set_nofile(pid, 20_000);
+    round_trip(&mut c, &burst);
+    assert!(
+        pipe_fds(pid) > inherited,
+        "the session kept copying after descriptors were free again"
+    );
+}
