@@ -14,6 +14,7 @@
 //! flight inside the pumps) so that it could one day be handed to another process intact. A
 //! queued session is its client socket alone: no backend socket, no pipe, no buffer.
 
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -147,6 +148,26 @@ impl Session {
                         || *first_eof == Some(Side::Backend))
             }
             _ => false,
+        }
+    }
+
+    /// Whether a client that is not relaying yet (queued, or waiting for its backend connect)
+    /// has gone: it reset the connection (`Reset`), or it closed it with nothing sent that is
+    /// still to be relayed (`Done`). A client that half-closed after sending its request (EOF
+    /// with bytes pending) has not gone: the request is still to be served, as HAProxy would
+    /// without `abortonclose`. Looks with `SO_ERROR` and a one-byte `MSG_PEEK`; consumes
+    /// nothing.
+    pub fn client_left(&self) -> Option<CloseReason> {
+        match self.client.take_error() {
+            Ok(None) => {}
+            Ok(Some(_)) | Err(_) => return Some(CloseReason::Reset(Side::Client)),
+        }
+        let mut byte = [0u8; 1];
+        match self.client.peek(&mut byte) {
+            Ok(0) => Some(CloseReason::Done),
+            Ok(_) => None,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => None,
+            Err(_) => Some(CloseReason::Reset(Side::Client)),
         }
     }
 

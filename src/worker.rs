@@ -50,6 +50,8 @@ const MAX_CONNS_RECHECK: Duration = Duration::from_millis(20);
 const QUEUE_RECHECK: Duration = Duration::from_millis(5);
 /// Most queued clients one turn tries to place.
 const QUEUE_SCAN: usize = 256;
+/// Below this many entries the queue is never compacted.
+const QUEUE_COMPACT_MIN: usize = 1024;
 
 /// Messages from the control plane.
 pub enum Control {
@@ -79,8 +81,11 @@ pub struct Worker {
     sessions: Slab<Session>,
     /// Sessions to run again next turn (they stopped early on the byte budget).
     again: Vec<usize>,
-    /// Clients waiting for a backend with room, oldest first: (slab key, session id).
+    /// Clients waiting for a backend with room, oldest first: (slab key, session id). An
+    /// entry whose session has gone (or whose key now holds another session) is skipped.
     queue: VecDeque<(usize, u64)>,
+    /// The queue length at which its stale entries are next dropped.
+    queue_compact_at: usize,
     rate: Option<RateLimit>,
     health: HealthLink,
     timers: Timers,
@@ -135,6 +140,7 @@ impl Worker {
             sessions: Slab::new(),
             again: Vec::new(),
             queue: VecDeque::new(),
+            queue_compact_at: QUEUE_COMPACT_MIN,
             health,
             timers: Timers::default(),
             next_id: 0,
@@ -568,6 +574,18 @@ impl Worker {
             id: session.id,
             kind: TimerKind::Queue,
         });
+        if self.queue.len() >= self.queue_compact_at {
+            // Entries of clients that left while waiting stay until the scan reaches them;
+            // behind a client that waits long they could pile up. Drop them in one pass
+            // whenever the queue has doubled since the last one.
+            let sessions = &self.sessions;
+            self.queue.retain(|&(k, id)| {
+                sessions
+                    .get(k)
+                    .is_some_and(|s| s.id == id && matches!(s.phase, Phase::Queued { .. }))
+            });
+            self.queue_compact_at = (2 * self.queue.len()).max(QUEUE_COMPACT_MIN);
+        }
     }
 
     /// Places waiting clients, oldest first, while backends have room. With source-hash each
@@ -646,6 +664,17 @@ impl Worker {
                     && !event.is_read_closed()
                     && !event.is_write_closed();
                 self.check_connect(key, clean)
+            }
+            // A client that waits (queued, or for its backend connect) is read nothing until
+            // it is relaying; but a hang-up or an error may mean it has left, and then it
+            // gives up its place: no backend slot or rate token is spent on it.
+            Phase::Queued { .. } | Phase::Connecting { .. }
+                if side == Side::Client && (failed || event.is_read_closed()) =>
+            {
+                if let Some(reason) = session.client_left() {
+                    log::debug!("client {} left while waiting", session.client_addr);
+                    self.close(key, reason);
+                }
             }
             // Client bytes wait until the backend is connected.
             Phase::Accepted | Phase::Queued { .. } | Phase::Connecting { .. } => {}

@@ -348,3 +348,91 @@ fn a_pipe_shortage_falls_back_to_copying_for_one_burst_only() {
         "the session kept copying after descriptors were free again"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 2: clients that leave the queue
+// ---------------------------------------------------------------------------------------------
+
+/// Waits until `lb` reports `n` clients waiting in the queue.
+#[track_caller]
+fn wait_for_queued(lb: &holdfast::Holdfast, n: u64) {
+    wait_until_ok(Duration::from_secs(5), || {
+        let st = lb.stats();
+        if st.queued == n {
+            Ok(())
+        } else {
+            Err(format!("{} clients waiting, want {n}: {st:?}", st.queued))
+        }
+    });
+}
+
+/// Both slots of the backend are taken and 100 clients wait (the queue is full). 99 of them
+/// leave (half reset, half close without sending anything): they leave the queue at once, a
+/// new client is queued instead of refused "queue full", and when slots free up the backend
+/// sees only the clients still there. The one that half-closed after sending its request
+/// (EOF with bytes pending) has not left: it is served, in its turn.
+#[test]
+fn clients_that_leave_the_queue_give_up_their_place() {
+    let echo = EchoBackend::start();
+    let mut cfg = config(&[echo.addr()]);
+    cfg.workers = 1;
+    cfg.limits.max_conns_per_backend = 2;
+    cfg.limits.max_queue = 100;
+    cfg.limits.queue_timeout = Duration::from_secs(30);
+    let lb = start_balancer(cfg);
+    let target = lb_addr(&lb);
+    let mut holders: Vec<TcpStream> = (0..2)
+        .map(|i| {
+            let mut c = client(target);
+            round_trip(&mut c, format!("holder {i}").as_bytes());
+            c
+        })
+        .collect();
+
+    let mut half_closer = client(target);
+    half_closer.write_all(b"my request").unwrap();
+    half_closer.shutdown(std::net::Shutdown::Write).unwrap();
+    let leavers: Vec<TcpStream> = (0..99).map(|_| client(target)).collect();
+    wait_for_queued(&lb, 100);
+    for (i, c) in leavers.into_iter().enumerate() {
+        if i % 2 == 0 {
+            reset(c);
+        } else {
+            drop(c);
+        }
+    }
+    wait_for_queued(&lb, 1);
+
+    // Room in the queue again: a new client waits rather than being closed.
+    let mut late = client(target);
+    late.write_all(b"late").unwrap();
+    wait_for_queued(&lb, 2);
+    assert_eq!(lb.stats().queue_full, 0, "{:?}", lb.stats());
+
+    // A slot frees: the half-closer is served (its request echoed, then EOF), and when its
+    // session ends the late client is.
+    drop(holders.remove(0));
+    let mut back = Vec::new();
+    half_closer
+        .read_to_end(&mut back)
+        .expect("the half-closed client is served");
+    assert_eq!(back, b"my request");
+    let mut got = [0u8; 4];
+    late.read_exact(&mut got)
+        .expect("the late client is served");
+    assert_eq!(&got, b"late");
+    round_trip(&mut late, b"and more");
+
+    assert_eq!(
+        echo.accepted(),
+        4,
+        "the backend saw connections other than the 2 holders, the half-closer and the late \
+         client"
+    );
+    let st = lb.stats();
+    assert_eq!(
+        (st.queued, st.queue_full, st.queue_timeouts),
+        (0, 0, 0),
+        "{st:?}"
+    );
+}
