@@ -105,8 +105,9 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub fall: u32,
 
-    /// Consecutive failures on real traffic (connect failed, or closed before a byte) that
-    /// take a backend down at once; 0 disables
+    /// Consecutive failures on real traffic (a connect failed, or the backend ended a session
+    /// without answering a byte, within --connect-timeout) that take a backend down at once;
+    /// 0 disables
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub observe_errors: u32,
 

@@ -17,7 +17,7 @@
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
@@ -82,6 +82,8 @@ pub enum Phase {
         backend_to_client: Pump,
         /// Which side ended its stream first, once one has.
         first_eof: Option<Side>,
+        /// When the backend connection was established.
+        established: Instant,
     },
 }
 
@@ -133,19 +135,34 @@ impl Session {
         }
     }
 
-    /// The backend accepted the connection and then ended it (closed or reset) before a single
-    /// byte moved either way: a failure seen on live traffic.
-    pub fn backend_gave_up(&self, reason: CloseReason) -> bool {
+    /// The backend has not sent a single byte back, and the session is at most `window` old
+    /// (counted from the backend connection being established). A backend that ends the
+    /// session now (reset or EOF) has failed the client: a failure seen on live traffic.
+    /// Bytes the client sent do not matter: that the backend's kernel took them proves
+    /// nothing, and a client that speaks first (a WebSocket upgrade) always sends some.
+    pub fn backend_silent_within(&self, now: Instant, window: Duration) -> bool {
         match &self.phase {
             Phase::Relaying {
-                client_to_backend,
                 backend_to_client,
-                first_eof,
+                established,
                 ..
             } => {
-                client_to_backend.bytes + backend_to_client.bytes == 0
-                    && (reason == CloseReason::Reset(Side::Backend)
-                        || *first_eof == Some(Side::Backend))
+                backend_to_client.bytes == 0
+                    && now.saturating_duration_since(*established) <= window
+            }
+            _ => false,
+        }
+    }
+
+    /// The session is closing on a reset from the backend, which had answered nothing and
+    /// reset within `window` of the start: a passive failure. (A backend that ended with EOF
+    /// instead was judged when the EOF arrived, so it is not counted twice.)
+    pub fn backend_gave_up(&self, reason: CloseReason, now: Instant, window: Duration) -> bool {
+        match &self.phase {
+            Phase::Relaying { first_eof, .. } => {
+                reason == CloseReason::Reset(Side::Backend)
+                    && *first_eof != Some(Side::Backend)
+                    && self.backend_silent_within(now, window)
             }
             _ => false,
         }

@@ -747,6 +747,7 @@ impl Worker {
             client_to_backend: Pump::new(self.config.relay),
             backend_to_client: Pump::new(self.config.relay),
             first_eof: None,
+            established: self.now,
         };
         session.last_active = self.now;
         if let Some(idle) = self.config.idle_timeout {
@@ -800,6 +801,7 @@ impl Worker {
             client_to_backend,
             backend_to_client,
             first_eof,
+            established,
         } = &mut session.phase
         else {
             return;
@@ -820,9 +822,11 @@ impl Worker {
             &mut self.pools,
             client_to_backend.is_done(),
         );
+        let mut backend_quit = false;
         if first_eof.is_none() {
             if backend_to_client.is_done() {
                 *first_eof = Some(Side::Backend);
+                backend_quit = true;
             } else if client_to_backend.is_done() {
                 *first_eof = Some(Side::Client);
             }
@@ -831,9 +835,10 @@ impl Worker {
         let moved = (up_bytes + down_bytes) as u64;
         if moved > 0 {
             session.last_active = self.now;
-            if client_to_backend.bytes + backend_to_client.bytes == moved {
-                // The session's first bytes: the backend is serving, so its run of
-                // consecutive failures is over.
+            if down_bytes > 0 && backend_to_client.bytes == down_bytes as u64 {
+                // The first bytes the backend sent back: it is serving, so its run of
+                // consecutive failures is over. Bytes written to it prove nothing (only
+                // that its kernel took them), so they do not count.
                 session.set.backends[upstream.index]
                     .stats
                     .consecutive_failures
@@ -851,6 +856,13 @@ impl Worker {
                 stats.bytes_backend_to_client.fetch_add(n, Relaxed);
             }
         }
+        // The backend ended its side (EOF) without having answered a byte, soon after the
+        // session began: a passive failure, counted when it happens (the client may keep its
+        // side open for long after).
+        let passive = (backend_quit
+            && backend_to_client.bytes == 0
+            && self.now.saturating_duration_since(*established) <= self.config.connect_timeout)
+            .then(|| (Arc::clone(&session.set), upstream.index));
         let failed = match (up, down) {
             (Outcome::SourceFailed, _) | (_, Outcome::DestinationFailed) => Some(Side::Client),
             (Outcome::DestinationFailed, _) | (_, Outcome::SourceFailed) => Some(Side::Backend),
@@ -863,6 +875,9 @@ impl Worker {
         } else if (up == Outcome::Yield || down == Outcome::Yield) && !session.scheduled {
             session.scheduled = true;
             self.again.push(key);
+        }
+        if let Some((set, index)) = passive {
+            self.backend_failed(&set, index, Failure::Passive);
         }
     }
 
@@ -967,7 +982,7 @@ impl Worker {
             if session.holds_backend_slot() {
                 session.set.backends[upstream.index].stats.release();
             }
-            if session.backend_gave_up(reason) {
+            if session.backend_gave_up(reason, self.now, self.config.connect_timeout) {
                 self.backend_failed(&session.set, upstream.index, Failure::Passive);
             }
             if let CloseReason::Reset(side) = reason {
@@ -1107,7 +1122,8 @@ enum Placement {
 enum Failure {
     /// The connect was refused, reset or timed out.
     Connect,
-    /// The backend accepted and then closed or reset before any byte moved.
+    /// The backend ended a session (reset or EOF) without having sent a byte back, within
+    /// `--connect-timeout` of its start.
     Passive,
 }
 

@@ -221,7 +221,7 @@ const PER_BACKEND: &[PerBackend] = &[
     (
         "holdfast_backend_passive_failures_total",
         Kind::Counter,
-        "Connections the backend accepted, then closed or reset before a byte moved.",
+        "Sessions the backend ended without answering a byte, soon after they began.",
         |b| Value::Int(b.passive_failures),
     ),
     (

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use holdfast::BackendSpec;
+use holdfast::{Algorithm, BackendSpec};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::util::*;
@@ -97,6 +97,58 @@ impl Drop for GatedBackend {
             let _ = t.join();
         }
         self.fillers.clear();
+    }
+}
+
+/// A backend that runs `handle` on every connection it accepts, each on a thread of its own,
+/// until dropped (then its listener closes).
+struct ScriptedBackend {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ScriptedBackend {
+    fn start(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> ScriptedBackend {
+        let listener = TcpListener::bind(localhost0()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = Arc::new(handle);
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let _ = stream.set_nonblocking(false);
+                            set_timeouts(&stream);
+                            let handle = Arc::clone(&handle);
+                            std::thread::spawn(move || handle(stream));
+                        }
+                        Err(_) => std::thread::sleep(ms(2)),
+                    }
+                }
+            })
+        };
+        ScriptedBackend {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for ScriptedBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -435,4 +487,120 @@ fn clients_that_leave_the_queue_give_up_their_place() {
         (0, 0, 0),
         "{st:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 1: passive detection of backends that end sessions without answering
+// ---------------------------------------------------------------------------------------------
+
+/// One client that speaks first (as a WebSocket client does): connect, send a request, read
+/// its echo. `Ok` only if the echo came back whole.
+fn speak_first(target: SocketAddr, i: usize) -> Result<(), String> {
+    let mut c = try_client_from("127.0.0.1", target).map_err(|e| format!("connect: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let request = format!("GET /chat/{i} HTTP/1.1");
+    c.write_all(request.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut back = vec![0u8; request.len()];
+    c.read_exact(&mut back).map_err(|e| format!("read: {e}"))?;
+    if back == request.as_bytes() {
+        Ok(())
+    } else {
+        Err("wrong echo".into())
+    }
+}
+
+/// Clients that speak first, against an echo backend, one that reads the request and then
+/// resets, and one that resets at once. Both bad backends end every session without
+/// answering a byte, soon after it began: `--observe-errors` such sessions in a row take each
+/// of them down, and from then on every client is served.
+#[test]
+fn backends_that_reset_after_reading_the_request_are_taken_out() {
+    let good = EchoBackend::start();
+    let reads_then_resets = ResetBackend::start(1);
+    let resets_at_once = ResetBackend::start(0);
+    let bad = [reads_then_resets.addr(), resets_at_once.addr()];
+    let mut cfg = config(&[good.addr(), bad[0], bad[1]]);
+    cfg.algorithm = Algorithm::RoundRobin;
+    cfg.workers = 1;
+    cfg.retries = 0;
+    cfg.health.observe_errors = 3;
+    // No probes: a backend taken down passively is tried again after rise x interval.
+    cfg.health.interval = Duration::from_secs(30);
+    let lb = start_balancer(cfg);
+    let target = lb_addr(&lb);
+
+    let down = |addr| backend_state(&lb, addr) == holdfast::BackendState::Down;
+    let mut visits = 0;
+    while !bad.iter().all(|&a| down(a)) {
+        assert!(
+            visits < 60,
+            "after {visits} clients: {:?} {:?}",
+            backend_stat(&lb, bad[0]),
+            backend_stat(&lb, bad[1])
+        );
+        let _ = speak_first(target, visits);
+        visits += 1;
+    }
+    for addr in bad {
+        let stat = backend_stat(&lb, addr);
+        assert!(stat.passive_failures >= 3, "{stat:?}");
+    }
+    for i in 0..20 {
+        speak_first(target, 1000 + i).unwrap_or_else(|e| panic!("client {i}: {e}"));
+    }
+    assert_eq!(backend_stat(&lb, good.addr()).passive_failures, 0);
+}
+
+/// The other side of the rule: a backend that answered (a byte came back) before it reset
+/// is failing the application, not refusing service, and is not counted; nor is one that
+/// closes a session without answering only after the window (here the 300 ms connect
+/// timeout) has passed, as a server that times out a silent client does.
+#[test]
+fn passive_detection_ignores_answered_sessions_and_late_silent_closes() {
+    let answers_then_resets = ScriptedBackend::start(|mut s| {
+        let mut buf = [0u8; 64];
+        if s.read(&mut buf).is_ok() && s.write_all(b"!").is_ok() {
+            reset(s);
+        }
+    });
+    let closes_late = ScriptedBackend::start(|s| {
+        std::thread::sleep(ms(900));
+        drop(s);
+    });
+    let mut cfg = config(&[answers_then_resets.addr(), closes_late.addr()]);
+    cfg.algorithm = Algorithm::RoundRobin;
+    cfg.workers = 1;
+    cfg.connect_timeout = ms(300);
+    cfg.health.observe_errors = 2;
+    let lb = start_balancer(cfg);
+    let target = lb_addr(&lb);
+
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = client(target);
+                c.write_all(format!("request {i}").as_bytes()).unwrap();
+                let (how, took) = expect_closed(&mut c, Duration::from_secs(5));
+                (how, took)
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("every client sees its session end");
+    }
+    wait_until_ok(Duration::from_secs(5), || {
+        let st = lb.stats();
+        if st.active == 0 && st.closed == 6 {
+            Ok(())
+        } else {
+            Err(format!("sessions not all closed: {st:?}"))
+        }
+    });
+    for addr in [answers_then_resets.addr(), closes_late.addr()] {
+        let stat = backend_stat(&lb, addr);
+        assert_eq!(stat.passive_failures, 0, "{stat:?}");
+        assert_eq!(stat.state, holdfast::BackendState::Up, "{stat:?}");
+    }
 }
