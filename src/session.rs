@@ -123,16 +123,11 @@ impl Session {
         }
     }
 
-    /// Whether the session holds a slot in its backend's active count: a queued session has no
-    /// backend yet, and a connect that failed already gave its slot back.
+    /// Whether the session holds a slot in its backend's active count: one is taken with the
+    /// backend socket and given back with it (a failed connect's socket is dropped, its slot
+    /// released, before the next attempt), so exactly the sessions with an upstream hold one.
     pub fn holds_backend_slot(&self) -> bool {
-        match &self.phase {
-            Phase::Accepted | Phase::Queued { .. } => false,
-            Phase::Connecting {
-                upstream, tried, ..
-            } => !tried.contains(&upstream.index),
-            Phase::Relaying { .. } => true,
-        }
+        self.upstream().is_some()
     }
 
     /// The backend has not sent a single byte back, and the session is at most `window` old

@@ -76,6 +76,11 @@ pub struct Worker {
     listener_ready: Vec<bool>,
     /// Accepting is paused until then (after running out of descriptors or memory).
     accept_paused_until: Option<Instant>,
+    /// A descriptor held in reserve for the backend socket of the next client (an unbound UDP
+    /// socket): a client is accepted only while one is held, and it is closed just before a
+    /// backend socket is made. So holdfast never accepts a client it has no descriptor to
+    /// serve with. Refilled before each accept.
+    spare: Option<socket2::Socket>,
     backends: Arc<BackendSet>,
     counters: Arc<Counters>,
     sessions: Slab<Session>,
@@ -134,6 +139,7 @@ impl Worker {
             listeners,
             listener_ready,
             accept_paused_until: None,
+            spare: reserve_descriptor().ok(),
             backends,
             pools: Pools::new(Arc::clone(&counters)),
             counters,
@@ -289,6 +295,13 @@ impl Worker {
 
     fn accept_from(&mut self, i: usize) {
         for _ in 0..ACCEPT_BATCH {
+            // A client is accepted only with a descriptor in reserve for its backend socket
+            // (accept itself needs the other one): otherwise it would be accepted and then
+            // closed, with its request unread, which is a reset. Short, it waits in the
+            // kernel's backlog instead.
+            if !self.refill_spare() {
+                return;
+            }
             // At the cap the connection stays in the kernel's backlog (the client waits)
             // rather than being accepted and closed.
             if !self.reserve_slot() {
@@ -298,6 +311,9 @@ impl Worker {
                 Ok((stream, addr)) => {
                     Counters::incr(&self.counters.accepted);
                     self.start_session(stream, addr, i);
+                    if self.accept_paused_until.is_some() {
+                        return; // that session ran short of descriptors: so would the next
+                    }
                 }
                 Err(e) => {
                     Counters::decr(&self.counters.active);
@@ -311,6 +327,30 @@ impl Worker {
                     }
                     return;
                 }
+            }
+        }
+    }
+
+    /// Makes sure a descriptor is held in reserve for the next backend socket; `false` if
+    /// none can be had (out of descriptors: accepting pauses).
+    fn refill_spare(&mut self) -> bool {
+        if self.spare.is_some() {
+            return true;
+        }
+        match reserve_descriptor() {
+            Ok(fd) => {
+                self.spare = Some(fd);
+                true
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                Counters::incr(&self.counters.accept_errors);
+                self.resources_exhausted(e);
+                false
+            }
+            Err(e) => {
+                // Not a shortage (no UDP here?): go on without a reserve, as before.
+                log::debug!("worker {}: cannot reserve a descriptor: {e}", self.id);
+                true
             }
         }
     }
@@ -362,7 +402,7 @@ impl Worker {
             return;
         }
         entry.insert(session);
-        if let Placement::Full(tried) = self.place(key, Vec::new()) {
+        if let Placement::Full(tried) | Placement::Starved(tried) = self.place(key, Vec::new()) {
             self.enqueue(key, tried);
         }
     }
@@ -393,8 +433,6 @@ impl Worker {
                 // stay in the queue that forgot the backends tried.
                 session.connect_attempts += 1;
                 let attempt = session.connect_attempts;
-                // A retry drops the failed socket here; closing it also removes it from the
-                // poller.
                 session.phase = Phase::Connecting {
                     upstream: Upstream {
                         socket,
@@ -419,15 +457,12 @@ impl Worker {
                 Placement::Connecting
             }
             Err(NoConnect::Full) => Placement::Full(tried),
-            Err(why) => {
-                let reason = match why {
-                    NoConnect::Exhausted => CloseReason::Exhausted,
-                    _ => {
-                        self.no_backend(client_addr);
-                        CloseReason::NoBackend
-                    }
-                };
-                self.close(key, reason);
+            // Out of descriptors for the backend socket: the client waits, like a client
+            // waiting for room (closing it, with its request unread, would reset it).
+            Err(NoConnect::Exhausted) => Placement::Starved(tried),
+            Err(NoConnect::NoBackend) => {
+                self.no_backend(client_addr);
+                self.close(key, CloseReason::NoBackend);
                 Placement::Closed
             }
         }
@@ -479,6 +514,10 @@ impl Worker {
                 }
                 continue;
             }
+            // The reserved descriptor is given up just before the socket is made, so the
+            // socket gets its number (the lowest free one) unless another thread takes it in
+            // between; then the client waits for descriptors instead of being closed.
+            self.spare = None;
             match TcpStream::connect(backend.spec.addr) {
                 Ok(stream) => return Ok((index, stream)),
                 Err(e) if is_resource_exhaustion(&e) => {
@@ -621,17 +660,21 @@ impl Worker {
             }
             session.set = Arc::clone(&self.backends);
             Counters::decr(&self.counters.queued);
-            if let Placement::Full(tried) = self.place(key, tried) {
-                if let Some(session) = self.sessions.get_mut(key) {
-                    session.phase = Phase::Queued { deadline, tried };
-                    Counters::incr(&self.counters.queued);
-                }
-                if sticky {
-                    self.queue.push_back((key, id));
-                } else {
-                    self.queue.push_front((key, id));
-                    break;
-                }
+            let (tried, starved) = match self.place(key, tried) {
+                Placement::Full(tried) => (tried, false),
+                Placement::Starved(tried) => (tried, true),
+                Placement::Connecting | Placement::Closed => continue,
+            };
+            if let Some(session) = self.sessions.get_mut(key) {
+                session.phase = Phase::Queued { deadline, tried };
+                Counters::incr(&self.counters.queued);
+            }
+            if sticky && !starved {
+                self.queue.push_back((key, id));
+            } else {
+                // No room for it, so none for those behind it; or no descriptor for anyone.
+                self.queue.push_front((key, id));
+                break;
             }
         }
     }
@@ -779,14 +822,13 @@ impl Worker {
         let set = Arc::clone(&session.set);
         set.backends[failed].stats.release();
         self.backend_failed(&set, failed, Failure::Connect);
-        if let Some(Phase::Connecting { tried: t, .. }) =
-            self.sessions.get_mut(key).map(|s| &mut s.phase)
-        {
-            // Record the failure before anything can close the session, so `close` knows the
-            // slot was given back.
-            t.clone_from(&tried);
+        if let Some(session) = self.sessions.get_mut(key) {
+            // The failed socket is closed (and leaves the poller) before the next one is
+            // made, so a retry needs no descriptor more than the session had. Its slot was
+            // given back above; a session with no upstream holds none.
+            session.phase = Phase::Accepted;
         }
-        if let Placement::Full(tried) = self.place(key, tried) {
+        if let Placement::Full(tried) | Placement::Starved(tried) = self.place(key, tried) {
             self.enqueue(key, tried);
         }
     }
@@ -1114,6 +1156,9 @@ enum Placement {
     Connecting,
     /// No backend has room; the session is unchanged. Carries the backends already tried.
     Full(Vec<usize>),
+    /// No descriptor for a backend socket; the session is unchanged. Carries the backends
+    /// already tried.
+    Starved(Vec<usize>),
     Closed,
 }
 
@@ -1125,6 +1170,14 @@ enum Failure {
     /// The backend ended a session (reset or EOF) without having sent a byte back, within
     /// `--connect-timeout` of its start.
     Passive,
+}
+
+/// A descriptor to hold in reserve (see `Worker::spare`): an unbound UDP socket, which needs
+/// no file system path and costs the kernel little.
+fn reserve_descriptor() -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    Socket::new(Domain::IPV4, Type::DGRAM, None)
+        .or_else(|_| Socket::new(Domain::IPV6, Type::DGRAM, None))
 }
 
 /// Errors that say this process or machine is out of descriptors or memory.

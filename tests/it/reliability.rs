@@ -299,6 +299,23 @@ impl Quiet {
     fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `text`.
+    #[track_caller]
+    fn wait_for_log(&self, text: &str) {
+        wait_until_ok(IO_TIMEOUT, || {
+            let log = self.log();
+            if log.contains(text) {
+                Ok(())
+            } else {
+                Err(format!("no {text:?} in the log:\n{log}"))
+            }
+        });
+    }
 }
 
 impl Drop for Quiet {
@@ -352,6 +369,118 @@ fn set_nofile(pid: u32, n: usize) {
         "prlimit({pid}, NOFILE, {n}): {}",
         io::Error::last_os_error()
     );
+}
+
+/// Waits until process `pid` has exactly `n` descriptors open.
+#[track_caller]
+fn wait_for_fds(pid: u32, n: usize) {
+    wait_until_ok(IO_TIMEOUT, || {
+        let got = fd_count(pid);
+        if got == n {
+            Ok(())
+        } else {
+            Err(format!("holdfast has {got} descriptors open, want {n}"))
+        }
+    });
+}
+
+/// Lowers process `pid`'s descriptor limit so that exactly `free` more descriptors can be
+/// opened (descriptor numbers, not counts, are what the limit bounds).
+fn leave_free_fds(pid: u32, free: usize) {
+    let used: Vec<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let limit = (0..)
+        .find(|&l| l - used.iter().filter(|&&fd| fd < l).count() == free)
+        .expect("some limit leaves that many free");
+    set_nofile(pid, limit);
+}
+
+/// A client that sends `ping`, reads the echo, then holds its session until `release` is
+/// set. `Err` if the echo did not come back (a reset, an EOF, or nothing within `within`).
+fn ping_and_hold(target: SocketAddr, release: &AtomicBool, within: Duration) -> Result<(), String> {
+    let mut c = try_client_from("127.0.0.1", target).map_err(|e| format!("connect: {e}"))?;
+    c.set_read_timeout(Some(within))
+        .map_err(|e| e.to_string())?;
+    c.write_all(b"ping").map_err(|e| format!("write: {e}"))?;
+    let mut back = [0u8; 4];
+    c.read_exact(&mut back).map_err(|e| format!("echo: {e}"))?;
+    if &back != b"ping" {
+        return Err(format!("echo was {back:?}"));
+    }
+    while !release.load(SeqCst) {
+        std::thread::sleep(ms(5));
+    }
+    Ok(())
+}
+
+/// Starts `n` [`ping_and_hold`] clients of `target` at once.
+fn ping_and_hold_all(
+    target: SocketAddr,
+    n: usize,
+    release: &Arc<AtomicBool>,
+) -> Vec<JoinHandle<Result<(), String>>> {
+    (0..n)
+        .map(|_| {
+            let release = Arc::clone(release);
+            std::thread::spawn(move || ping_and_hold(target, &release, Duration::from_secs(20)))
+        })
+        .collect()
+}
+
+/// Joins the clients of [`ping_and_hold_all`]; panics naming every one that was not served.
+#[track_caller]
+fn expect_all_served(clients: Vec<JoinHandle<Result<(), String>>>, log: impl Fn() -> String) {
+    let failures: Vec<String> = clients
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, t)| match t.join() {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("client {i}: {e}")),
+            Err(_) => Some(format!("client {i} panicked")),
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} clients not served: {failures:?}\nholdfast's log:\n{}",
+        failures.len(),
+        log()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 3: at the descriptor limit, clients wait in the backlog
+// ---------------------------------------------------------------------------------------------
+
+/// Room for about ten sessions (an odd number of descriptors free, so a client can be
+/// accepted with the very last one), then 30 clients at once, each sending its request
+/// immediately. None is reset: those that do not fit wait in the backlog, and are served
+/// once the first ones leave. Afterwards holdfast holds exactly the descriptors it started
+/// with.
+#[test]
+fn at_the_descriptor_limit_clients_wait_instead_of_being_reset() {
+    let echo = EchoBackend::start();
+    let lb = Quiet::spawn(&[
+        "--backend",
+        &echo.addr().to_string(),
+        "--workers",
+        "1",
+        "--relay",
+        "copy",
+        "--health-check",
+        "none",
+    ]);
+    let pid = lb.pid();
+    let baseline = fd_count(pid);
+    leave_free_fds(pid, 2 * 10 + 1);
+
+    let release = Arc::new(AtomicBool::new(false));
+    let clients = ping_and_hold_all(lb.addr, 30, &release);
+    lb.wait_for_log("Too many open files");
+    release.store(true, SeqCst);
+    expect_all_served(clients, || lb.log());
+    wait_for_fds(pid, baseline);
 }
 
 // ---------------------------------------------------------------------------------------------
