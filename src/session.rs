@@ -85,7 +85,26 @@ pub enum Phase {
         /// When the backend connection was established.
         established: Instant,
     },
+    /// Closed (counted, logged, its slot and pumps given back) by holdfast itself, with a FIN:
+    /// the sockets' write sides are shut down, and they stay open only to discard what still
+    /// arrives until each peer has acknowledged the FIN or ended its stream, or until
+    /// `until` (see `Worker::start_lingering`). The backend socket is there if the session
+    /// was relaying.
+    Lingering {
+        backend: Option<TcpStream>,
+        client_done: bool,
+        backend_done: bool,
+        until: Instant,
+    },
 }
+
+/// How long holdfast keeps the sockets of a session it closed itself (a drain, a timeout)
+/// open after shutting down their write sides, for the peers to receive the FIN (see
+/// `Phase::Lingering`). A peer that has not acknowledged it by then is closed on regardless.
+pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a lingering session looks whether its peers have acknowledged the FIN (no
+/// event says so).
+pub const LINGER_CHECK: Duration = Duration::from_millis(10);
 
 /// Why a session ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,19 +127,32 @@ pub enum CloseReason {
     Shutdown,
 }
 
+impl CloseReason {
+    /// Holdfast itself decided to end a session that was fine as far as TCP goes: it ends
+    /// with a FIN on both sides, never a reset (see `Phase::Lingering`).
+    pub fn ends_with_fin(self) -> bool {
+        matches!(self, CloseReason::Drain | CloseReason::IdleTimeout)
+    }
+}
+
 impl Session {
     pub fn upstream(&self) -> Option<&Upstream> {
         match &self.phase {
-            Phase::Accepted | Phase::Queued { .. } => None,
+            Phase::Accepted | Phase::Queued { .. } | Phase::Lingering { .. } => None,
             Phase::Connecting { upstream, .. } | Phase::Relaying { upstream, .. } => Some(upstream),
         }
     }
 
     pub fn upstream_mut(&mut self) -> Option<&mut Upstream> {
         match &mut self.phase {
-            Phase::Accepted | Phase::Queued { .. } => None,
+            Phase::Accepted | Phase::Queued { .. } | Phase::Lingering { .. } => None,
             Phase::Connecting { upstream, .. } | Phase::Relaying { upstream, .. } => Some(upstream),
         }
+    }
+
+    /// Closed already, its sockets waiting for the peers to take the FIN.
+    pub fn is_lingering(&self) -> bool {
+        matches!(self.phase, Phase::Lingering { .. })
     }
 
     /// Whether the session holds a slot in its backend's active count: one is taken with the

@@ -31,6 +31,8 @@ pub enum TimerKind {
     DrainDeadline { spread: Duration },
     /// Close this session as part of a spread-out drain.
     DrainClose,
+    /// Look again whether a lingering session's sockets can be closed.
+    Linger,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -32,8 +32,8 @@ use crate::balance::{Load, SmoothRoundRobin, least_conn};
 use crate::config::{Algorithm, Config};
 use crate::health::{Command, HealthLink};
 use crate::listener::tune_socket;
-use crate::relay::{Outcome, Pools, Pump, Readiness};
-use crate::session::{CloseReason, Phase, Session, Upstream};
+use crate::relay::{self, Outcome, Pools, Pump, Readiness};
+use crate::session::{CloseReason, LINGER_CHECK, LINGER_TIMEOUT, Phase, Session, Upstream};
 use crate::stats::Counters;
 use crate::sys;
 use crate::timer::{Timer, TimerKind, Timers};
@@ -71,7 +71,8 @@ pub struct Worker {
     config: Arc<Config>,
     poll: Poll,
     control: Receiver<Control>,
-    listeners: Vec<TcpListener>,
+    /// `None` once closed (by a drain).
+    listeners: Vec<Option<TcpListener>>,
     /// A listener got a readiness event and has not yet returned `WouldBlock`.
     listener_ready: Vec<bool>,
     /// Accepting is paused until then (after running out of descriptors or memory).
@@ -101,7 +102,8 @@ pub struct Worker {
     accept_error_log: LogLimiter,
     no_backend_log: LogLimiter,
     queue_log: LogLimiter,
-    /// A graceful shutdown is under way: no listeners, exit when the last session ends.
+    /// A graceful shutdown is under way: listeners close once their backlog is taken, and
+    /// the worker exits when they are closed and the last session has ended.
     draining: bool,
     /// The listen address of each listener, for session logs (kept after a drain closes them).
     listen_addrs: Vec<SocketAddr>,
@@ -129,6 +131,7 @@ impl Worker {
             .iter()
             .map(|l| l.local_addr())
             .collect::<io::Result<Vec<_>>>()?;
+        let listeners = listeners.into_iter().map(Some).collect();
         let worker = Worker {
             id,
             picker: Picker::new(config.algorithm, id),
@@ -189,6 +192,9 @@ impl Worker {
                 break;
             }
             self.accept_all();
+            if self.draining {
+                self.close_drained_listeners();
+            }
             self.run_again();
             if !self.queue.is_empty() {
                 self.service_queue();
@@ -196,7 +202,7 @@ impl Worker {
             self.fire_timers();
             // Checked last: the turn may have closed the last session (a drain timer, a
             // peer's FIN), and with nothing left to wait for the poll would never wake.
-            if self.draining && self.sessions.is_empty() {
+            if self.draining && self.sessions.is_empty() && self.listeners.is_empty() {
                 log::info!("worker {}: drained", self.id);
                 break;
             }
@@ -214,7 +220,7 @@ impl Worker {
         if self.listener_ready.iter().any(|&r| r) {
             let wait = match self.accept_paused_until {
                 Some(until) => until.saturating_duration_since(now),
-                None if self.at_max_conns() => MAX_CONNS_RECHECK,
+                None if self.at_max_conns() && !self.draining => MAX_CONNS_RECHECK,
                 None => Duration::ZERO,
             };
             timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
@@ -266,10 +272,12 @@ impl Worker {
     }
 
     /// Reserves a slot under `--max-conns` before accepting, so workers together never
-    /// exceed it. Without a cap it only counts.
+    /// exceed it. Without a cap it only counts; so does a drain, which takes the clients
+    /// already in the backlog whatever the cap (they connected before it began, and it
+    /// promises to serve them), so the cap may be exceeded by at most the backlog.
     fn reserve_slot(&self) -> bool {
         let max = self.config.max_conns as u64;
-        if max == 0 {
+        if max == 0 || self.draining {
             Counters::incr(&self.counters.active);
             return true;
         }
@@ -293,8 +301,15 @@ impl Worker {
         }
     }
 
+    /// Accepts from listener `i` until it is empty (`WouldBlock`), or the batch is done, or
+    /// descriptors or `--max-conns` run short. A drain takes the whole backlog in one go.
     fn accept_from(&mut self, i: usize) {
-        for _ in 0..ACCEPT_BATCH {
+        let batch = if self.draining {
+            usize::MAX
+        } else {
+            ACCEPT_BATCH
+        };
+        for _ in 0..batch {
             // A client is accepted only with a descriptor in reserve for its backend socket
             // (accept itself needs the other one): otherwise it would be accepted and then
             // closed, with its request unread, which is a reset. Short, it waits in the
@@ -307,7 +322,11 @@ impl Worker {
             if !self.reserve_slot() {
                 return;
             }
-            match self.listeners[i].accept() {
+            let Some(listener) = &self.listeners[i] else {
+                Counters::decr(&self.counters.active);
+                return;
+            };
+            match listener.accept() {
                 Ok((stream, addr)) => {
                     Counters::incr(&self.counters.accepted);
                     self.start_session(stream, addr, i);
@@ -685,6 +704,11 @@ impl Worker {
         let Some(session) = self.sessions.get_mut(key) else {
             return; // an event for a session closed earlier in this turn
         };
+        if session.is_lingering() {
+            // Closed, its sockets waiting for the peers to take the FIN: discard what came.
+            self.linger(key);
+            return;
+        }
         let ready = match side {
             Side::Client => &mut session.client_ready,
             Side::Backend => match session.upstream_mut() {
@@ -722,6 +746,7 @@ impl Worker {
             // Client bytes wait until the backend is connected.
             Phase::Accepted | Phase::Queued { .. } | Phase::Connecting { .. } => {}
             Phase::Relaying { .. } => self.relay(key),
+            Phase::Lingering { .. } => {} // handled above
         }
     }
 
@@ -950,7 +975,15 @@ impl Worker {
         }
         while let Some(timer) = self.timers.pop_expired(self.now) {
             if let TimerKind::DrainDeadline { spread } = timer.kind {
-                let keys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+                // A backlog still not taken for want of descriptors is given up now.
+                self.listeners.clear();
+                self.listener_ready.clear();
+                let keys: Vec<usize> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| !s.is_lingering())
+                    .map(|(k, _)| k)
+                    .collect();
                 if !keys.is_empty() {
                     log::info!(
                         "worker {}: drain timeout; closing {} session(s) over {spread:?}",
@@ -997,9 +1030,16 @@ impl Worker {
                         });
                     }
                 }
-                (TimerKind::DrainClose, _) => {
+                (TimerKind::DrainClose, phase) if !matches!(phase, Phase::Lingering { .. }) => {
                     Counters::incr(&self.counters.closed_by_drain);
                     self.close(timer.key, CloseReason::Drain);
+                }
+                (TimerKind::Linger, Phase::Lingering { until, .. }) => {
+                    let next = (self.now + LINGER_CHECK).min(*until);
+                    self.linger(timer.key);
+                    if self.sessions.contains(timer.key) {
+                        self.timers.push(Timer { at: next, ..timer });
+                    }
                 }
                 (TimerKind::Queue, Phase::Queued { deadline, .. }) if timer.at == *deadline => {
                     Counters::incr(&self.counters.queue_timeouts);
@@ -1015,11 +1055,16 @@ impl Worker {
     /// Ends a session: releases its pipes and buffers and its counts, and closes both sockets
     /// (dropping a mio socket closes it and removes it from the poller).
     fn close(&mut self, key: usize, reason: CloseReason) {
-        if !self.sessions.contains(key) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if session.is_lingering() {
+            // Closed already in every respect but its sockets (see `linger`): drop them now.
+            self.sessions.remove(key);
             return;
         }
-        let mut session = self.sessions.remove(key);
         session.release(&mut self.pools);
+        let session = &self.sessions[key];
         if let Some(upstream) = session.upstream() {
             if session.holds_backend_slot() {
                 session.set.backends[upstream.index].stats.release();
@@ -1040,16 +1085,8 @@ impl Worker {
         if matches!(session.phase, Phase::Queued { .. }) {
             Counters::decr(&self.counters.queued);
         }
-        if reason == CloseReason::Drain {
-            // A normal end of stream on both sides, so clients reconnect with their own
-            // back-off rather than treating it as an error.
-            let _ = session.client.shutdown(Shutdown::Both);
-            if let Some(upstream) = session.upstream() {
-                let _ = upstream.socket.shutdown(Shutdown::Both);
-            }
-        }
         if self.config.log_sessions {
-            self.log_session(&session, reason);
+            self.log_session(session, reason);
         } else {
             log::debug!(
                 "session {} from {} closed: {reason:?}",
@@ -1059,28 +1096,118 @@ impl Worker {
         }
         Counters::decr(&self.counters.active);
         Counters::incr(&self.counters.closed);
+        if reason.ends_with_fin() {
+            self.start_lingering(key);
+        } else {
+            // Dropping a mio socket closes it and removes it from the poller.
+            self.sessions.remove(key);
+        }
     }
 
-    /// Stops accepting: what is already in the kernel's accept queue is taken (those clients
-    /// connected before the drain began), then the listeners close, so the kernel refuses new
-    /// connections or, with SO_REUSEPORT, hands them to another process on the same port.
+    /// Ends a session holdfast itself decided to close (a drain, a timeout) with a clean end
+    /// of stream on both sides, never a reset, so clients reconnect with their own back-off
+    /// rather than treating it as an error.
+    ///
+    /// `close()` of a socket whose receive queue holds unread bytes makes the kernel send a
+    /// RST instead of a FIN, dropping whatever it still had to send (the FIN included); and
+    /// bytes arriving after the close are answered with a RST too. A peer still sending
+    /// (or a backlog of bytes holdfast stopped reading, by backpressure) is therefore reset,
+    /// and if our FIN had not gone out yet, its read sees ECONNRESET instead of EOF. So the
+    /// write side is shut down (the FIN queues behind the bytes already sent) and the sockets
+    /// stay open, reading and discarding what arrives, until each peer has acknowledged our
+    /// FIN (nothing unacknowledged is left: it has read, or will read, EOF whatever follows)
+    /// or has ended its own stream, or until [`LINGER_TIMEOUT`]. Only then are they closed.
+    /// A backend connect still under way is simply dropped: there is no stream to end.
+    fn start_lingering(&mut self, key: usize) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let backend = match std::mem::replace(&mut session.phase, Phase::Accepted) {
+            Phase::Relaying { upstream, .. } => Some(upstream.socket),
+            _ => None,
+        };
+        let _ = session.client.shutdown(Shutdown::Write);
+        if let Some(socket) = &backend {
+            let _ = socket.shutdown(Shutdown::Write);
+        }
+        session.phase = Phase::Lingering {
+            backend_done: backend.is_none(),
+            backend,
+            client_done: false,
+            until: self.now + LINGER_TIMEOUT,
+        };
+        self.timers.push(Timer {
+            at: self.now + LINGER_CHECK,
+            key,
+            id: session.id,
+            kind: TimerKind::Linger,
+        });
+        self.linger(key);
+    }
+
+    /// A lingering session's sockets: discard what arrived, and close both once each is
+    /// finished with (see [`Worker::start_lingering`]) or the linger time is up.
+    fn linger(&mut self, key: usize) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let Phase::Lingering {
+            backend,
+            client_done,
+            backend_done,
+            until,
+        } = &mut session.phase
+        else {
+            return;
+        };
+        if !*client_done {
+            *client_done = relay::linger(&session.client, &mut self.pools);
+        }
+        if !*backend_done && let Some(socket) = backend {
+            *backend_done = relay::linger(socket, &mut self.pools);
+        }
+        if (*client_done && *backend_done) || self.now >= *until {
+            self.sessions.remove(key);
+        }
+    }
+
+    /// Stops accepting: everything already in the kernel's accept queue is taken (those
+    /// clients connected before the drain began, and are promised service), then each
+    /// listener closes, so the kernel refuses new connections or, with SO_REUSEPORT, hands
+    /// them to another process on the same port. Taking the queue is bounded only by
+    /// descriptors (not by `--max-conns` or the accept batch): a listener whose backlog is
+    /// not empty for want of descriptors stays open, and is drained as they free up, until
+    /// its backlog is empty or the drain timeout passes.
     fn start_drain(&mut self, timeout: Duration, spread: Duration) {
         if self.draining {
             return;
         }
         self.draining = true;
-        for i in 0..self.listeners.len() {
-            self.listener_ready[i] = true;
-            self.accept_from(i);
+        for ready in &mut self.listener_ready {
+            *ready = true;
         }
-        self.listeners.clear();
-        self.listener_ready.clear();
+        self.accept_all();
+        self.close_drained_listeners();
         self.timers.push(Timer {
             at: self.now + timeout,
             key: usize::MAX,
             id: u64::MAX,
             kind: TimerKind::DrainDeadline { spread },
         });
+    }
+
+    /// During a drain: closes every listener whose backlog has been taken (its last accept
+    /// said `WouldBlock`). With none left open, the vectors are emptied.
+    fn close_drained_listeners(&mut self) {
+        for (listener, ready) in self.listeners.iter_mut().zip(&self.listener_ready) {
+            if !ready {
+                *listener = None;
+            }
+        }
+        if self.listeners.iter().all(Option::is_none) {
+            self.listeners.clear();
+            self.listener_ready.clear();
+        }
     }
 
     /// Closes `keys` one by one, oldest first, evenly over `spread` from `from`, so their

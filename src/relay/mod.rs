@@ -462,6 +462,28 @@ impl Pump {
     }
 }
 
+/// One socket of a lingering session (one holdfast closes with a FIN, see
+/// `Worker::start_lingering`), its write side already shut down: reads and discards what has
+/// arrived (at most [`TURN_BUDGET`] bytes a call), and says whether the socket is finished
+/// with: the peer ended its stream or failed, or it has acknowledged everything we sent, our
+/// FIN included, so closing the socket can no longer cost it its EOF. Where that cannot be
+/// known, the socket is finished with once nothing is left to read.
+pub fn linger(socket: &TcpStream, pools: &mut Pools) -> bool {
+    let mut discarded = 0;
+    while discarded < TURN_BUDGET {
+        match (&*socket).read(&mut pools.scratch) {
+            Ok(0) => return true,
+            Ok(n) => discarded += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return sys::unacked_bytes(socket).map_or(true, |n| n == 0);
+            }
+            Err(_) => return true,
+        }
+    }
+    false // more to discard: the next look goes on
+}
+
 /// What one read step did.
 enum Step {
     /// The source is at EOF.

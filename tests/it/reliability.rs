@@ -733,3 +733,195 @@ fn passive_detection_ignores_answered_sessions_and_late_silent_closes() {
         assert_eq!(stat.state, holdfast::BackendState::Up, "{stat:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 4: a drain serves the whole backlog, and ends sessions with a FIN
+// ---------------------------------------------------------------------------------------------
+
+/// Connects `n` clients of `target` (the kernel completes each handshake into the backlog
+/// whether holdfast accepts or not) and has each send `client i`.
+fn backlog_clients(target: SocketAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            let mut c = client(target);
+            c.write_all(format!("client {i:04}").as_bytes()).unwrap();
+            c
+        })
+        .collect()
+}
+
+/// Reads each client's echo of `client i`; panics naming the clients that did not get it.
+#[track_caller]
+fn expect_backlog_served(clients: &mut [TcpStream]) {
+    let failed: Vec<String> = clients
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            let mut back = [0u8; 11];
+            match c.read_exact(&mut back) {
+                Ok(()) if back == *format!("client {i:04}").as_bytes() => None,
+                Ok(()) => Some(format!("client {i}: wrong echo {back:?}")),
+                Err(e) => Some(format!("client {i}: {e}")),
+            }
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} clients not served: {:?}",
+        failed.len(),
+        clients.len(),
+        &failed[..failed.len().min(10)]
+    );
+}
+
+/// The real binary is stopped (SIGSTOP) while 600 clients connect: they sit in the kernel's
+/// accept queue. SIGTERM, then SIGCONT: every one of them connected before the drain, so
+/// every one is served, and holdfast exits 0 once they have left.
+#[test]
+fn sigterm_serves_every_client_already_in_the_backlog() {
+    let echo = CountingBackend::start();
+    let mut child = Child::spawn(&[
+        "--backend",
+        &echo.addr().to_string(),
+        "--workers",
+        "1",
+        "--health-check",
+        "none",
+    ]);
+    child.signal(libc::SIGSTOP);
+    let mut clients = backlog_clients(child.addr(), 600);
+    child.signal(libc::SIGTERM);
+    child.signal(libc::SIGCONT);
+    expect_backlog_served(&mut clients);
+    drop(clients);
+    let status = child.wait_exit(IO_TIMEOUT).unwrap_or_else(|| {
+        panic!(
+            "holdfast still running after its clients left; stderr:\n{}",
+            child.stderr()
+        )
+    });
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+}
+
+/// At `--max-conns`, clients wait in the backlog; a drain still takes them (they connected
+/// before it), beyond the cap, and serves them, while the sessions already live go on.
+#[test]
+fn a_drain_at_max_conns_still_serves_the_backlog() {
+    let echo = CountingBackend::start();
+    let mut cfg = config(&[echo.addr()]);
+    cfg.workers = 1;
+    cfg.max_conns = 4;
+    let lb = start_balancer(cfg);
+    let target = lb_addr(&lb);
+    let mut live: Vec<TcpStream> = (0..4)
+        .map(|i| {
+            let mut c = client(target);
+            round_trip(&mut c, format!("live {i}").as_bytes());
+            c
+        })
+        .collect();
+    let mut waiting = backlog_clients(target, 20);
+    wait_until_ok(Duration::from_secs(3), || {
+        let st = lb.stats();
+        if st.active == 4 && st.accepted == 4 {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    });
+
+    let control = lb.controller().clone();
+    lb.drain();
+    let joined = std::thread::spawn(move || lb.join());
+    expect_backlog_served(&mut waiting);
+    for (i, c) in live.iter_mut().enumerate() {
+        round_trip(c, format!("live {i}, draining").as_bytes());
+    }
+    drop(waiting);
+    drop(live);
+    joined
+        .join()
+        .expect("join returns once every session has ended");
+    let st = control.stats();
+    assert_eq!((st.accepted, st.active), (24, 0), "{st:?}");
+}
+
+/// Fills every buffer between a client and an echo backend: the client writes without
+/// reading until its writes would block.
+fn flood(c: &mut TcpStream) {
+    c.set_nonblocking(true).unwrap();
+    let chunk = vec![0x5a; 64 * 1024];
+    let mut idle_since = Instant::now();
+    // Writes block for good once every buffer on the path is full; a short wait after the
+    // first WouldBlock makes sure the proxy and the backend have caught up.
+    while idle_since.elapsed() < ms(300) {
+        match c.write(&chunk) {
+            Ok(_) => idle_since = Instant::now(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(ms(10)),
+            Err(e) => panic!("flood: {e}"),
+        }
+    }
+    c.set_nonblocking(false).unwrap();
+}
+
+/// A session in full flow at the drain timeout (the client has sent more than anyone has
+/// read, and has not read what was sent back either): the drain closes it, and the client
+/// reads what was in flight and then a clean EOF, not ECONNRESET. So does the backend.
+#[test]
+fn a_session_in_full_flow_at_the_drain_timeout_ends_with_eof_not_a_reset() {
+    let (backend_saw_tx, backend_saw) = std::sync::mpsc::channel();
+    let backend = ScriptedBackend::start(move |mut s| {
+        // An echo that stops reading while its writes block (so every buffer fills), and
+        // reports how its connection ended.
+        let mut buf = vec![0u8; 64 * 1024];
+        let end = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break "eof".to_string(),
+                Ok(n) => {
+                    if let Err(e) = s.write_all(&buf[..n]) {
+                        break format!("write: {e}");
+                    }
+                }
+                Err(e) => break format!("read: {e}"),
+            }
+        };
+        let _ = backend_saw_tx.send(end);
+    });
+    let mut cfg = config(&[backend.addr()]);
+    cfg.workers = 1;
+    cfg.relay = holdfast::RelayMode::Copy;
+    cfg.drain_timeout = ms(200);
+    cfg.close_spread = ms(10);
+    let lb = start_balancer(cfg);
+    let mut c = client(lb_addr(&lb));
+    flood(&mut c);
+
+    let control = lb.controller().clone();
+    lb.drain();
+    let joined = std::thread::spawn(move || lb.join());
+    wait_until_ok(Duration::from_secs(3), || {
+        let st = control.stats();
+        if st.closed_by_drain == 1 {
+            Ok(())
+        } else {
+            Err(format!("not closed by the drain yet: {st:?}"))
+        }
+    });
+    // Now the client reads everything that reaches it, then must see EOF.
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = loop {
+        match c.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(end.is_ok(), "the client saw {end:?} instead of EOF");
+    let backend_end = backend_saw.recv_timeout(IO_TIMEOUT).expect("backend done");
+    assert_eq!(backend_end, "eof", "the backend saw {backend_end}, not EOF");
+    drop(c);
+    joined.join().expect("join returns");
+    let st = control.stats();
+    assert_eq!((st.active, st.resets), (0, 0), "{st:?}");
+}
