@@ -72,6 +72,12 @@ pub struct Args {
     #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// Close a connection whose backend has not answered the client's bytes with a single
+    /// byte for this long (HAProxy's timeout server); one-way downloads are never affected.
+    /// 0 disables
+    #[arg(long, value_name = "DUR", default_value = "0", value_parser = parse_duration)]
+    pub backend_timeout: Duration,
+
     /// TCP keepalive idle time on both sockets; 0 disables
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
     pub tcp_keepalive: Duration,
@@ -173,6 +179,7 @@ impl Args {
         config.connect_timeout = self.connect_timeout;
         config.retries = self.retries;
         config.idle_timeout = nonzero(self.idle_timeout);
+        config.backend_timeout = nonzero(self.backend_timeout);
         config.tcp_keepalive = nonzero(self.tcp_keepalive);
         config.max_conns = self.max_conns;
         config.backlog = self.backlog;
@@ -275,6 +282,8 @@ mod tests {
             "0",
             "--idle-timeout",
             "0",
+            "--backend-timeout",
+            "30s",
             "--tcp-keepalive",
             "2m",
             "--max-conns",
@@ -290,6 +299,7 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
         assert_eq!(c.retries, 0);
         assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.backend_timeout, Some(Duration::from_secs(30)));
         assert_eq!(c.tcp_keepalive, Some(Duration::from_secs(120)));
         assert_eq!(c.max_conns, 10);
         assert_eq!(c.backlog, 16);
@@ -303,6 +313,7 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.retries, 2);
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(c.backend_timeout, None);
         assert_eq!(c.tcp_keepalive, Some(Duration::from_secs(60)));
         assert_eq!(c.backlog, 4096);
         assert_eq!(c.health.check, HealthCheck::Tcp);

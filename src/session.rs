@@ -84,6 +84,12 @@ pub enum Phase {
         first_eof: Option<Side>,
         /// When the backend connection was established.
         established: Instant,
+        /// With `--backend-timeout`: when the client first sent bytes that the backend has not
+        /// answered since (`None` while nothing is waiting for an answer).
+        unanswered_since: Option<Instant>,
+        /// A backend-timeout timer is armed for this session (one at a time; it re-arms
+        /// itself lazily, like the idle timer).
+        backend_timer: bool,
     },
     /// Closed (counted, logged, its slot and pumps given back) by holdfast itself, with a FIN:
     /// the sockets' write sides are shut down, and they stay open only to discard what still
@@ -115,6 +121,8 @@ pub enum CloseReason {
     Reset(Side),
     /// No bytes either way for the idle timeout.
     IdleTimeout,
+    /// The backend left the client's bytes unanswered for the backend timeout.
+    BackendTimeout,
     /// No backend could be connected.
     NoBackend,
     /// Waited in the queue longer than the queue timeout.
@@ -131,7 +139,10 @@ impl CloseReason {
     /// Holdfast itself decided to end a session that was fine as far as TCP goes: it ends
     /// with a FIN on both sides, never a reset (see `Phase::Lingering`).
     pub fn ends_with_fin(self) -> bool {
-        matches!(self, CloseReason::Drain | CloseReason::IdleTimeout)
+        matches!(
+            self,
+            CloseReason::Drain | CloseReason::IdleTimeout | CloseReason::BackendTimeout
+        )
     }
 }
 
@@ -181,16 +192,24 @@ impl Session {
         }
     }
 
-    /// The session is closing on a reset from the backend, which had answered nothing and
-    /// reset within `window` of the start: a passive failure. (A backend that ended with EOF
-    /// instead was judged when the EOF arrived, so it is not counted twice.)
+    /// The session is closing for a reason that is a passive failure of its backend: a reset
+    /// from the backend, which had answered nothing and reset within `window` of the start
+    /// (a backend that ended with EOF instead was judged when the EOF arrived, so it is not
+    /// counted twice); or the backend timeout, on a session the backend never answered a
+    /// single byte (a backend that accepts and hangs).
     pub fn backend_gave_up(&self, reason: CloseReason, now: Instant, window: Duration) -> bool {
         match &self.phase {
-            Phase::Relaying { first_eof, .. } => {
-                reason == CloseReason::Reset(Side::Backend)
-                    && *first_eof != Some(Side::Backend)
-                    && self.backend_silent_within(now, window)
-            }
+            Phase::Relaying {
+                first_eof,
+                backend_to_client,
+                ..
+            } => match reason {
+                CloseReason::Reset(Side::Backend) => {
+                    *first_eof != Some(Side::Backend) && self.backend_silent_within(now, window)
+                }
+                CloseReason::BackendTimeout => backend_to_client.bytes == 0,
+                _ => false,
+            },
             _ => false,
         }
     }
@@ -228,6 +247,7 @@ impl Session {
             CloseReason::Reset(Side::Client) => "client-reset",
             CloseReason::Reset(Side::Backend) => "backend-reset",
             CloseReason::IdleTimeout => "idle-timeout",
+            CloseReason::BackendTimeout => "backend-timeout",
             CloseReason::NoBackend => "connect-failure",
             CloseReason::QueueTimeout => "queue-timeout",
             CloseReason::Exhausted => "out-of-resources",

@@ -24,6 +24,9 @@ pub enum TimerKind {
     Connect { attempt: u32 },
     /// Check whether the session has been idle for the idle timeout.
     Idle,
+    /// Check whether the backend has left the client's bytes unanswered for the backend
+    /// timeout.
+    Backend,
     /// The client has waited in the queue for the queue timeout.
     Queue,
     /// The worker's drain timeout passed: close what is left over `spread` (not a session's

@@ -816,6 +816,8 @@ impl Worker {
             backend_to_client: Pump::new(self.config.relay),
             first_eof: None,
             established: self.now,
+            unanswered_since: None,
+            backend_timer: false,
         };
         session.last_active = self.now;
         if let Some(idle) = self.config.idle_timeout {
@@ -869,6 +871,8 @@ impl Worker {
             backend_to_client,
             first_eof,
             established,
+            unanswered_since,
+            backend_timer,
         } = &mut session.phase
         else {
             return;
@@ -921,6 +925,25 @@ impl Worker {
                 let n = down_bytes as u64;
                 self.counters.bytes_backend_to_client.fetch_add(n, Relaxed);
                 stats.bytes_backend_to_client.fetch_add(n, Relaxed);
+            }
+        }
+        if let Some(limit) = self.config.backend_timeout {
+            // The clock runs from the first client byte after the backend's last answer
+            // (bytes both ways in one run count as answered). A backend that ended its side
+            // can answer no more: it is not waited for.
+            if down_bytes > 0 {
+                *unanswered_since = None;
+            } else if up_bytes > 0 && unanswered_since.is_none() && !backend_to_client.is_done() {
+                *unanswered_since = Some(self.now);
+                if !*backend_timer {
+                    *backend_timer = true;
+                    self.timers.push(Timer {
+                        at: self.now + limit,
+                        key,
+                        id: session.id,
+                        kind: TimerKind::Backend,
+                    });
+                }
             }
         }
         // The backend ended its side (EOF) without having answered a byte, soon after the
@@ -1024,6 +1047,41 @@ impl Worker {
                         Counters::incr(&self.counters.idle_timeouts);
                         self.close(timer.key, CloseReason::IdleTimeout);
                     } else {
+                        self.timers.push(Timer {
+                            at: deadline,
+                            ..timer
+                        });
+                    }
+                }
+                (TimerKind::Backend, Phase::Relaying { .. }) => {
+                    let (
+                        Some(limit),
+                        Some(Phase::Relaying {
+                            unanswered_since,
+                            backend_timer,
+                            backend_to_client,
+                            ..
+                        }),
+                    ) = (
+                        self.config.backend_timeout,
+                        self.sessions.get_mut(timer.key).map(|s| &mut s.phase),
+                    )
+                    else {
+                        continue;
+                    };
+                    *backend_timer = false;
+                    let Some(since) = *unanswered_since else {
+                        continue; // answered meanwhile; the next client byte re-arms it
+                    };
+                    if backend_to_client.is_done() {
+                        continue;
+                    }
+                    let deadline = since + limit;
+                    if deadline <= self.now {
+                        Counters::incr(&self.counters.backend_timeouts);
+                        self.close(timer.key, CloseReason::BackendTimeout);
+                    } else {
+                        *backend_timer = true;
                         self.timers.push(Timer {
                             at: deadline,
                             ..timer

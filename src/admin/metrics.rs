@@ -126,6 +126,12 @@ const GLOBAL: &[Global] = &[
         |s| s.idle_timeouts,
     ),
     (
+        "holdfast_backend_timeouts_total",
+        Kind::Counter,
+        "Sessions closed because the backend left the client's bytes unanswered.",
+        |s| s.backend_timeouts,
+    ),
+    (
         "holdfast_resets_total",
         Kind::Counter,
         "Sessions that ended with a reset or socket error on either side.",

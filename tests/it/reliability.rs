@@ -925,3 +925,111 @@ fn a_session_in_full_flow_at_the_drain_timeout_ends_with_eof_not_a_reset() {
     let st = control.stats();
     assert_eq!((st.active, st.resets), (0, 0), "{st:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 12: --backend-timeout
+// ---------------------------------------------------------------------------------------------
+
+/// One balancer with `--backend-timeout 300ms` in front of `backend`.
+fn with_backend_timeout(backend: SocketAddr) -> holdfast::Holdfast {
+    let mut cfg = config(&[backend]);
+    cfg.workers = 1;
+    cfg.backend_timeout = Some(ms(300));
+    start_balancer(cfg)
+}
+
+/// A client that keeps sending to a backend that never answers (it reads and discards) is
+/// closed, with a FIN, about 300 ms after its first byte, although bytes keep moving (the
+/// idle timeout, an hour, never would).
+#[test]
+fn backend_timeout_closes_a_session_whose_backend_never_answers() {
+    let hung = SilentBackend::start();
+    let lb = with_backend_timeout(hung.addr());
+    let mut c = client(lb_addr(&lb));
+    let started = Instant::now();
+    let mut writer = c.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        // A byte every 20 ms until the write fails (the session is gone) or 3 s pass.
+        while started.elapsed() < Duration::from_secs(3) {
+            if writer.write_all(b"x").is_err() {
+                return;
+            }
+            std::thread::sleep(ms(20));
+        }
+    });
+    let (how, _) = expect_closed(&mut c, Duration::from_secs(3));
+    let took = started.elapsed();
+    assert!(matches!(how, Closed::Eof), "closed with {how:?}, not EOF");
+    assert!(took >= ms(250), "closed after only {took:?}");
+    let _ = sender.join();
+    wait_until_ok(Duration::from_secs(2), || {
+        let st = lb.stats();
+        if st.backend_timeouts == 1 && st.active == 0 {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    });
+    // It never answered a byte: a backend that hangs counts as failing.
+    assert_eq!(passive_failures(&lb, hung.addr()), 1);
+}
+
+/// What the backend timeout leaves alone: a download (the client silent, the backend
+/// sending a byte every 50 ms for 1.2 s), and a conversation whose answers come within the
+/// timeout (a request every 100 ms, each echoed) for 1.2 s.
+#[test]
+fn backend_timeout_spares_downloads_and_answered_conversations() {
+    let download = ScriptedBackend::start(|mut s| {
+        for _ in 0..24 {
+            if s.write_all(b"d").is_err() {
+                return;
+            }
+            std::thread::sleep(ms(50));
+        }
+    });
+    let lb = with_backend_timeout(download.addr());
+    let mut c = client(lb_addr(&lb));
+    let mut got = Vec::new();
+    c.read_to_end(&mut got)
+        .expect("the download ends with the backend's EOF");
+    assert_eq!(got, [b'd'; 24], "the download was cut short");
+
+    let echo = EchoBackend::start();
+    let lb2 = with_backend_timeout(echo.addr());
+    let mut c = client(lb_addr(&lb2));
+    let start = Instant::now();
+    let mut i = 0;
+    while start.elapsed() < ms(1200) {
+        round_trip(&mut c, format!("request {i}").as_bytes());
+        i += 1;
+        std::thread::sleep(ms(100));
+    }
+    round_trip(&mut c, b"still here");
+    assert_eq!(
+        lb.stats().backend_timeouts + lb2.stats().backend_timeouts,
+        0
+    );
+}
+
+/// A bad `--backend-timeout` is a usage error: exit 2, and an `error:` line naming it.
+#[test]
+fn a_bad_backend_timeout_is_a_usage_error() {
+    let out = run_binary(
+        &[
+            "-l",
+            "127.0.0.1:0",
+            "-b",
+            "127.0.0.1:1",
+            "--backend-timeout",
+            "soon",
+        ],
+        IO_TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let first_line = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first_line.starts_with("error:") && first_line.contains("soon"),
+        "{stderr}"
+    );
+}
