@@ -9,7 +9,7 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -264,7 +264,7 @@ struct Quiet {
 
 impl Quiet {
     fn spawn(args: &[&str]) -> Quiet {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        static N: AtomicUsize = AtomicUsize::new(0);
         let stderr = std::env::temp_dir().join(format!(
             "holdfast-reliability-{}-{}.log",
             std::process::id(),
@@ -304,6 +304,17 @@ impl Quiet {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Waits (up to [`IO_TIMEOUT`]) for the process to exit.
+    #[track_caller]
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut status = None;
+        wait_until_ok(IO_TIMEOUT, || {
+            status = self.child.try_wait().unwrap();
+            status.map(|_| ()).ok_or("still running".to_string())
+        });
+        status.expect("set when the wait succeeded")
+    }
+
     /// Waits until the log contains `text`.
     #[track_caller]
     fn wait_for_log(&self, text: &str) {
@@ -324,6 +335,13 @@ impl Drop for Quiet {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.stderr);
     }
+}
+
+/// Sends `sig` to process `pid`.
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill takes two integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}): {}", io::Error::last_os_error());
 }
 
 /// Open descriptors of process `pid` now.
@@ -397,13 +415,20 @@ fn leave_free_fds(pid: u32, free: usize) {
     set_nofile(pid, limit);
 }
 
-/// A client that sends `ping`, reads the echo, then holds its session until `release` is
-/// set. `Err` if the echo did not come back (a reset, an EOF, or nothing within `within`).
-fn ping_and_hold(target: SocketAddr, release: &AtomicBool, within: Duration) -> Result<(), String> {
+/// A client that sends `ping` (and then counts itself in `sent`), reads the echo, then holds
+/// its session until `release` is set. `Err` if the echo did not come back (a reset, an EOF,
+/// or nothing within `within`).
+fn ping_and_hold(
+    target: SocketAddr,
+    sent: &AtomicUsize,
+    release: &AtomicBool,
+    within: Duration,
+) -> Result<(), String> {
     let mut c = try_client_from("127.0.0.1", target).map_err(|e| format!("connect: {e}"))?;
     c.set_read_timeout(Some(within))
         .map_err(|e| e.to_string())?;
     c.write_all(b"ping").map_err(|e| format!("write: {e}"))?;
+    sent.fetch_add(1, SeqCst);
     let mut back = [0u8; 4];
     c.read_exact(&mut back).map_err(|e| format!("echo: {e}"))?;
     if &back != b"ping" {
@@ -415,16 +440,20 @@ fn ping_and_hold(target: SocketAddr, release: &AtomicBool, within: Duration) -> 
     Ok(())
 }
 
-/// Starts `n` [`ping_and_hold`] clients of `target` at once.
+/// Starts `n` [`ping_and_hold`] clients of `target` at once; `sent` counts those that have
+/// sent their `ping`.
 fn ping_and_hold_all(
     target: SocketAddr,
     n: usize,
+    sent: &Arc<AtomicUsize>,
     release: &Arc<AtomicBool>,
 ) -> Vec<JoinHandle<Result<(), String>>> {
     (0..n)
         .map(|_| {
-            let release = Arc::clone(release);
-            std::thread::spawn(move || ping_and_hold(target, &release, Duration::from_secs(20)))
+            let (sent, release) = (Arc::clone(sent), Arc::clone(release));
+            std::thread::spawn(move || {
+                ping_and_hold(target, &sent, &release, Duration::from_secs(20))
+            })
         })
         .collect()
 }
@@ -476,7 +505,7 @@ fn at_the_descriptor_limit_clients_wait_instead_of_being_reset() {
     leave_free_fds(pid, 2 * 10 + 1);
 
     let release = Arc::new(AtomicBool::new(false));
-    let clients = ping_and_hold_all(lb.addr, 30, &release);
+    let clients = ping_and_hold_all(lb.addr, 30, &Arc::default(), &release);
     lb.wait_for_log("Too many open files");
     release.store(true, SeqCst);
     expect_all_served(clients, || lb.log());
@@ -1032,4 +1061,302 @@ fn a_bad_backend_timeout_is_a_usage_error() {
         first_line.starts_with("error:") && first_line.contains("soon"),
         "{stderr}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault classes: hung backends, a killed backend, descriptors running out during a drain,
+// SIGTERM under load
+// ---------------------------------------------------------------------------------------------
+
+/// A backend that accepts and then does nothing at all with its connections (never reads,
+/// never writes) until `thaw` is set.
+fn frozen_backend() -> (ScriptedBackend, Arc<AtomicBool>) {
+    let thaw = Arc::new(AtomicBool::new(false));
+    let t = Arc::clone(&thaw);
+    let backend = ScriptedBackend::start(move |s| {
+        while !t.load(SeqCst) {
+            std::thread::sleep(ms(10));
+        }
+        drop(s);
+    });
+    (backend, thaw)
+}
+
+/// Backends that hang, each way a backend can: its connects hang (the connect timeout closes
+/// the client), or it accepts and then never reads nor writes (a silent client is closed by
+/// the idle timeout, one that keeps sending by the backend timeout, both with an EOF). Every
+/// client sees its session end, and afterwards holdfast holds exactly the descriptors it
+/// started with.
+#[test]
+fn hung_backends_cost_clients_a_timeout_and_holdfast_nothing() {
+    let hole = BlackholeBackend::start();
+    let (frozen, thaw) = frozen_backend();
+    let connects = Quiet::spawn(&[
+        "--backend",
+        &hole.addr().to_string(),
+        "--connect-timeout",
+        "300ms",
+        "--retries",
+        "0",
+        "--workers",
+        "1",
+        "--health-check",
+        "none",
+    ]);
+    let timeouts = Quiet::spawn(&[
+        "--backend",
+        &frozen.addr().to_string(),
+        "--idle-timeout",
+        "600ms",
+        "--backend-timeout",
+        "300ms",
+        "--relay",
+        "copy",
+        "--workers",
+        "1",
+        "--health-check",
+        "none",
+    ]);
+    let baselines = [fd_count(connects.pid()), fd_count(timeouts.pid())];
+
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        // Waits for a connect that never completes.
+        let mut c = client(connects.addr);
+        c.write_all(b"hello?").unwrap();
+        clients.push(("connect", c));
+        // Silent, in front of a backend that never answers.
+        clients.push(("idle", client(timeouts.addr)));
+        // Sends more than any buffer holds, to a backend that never reads.
+        let c = client(timeouts.addr);
+        let mut writer = c.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![i as u8; 64 * 1024];
+            while writer.write_all(&chunk).is_ok() {}
+        });
+        clients.push(("backend", c));
+    }
+    let ends: Vec<_> = clients
+        .into_iter()
+        .map(|(kind, mut c)| {
+            std::thread::spawn(move || (kind, expect_closed(&mut c, Duration::from_secs(5)).0))
+        })
+        .collect();
+    for end in ends {
+        let (kind, how) = end.join().expect("every client sees its session end");
+        if kind != "connect" {
+            assert!(
+                matches!(how, Closed::Eof),
+                "{kind} timeout ended with {how:?}"
+            );
+        }
+    }
+    wait_for_fds(connects.pid(), baselines[0]);
+    wait_for_fds(timeouts.pid(), baselines[1]);
+    thaw.store(true, SeqCst);
+}
+
+/// An echo backend whose every socket (listener and connections) can be closed abruptly at
+/// once, with SO_LINGER 0: the backend process dying.
+struct KillableBackend {
+    addr: SocketAddr,
+    kill: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl KillableBackend {
+    fn start() -> KillableBackend {
+        let listener = TcpListener::bind(localhost0()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let kill = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let (kill, accepted) = (Arc::clone(&kill), Arc::clone(&accepted));
+            std::thread::spawn(move || {
+                let mut conns: Vec<TcpStream> = Vec::new();
+                let mut buf = [0u8; 16 * 1024];
+                while !kill.load(SeqCst) {
+                    while let Ok((c, _)) = listener.accept() {
+                        accepted.fetch_add(1, SeqCst);
+                        c.set_nonblocking(true).unwrap();
+                        conns.push(c);
+                    }
+                    // Small messages only: an echo that fits the send buffer is written whole.
+                    conns.retain_mut(|c| match c.read(&mut buf) {
+                        Ok(0) => false,
+                        Ok(n) => c.write_all(&buf[..n]).is_ok(),
+                        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+                    });
+                    std::thread::sleep(ms(1));
+                }
+                for c in conns {
+                    reset(c);
+                }
+                drop(listener);
+            })
+        };
+        KillableBackend {
+            addr,
+            kill,
+            accepted,
+            thread: Some(thread),
+        }
+    }
+
+    fn kill(&mut self) {
+        self.kill.store(true, SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("backend thread");
+        }
+    }
+}
+
+impl Drop for KillableBackend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// 300 live sessions over two backends; one backend dies (every socket reset at once). Each
+/// of its clients sees its session end; the others go on; new clients all go to the
+/// survivor; and once everyone has left, holdfast's counters are back to zero.
+#[test]
+fn a_backend_killed_under_hundreds_of_sessions() {
+    let mut victim = KillableBackend::start();
+    let survivor = CountingBackend::start();
+    let mut cfg = config(&[victim.addr, survivor.addr()]);
+    cfg.algorithm = Algorithm::RoundRobin;
+    cfg.workers = 2;
+    cfg.health.observe_errors = 0;
+    let lb = start_balancer(cfg);
+    let target = lb_addr(&lb);
+    let mut clients: Vec<TcpStream> = (0..300)
+        .map(|i| {
+            let mut c = client(target);
+            round_trip(&mut c, format!("client {i}").as_bytes());
+            c
+        })
+        .collect();
+    let on_victim = victim.accepted.load(SeqCst);
+    assert!(on_victim >= 100, "only {on_victim} sessions on the victim");
+
+    victim.kill();
+    wait_until_ok(Duration::from_secs(5), || {
+        let st = lb.stats();
+        if st.active == (300 - on_victim) as u64 {
+            Ok(())
+        } else {
+            Err(format!("{on_victim} sessions were on the victim: {st:?}"))
+        }
+    });
+    let mut ended = 0;
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let msg = format!("client {i} again");
+        let mut back = vec![0u8; msg.len()];
+        let alive = c.write_all(msg.as_bytes()).is_ok() && c.read_exact(&mut back).is_ok();
+        if alive {
+            assert_eq!(back, msg.as_bytes());
+        } else {
+            ended += 1;
+        }
+    }
+    assert_eq!(
+        ended, on_victim,
+        "sessions that ended vs sessions the victim held"
+    );
+
+    let before = survivor.accepted();
+    for i in 0..50 {
+        let mut c = client(target);
+        round_trip(&mut c, format!("newcomer {i}").as_bytes());
+    }
+    assert_eq!(
+        survivor.accepted(),
+        before + 50,
+        "every newcomer on the survivor"
+    );
+
+    drop(clients);
+    wait_until_ok(Duration::from_secs(5), || {
+        let st = lb.stats();
+        if (st.active, st.pipes_in_use, st.buffers_in_use, st.queued) == (0, 0, 0, 0) {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    });
+}
+
+/// Descriptors run short while a drain is taking the backlog: the listener stays open until
+/// every client that had connected is taken, as descriptors free up. All are served, none
+/// reset, and holdfast exits 0.
+#[test]
+fn descriptors_running_out_during_a_drain_reset_nobody() {
+    let echo = EchoBackend::start();
+    let mut lb = Quiet::spawn(&[
+        "--backend",
+        &echo.addr().to_string(),
+        "--workers",
+        "1",
+        "--relay",
+        "copy",
+        "--health-check",
+        "none",
+    ]);
+    let pid = lb.pid();
+    leave_free_fds(pid, 2 * 10 + 1);
+    signal(pid, libc::SIGSTOP);
+    let (sent, release) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let clients = ping_and_hold_all(lb.addr, 30, &sent, &release);
+    wait_until(IO_TIMEOUT, || sent.load(SeqCst) == 30);
+    signal(pid, libc::SIGTERM);
+    signal(pid, libc::SIGCONT);
+    lb.wait_for_log("Too many open files");
+    release.store(true, SeqCst);
+    expect_all_served(clients, || lb.log());
+    let status = lb.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", lb.log());
+}
+
+/// SIGTERM while 16 sessions stream 4 MiB each way: every stream completes intact (the drain
+/// timeout is far away), and holdfast exits 0 once they have ended.
+#[test]
+fn sigterm_under_load_lets_every_session_finish() {
+    let echo = EchoBackend::start();
+    let mut child = Child::spawn(&[
+        "--backend",
+        &echo.addr().to_string(),
+        "--workers",
+        "2",
+        "--health-check",
+        "none",
+    ]);
+    let data = &shared_random()[..4 << 20];
+    let target = child.addr();
+    let streams: Vec<_> = (0..16)
+        .map(|_| {
+            let c = client(target);
+            std::thread::spawn(move || echo_stream(c, data))
+        })
+        .collect();
+    wait_until(IO_TIMEOUT, || echo.accepted() >= 17); // the 16, and Child's probe
+    child.signal(libc::SIGTERM);
+    for (i, s) in streams.into_iter().enumerate() {
+        s.join()
+            .expect("stream thread")
+            .unwrap_or_else(|e| panic!("stream {i}: {e}"));
+    }
+    let status = child.wait_exit(IO_TIMEOUT).unwrap_or_else(|| {
+        panic!(
+            "holdfast still running after its sessions ended; stderr:\n{}",
+            child.stderr()
+        )
+    });
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
 }
