@@ -1,18 +1,32 @@
 //! One proxied connection: a client socket, and where it stands with its backend.
 //!
 //! ```text
-//!            no backend has room (--max-conns-per-backend, --max-connect-rate)
-//!   accept ─────────────► Queued ──room appears──┐        queue timeout ──► closed
-//!     │                                          ▼
-//!     └──────────────────────────────────► Connecting ──connected──► Relaying ──► closed
-//!                                            │  ▲                 (both directions done,
-//!                                            └──┘                  reset, idle timeout,
-//!          connect failed or timed out: next candidate, up to --retries   shutdown)
+//!        no backend has room (--max-conns-per-backend, --max-connect-rate),
+//!        or no descriptor for a backend socket
+//!   accept ──► Accepted ──────────► Queued ──room appears──┐   queue timeout, or the
+//!                 │                   ▲                    │   client left ──► closed
+//!                 │                   └──only full left────┤
+//!                 │                                        ▼
+//!                 └───────────────────────────────────► Connecting ──connected──► Relaying
+//!                                                        │  ▲                       │
+//!       connect failed or timed out: next candidate, ────┘  │                       │
+//!       up to --retries (the client left ──► closed) ───────┘                       │
+//!                                                                                   │
+//!   Relaying ──both directions done, a reset, shutdown──────────────────────────► closed
+//!            ──drain, idle timeout, backend timeout──► Lingering ──FIN taken──► closed
 //! ```
 //!
+//! `Accepted` lasts only while the worker looks for a backend (within one call). `Queued`
+//! holds the client socket alone: no backend socket, no pipe, no buffer; a queued or
+//! connecting client that resets, or closes with nothing sent, is closed at once. Each
+//! connect attempt is numbered by a per-session counter that only goes up, so a timer armed
+//! for an earlier attempt never matches a later one. `Lingering` is a session already closed
+//! (counted, logged, its backend slot and pumps given back) whose sockets stay open, write
+//! sides shut down, until the peers have taken the FIN (see `Worker::start_lingering`);
+//! a second signal or the worker's end drops them at once.
+//!
 //! The state is small and explicit (the sockets, a phase enum carrying its data, the bytes in
-//! flight inside the pumps) so that it could one day be handed to another process intact. A
-//! queued session is its client socket alone: no backend socket, no pipe, no buffer.
+//! flight inside the pumps) so that it could one day be handed to another process intact.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -57,7 +71,7 @@ pub struct Upstream {
 }
 
 pub enum Phase {
-    /// Just accepted; no backend chosen yet.
+    /// Just accepted (or between two connect attempts); no backend socket.
     Accepted,
     /// Waiting in the worker's queue for a backend with room, until `deadline` (the queue
     /// timeout from when it joined). A client that is placed, fails its connect and is queued

@@ -1,4 +1,5 @@
-//! A worker's timers: connect, idle and queue timeouts.
+//! A worker's timers: connect, idle, backend and queue timeouts, drain closes, and the looks
+//! a lingering session takes at its sockets.
 //!
 //! A min-heap of deadlines, each naming a session by slab key *and* session id, so an entry
 //! for a session that has since closed (and whose slab slot may be reused) is recognised as

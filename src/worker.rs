@@ -5,10 +5,12 @@
 //!
 //! 1. records readiness and runs the sessions the events concern;
 //! 2. accepts new clients from listeners that are ready, at most `ACCEPT_BATCH` per listener
-//!    per turn so a connection storm cannot starve live sessions;
+//!    per turn so a connection storm cannot starve live sessions (a drain takes the whole
+//!    backlog), each only with a descriptor in reserve for its backend socket;
 //! 3. runs sessions that used up their byte budget last turn;
 //! 4. places queued clients while backends have room;
-//! 5. fires expired timers (connect, idle and queue timeouts).
+//! 5. fires expired timers (connect, idle, backend and queue timeouts, drain closes, and
+//!    lingering sockets' looks).
 //!
 //! Nothing here blocks, and nothing takes a lock: the backend set is an immutable snapshot
 //! swapped in by a control message, and the only shared writes are relaxed atomic counters.
