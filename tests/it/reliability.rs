@@ -901,16 +901,15 @@ fn a_session_in_full_flow_at_the_drain_timeout_ends_with_eof_not_a_reset() {
     let (backend_saw_tx, backend_saw) = std::sync::mpsc::channel();
     let backend = ScriptedBackend::start(move |mut s| {
         // An echo that stops reading while its writes block (so every buffer fills), and
-        // reports how its connection ended.
+        // reports how its stream ended. Once holdfast has closed, a write may fail (that is
+        // TCP for a peer that keeps writing after the other side is gone); what matters is
+        // that the stream read to its end shows EOF, not a reset.
         let mut buf = vec![0u8; 64 * 1024];
+        let mut echoing = true;
         let end = loop {
             match s.read(&mut buf) {
                 Ok(0) => break "eof".to_string(),
-                Ok(n) => {
-                    if let Err(e) = s.write_all(&buf[..n]) {
-                        break format!("write: {e}");
-                    }
-                }
+                Ok(n) => echoing = echoing && s.write_all(&buf[..n]).is_ok(),
                 Err(e) => break format!("read: {e}"),
             }
         };
@@ -948,7 +947,10 @@ fn a_session_in_full_flow_at_the_drain_timeout_ends_with_eof_not_a_reset() {
     };
     assert!(end.is_ok(), "the client saw {end:?} instead of EOF");
     let backend_end = backend_saw.recv_timeout(IO_TIMEOUT).expect("backend done");
-    assert_eq!(backend_end, "eof", "the backend saw {backend_end}, not EOF");
+    assert_eq!(
+        backend_end, "eof",
+        "the backend's stream ended with {backend_end}"
+    );
     drop(c);
     joined.join().expect("join returns");
     let st = control.stats();
@@ -1273,11 +1275,13 @@ fn a_backend_killed_under_hundreds_of_sessions() {
         let mut c = client(target);
         round_trip(&mut c, format!("newcomer {i}").as_bytes());
     }
-    assert_eq!(
-        survivor.accepted(),
-        before + 50,
-        "every newcomer on the survivor"
-    );
+    // The survivor counts an accept a moment after it has echoed on it.
+    wait_until_ok(Duration::from_secs(2), || {
+        match survivor.accepted() - before {
+            50 => Ok(()),
+            n => Err(format!("{n} of 50 newcomers on the survivor")),
+        }
+    });
 
     drop(clients);
     wait_until_ok(Duration::from_secs(5), || {
