@@ -42,10 +42,11 @@ pub struct BackendStats {
     pub total: AtomicU64,
     /// Connects that failed: refused, reset or timed out.
     pub connect_failures: AtomicU64,
-    /// Connections the backend accepted and then closed or reset before a byte moved.
+    /// Sessions the backend ended (reset or EOF) without having sent a byte back, within
+    /// `--connect-timeout` of their start.
     pub passive_failures: AtomicU64,
-    /// Consecutive failures of either kind, reset when a session moves a byte. Crossing
-    /// `--observe-errors` marks the backend down.
+    /// Consecutive failures of either kind, reset by the first byte a session receives from
+    /// the backend. Crossing `--observe-errors` marks the backend down.
     pub consecutive_failures: AtomicU64,
     /// Bytes relayed client to backend, and backend to client.
     pub bytes_client_to_backend: AtomicU64,

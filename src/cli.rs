@@ -72,6 +72,12 @@ pub struct Args {
     #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// Close a connection whose backend has not answered the client's bytes with a single
+    /// byte for this long (HAProxy's timeout server); one-way downloads are never affected.
+    /// 0 disables
+    #[arg(long, value_name = "DUR", default_value = "0", value_parser = parse_duration)]
+    pub backend_timeout: Duration,
+
     /// TCP keepalive idle time on both sockets; 0 disables
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
     pub tcp_keepalive: Duration,
@@ -108,8 +114,9 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub fall: u32,
 
-    /// Consecutive failures on real traffic (connect failed, or closed before a byte) that
-    /// take a backend down at once; 0 disables
+    /// Consecutive failures on real traffic (a connect failed, or the backend ended a session
+    /// without answering a byte, within --connect-timeout) that take a backend down at once;
+    /// 0 disables
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub observe_errors: u32,
 
@@ -175,6 +182,7 @@ impl Args {
         config.connect_timeout = self.connect_timeout;
         config.retries = self.retries;
         config.idle_timeout = nonzero(self.idle_timeout);
+        config.backend_timeout = nonzero(self.backend_timeout);
         config.tcp_keepalive = nonzero(self.tcp_keepalive);
         config.max_conns = self.max_conns;
         config.backlog = self.backlog;
@@ -277,6 +285,8 @@ mod tests {
             "0",
             "--idle-timeout",
             "0",
+            "--backend-timeout",
+            "30s",
             "--tcp-keepalive",
             "2m",
             "--max-conns",
@@ -292,6 +302,7 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
         assert_eq!(c.retries, 0);
         assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.backend_timeout, Some(Duration::from_secs(30)));
         assert_eq!(c.tcp_keepalive, Some(Duration::from_secs(120)));
         assert_eq!(c.max_conns, 10);
         assert_eq!(c.backlog, 16);
@@ -305,6 +316,7 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.retries, 2);
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(c.backend_timeout, None);
         assert_eq!(c.tcp_keepalive, Some(Duration::from_secs(60)));
         assert_eq!(c.backlog, 4096);
         assert_eq!(c.health.check, HealthCheck::Tcp);

@@ -473,6 +473,10 @@ pub struct Config {
     pub retries: u32,
     /// Close a session with no bytes either way for this long. `None` disables.
     pub idle_timeout: Option<Duration>,
+    /// Close a session whose backend has not answered the client's bytes for this long (the
+    /// clock starts at the first client byte after the backend's last one). `None`
+    /// disables.
+    pub backend_timeout: Option<Duration>,
     /// TCP keepalive idle time on both sockets. `None` disables.
     pub tcp_keepalive: Option<Duration>,
     /// Global cap on live sessions; 0 means only the fd limit applies.
@@ -513,6 +517,7 @@ impl Config {
             connect_timeout: Duration::from_secs(5),
             retries: 2,
             idle_timeout: Some(Duration::from_secs(3600)),
+            backend_timeout: None,
             tcp_keepalive: Some(Duration::from_secs(60)),
             max_conns: 0,
             backlog: 4096,

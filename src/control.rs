@@ -171,8 +171,9 @@ impl Controller {
         }
     }
 
-    /// How long a drain may take at most before every session is closed.
+    /// How long a drain may take at most before every session is closed (and its sockets'
+    /// FIN taken or given up on).
     pub fn drain_budget(&self) -> Duration {
-        self.config.drain_timeout + self.config.close_spread
+        self.config.drain_timeout + self.config.close_spread + crate::session::LINGER_TIMEOUT
     }
 }

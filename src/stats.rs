@@ -40,6 +40,9 @@ counters! {
     connect_failures,
     /// Sessions closed by the idle timeout.
     idle_timeouts,
+    /// Sessions closed by the backend timeout (the backend left the client's bytes
+    /// unanswered).
+    backend_timeouts,
     /// Sessions that ended with a reset or socket error on either side.
     resets,
     /// Sessions closed by a drain (holdfast's graceful shutdown or a backend's drain timeout).

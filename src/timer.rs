@@ -1,4 +1,5 @@
-//! A worker's timers: connect, idle and queue timeouts.
+//! A worker's timers: connect, idle, backend and queue timeouts, drain closes, and the looks
+//! a lingering session takes at its sockets.
 //!
 //! A min-heap of deadlines, each naming a session by slab key *and* session id, so an entry
 //! for a session that has since closed (and whose slab slot may be reused) is recognised as
@@ -24,6 +25,9 @@ pub enum TimerKind {
     Connect { attempt: u32 },
     /// Check whether the session has been idle for the idle timeout.
     Idle,
+    /// Check whether the backend has left the client's bytes unanswered for the backend
+    /// timeout.
+    Backend,
     /// The client has waited in the queue for the queue timeout.
     Queue,
     /// The worker's drain timeout passed: close what is left over `spread` (not a session's
@@ -31,6 +35,8 @@ pub enum TimerKind {
     DrainDeadline { spread: Duration },
     /// Close this session as part of a spread-out drain.
     DrainClose,
+    /// Look again whether a lingering session's sockets can be closed.
+    Linger,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

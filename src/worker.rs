@@ -5,10 +5,12 @@
 //!
 //! 1. records readiness and runs the sessions the events concern;
 //! 2. accepts new clients from listeners that are ready, at most `ACCEPT_BATCH` per listener
-//!    per turn so a connection storm cannot starve live sessions;
+//!    per turn so a connection storm cannot starve live sessions (a drain takes the whole
+//!    backlog), each only with a descriptor in reserve for its backend socket;
 //! 3. runs sessions that used up their byte budget last turn;
 //! 4. places queued clients while backends have room;
-//! 5. fires expired timers (connect, idle and queue timeouts).
+//! 5. fires expired timers (connect, idle, backend and queue timeouts, drain closes, and
+//!    lingering sockets' looks).
 //!
 //! Nothing here blocks, and nothing takes a lock: the backend set is an immutable snapshot
 //! swapped in by a control message, and the only shared writes are relaxed atomic counters.
@@ -32,8 +34,8 @@ use crate::balance::{Load, SmoothRoundRobin, least_conn};
 use crate::config::{Algorithm, Config};
 use crate::health::{Command, HealthLink};
 use crate::listener::tune_socket;
-use crate::relay::{Outcome, Pools, Pump, Readiness};
-use crate::session::{CloseReason, Phase, Session, Upstream};
+use crate::relay::{self, Outcome, Pools, Pump, Readiness};
+use crate::session::{CloseReason, LINGER_CHECK, LINGER_TIMEOUT, Phase, Session, Upstream};
 use crate::stats::Counters;
 use crate::sys;
 use crate::timer::{Timer, TimerKind, Timers};
@@ -50,6 +52,8 @@ const MAX_CONNS_RECHECK: Duration = Duration::from_millis(20);
 const QUEUE_RECHECK: Duration = Duration::from_millis(5);
 /// Most queued clients one turn tries to place.
 const QUEUE_SCAN: usize = 256;
+/// Below this many entries the queue is never compacted.
+const QUEUE_COMPACT_MIN: usize = 1024;
 
 /// Messages from the control plane.
 pub enum Control {
@@ -69,18 +73,27 @@ pub struct Worker {
     config: Arc<Config>,
     poll: Poll,
     control: Receiver<Control>,
-    listeners: Vec<TcpListener>,
+    /// `None` once closed (by a drain).
+    listeners: Vec<Option<TcpListener>>,
     /// A listener got a readiness event and has not yet returned `WouldBlock`.
     listener_ready: Vec<bool>,
     /// Accepting is paused until then (after running out of descriptors or memory).
     accept_paused_until: Option<Instant>,
+    /// A descriptor held in reserve for the backend socket of the next client (an unbound UDP
+    /// socket): a client is accepted only while one is held, and it is closed just before a
+    /// backend socket is made. So holdfast never accepts a client it has no descriptor to
+    /// serve with. Refilled before each accept.
+    spare: Option<socket2::Socket>,
     backends: Arc<BackendSet>,
     counters: Arc<Counters>,
     sessions: Slab<Session>,
     /// Sessions to run again next turn (they stopped early on the byte budget).
     again: Vec<usize>,
-    /// Clients waiting for a backend with room, oldest first: (slab key, session id).
+    /// Clients waiting for a backend with room, oldest first: (slab key, session id). An
+    /// entry whose session has gone (or whose key now holds another session) is skipped.
     queue: VecDeque<(usize, u64)>,
+    /// The queue length at which its stale entries are next dropped.
+    queue_compact_at: usize,
     rate: Option<RateLimit>,
     health: HealthLink,
     timers: Timers,
@@ -91,7 +104,8 @@ pub struct Worker {
     accept_error_log: LogLimiter,
     no_backend_log: LogLimiter,
     queue_log: LogLimiter,
-    /// A graceful shutdown is under way: no listeners, exit when the last session ends.
+    /// A graceful shutdown is under way: listeners close once their backlog is taken, and
+    /// the worker exits when they are closed and the last session has ended.
     draining: bool,
     /// The listen address of each listener, for session logs (kept after a drain closes them).
     listen_addrs: Vec<SocketAddr>,
@@ -119,6 +133,7 @@ impl Worker {
             .iter()
             .map(|l| l.local_addr())
             .collect::<io::Result<Vec<_>>>()?;
+        let listeners = listeners.into_iter().map(Some).collect();
         let worker = Worker {
             id,
             picker: Picker::new(config.algorithm, id),
@@ -129,12 +144,14 @@ impl Worker {
             listeners,
             listener_ready,
             accept_paused_until: None,
+            spare: reserve_descriptor().ok(),
             backends,
             pools: Pools::new(Arc::clone(&counters)),
             counters,
             sessions: Slab::new(),
             again: Vec::new(),
             queue: VecDeque::new(),
+            queue_compact_at: QUEUE_COMPACT_MIN,
             health,
             timers: Timers::default(),
             next_id: 0,
@@ -177,6 +194,9 @@ impl Worker {
                 break;
             }
             self.accept_all();
+            if self.draining {
+                self.close_drained_listeners();
+            }
             self.run_again();
             if !self.queue.is_empty() {
                 self.service_queue();
@@ -184,7 +204,7 @@ impl Worker {
             self.fire_timers();
             // Checked last: the turn may have closed the last session (a drain timer, a
             // peer's FIN), and with nothing left to wait for the poll would never wake.
-            if self.draining && self.sessions.is_empty() {
+            if self.draining && self.sessions.is_empty() && self.listeners.is_empty() {
                 log::info!("worker {}: drained", self.id);
                 break;
             }
@@ -202,7 +222,7 @@ impl Worker {
         if self.listener_ready.iter().any(|&r| r) {
             let wait = match self.accept_paused_until {
                 Some(until) => until.saturating_duration_since(now),
-                None if self.at_max_conns() => MAX_CONNS_RECHECK,
+                None if self.at_max_conns() && !self.draining => MAX_CONNS_RECHECK,
                 None => Duration::ZERO,
             };
             timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
@@ -254,10 +274,12 @@ impl Worker {
     }
 
     /// Reserves a slot under `--max-conns` before accepting, so workers together never
-    /// exceed it. Without a cap it only counts.
+    /// exceed it. Without a cap it only counts; so does a drain, which takes the clients
+    /// already in the backlog whatever the cap (they connected before it began, and it
+    /// promises to serve them), so the cap may be exceeded by at most the backlog.
     fn reserve_slot(&self) -> bool {
         let max = self.config.max_conns as u64;
-        if max == 0 {
+        if max == 0 || self.draining {
             Counters::incr(&self.counters.active);
             return true;
         }
@@ -281,17 +303,38 @@ impl Worker {
         }
     }
 
+    /// Accepts from listener `i` until it is empty (`WouldBlock`), or the batch is done, or
+    /// descriptors or `--max-conns` run short. A drain takes the whole backlog in one go.
     fn accept_from(&mut self, i: usize) {
-        for _ in 0..ACCEPT_BATCH {
+        let batch = if self.draining {
+            usize::MAX
+        } else {
+            ACCEPT_BATCH
+        };
+        for _ in 0..batch {
+            // A client is accepted only with a descriptor in reserve for its backend socket
+            // (accept itself needs the other one): otherwise it would be accepted and then
+            // closed, with its request unread, which is a reset. Short, it waits in the
+            // kernel's backlog instead.
+            if !self.refill_spare() {
+                return;
+            }
             // At the cap the connection stays in the kernel's backlog (the client waits)
             // rather than being accepted and closed.
             if !self.reserve_slot() {
                 return;
             }
-            match self.listeners[i].accept() {
+            let Some(listener) = &self.listeners[i] else {
+                Counters::decr(&self.counters.active);
+                return;
+            };
+            match listener.accept() {
                 Ok((stream, addr)) => {
                     Counters::incr(&self.counters.accepted);
                     self.start_session(stream, addr, i);
+                    if self.accept_paused_until.is_some() {
+                        return; // that session ran short of descriptors: so would the next
+                    }
                 }
                 Err(e) => {
                     Counters::decr(&self.counters.active);
@@ -305,6 +348,30 @@ impl Worker {
                     }
                     return;
                 }
+            }
+        }
+    }
+
+    /// Makes sure a descriptor is held in reserve for the next backend socket; `false` if
+    /// none can be had (out of descriptors: accepting pauses).
+    fn refill_spare(&mut self) -> bool {
+        if self.spare.is_some() {
+            return true;
+        }
+        match reserve_descriptor() {
+            Ok(fd) => {
+                self.spare = Some(fd);
+                true
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                Counters::incr(&self.counters.accept_errors);
+                self.resources_exhausted(e);
+                false
+            }
+            Err(e) => {
+                // Not a shortage (no UDP here?): go on without a reserve, as before.
+                log::debug!("worker {}: cannot reserve a descriptor: {e}", self.id);
+                true
             }
         }
     }
@@ -343,6 +410,7 @@ impl Worker {
             last_active: self.now,
             scheduled: false,
             listener,
+            connect_attempts: 0,
         };
         if let Err(e) = self.poll.registry().register(
             &mut session.client,
@@ -355,7 +423,7 @@ impl Worker {
             return;
         }
         entry.insert(session);
-        if let Placement::Full(tried) = self.place(key, Vec::new()) {
+        if let Placement::Full(tried) | Placement::Starved(tried) = self.place(key, Vec::new()) {
             self.enqueue(key, tried);
         }
     }
@@ -372,9 +440,6 @@ impl Worker {
         let (ip, client_addr, id) = (session.client_addr.ip(), session.client_addr, session.id);
         match self.connect_next(&set, ip, &mut tried) {
             Ok((index, mut socket)) => {
-                // Backends tried so far number the attempts, so a connect timer armed for an
-                // earlier one (even before a stay in the queue) is told apart.
-                let attempt = tried.len() as u32;
                 let registered = self.poll.registry().register(
                     &mut socket,
                     Target::Session(key, Side::Backend).token(),
@@ -384,8 +449,11 @@ impl Worker {
                     set.backends[index].stats.release();
                     return Placement::Closed;
                 };
-                // A retry drops the failed socket here; closing it also removes it from the
-                // poller.
+                // Numbered by the session's own counter, which only goes up, so a connect
+                // timer armed for an earlier attempt is told apart, even one armed before a
+                // stay in the queue that forgot the backends tried.
+                session.connect_attempts += 1;
+                let attempt = session.connect_attempts;
                 session.phase = Phase::Connecting {
                     upstream: Upstream {
                         socket,
@@ -410,15 +478,12 @@ impl Worker {
                 Placement::Connecting
             }
             Err(NoConnect::Full) => Placement::Full(tried),
-            Err(why) => {
-                let reason = match why {
-                    NoConnect::Exhausted => CloseReason::Exhausted,
-                    _ => {
-                        self.no_backend(client_addr);
-                        CloseReason::NoBackend
-                    }
-                };
-                self.close(key, reason);
+            // Out of descriptors for the backend socket: the client waits, like a client
+            // waiting for room (closing it, with its request unread, would reset it).
+            Err(NoConnect::Exhausted) => Placement::Starved(tried),
+            Err(NoConnect::NoBackend) => {
+                self.no_backend(client_addr);
+                self.close(key, CloseReason::NoBackend);
                 Placement::Closed
             }
         }
@@ -470,6 +535,10 @@ impl Worker {
                 }
                 continue;
             }
+            // The reserved descriptor is given up just before the socket is made, so the
+            // socket gets its number (the lowest free one) unless another thread takes it in
+            // between; then the client waits for descriptors instead of being closed.
+            self.spare = None;
             match TcpStream::connect(backend.spec.addr) {
                 Ok(stream) => return Ok((index, stream)),
                 Err(e) if is_resource_exhaustion(&e) => {
@@ -565,6 +634,18 @@ impl Worker {
             id: session.id,
             kind: TimerKind::Queue,
         });
+        if self.queue.len() >= self.queue_compact_at {
+            // Entries of clients that left while waiting stay until the scan reaches them;
+            // behind a client that waits long they could pile up. Drop them in one pass
+            // whenever the queue has doubled since the last one.
+            let sessions = &self.sessions;
+            self.queue.retain(|&(k, id)| {
+                sessions
+                    .get(k)
+                    .is_some_and(|s| s.id == id && matches!(s.phase, Phase::Queued { .. }))
+            });
+            self.queue_compact_at = (2 * self.queue.len()).max(QUEUE_COMPACT_MIN);
+        }
     }
 
     /// Places waiting clients, oldest first, while backends have room. With source-hash each
@@ -600,17 +681,21 @@ impl Worker {
             }
             session.set = Arc::clone(&self.backends);
             Counters::decr(&self.counters.queued);
-            if let Placement::Full(tried) = self.place(key, tried) {
-                if let Some(session) = self.sessions.get_mut(key) {
-                    session.phase = Phase::Queued { deadline, tried };
-                    Counters::incr(&self.counters.queued);
-                }
-                if sticky {
-                    self.queue.push_back((key, id));
-                } else {
-                    self.queue.push_front((key, id));
-                    break;
-                }
+            let (tried, starved) = match self.place(key, tried) {
+                Placement::Full(tried) => (tried, false),
+                Placement::Starved(tried) => (tried, true),
+                Placement::Connecting | Placement::Closed => continue,
+            };
+            if let Some(session) = self.sessions.get_mut(key) {
+                session.phase = Phase::Queued { deadline, tried };
+                Counters::incr(&self.counters.queued);
+            }
+            if sticky && !starved {
+                self.queue.push_back((key, id));
+            } else {
+                // No room for it, so none for those behind it; or no descriptor for anyone.
+                self.queue.push_front((key, id));
+                break;
             }
         }
     }
@@ -621,6 +706,11 @@ impl Worker {
         let Some(session) = self.sessions.get_mut(key) else {
             return; // an event for a session closed earlier in this turn
         };
+        if session.is_lingering() {
+            // Closed, its sockets waiting for the peers to take the FIN: discard what came.
+            self.linger(key);
+            return;
+        }
         let ready = match side {
             Side::Client => &mut session.client_ready,
             Side::Backend => match session.upstream_mut() {
@@ -644,9 +734,21 @@ impl Worker {
                     && !event.is_write_closed();
                 self.check_connect(key, clean)
             }
+            // A client that waits (queued, or for its backend connect) is read nothing until
+            // it is relaying; but a hang-up or an error may mean it has left, and then it
+            // gives up its place: no backend slot or rate token is spent on it.
+            Phase::Queued { .. } | Phase::Connecting { .. }
+                if side == Side::Client && (failed || event.is_read_closed()) =>
+            {
+                if let Some(reason) = session.client_left() {
+                    log::debug!("client {} left while waiting", session.client_addr);
+                    self.close(key, reason);
+                }
+            }
             // Client bytes wait until the backend is connected.
             Phase::Accepted | Phase::Queued { .. } | Phase::Connecting { .. } => {}
             Phase::Relaying { .. } => self.relay(key),
+            Phase::Lingering { .. } => {} // handled above
         }
     }
 
@@ -715,6 +817,9 @@ impl Worker {
             client_to_backend: Pump::new(self.config.relay),
             backend_to_client: Pump::new(self.config.relay),
             first_eof: None,
+            established: self.now,
+            unanswered_since: None,
+            backend_timer: false,
         };
         session.last_active = self.now;
         if let Some(idle) = self.config.idle_timeout {
@@ -746,14 +851,13 @@ impl Worker {
         let set = Arc::clone(&session.set);
         set.backends[failed].stats.release();
         self.backend_failed(&set, failed, Failure::Connect);
-        if let Some(Phase::Connecting { tried: t, .. }) =
-            self.sessions.get_mut(key).map(|s| &mut s.phase)
-        {
-            // Record the failure before anything can close the session, so `close` knows the
-            // slot was given back.
-            t.clone_from(&tried);
+        if let Some(session) = self.sessions.get_mut(key) {
+            // The failed socket is closed (and leaves the poller) before the next one is
+            // made, so a retry needs no descriptor more than the session had. Its slot was
+            // given back above; a session with no upstream holds none.
+            session.phase = Phase::Accepted;
         }
-        if let Placement::Full(tried) = self.place(key, tried) {
+        if let Placement::Full(tried) | Placement::Starved(tried) = self.place(key, tried) {
             self.enqueue(key, tried);
         }
     }
@@ -768,6 +872,9 @@ impl Worker {
             client_to_backend,
             backend_to_client,
             first_eof,
+            established,
+            unanswered_since,
+            backend_timer,
         } = &mut session.phase
         else {
             return;
@@ -788,9 +895,11 @@ impl Worker {
             &mut self.pools,
             client_to_backend.is_done(),
         );
+        let mut backend_quit = false;
         if first_eof.is_none() {
             if backend_to_client.is_done() {
                 *first_eof = Some(Side::Backend);
+                backend_quit = true;
             } else if client_to_backend.is_done() {
                 *first_eof = Some(Side::Client);
             }
@@ -799,9 +908,10 @@ impl Worker {
         let moved = (up_bytes + down_bytes) as u64;
         if moved > 0 {
             session.last_active = self.now;
-            if client_to_backend.bytes + backend_to_client.bytes == moved {
-                // The session's first bytes: the backend is serving, so its run of
-                // consecutive failures is over.
+            if down_bytes > 0 && backend_to_client.bytes == down_bytes as u64 {
+                // The first bytes the backend sent back: it is serving, so its run of
+                // consecutive failures is over. Bytes written to it prove nothing (only
+                // that its kernel took them), so they do not count.
                 session.set.backends[upstream.index]
                     .stats
                     .consecutive_failures
@@ -819,6 +929,32 @@ impl Worker {
                 stats.bytes_backend_to_client.fetch_add(n, Relaxed);
             }
         }
+        if let Some(limit) = self.config.backend_timeout {
+            // The clock runs from the first client byte after the backend's last answer
+            // (bytes both ways in one run count as answered). A backend that ended its side
+            // can answer no more: it is not waited for.
+            if down_bytes > 0 {
+                *unanswered_since = None;
+            } else if up_bytes > 0 && unanswered_since.is_none() && !backend_to_client.is_done() {
+                *unanswered_since = Some(self.now);
+                if !*backend_timer {
+                    *backend_timer = true;
+                    self.timers.push(Timer {
+                        at: self.now + limit,
+                        key,
+                        id: session.id,
+                        kind: TimerKind::Backend,
+                    });
+                }
+            }
+        }
+        // The backend ended its side (EOF) without having answered a byte, soon after the
+        // session began: a passive failure, counted when it happens (the client may keep its
+        // side open for long after).
+        let passive = (backend_quit
+            && backend_to_client.bytes == 0
+            && self.now.saturating_duration_since(*established) <= self.config.connect_timeout)
+            .then(|| (Arc::clone(&session.set), upstream.index));
         let failed = match (up, down) {
             (Outcome::SourceFailed, _) | (_, Outcome::DestinationFailed) => Some(Side::Client),
             (Outcome::DestinationFailed, _) | (_, Outcome::SourceFailed) => Some(Side::Backend),
@@ -831,6 +967,9 @@ impl Worker {
         } else if (up == Outcome::Yield || down == Outcome::Yield) && !session.scheduled {
             session.scheduled = true;
             self.again.push(key);
+        }
+        if let Some((set, index)) = passive {
+            self.backend_failed(&set, index, Failure::Passive);
         }
     }
 
@@ -861,7 +1000,15 @@ impl Worker {
         }
         while let Some(timer) = self.timers.pop_expired(self.now) {
             if let TimerKind::DrainDeadline { spread } = timer.kind {
-                let keys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+                // A backlog still not taken for want of descriptors is given up now.
+                self.listeners.clear();
+                self.listener_ready.clear();
+                let keys: Vec<usize> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| !s.is_lingering())
+                    .map(|(k, _)| k)
+                    .collect();
                 if !keys.is_empty() {
                     log::info!(
                         "worker {}: drain timeout; closing {} session(s) over {spread:?}",
@@ -908,9 +1055,51 @@ impl Worker {
                         });
                     }
                 }
-                (TimerKind::DrainClose, _) => {
+                (TimerKind::Backend, Phase::Relaying { .. }) => {
+                    let (
+                        Some(limit),
+                        Some(Phase::Relaying {
+                            unanswered_since,
+                            backend_timer,
+                            backend_to_client,
+                            ..
+                        }),
+                    ) = (
+                        self.config.backend_timeout,
+                        self.sessions.get_mut(timer.key).map(|s| &mut s.phase),
+                    )
+                    else {
+                        continue;
+                    };
+                    *backend_timer = false;
+                    let Some(since) = *unanswered_since else {
+                        continue; // answered meanwhile; the next client byte re-arms it
+                    };
+                    if backend_to_client.is_done() {
+                        continue;
+                    }
+                    let deadline = since + limit;
+                    if deadline <= self.now {
+                        Counters::incr(&self.counters.backend_timeouts);
+                        self.close(timer.key, CloseReason::BackendTimeout);
+                    } else {
+                        *backend_timer = true;
+                        self.timers.push(Timer {
+                            at: deadline,
+                            ..timer
+                        });
+                    }
+                }
+                (TimerKind::DrainClose, phase) if !matches!(phase, Phase::Lingering { .. }) => {
                     Counters::incr(&self.counters.closed_by_drain);
                     self.close(timer.key, CloseReason::Drain);
+                }
+                (TimerKind::Linger, Phase::Lingering { until, .. }) => {
+                    let next = (self.now + LINGER_CHECK).min(*until);
+                    self.linger(timer.key);
+                    if self.sessions.contains(timer.key) {
+                        self.timers.push(Timer { at: next, ..timer });
+                    }
                 }
                 (TimerKind::Queue, Phase::Queued { deadline, .. }) if timer.at == *deadline => {
                     Counters::incr(&self.counters.queue_timeouts);
@@ -926,16 +1115,21 @@ impl Worker {
     /// Ends a session: releases its pipes and buffers and its counts, and closes both sockets
     /// (dropping a mio socket closes it and removes it from the poller).
     fn close(&mut self, key: usize, reason: CloseReason) {
-        if !self.sessions.contains(key) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if session.is_lingering() {
+            // Closed already in every respect but its sockets (see `linger`): drop them now.
+            self.sessions.remove(key);
             return;
         }
-        let mut session = self.sessions.remove(key);
         session.release(&mut self.pools);
+        let session = &self.sessions[key];
         if let Some(upstream) = session.upstream() {
             if session.holds_backend_slot() {
                 session.set.backends[upstream.index].stats.release();
             }
-            if session.backend_gave_up(reason) {
+            if session.backend_gave_up(reason, self.now, self.config.connect_timeout) {
                 self.backend_failed(&session.set, upstream.index, Failure::Passive);
             }
             if let CloseReason::Reset(side) = reason {
@@ -951,16 +1145,8 @@ impl Worker {
         if matches!(session.phase, Phase::Queued { .. }) {
             Counters::decr(&self.counters.queued);
         }
-        if reason == CloseReason::Drain {
-            // A normal end of stream on both sides, so clients reconnect with their own
-            // back-off rather than treating it as an error.
-            let _ = session.client.shutdown(Shutdown::Both);
-            if let Some(upstream) = session.upstream() {
-                let _ = upstream.socket.shutdown(Shutdown::Both);
-            }
-        }
         if self.config.log_sessions {
-            self.log_session(&session, reason);
+            self.log_session(session, reason);
         } else {
             log::debug!(
                 "session {} from {} closed: {reason:?}",
@@ -970,28 +1156,118 @@ impl Worker {
         }
         Counters::decr(&self.counters.active);
         Counters::incr(&self.counters.closed);
+        if reason.ends_with_fin() {
+            self.start_lingering(key);
+        } else {
+            // Dropping a mio socket closes it and removes it from the poller.
+            self.sessions.remove(key);
+        }
     }
 
-    /// Stops accepting: what is already in the kernel's accept queue is taken (those clients
-    /// connected before the drain began), then the listeners close, so the kernel refuses new
-    /// connections or, with SO_REUSEPORT, hands them to another process on the same port.
+    /// Ends a session holdfast itself decided to close (a drain, a timeout) with a clean end
+    /// of stream on both sides, never a reset, so clients reconnect with their own back-off
+    /// rather than treating it as an error.
+    ///
+    /// `close()` of a socket whose receive queue holds unread bytes makes the kernel send a
+    /// RST instead of a FIN, dropping whatever it still had to send (the FIN included); and
+    /// bytes arriving after the close are answered with a RST too. A peer still sending
+    /// (or a backlog of bytes holdfast stopped reading, by backpressure) is therefore reset,
+    /// and if our FIN had not gone out yet, its read sees ECONNRESET instead of EOF. So the
+    /// write side is shut down (the FIN queues behind the bytes already sent) and the sockets
+    /// stay open, reading and discarding what arrives, until each peer has acknowledged our
+    /// FIN (nothing unacknowledged is left: it has read, or will read, EOF whatever follows)
+    /// or has ended its own stream, or until [`LINGER_TIMEOUT`]. Only then are they closed.
+    /// A backend connect still under way is simply dropped: there is no stream to end.
+    fn start_lingering(&mut self, key: usize) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let backend = match std::mem::replace(&mut session.phase, Phase::Accepted) {
+            Phase::Relaying { upstream, .. } => Some(upstream.socket),
+            _ => None,
+        };
+        let _ = session.client.shutdown(Shutdown::Write);
+        if let Some(socket) = &backend {
+            let _ = socket.shutdown(Shutdown::Write);
+        }
+        session.phase = Phase::Lingering {
+            backend_done: backend.is_none(),
+            backend,
+            client_done: false,
+            until: self.now + LINGER_TIMEOUT,
+        };
+        self.timers.push(Timer {
+            at: self.now + LINGER_CHECK,
+            key,
+            id: session.id,
+            kind: TimerKind::Linger,
+        });
+        self.linger(key);
+    }
+
+    /// A lingering session's sockets: discard what arrived, and close both once each is
+    /// finished with (see [`Worker::start_lingering`]) or the linger time is up.
+    fn linger(&mut self, key: usize) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let Phase::Lingering {
+            backend,
+            client_done,
+            backend_done,
+            until,
+        } = &mut session.phase
+        else {
+            return;
+        };
+        if !*client_done {
+            *client_done = relay::linger(&session.client, &mut self.pools);
+        }
+        if !*backend_done && let Some(socket) = backend {
+            *backend_done = relay::linger(socket, &mut self.pools);
+        }
+        if (*client_done && *backend_done) || self.now >= *until {
+            self.sessions.remove(key);
+        }
+    }
+
+    /// Stops accepting: everything already in the kernel's accept queue is taken (those
+    /// clients connected before the drain began, and are promised service), then each
+    /// listener closes, so the kernel refuses new connections or, with SO_REUSEPORT, hands
+    /// them to another process on the same port. Taking the queue is bounded only by
+    /// descriptors (not by `--max-conns` or the accept batch): a listener whose backlog is
+    /// not empty for want of descriptors stays open, and is drained as they free up, until
+    /// its backlog is empty or the drain timeout passes.
     fn start_drain(&mut self, timeout: Duration, spread: Duration) {
         if self.draining {
             return;
         }
         self.draining = true;
-        for i in 0..self.listeners.len() {
-            self.listener_ready[i] = true;
-            self.accept_from(i);
+        for ready in &mut self.listener_ready {
+            *ready = true;
         }
-        self.listeners.clear();
-        self.listener_ready.clear();
+        self.accept_all();
+        self.close_drained_listeners();
         self.timers.push(Timer {
             at: self.now + timeout,
             key: usize::MAX,
             id: u64::MAX,
             kind: TimerKind::DrainDeadline { spread },
         });
+    }
+
+    /// During a drain: closes every listener whose backlog has been taken (its last accept
+    /// said `WouldBlock`). With none left open, the vectors are emptied.
+    fn close_drained_listeners(&mut self) {
+        for (listener, ready) in self.listeners.iter_mut().zip(&self.listener_ready) {
+            if !ready {
+                *listener = None;
+            }
+        }
+        if self.listeners.iter().all(Option::is_none) {
+            self.listeners.clear();
+            self.listener_ready.clear();
+        }
     }
 
     /// Closes `keys` one by one, oldest first, evenly over `spread` from `from`, so their
@@ -1067,6 +1343,9 @@ enum Placement {
     Connecting,
     /// No backend has room; the session is unchanged. Carries the backends already tried.
     Full(Vec<usize>),
+    /// No descriptor for a backend socket; the session is unchanged. Carries the backends
+    /// already tried.
+    Starved(Vec<usize>),
     Closed,
 }
 
@@ -1075,8 +1354,17 @@ enum Placement {
 enum Failure {
     /// The connect was refused, reset or timed out.
     Connect,
-    /// The backend accepted and then closed or reset before any byte moved.
+    /// The backend ended a session (reset or EOF) without having sent a byte back, within
+    /// `--connect-timeout` of its start.
     Passive,
+}
+
+/// A descriptor to hold in reserve (see `Worker::spare`): an unbound UDP socket, which needs
+/// no file system path and costs the kernel little.
+fn reserve_descriptor() -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    Socket::new(Domain::IPV4, Type::DGRAM, None)
+        .or_else(|_| Socket::new(Domain::IPV6, Type::DGRAM, None))
 }
 
 /// Errors that say this process or machine is out of descriptors or memory.

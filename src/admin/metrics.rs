@@ -126,6 +126,12 @@ const GLOBAL: &[Global] = &[
         |s| s.idle_timeouts,
     ),
     (
+        "holdfast_backend_timeouts_total",
+        Kind::Counter,
+        "Sessions closed because the backend left the client's bytes unanswered.",
+        |s| s.backend_timeouts,
+    ),
+    (
         "holdfast_resets_total",
         Kind::Counter,
         "Sessions that ended with a reset or socket error on either side.",
@@ -221,7 +227,7 @@ const PER_BACKEND: &[PerBackend] = &[
     (
         "holdfast_backend_passive_failures_total",
         Kind::Counter,
-        "Connections the backend accepted, then closed or reset before a byte moved.",
+        "Sessions the backend ended without answering a byte, soon after they began.",
         |b| Value::Int(b.passive_failures),
     ),
     (

@@ -7,7 +7,8 @@
 //!   rest until the destination is writable again; or
 //! - **splicing** (Linux): `splice(2)` moves the bytes socket → pipe → socket inside the
 //!   kernel. The pump takes a pipe from the pool for the read and gives it back as soon as the
-//!   pipe is empty again.
+//!   pipe is empty again. When no pipe can be made (out of descriptors), that burst (the rest
+//!   of this run of the pump) is copied, and the next one tries a pipe again.
 //!
 //! Either way the pump owns memory only while a write is incomplete: an idle connection holds
 //! no pipe and no buffer, which is what keeps 8000 idle WebSockets cheap.
@@ -31,6 +32,7 @@ use mio::net::TcpStream;
 use crate::config::RelayMode;
 use crate::stats::Counters;
 use crate::sys::{self, Pipe};
+use crate::worker::is_resource_exhaustion;
 
 /// Size of the worker's scratch buffer and of a pooled partial-write buffer.
 pub const BUFFER_SIZE: usize = 64 * 1024;
@@ -84,6 +86,15 @@ impl Pools {
             buffers: Vec::new(),
             splice_works: sys::SPLICE_AVAILABLE,
             counters,
+        }
+    }
+
+    /// The kernel says splice cannot be used here at all (ENOSYS, EINVAL): everyone copies
+    /// from now on.
+    fn splice_unusable(&mut self, e: &io::Error) {
+        if self.splice_works {
+            log::warn!("splice is not usable here ({e}); copying instead");
+            self.splice_works = false;
         }
     }
 
@@ -181,6 +192,9 @@ pub struct Pump {
     adaptive: bool,
     /// `auto` mode, splicing: small splices in a row so far (see [`AUTO_SMALL_SPLICES`]).
     small_splices: u8,
+    /// Splicing, but this burst found no descriptor free for a pipe: it copies until the
+    /// end of this run, and the next run tries a pipe again.
+    pipe_short: bool,
     stage: Stage,
     in_flight: InFlight,
     /// Bytes written to the destination so far.
@@ -198,6 +212,7 @@ impl Pump {
             method,
             adaptive,
             small_splices: 0,
+            pipe_short: false,
             stage: Stage::Open,
             in_flight: InFlight::Empty,
             bytes: 0,
@@ -222,6 +237,8 @@ impl Pump {
         other_done: bool,
     ) -> (Outcome, usize) {
         let mut moved = 0;
+        // A pipe shortage lasts one burst: descriptors may have been freed since.
+        self.pipe_short = false;
         let outcome = loop {
             // 1. Anything in flight goes out first: never read while the destination is behind.
             if !matches!(self.in_flight, InFlight::Empty) {
@@ -271,7 +288,9 @@ impl Pump {
                 break Outcome::Blocked;
             }
             let read = match self.method {
-                Method::Splice if pools.splice_works => self.splice_in(src, pools),
+                Method::Splice if pools.splice_works && !self.pipe_short => {
+                    self.splice_in(src, pools)
+                }
                 _ => self.copy_in(src, src_ready, dst, dst_ready, pools),
             };
             match read {
@@ -325,9 +344,16 @@ impl Pump {
     fn splice_in(&mut self, src: &TcpStream, pools: &mut Pools) -> Result<Step, ReadError> {
         let pipe = match pools.take_pipe() {
             Ok(p) => p,
+            Err(e) if is_resource_exhaustion(&e) => {
+                // Out of descriptors (or memory) for a pipe: this burst copies instead, and
+                // the pump keeps splicing as its method, so the next burst tries again.
+                // Switching the method for good made one EMFILE cost the session splice for
+                // the rest of its life.
+                self.pipe_short = true;
+                return Ok(Step::Again);
+            }
             Err(e) if sys::is_splice_unsupported(&e) => {
-                // Out of descriptors for a pipe: this read copies instead.
-                self.method = Method::Copy;
+                pools.splice_unusable(&e);
                 return Ok(Step::Again);
             }
             Err(e) => return Err(ReadError::Source(e)),
@@ -354,9 +380,12 @@ impl Pump {
             }
             Err(e) => {
                 pools.put_pipe(pipe);
-                if sys::is_splice_unsupported(&e) {
-                    log::warn!("splice is not usable here ({e}); copying instead");
-                    pools.splice_works = false;
+                if is_resource_exhaustion(&e) {
+                    // A shortage, not a property of the kernel: copy this burst only.
+                    self.pipe_short = true;
+                    Ok(Step::Again)
+                } else if sys::is_splice_unsupported(&e) {
+                    pools.splice_unusable(&e);
                     Ok(Step::Again)
                 } else {
                     Err(ReadError::Source(e))
@@ -431,6 +460,28 @@ impl Pump {
             InFlight::Buffer { buf, .. } => pools.put_buffer(buf),
         }
     }
+}
+
+/// One socket of a lingering session (one holdfast closes with a FIN, see
+/// `Worker::start_lingering`), its write side already shut down: reads and discards what has
+/// arrived (at most [`TURN_BUDGET`] bytes a call), and says whether the socket is finished
+/// with: the peer ended its stream or failed, or it has acknowledged everything we sent, our
+/// FIN included, so closing the socket can no longer cost it its EOF. Where that cannot be
+/// known, the socket is finished with once nothing is left to read.
+pub fn linger(socket: &TcpStream, pools: &mut Pools) -> bool {
+    let mut discarded = 0;
+    while discarded < TURN_BUDGET {
+        match (&*socket).read(&mut pools.scratch) {
+            Ok(0) => return true,
+            Ok(n) => discarded += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return sys::unacked_bytes(socket).map_or(true, |n| n == 0);
+            }
+            Err(_) => return true,
+        }
+    }
+    false // more to discard: the next look goes on
 }
 
 /// What one read step did.

@@ -99,6 +99,21 @@ pub fn bind_address_no_port(socket: &impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Bytes written to a TCP socket that its peer has not acknowledged yet, the FIN included
+/// (`ioctl(SIOCOUTQ)`: the send sequence minus the first unacknowledged one). After a
+/// `shutdown(Write)`, 0 means the peer has received everything, our FIN too.
+pub fn unacked_bytes(socket: &impl AsFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SIOCOUTQ (the same request number as TIOCOUTQ) writes one c_int, which lives across
+    // the call.
+    syscall!(ioctl(
+        socket.as_fd().as_raw_fd(),
+        libc::TIOCOUTQ,
+        &mut n as *mut libc::c_int,
+    ))?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// ENOSYS (no splice in this kernel or sandbox) and EINVAL (this pair of files cannot be
 /// spliced) mean: copy instead. EMFILE/ENFILE from `pipe2` mean: no pipe for now, copy instead.
 pub fn is_splice_unsupported(e: &io::Error) -> bool {
@@ -136,5 +151,26 @@ mod tests {
 
         drop(a);
         assert_eq!(splice_in(&b, &pipe, 65536).unwrap(), 0, "EOF reads as 0");
+    }
+
+    #[test]
+    fn unacked_bytes_reach_zero_once_the_peer_has_our_fin() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut b, _) = listener.accept().unwrap();
+        (&a).write_all(b"bye").unwrap();
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"bye");
+        // Loopback acknowledges at once, but give the ACK a moment to be processed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while unacked_bytes(&a).unwrap() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "FIN never acknowledged"
+            );
+            std::thread::yield_now();
+        }
     }
 }

@@ -17,6 +17,9 @@
 //!   to a socket;
 //! - `bind_address_no_port(&socket) -> io::Result<()>`: choose the local port at connect
 //!   rather than at bind (Linux's `IP_BIND_ADDRESS_NO_PORT`; a no-op elsewhere);
+//! - `unacked_bytes(&socket) -> io::Result<usize>`: bytes sent on a TCP socket (its FIN
+//!   included) that the peer has not acknowledged (Linux's `SIOCOUTQ`; `Unsupported`
+//!   elsewhere);
 //! - `is_splice_unsupported(&io::Error) -> bool`: the error says splicing cannot be used here
 //!   (as opposed to a failure of this one connection), so the caller should copy instead.
 //!

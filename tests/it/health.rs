@@ -376,54 +376,6 @@ fn without_passive_detection_a_resetting_backend_stays_up() {
     });
 }
 
-/// Only connections that end before any byte moved count: a backend that takes the client's
-/// first byte and then resets is failing the application, not refusing service, and passive
-/// detection leaves it alone (each byte that moved also resets the count of consecutive
-/// failures).
-#[test]
-fn passive_detection_ignores_resets_after_a_byte_moved() {
-    let reset = ResetBackend::start(1);
-    let good = TaggedBackend::start("good");
-    let mut cfg = probed(
-        &[reset.addr(), good.addr()],
-        Duration::from_millis(200),
-        5,
-        2,
-    );
-    cfg.algorithm = Algorithm::RoundRobin;
-    cfg.workers = 1;
-    cfg.health.observe_errors = 3;
-    let lb = start_balancer(cfg);
-    let target = lb_addr(&lb);
-    for i in 0..16 {
-        let mut c = client(target);
-        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        // The byte goes first; then either the tag and the echo, or the reset.
-        c.write_all(b"x").unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 16];
-        while got != b"good\nx" {
-            match c.read(&mut buf) {
-                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
-                _ => break,
-            }
-        }
-        assert_eq!(
-            backend_state(&lb, reset.addr()),
-            BackendState::Up,
-            "down after {} clients whose byte reached it before the reset",
-            i + 1
-        );
-    }
-    let stat = backend_stat(&lb, reset.addr());
-    assert!(
-        stat.total >= 6,
-        "only {} sessions reached it: {stat:?}",
-        stat.total
-    );
-    assert_eq!(stat.passive_failures, 0, "{stat:?}");
-}
-
 /// The WebSocket probe asks for an upgrade on the configured path and wants `101`: a plain
 /// TCP echo server (which accepts the connection, and answers with the request itself) is
 /// marked down, a real WebSocket server is up and stays up.

@@ -14,5 +14,6 @@ mod lifecycle;
 mod limits;
 mod pacing;
 mod relay;
+mod reliability;
 mod retry;
 mod websocket;

@@ -1404,8 +1404,8 @@ pub fn wait_for_state(
     Instant::now()
 }
 
-/// Connections the backend accepted and then closed or reset before any byte moved either
-/// way, as counted by passive health checking.
+/// Sessions the backend ended (reset or EOF) without answering a byte, soon after they
+/// began, as counted by passive health checking.
 #[track_caller]
 pub fn passive_failures(lb: &Holdfast, addr: SocketAddr) -> u64 {
     backend_stat(lb, addr).passive_failures
