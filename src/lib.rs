@@ -23,6 +23,7 @@ pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
+pub mod client_ip;
 pub mod config;
 pub mod control;
 pub mod error;
