@@ -66,8 +66,8 @@ use worker::{Control, Worker};
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::proxy_protocol::{
-        Command, Parse, ProxyHeader, Reason, Tlvs, V1_MAX_LEN, V2_MAX_LEN, encode_v1, encode_v2,
-        encode_v2_local, parse,
+        Command, MAX_TLVS_LEN, Parse, ProxyHeader, Reason, Tlvs, V1_MAX_LEN, V2_MAX_LEN, encode_v1,
+        encode_v2, encode_v2_local, parse,
     };
 }
 
