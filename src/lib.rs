@@ -23,11 +23,13 @@ pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
+pub mod client_ip;
 pub mod config;
 pub mod control;
 pub mod error;
 mod health;
 mod listener;
+mod proxy_protocol;
 mod relay;
 mod session;
 pub mod sources;
@@ -58,6 +60,16 @@ use health::{Command, Health, HealthLink, WorkerLink};
 use sources::Sources;
 use stats::Counters;
 use worker::{Control, Worker};
+
+/// The PROXY protocol parser and encoders, for the fuzz target in `fuzz/` (and nothing else:
+/// not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::proxy_protocol::{
+        Command, MAX_TLVS_LEN, Parse, ProxyHeader, Reason, Tlvs, V1_MAX_LEN, V2_MAX_LEN, encode_v1,
+        encode_v2, encode_v2_local, parse,
+    };
+}
 
 /// A running balancer. Dropping it shuts it down and waits for the threads.
 pub struct Holdfast {
