@@ -387,18 +387,18 @@ impl Config {
         if self.backlog <= 0 {
             return Err(ConfigError::Invalid("--backlog must be at least 1".into()));
         }
+        // Checked with or without probes: without them, `rise × interval` is how long a
+        // backend taken down by passive detection waits before it is retried.
         let h = &self.health;
-        if h.check != HealthCheck::None {
-            if h.interval.is_zero() || h.timeout.is_zero() {
-                return Err(ConfigError::Invalid(
-                    "--health-interval and --health-timeout must be greater than 0".into(),
-                ));
-            }
-            if h.rise == 0 || h.fall == 0 {
-                return Err(ConfigError::Invalid(
-                    "--rise and --fall must be at least 1".into(),
-                ));
-            }
+        if h.interval.is_zero() || h.timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--health-interval and --health-timeout must be greater than 0".into(),
+            ));
+        }
+        if h.rise == 0 || h.fall == 0 {
+            return Err(ConfigError::Invalid(
+                "--rise and --fall must be at least 1".into(),
+            ));
         }
         if self.limits.queue_timeout.is_zero() {
             return Err(ConfigError::Invalid(

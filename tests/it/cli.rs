@@ -188,3 +188,34 @@ fn relays_and_exits_cleanly_on_sigterm() {
         "the drained session ended with {how:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Values that used to be accepted silently, and errors that did not say enough
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn rise_fall_and_probe_timing_are_checked_even_without_probes() {
+    // Without probes, --rise and --health-interval still time the retry of a backend taken
+    // down by passive detection: --rise 0 brought it straight back.
+    let (_closed, b) = backend_arg();
+    for (flag, value) in [
+        ("--rise", "0"),
+        ("--fall", "0"),
+        ("--health-interval", "0"),
+        ("--health-timeout", "0"),
+    ] {
+        usage_error(
+            &[
+                "-l",
+                "127.0.0.1:0",
+                "-b",
+                &b,
+                "--health-check",
+                "none",
+                flag,
+                value,
+            ],
+            flag,
+        );
+    }
+}
