@@ -69,7 +69,10 @@ impl std::str::FromStr for DnsName {
         }
         let port = port
             .parse()
-            .map_err(|_| "port must be 0-65535".to_string())?;
+            .map_err(|_| "port must be 1-65535".to_string())?;
+        if port == 0 {
+            return Err("port 0 cannot be connected to (expected 1-65535)".into());
+        }
         Ok(DnsName {
             host: host.to_string(),
             port,
