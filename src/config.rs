@@ -114,7 +114,7 @@ pub fn resolve_with(s: &str, lookup: &Lookup) -> Result<SocketAddr, String> {
 }
 
 /// The system resolver (`getaddrinfo`); the first address wins.
-fn system_lookup(host: &str, port: u16) -> Result<SocketAddr, String> {
+pub fn system_lookup(host: &str, port: u16) -> Result<SocketAddr, String> {
     let mut addrs = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve '{host}': {e}"))?;

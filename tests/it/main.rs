@@ -14,5 +14,6 @@ mod lifecycle;
 mod limits;
 mod pacing;
 mod relay;
+mod reload;
 mod retry;
 mod websocket;

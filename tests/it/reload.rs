@@ -1,0 +1,189 @@
+//! Reloading the backends file (the real binary, SIGHUP) when the file is not what it should
+//! be, when reloads come in a storm, and when it changes what an operator set at run time.
+//!
+//! A reload must never hang holdfast or eat its memory: whatever the path names, the error is
+//! logged, the backends in force stay, clients are served, and SIGTERM still stops the
+//! process with exit status 0.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::time::Duration;
+
+use crate::util::*;
+
+const STOP_WITHIN: Duration = Duration::from_secs(5);
+
+/// Sends SIGHUP and waits until stderr holds a line with every one of `want` in it.
+#[track_caller]
+fn sighup_until_logged(child: &Child, want: &[&str]) -> String {
+    child.signal(libc::SIGHUP);
+    let mut found = String::new();
+    wait_until_ok(Duration::from_secs(5), || {
+        let err = child.stderr();
+        match err.lines().find(|l| want.iter().all(|w| l.contains(w))) {
+            Some(line) => {
+                found = line.to_string();
+                Ok(())
+            }
+            None => Err(format!("no line with {want:?} on stderr:\n{err}")),
+        }
+    });
+    found
+}
+
+/// Starts the binary on a backends file naming one echo backend, lets `spoil` replace the
+/// file, sends SIGHUP, and checks that the reload fails with `why` in its log line while
+/// clients are still served, and that SIGTERM then stops holdfast at once with status 0.
+#[track_caller]
+fn reload_fails_and_changes_nothing(spoil: impl FnOnce(&Path), why: &str) {
+    let echo = EchoBackend::start();
+    let file = TempFile::new("backends", &format!("{}\n", echo.addr()));
+    let path = file.path().to_str().unwrap().to_string();
+    let mut child = Child::spawn(&[
+        "--backends-file",
+        &path,
+        "--health-check",
+        "none",
+        "--workers",
+        "1",
+        "--drain-timeout",
+        "1s",
+    ]);
+    spoil(file.path());
+    let line = sighup_until_logged(&child, &["reload failed", why]);
+    assert!(
+        line.contains(&path),
+        "the error does not name {path}: {line}"
+    );
+    let mut c = client(child.addr());
+    round_trip(&mut c, b"the backend in force before the reload");
+    drop(c);
+    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+}
+
+#[test]
+fn a_fifo_as_the_backends_file_does_not_hang_the_reload() {
+    reload_fails_and_changes_nothing(
+        |path| {
+            std::fs::remove_file(path).unwrap();
+            let made = Command::new("mkfifo")
+                .arg(path)
+                .status()
+                .expect("run mkfifo");
+            assert!(made.success(), "mkfifo {} failed", path.display());
+        },
+        "not a regular file",
+    );
+}
+
+#[test]
+fn a_symlink_to_dev_zero_is_not_read() {
+    reload_fails_and_changes_nothing(
+        |path| {
+            std::fs::remove_file(path).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", path).unwrap();
+        },
+        "not a regular file",
+    );
+}
+
+#[test]
+fn a_deleted_backends_file_fails_the_reload() {
+    reload_fails_and_changes_nothing(|path| std::fs::remove_file(path).unwrap(), "No such file");
+}
+
+#[test]
+fn a_backends_file_over_the_size_cap_is_not_read() {
+    reload_fails_and_changes_nothing(
+        |path| {
+            // Sparse: 17 MiB long, no disk used.
+            let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            f.set_len(17 << 20).unwrap();
+        },
+        "larger than 16 MiB",
+    );
+}
+
+/// Replaces the file's contents in one step (a rename), so a reload never reads half of it.
+fn replace(file: &TempFile, contents: &str) {
+    let tmp = file.path().with_extension("new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, file.path()).unwrap();
+}
+
+#[test]
+fn a_storm_of_sighups_while_clients_connect() {
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let both = format!("{}\n{}\n", a.addr(), b.addr());
+    let only_a = format!("{}\n", a.addr());
+    let file = TempFile::new("backends", &both);
+    let path = file.path().to_str().unwrap().to_string();
+    let mut child = Child::spawn(&[
+        "--backends-file",
+        &path,
+        "--health-check",
+        "none",
+        "--drain-timeout",
+        "1s",
+    ]);
+    let target = child.addr();
+
+    // Clients visit one after another for as long as the storm lasts; every visit must work.
+    let stop = Arc::new(AtomicBool::new(false));
+    let visiting = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(SeqCst) {
+                match visit_tagged("127.0.0.1", target, Duration::from_secs(5)) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    // 100 SIGHUPs in ten bursts of ten (one `kill` each), the file changing between bursts.
+    let pid = child.pid().to_string();
+    for burst in 0..10 {
+        replace(&file, if burst % 2 == 0 { &only_a } else { &both });
+        let sent = Command::new("kill")
+            .arg("-HUP")
+            .args(std::iter::repeat_n(&pid, 10))
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -HUP failed");
+    }
+    // The last burst left both backends in the file: once that is read, b takes clients again.
+    wait_until_ok(Duration::from_secs(10), || {
+        let tags = tags_of_new_clients(target, 4);
+        if count_tag(&tags, "b") > 0 {
+            Ok(())
+        } else {
+            Err(format!("no new client reached b after the storm: {tags:?}"))
+        }
+    });
+    stop.store(true, SeqCst);
+    let (ok, failed) = visiting.join().expect("the client thread");
+    assert!(
+        failed.is_empty(),
+        "{} of {} visits failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 0, "no client visited during the storm");
+    let err = child.stderr();
+    assert!(
+        err.lines().any(|l| l.contains("SIGHUP: backends reloaded")),
+        "no reload logged:\n{err}"
+    );
+    assert!(!err.contains("reload failed"), "a reload failed:\n{err}");
+
+    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+}
