@@ -6,6 +6,7 @@
 //! address stays, so least-conn keeps counting live sessions correctly across a change, and the
 //! per-backend limits hold across workers.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -287,11 +288,12 @@ impl BackendSet {
         previous: Option<&BackendSet>,
         algorithm: Algorithm,
     ) -> BackendSet {
+        let previous_by_addr = previous.map(BackendSet::by_addr).unwrap_or_default();
         let backends = specs
             .iter()
             .map(|spec| {
-                let stats = previous
-                    .and_then(|p| p.find(spec.addr))
+                let stats = previous_by_addr
+                    .get(&spec.addr)
                     .map_or_else(Default::default, |b| Arc::clone(&b.stats));
                 Backend::new(spec.clone(), stats)
             })
@@ -301,6 +303,11 @@ impl BackendSet {
 
     pub fn find(&self, addr: SocketAddr) -> Option<&Backend> {
         self.backends.iter().find(|b| b.spec.addr == addr)
+    }
+
+    /// Every backend by address, for looking many up ([`BackendSet::find`] is a linear search).
+    pub fn by_addr(&self) -> HashMap<SocketAddr, &Backend> {
+        self.backends.iter().map(|b| (b.spec.addr, b)).collect()
     }
 
     pub fn len(&self) -> usize {

@@ -279,18 +279,13 @@ impl Sources {
     /// The union in force: flags, then the file, then the names; the first entry for an
     /// address wins.
     pub fn backends(&self) -> Vec<BackendSpec> {
-        let mut out: Vec<BackendSpec> = Vec::new();
         let all = self
             .fixed
             .iter()
             .chain(&self.file_specs)
             .chain(self.dns_specs.iter().flatten());
-        for spec in all {
-            if !out.iter().any(|s| s.addr == spec.addr) {
-                out.push(spec.clone());
-            }
-        }
-        out
+        let mut seen = HashSet::new();
+        all.filter(|spec| seen.insert(spec.addr)).cloned().collect()
     }
 }
 

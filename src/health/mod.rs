@@ -27,7 +27,7 @@
 
 mod probe;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -272,11 +272,12 @@ impl Health {
                 }
             }
         }
+        let listed: HashSet<SocketAddr> = specs.iter().map(|s| s.addr).collect();
         let removed: Vec<BackendSpec> = self
             .specs
             .iter()
             .chain(&self.leaving)
-            .filter(|old| !specs.iter().any(|s| s.addr == old.addr))
+            .filter(|old| !listed.contains(&old.addr))
             .cloned()
             .collect();
         for spec in &removed {
@@ -355,16 +356,22 @@ impl Health {
             return;
         }
         let current = self.current_set();
+        let current = current.by_addr();
         let before = self.leaving.len();
         self.leaving.retain(|spec| {
             current
-                .find(spec.addr)
+                .get(&spec.addr)
                 .is_some_and(|b| b.stats.active.load(Relaxed) > 0)
         });
         if self.leaving.len() != before {
-            let (specs, leaving) = (&self.specs, &self.leaving);
+            let listed: HashSet<SocketAddr> = self
+                .specs
+                .iter()
+                .chain(&self.leaving)
+                .map(|s| s.addr)
+                .collect();
             self.tracked.retain(|addr, _| {
-                let keep = specs.iter().chain(leaving).any(|s| s.addr == *addr);
+                let keep = listed.contains(addr);
                 if !keep {
                     log::info!("backend {addr} has no sessions left and leaves the set");
                 }
@@ -540,6 +547,7 @@ impl Health {
     /// every worker.
     fn publish(&mut self, now: Instant) {
         let previous = self.current_set();
+        let previous_by_addr = previous.by_addr();
         let slow_start = self.config.health.slow_start;
         let mut ramping = false;
         let backends = self
@@ -547,8 +555,8 @@ impl Health {
             .iter()
             .chain(&self.leaving)
             .map(|spec| {
-                let stats = previous
-                    .find(spec.addr)
+                let stats = previous_by_addr
+                    .get(&spec.addr)
                     .map_or_else(Default::default, |b| Arc::clone(&b.stats));
                 let mut spec = spec.clone();
                 let tracked = self.tracked.get_mut(&spec.addr);

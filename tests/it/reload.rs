@@ -204,6 +204,47 @@ fn refusing_lines(closed: &ClosedPort, n: usize) -> String {
         .collect()
 }
 
+#[test]
+fn a_backends_file_of_100k_lines_starts_and_reloads() {
+    const LINES: usize = 100_000;
+    let echo = EchoBackend::start();
+    let closed = closed_port();
+    // The echo backend's weight makes it least-conn's first choice over the idle others.
+    let contents = format!(
+        "{},weight=256\n{}",
+        echo.addr(),
+        refusing_lines(&closed, LINES - 1)
+    );
+    let file = TempFile::new("backends", &contents);
+    let path = file.path().to_str().unwrap().to_string();
+    // Child::spawn waits a bounded time for the port to accept: with a parse or a set build
+    // that is quadratic in the lines, it does not in time.
+    let mut child = Child::spawn(&[
+        "--backends-file",
+        &path,
+        "--health-check",
+        "none",
+        "--workers",
+        "1",
+    ]);
+    let mut c = client(child.addr());
+    round_trip(&mut c, b"one backend among 100k");
+    drop(c);
+    // A reload of the same size, one backend fewer.
+    let fewer: String = contents
+        .lines()
+        .take(LINES - 1)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    replace(&file, &fewer);
+    sighup_until_logged(&child, &["SIGHUP: backends reloaded"]);
+    let mut c = client(child.addr());
+    round_trip(&mut c, b"after the reload");
+    drop(c);
+    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+}
+
 /// The resident memory of process `pid`, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
