@@ -18,9 +18,14 @@ const STOP_WITHIN: Duration = Duration::from_secs(5);
 /// Sends SIGHUP and waits until stderr holds a line with every one of `want` in it.
 #[track_caller]
 fn sighup_until_logged(child: &Child, want: &[&str]) -> String {
+    sighup_until_logged_within(child, want, Duration::from_secs(5))
+}
+
+#[track_caller]
+fn sighup_until_logged_within(child: &Child, want: &[&str], within: Duration) -> String {
     child.signal(libc::SIGHUP);
     let mut found = String::new();
-    wait_until_ok(Duration::from_secs(5), || {
+    wait_until_ok(within, || {
         let err = child.stderr();
         match err.lines().find(|l| want.iter().all(|w| l.contains(w))) {
             Some(line) => {
@@ -237,7 +242,12 @@ fn a_backends_file_of_100k_lines_starts_and_reloads() {
         .map(|l| format!("{l}\n"))
         .collect();
     replace(&file, &fewer);
-    sighup_until_logged(&child, &["SIGHUP: backends reloaded"]);
+    // Generous: a debug build on a loaded machine, not a measure of speed.
+    sighup_until_logged_within(
+        &child,
+        &["SIGHUP: backends reloaded"],
+        Duration::from_secs(30),
+    );
     let mut c = client(child.addr());
     round_trip(&mut c, b"after the reload");
     drop(c);
@@ -286,4 +296,164 @@ fn five_thousand_backends_cost_little_memory() {
     );
     let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
     assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+}
+
+/// A port on every loopback address (a listener on 0.0.0.0) whose connects hang: its accept
+/// queue is full, so the kernel drops further SYNs (as [`BlackholeBackend`] does for one
+/// address). Any 127.x.y.z on this port is a backend that never answers a probe.
+struct BlackholePort {
+    _listener: socket2::Socket,
+    _fillers: Vec<socket2::Socket>,
+    port: u16,
+}
+
+impl BlackholePort {
+    fn start() -> BlackholePort {
+        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        listener
+            .bind(&SockAddr::from(
+                "0.0.0.0:0".parse::<std::net::SocketAddr>().unwrap(),
+            ))
+            .unwrap();
+        listener.listen(0).unwrap();
+        let port = listener.local_addr().unwrap().as_socket().unwrap().port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..8 {
+            let f = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+            f.set_nonblocking(true).unwrap();
+            let _ = f.connect(&SockAddr::from(addr)); // EINPROGRESS
+            fillers.push(f);
+            if fillers.len() < 2 {
+                continue;
+            }
+            if let Err(e) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                && e.kind() == std::io::ErrorKind::TimedOut
+            {
+                return BlackholePort {
+                    _listener: listener,
+                    _fillers: fillers,
+                    port,
+                };
+            }
+        }
+        panic!("could not make connects to port {port} hang by filling its accept queue");
+    }
+}
+
+/// The binary run by `sh` with the open-file limit lowered to `nofile`, listening on
+/// 127.0.0.1:0; killed on drop.
+struct LimitedChild {
+    child: std::process::Child,
+    stderr: std::path::PathBuf,
+}
+
+impl LimitedChild {
+    fn spawn(nofile: usize, args: &[&str]) -> LimitedChild {
+        let stderr = std::env::temp_dir().join(format!(
+            "holdfast-it-{}-limited-{nofile}-stderr",
+            std::process::id()
+        ));
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_holdfast"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn sh -c holdfast");
+        LimitedChild { child, stderr }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The address from the "listening on" line, once it is logged.
+    fn wait_listening(&mut self) -> std::net::SocketAddr {
+        let mut addr = None;
+        wait_until_ok(Duration::from_secs(10), || {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("holdfast exited with {status}:\n{}", self.stderr());
+            }
+            let err = self.stderr();
+            addr = err
+                .split("listening on ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse().ok());
+            addr.map(|_| ()).ok_or(format!("not listening yet:\n{err}"))
+        });
+        addr.expect("set when the wait succeeded")
+    }
+
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for LimitedChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
+#[test]
+fn probes_of_a_large_pool_leave_descriptors_for_clients() {
+    // 1000 backends that never answer a probe, each probe holding a socket for its whole
+    // timeout, and an open-file limit of 512: unless the probes in flight are capped, they
+    // take every descriptor and a client is never accepted.
+    const BACKENDS: usize = 1000;
+    const INTERVAL: Duration = Duration::from_millis(500);
+    let hole = BlackholePort::start();
+    let echo = EchoBackend::start();
+    let lines: String = (0..BACKENDS)
+        .map(|i| format!("127.0.{}.{}:{}\n", 1 + i / 250, 1 + i % 250, hole.port))
+        .collect();
+    // The echo backend's weight makes it least-conn's first choice over the idle others.
+    let file = TempFile::new("backends", &format!("{},weight=256\n{lines}", echo.addr()));
+    let path = file.path().to_str().unwrap().to_string();
+    let mut child = LimitedChild::spawn(
+        512,
+        &[
+            "--backends-file",
+            &path,
+            "--workers",
+            "1",
+            "--health-interval",
+            "500ms",
+            "--health-timeout",
+            "30s",
+        ],
+    );
+    let target = child.wait_listening();
+    let started = std::time::Instant::now();
+    // The first probes of every backend are due within one interval of the start; wait for
+    // probes to be under way, then until all of them have been due for a while. (Nothing to
+    // wait for: the check is that no more start.)
+    wait_until_ok(Duration::from_secs(10), || {
+        let fds = child.open_fds();
+        if fds >= 256 {
+            Ok(())
+        } else {
+            Err(format!("{fds} descriptors open; probes not under way"))
+        }
+    });
+    sleep_until(started + 3 * INTERVAL);
+    let fds = child.open_fds();
+    assert!(
+        fds < 300,
+        "{fds} descriptors open with {BACKENDS} hung probes:\n{}",
+        child.stderr()
+    );
+    let mut c = client(target);
+    round_trip(&mut c, b"a client among a thousand hung probes");
 }
