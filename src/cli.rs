@@ -27,9 +27,11 @@ pub struct Args {
     #[arg(short, long = "listen", value_name = "ADDR", required = true, value_parser = parse_addr)]
     pub listen: Vec<SocketAddr>,
 
-    /// A backend, optionally weighted 1..=256 (repeatable)
+    /// A backend, optionally weighted 1..=256 (repeatable; at least one --backend,
+    /// --backends-file or --backend-dns is required)
+    // Not `required_unless_present_any`: `Config::validate` says which three flags can give
+    // backends, where clap would name only this one.
     #[arg(short, long = "backend", value_name = "HOST:PORT[,weight=N]",
-          required_unless_present_any = ["backends_file", "backend_dns"],
           value_parser = parse_backend)]
     pub backend: Vec<BackendSpec>,
 
@@ -44,7 +46,8 @@ pub struct Args {
     pub backend_dns: Vec<DnsName>,
 
     /// How often --backend-dns names are resolved again
-    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub dns_interval: Duration,
 
     /// least-conn, source-hash (aliases ip-hash, source) or round-robin
@@ -52,7 +55,8 @@ pub struct Args {
           value_parser = parse_algorithm)]
     pub algorithm: Algorithm,
 
-    /// Event-loop threads, each with its own SO_REUSEPORT listener [default: number of cores]
+    /// Event-loop threads, each with its own SO_REUSEPORT listener (more than twice the cores
+    /// is warned about) [default: number of cores]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
 
@@ -61,7 +65,8 @@ pub struct Args {
     pub relay: RelayMode,
 
     /// Time allowed to establish the backend connection
-    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub connect_timeout: Duration,
 
     /// Other backends tried when a connect fails, before the client is closed
@@ -69,7 +74,8 @@ pub struct Args {
     pub retries: u32,
 
     /// Close a connection with no bytes in either direction for this long; 0 disables
-    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub idle_timeout: Duration,
 
     /// Close a connection whose backend has not answered the client's bytes with a single
@@ -79,7 +85,8 @@ pub struct Args {
     pub backend_timeout: Duration,
 
     /// TCP keepalive idle time on both sockets; 0 disables
-    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub tcp_keepalive: Duration,
 
     /// Global cap on live connections; at the cap new clients wait in the backlog. 0 = no cap
@@ -92,11 +99,13 @@ pub struct Args {
     pub backlog: i32,
 
     /// Time between two probes of the same backend
-    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub health_interval: Duration,
 
     /// Time one probe may take
-    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub health_timeout: Duration,
 
     /// tcp (a connect), websocket:/PATH (an upgrade answered 101), redis (PING answered
@@ -121,7 +130,8 @@ pub struct Args {
     pub observe_errors: u32,
 
     /// Ramp a backend that comes up from a small share to its full weight over DUR; 0 = off
-    #[arg(long, value_name = "DUR", default_value = "0", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "0", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub slow_start: Duration,
 
     /// Also apply --slow-start to every backend when holdfast starts
@@ -137,7 +147,8 @@ pub struct Args {
     pub max_connect_rate: u32,
 
     /// How long a client may wait for a backend with room before it is closed
-    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub queue_timeout: Duration,
 
     /// Most clients waiting for room at once; beyond it a client is closed at once
@@ -145,15 +156,18 @@ pub struct Args {
     pub max_queue: usize,
 
     /// On SIGTERM/SIGINT, how long sessions may end on their own before the rest are closed
-    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub drain_timeout: Duration,
 
     /// Sessions still open after a drain timeout are closed evenly over this long
-    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub close_spread: Duration,
 
     /// A drained backend's remaining sessions are closed (spread out) after DUR [default: never]
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub backend_drain_timeout: Option<Duration>,
 
     /// Log one line per session when it closes (client, listener, backend, duration, bytes,
@@ -166,8 +180,8 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     pub admin: Option<SocketAddr>,
 
-    /// error, warn, info, debug or trace (RUST_LOG, if set, refines it)
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    /// off, error, warn, info, debug or trace (RUST_LOG, if set, refines it)
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: log::LevelFilter,
 }
 
@@ -219,12 +233,22 @@ fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-/// `500ms`, `2s`, `1h`, `1h 30m`; a bare `0` means zero.
+/// `500ms`, `2s`, `1h`, `1h 30m`; a bare `0` means zero. A pure function of its input.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
+    // The duration flags take values that start with '-' (clap would otherwise read `-1s` as
+    // an unknown flag `-1`), so that this can say what is wrong with them.
+    if s.trim_start().starts_with('-') {
+        return Err("a duration cannot be negative (expected e.g. 500ms, 2s, 1h)".into());
+    }
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 500ms, 2s, 1h)"))
+}
+
+fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse()
+        .map_err(|_| "expected off, error, warn, info, debug or trace".to_string())
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {

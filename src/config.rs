@@ -4,6 +4,7 @@
 //! looks at raw flags. Every value here has already been checked, so the data plane never has
 //! to report a configuration error.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -48,6 +49,18 @@ impl FromStr for BackendSpec {
 
     /// `HOST:PORT[,weight=N]`. A host name is resolved once, here; the first address wins.
     fn from_str(s: &str) -> Result<BackendSpec, ConfigError> {
+        BackendSpec::parse_with(s, &system_lookup)
+    }
+}
+
+/// Finds the address of a host name (`HOST`, `PORT`): the system resolver, or a stand-in
+/// where the parse must stay a pure function (property tests, fuzzing).
+pub type Lookup = dyn Fn(&str, u16) -> Result<SocketAddr, String>;
+
+impl BackendSpec {
+    /// `HOST:PORT[,weight=N]`, with `lookup` asked for the address of a host name (an IP
+    /// address is never looked up). With a pure `lookup` this is a pure function.
+    pub fn parse_with(s: &str, lookup: &Lookup) -> Result<BackendSpec, ConfigError> {
         let bad = |why: &str| ConfigError::Backend {
             value: s.to_string(),
             why: why.to_string(),
@@ -57,7 +70,10 @@ impl FromStr for BackendSpec {
         if addr_part.is_empty() {
             return Err(bad("expected HOST:PORT"));
         }
-        let addr = resolve(addr_part).map_err(|why| bad(&why))?;
+        let addr = resolve_with(addr_part, lookup).map_err(|why| bad(&why))?;
+        if addr.port() == 0 {
+            return Err(bad("port 0 cannot be connected to (expected 1-65535)"));
+        }
         let mut weight = 1;
         for opt in parts {
             let (key, value) = opt
@@ -81,6 +97,11 @@ impl FromStr for BackendSpec {
 
 /// Resolves `HOST:PORT` (or `[v6]:PORT`) to one socket address.
 pub fn resolve(s: &str) -> Result<SocketAddr, String> {
+    resolve_with(s, &system_lookup)
+}
+
+/// Like [`resolve`], with `lookup` asked for the address of a host name.
+pub fn resolve_with(s: &str, lookup: &Lookup) -> Result<SocketAddr, String> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return Ok(addr);
     }
@@ -88,8 +109,13 @@ pub fn resolve(s: &str) -> Result<SocketAddr, String> {
     if host.is_empty() {
         return Err("missing host".into());
     }
-    port.parse::<u16>().map_err(|_| "port must be 0-65535")?;
-    let mut addrs = s
+    let port = port.parse::<u16>().map_err(|_| "port must be 0-65535")?;
+    lookup(host, port)
+}
+
+/// The system resolver (`getaddrinfo`); the first address wins.
+pub fn system_lookup(host: &str, port: u16) -> Result<SocketAddr, String> {
+    let mut addrs = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve '{host}': {e}"))?;
     addrs
@@ -563,18 +589,30 @@ impl Config {
                 "--workers must be from 1 to 1024".into(),
             ));
         }
-        if let Some(b) = self
-            .backends
-            .iter()
-            .find(|b| !(1..=MAX_WEIGHT).contains(&b.weight))
-        {
-            return Err(ConfigError::Invalid(format!(
-                "backend {}: weight must be from 1 to {MAX_WEIGHT}",
-                b.addr
-            )));
+        let mut listening = HashSet::with_capacity(self.listen.len());
+        for addr in &self.listen {
+            // Port 0 twice is two different free ports; any other address twice is a mistake.
+            if addr.port() != 0 && !listening.insert(addr) {
+                return Err(ConfigError::Invalid(format!(
+                    "--listen {addr} is given twice"
+                )));
+            }
         }
-        for (i, b) in self.backends.iter().enumerate() {
-            if self.backends[..i].iter().any(|o| o.addr == b.addr) {
+        let mut seen = HashSet::with_capacity(self.backends.len());
+        for b in &self.backends {
+            if !(1..=MAX_WEIGHT).contains(&b.weight) {
+                return Err(ConfigError::Invalid(format!(
+                    "backend {}: weight must be from 1 to {MAX_WEIGHT}",
+                    b.addr
+                )));
+            }
+            if b.addr.port() == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "backend {}: port 0 cannot be connected to",
+                    b.addr
+                )));
+            }
+            if !seen.insert(b.addr) {
                 return Err(ConfigError::Invalid(format!(
                     "backend {} is listed twice",
                     b.addr
@@ -589,18 +627,18 @@ impl Config {
         if self.backlog <= 0 {
             return Err(ConfigError::Invalid("--backlog must be at least 1".into()));
         }
+        // Checked with or without probes: without them, `rise × interval` is how long a
+        // backend taken down by passive detection waits before it is retried.
         let h = &self.health;
-        if h.check != HealthCheck::None {
-            if h.interval.is_zero() || h.timeout.is_zero() {
-                return Err(ConfigError::Invalid(
-                    "--health-interval and --health-timeout must be greater than 0".into(),
-                ));
-            }
-            if h.rise == 0 || h.fall == 0 {
-                return Err(ConfigError::Invalid(
-                    "--rise and --fall must be at least 1".into(),
-                ));
-            }
+        if h.interval.is_zero() || h.timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--health-interval and --health-timeout must be greater than 0".into(),
+            ));
+        }
+        if h.rise == 0 || h.fall == 0 {
+            return Err(ConfigError::Invalid(
+                "--rise and --fall must be at least 1".into(),
+            ));
         }
         if self.limits.queue_timeout.is_zero() {
             return Err(ConfigError::Invalid(
@@ -610,6 +648,25 @@ impl Config {
         Ok(())
     }
 }
+
+impl Config {
+    /// What is allowed but probably a mistake, one line each, for the log at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let cores = default_workers();
+        if self.workers > WORKERS_PER_CORE_WARNING * cores {
+            warnings.push(format!(
+                "--workers {} is far above the {cores} core(s) holdfast may run on: workers \
+                 beyond one per core only take turns on the same cores",
+                self.workers
+            ));
+        }
+        warnings
+    }
+}
+
+/// More workers than this many per core are warned about.
+const WORKERS_PER_CORE_WARNING: usize = 2;
 
 /// One worker per core.
 pub fn default_workers() -> usize {
@@ -645,6 +702,26 @@ mod tests {
                 "{bad:?} should be rejected"
             );
         }
+    }
+
+    #[test]
+    fn port_zero_and_a_listen_address_twice_are_rejected() {
+        let err = "127.0.0.1:0"
+            .parse::<BackendSpec>()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port 0"), "{err}");
+        let listen: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let backend = BackendSpec::new("127.0.0.1:1".parse().unwrap());
+        let mut c = Config::new(vec![listen, listen], vec![backend]);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("twice"), "{err}");
+        c.listen = vec!["127.0.0.1:0".parse().unwrap(); 2];
+        assert!(c.validate().is_ok(), "port 0 twice is two free ports");
+        // The library is checked as the flags are.
+        c.backends = vec![BackendSpec::new("127.0.0.1:0".parse().unwrap())];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("port 0"), "{err}");
     }
 
     #[test]

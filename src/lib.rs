@@ -87,6 +87,9 @@ impl Holdfast {
     /// if a listener cannot be bound.
     pub fn start(mut config: Config) -> Result<Holdfast, StartError> {
         config.validate()?;
+        for warning in config.warnings() {
+            log::warn!("{warning}");
+        }
         let sources = Sources::load(
             config.backends.clone(),
             config.backends_file.clone(),

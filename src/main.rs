@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use crossbeam_channel::TrySendError;
 use holdfast::cli::Args;
 use holdfast::{Holdfast, StartError};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -41,6 +42,28 @@ fn main() -> ExitCode {
         Err(e @ StartError::Config(_)) => return fail(EXIT_USAGE, &e),
         Err(e) => return fail(EXIT_RUNTIME, &e),
     };
+    // SIGHUP reloads on a thread of its own, so that a reload that takes long (a large file,
+    // a slow host-name lookup) never delays SIGTERM. SIGHUPs that arrive while a reload is
+    // pending are folded into it: the pending reload reads the file as it is by then.
+    let (reload_tx, reload_rx) = crossbeam_channel::bounded::<()>(1);
+    let control = balancer.controller().clone();
+    let reloader = std::thread::Builder::new()
+        .name("holdfast-reload".into())
+        .spawn(move || {
+            for () in reload_rx {
+                match control.reload() {
+                    Ok(()) => log::info!("SIGHUP: backends reloaded"),
+                    Err(e) => log::error!("SIGHUP: reload failed, backends unchanged: {e}"),
+                }
+            }
+        });
+    if let Err(e) = reloader {
+        balancer.shutdown();
+        return fail(
+            EXIT_RUNTIME,
+            &format!("cannot start the reload thread: {e}"),
+        );
+    }
     // The first SIGTERM/SIGINT drains: listeners close at once, sessions end on their own
     // until --drain-timeout, the rest are closed spread over --close-spread. A second one
     // closes everything now.
@@ -51,9 +74,9 @@ fn main() -> ExitCode {
             let mut draining = false;
             for signal in signals.forever() {
                 if signal == SIGHUP {
-                    match control.reload() {
-                        Ok(()) => log::info!("SIGHUP: backends reloaded"),
-                        Err(e) => log::error!("SIGHUP: reload failed, backends unchanged: {e}"),
+                    // Full: a reload is pending already and will see the file as it is now.
+                    if let Err(TrySendError::Disconnected(())) = reload_tx.try_send(()) {
+                        log::error!("SIGHUP: the reload thread is gone; not reloaded");
                     }
                     continue;
                 }

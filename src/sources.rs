@@ -7,13 +7,15 @@
 //! start), removed ones drain and leave once empty, changed weights apply to new connections.
 //! Listeners and live sessions are never touched by a reload.
 
+use std::collections::HashSet;
 use std::fmt;
-use std::io;
+use std::fs::OpenOptions;
+use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::BackendSpec;
+use crate::config::{self, BackendSpec, Lookup};
 
 /// Resolves a host name to addresses. The system resolver (`getaddrinfo`, which reads
 /// `/etc/hosts` and then DNS) unless a test supplies its own.
@@ -69,7 +71,10 @@ impl std::str::FromStr for DnsName {
         }
         let port = port
             .parse()
-            .map_err(|_| "port must be 0-65535".to_string())?;
+            .map_err(|_| "port must be 1-65535".to_string())?;
+        if port == 0 {
+            return Err("port 0 cannot be connected to (expected 1-65535)".into());
+        }
         Ok(DnsName {
             host: host.to_string(),
             port,
@@ -83,22 +88,102 @@ impl fmt::Display for DnsName {
     }
 }
 
+/// The largest backends file holdfast reads: 16 MiB (over half a million lines). A larger
+/// one is refused like an invalid one.
+pub const MAX_BACKENDS_FILE_BYTES: u64 = 16 << 20;
+
 /// Reads a backends file: one `HOST:PORT[,weight=N]` per line; blank lines and everything
-/// after a `#` are ignored. The error names the file and line.
+/// after a `#` are ignored. The error names the file and line. Only a regular file of at most
+/// [`MAX_BACKENDS_FILE_BYTES`] is read, and opening it never blocks (a FIFO would wait for a
+/// writer; a device such as `/dev/zero` would be read without end).
 pub fn read_backends_file(path: &Path) -> Result<Vec<BackendSpec>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    parse_backends(&text).map_err(|(line, why)| format!("{}:{line}: {why}", path.display()))
+    let text = read_regular_file(path, MAX_BACKENDS_FILE_BYTES)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_backends(&text, &config::system_lookup)
+        .map_err(|(line, why)| format!("{}:{line}: {why}", path.display()))
 }
 
-fn parse_backends(text: &str) -> Result<Vec<BackendSpec>, (usize, String)> {
+/// The text of the regular file at `path`, if it holds at most `cap` bytes.
+fn read_regular_file(path: &Path, cap: u64) -> io::Result<String> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    // Opening a FIFO for reading waits for a writer, unless non-blocking: then it returns at
+    // once, and the file type check below refuses it. A regular file ignores the flag.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not a regular file ({})", file_kind(&meta)),
+        ));
+    }
+    let too_large = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {} MiB", cap >> 20),
+        )
+    };
+    if meta.len() > cap {
+        return Err(too_large());
+    }
+    // The length can change between fstat and read: never read more than the cap anyway.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(cap + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(too_large());
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })
+}
+
+/// What a file that is not a regular file is, for the error message.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    if meta.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    "not a file"
+}
+
+/// Parses the text of a backends file, with `lookup` asked for the address of each host name
+/// (see [`BackendSpec::parse_with`]): a pure function when `lookup` is one. The error is the
+/// line number (from 1) and why.
+pub fn parse_backends(text: &str, lookup: &Lookup) -> Result<Vec<BackendSpec>, (usize, String)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut specs: Vec<BackendSpec> = Vec::new();
+    let mut seen = HashSet::new();
     for (i, line) in text.lines().enumerate() {
         let entry = line.split('#').next().unwrap_or_default().trim();
         if entry.is_empty() {
             continue;
         }
-        let spec: BackendSpec = entry.parse().map_err(|e| (i + 1, format!("{e}")))?;
-        if specs.iter().any(|s| s.addr == spec.addr) {
+        let spec = BackendSpec::parse_with(entry, lookup).map_err(|e| (i + 1, format!("{e}")))?;
+        if !seen.insert(spec.addr) {
             return Err((i + 1, format!("backend {} is listed twice", spec.addr)));
         }
         specs.push(spec);
@@ -194,18 +279,13 @@ impl Sources {
     /// The union in force: flags, then the file, then the names; the first entry for an
     /// address wins.
     pub fn backends(&self) -> Vec<BackendSpec> {
-        let mut out: Vec<BackendSpec> = Vec::new();
         let all = self
             .fixed
             .iter()
             .chain(&self.file_specs)
             .chain(self.dns_specs.iter().flatten());
-        for spec in all {
-            if !out.iter().any(|s| s.addr == spec.addr) {
-                out.push(spec.clone());
-            }
-        }
-        out
+        let mut seen = HashSet::new();
+        all.filter(|spec| seen.insert(spec.addr)).cloned().collect()
     }
 }
 
@@ -213,16 +293,23 @@ impl Sources {
 mod tests {
     use super::*;
 
+    fn no_names(host: &str, _port: u16) -> Result<SocketAddr, String> {
+        Err(format!("'{host}' is not looked up in this test"))
+    }
+
     #[test]
     fn file_format_comments_and_errors() {
-        let specs =
-            parse_backends("# pool A\n127.0.0.1:80\n\n  127.0.0.2:80,weight=3  # heavy\n").unwrap();
+        let specs = parse_backends(
+            "# pool A\n127.0.0.1:80\n\n  127.0.0.2:80,weight=3  # heavy\n",
+            &no_names,
+        )
+        .unwrap();
         assert_eq!(specs.len(), 2);
         assert_eq!(specs[1].weight, 3);
-        let (line, why) = parse_backends("127.0.0.1:80\n# ok\nbogus\n").unwrap_err();
+        let (line, why) = parse_backends("127.0.0.1:80\n# ok\nbogus\n", &no_names).unwrap_err();
         assert_eq!(line, 3);
         assert!(why.contains("bogus"), "{why}");
-        let (line, why) = parse_backends("127.0.0.1:80\n127.0.0.1:80\n").unwrap_err();
+        let (line, why) = parse_backends("127.0.0.1:80\n127.0.0.1:80\n", &no_names).unwrap_err();
         assert_eq!(line, 2);
         assert!(why.contains("twice"), "{why}");
     }

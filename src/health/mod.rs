@@ -5,10 +5,11 @@
 //!
 //! - **active probes**: every `--health-interval`, each backend is probed (a TCP connect, a
 //!   WebSocket upgrade that must be answered `101`, or a send/expect exchange) with
-//!   `--health-timeout`. All probes run
-//!   concurrently on this thread's own `mio::Poll`, so one backend that never answers cannot
-//!   delay the others. Probe start times are spread over the interval with a little jitter, so
-//!   a large pool is not probed in one burst. `--rise` consecutive successes bring a down
+//!   `--health-timeout`. Probes run concurrently on this thread's own `mio::Poll`, so one
+//!   backend that never answers cannot delay the others; at most [`MAX_PROBES_IN_FLIGHT`] at
+//!   once, the rest waiting in a queue ordered by due time, so a large pool cannot take every
+//!   descriptor. Probe start times are spread over the interval with a little jitter, so a
+//!   large pool is not probed in one burst. `--rise` consecutive successes bring a down
 //!   backend up, `--fall` consecutive failures take an up backend down (HAProxy's defaults).
 //!   Backends start up and are confirmed by the first probes.
 //! - **passive detection**: workers count failures seen on real traffic in the backend's shared
@@ -28,7 +29,8 @@
 
 mod probe;
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -52,6 +54,16 @@ const SLOW_START_FLOOR: u32 = 20;
 const SLOW_START_STEPS: u32 = 32;
 /// How often a removed backend is checked for its last session having ended.
 const LEAVER_RECHECK: Duration = Duration::from_millis(100);
+/// Most probes in flight at once, each holding a socket until it ends or times out. Probes
+/// due beyond it wait for a slot, the longest overdue first: a pool of thousands of backends
+/// that do not answer must not take the descriptors clients need.
+const MAX_PROBES_IN_FLIGHT: usize = 256;
+/// A set changed by probes or passive detection is published at most this often, plus
+/// [`PUBLISH_GAP_PER_BACKEND`] per backend: building and sending a set costs time in its size,
+/// and a large pool whose backends change state one by one would otherwise be rebuilt
+/// hundreds of times a second. Operators' changes and new lists are published at once.
+const PUBLISH_GAP: Duration = Duration::from_millis(10);
+const PUBLISH_GAP_PER_BACKEND: Duration = Duration::from_micros(1);
 
 /// Messages to the health thread.
 pub enum Command {
@@ -137,8 +149,13 @@ pub struct Health {
     leaving: Vec<BackendSpec>,
     tracked: HashMap<SocketAddr, Tracked>,
     probes: Slab<Probe>,
+    /// When each backend without a probe in flight is due for one, soonest first. An entry
+    /// whose time is not its backend's `next_probe` (or whose backend is gone, leaving, or
+    /// being probed) is stale and skipped. Kept only when probing.
+    due: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
     /// A new set must be published (a state changed).
     dirty: bool,
+    last_publish: Instant,
     next_ramp_publish: Option<Instant>,
     rng: u64,
 }
@@ -155,7 +172,7 @@ impl Health {
         let ramp_from =
             (config.health.slow_start.is_some() && config.health.slow_start_on_boot).then_some(now);
         let n = config.backends.len().max(1) as u32;
-        let tracked = config
+        let tracked: HashMap<SocketAddr, Tracked> = config
             .backends
             .iter()
             .enumerate()
@@ -178,12 +195,22 @@ impl Health {
             commands: rx,
             workers: Vec::new(),
             current: Arc::clone(&current),
+            due: BinaryHeap::new(),
             tracked,
             probes: Slab::new(),
             dirty: false,
+            last_publish: now,
             next_ramp_publish: None,
             rng: u64::from(std::process::id()) | 1,
         };
+        let due: Vec<(SocketAddr, Instant)> = health
+            .tracked
+            .iter()
+            .map(|(a, t)| (*a, t.next_probe))
+            .collect();
+        for (addr, at) in due {
+            health.queue_probe(addr, at);
+        }
         // Apply the boot ramp's starting weights before any worker sees the set.
         if ramp_from.is_some() {
             health.publish(now);
@@ -224,7 +251,7 @@ impl Health {
             self.recover_unprobed(now);
             self.drain_deadlines(now);
             self.forget_empty_leavers();
-            if self.dirty || self.next_ramp_publish.is_some_and(|at| at <= now) {
+            if self.publish_due(now) || self.next_ramp_publish.is_some_and(|at| at <= now) {
                 self.publish(now);
             }
         }
@@ -264,20 +291,24 @@ impl Health {
                     t.leaving = false;
                     t.drained = false;
                     t.close_at = None;
+                    let at = t.next_probe;
+                    self.queue_probe(spec.addr, at);
                 }
                 Some(_) => {}
                 None => {
                     log::info!("backend {} added", spec.addr);
-                    self.tracked
-                        .insert(spec.addr, Tracked::up(now + interval * i as u32 / n, ramp));
+                    let at = now + interval * i as u32 / n;
+                    self.tracked.insert(spec.addr, Tracked::up(at, ramp));
+                    self.queue_probe(spec.addr, at);
                 }
             }
         }
+        let listed: HashSet<SocketAddr> = specs.iter().map(|s| s.addr).collect();
         let removed: Vec<BackendSpec> = self
             .specs
             .iter()
             .chain(&self.leaving)
-            .filter(|old| !specs.iter().any(|s| s.addr == old.addr))
+            .filter(|old| !listed.contains(&old.addr))
             .cloned()
             .collect();
         for spec in &removed {
@@ -356,16 +387,22 @@ impl Health {
             return;
         }
         let current = self.current_set();
+        let current = current.by_addr();
         let before = self.leaving.len();
         self.leaving.retain(|spec| {
             current
-                .find(spec.addr)
+                .get(&spec.addr)
                 .is_some_and(|b| b.stats.active.load(Relaxed) > 0)
         });
         if self.leaving.len() != before {
-            let (specs, leaving) = (&self.specs, &self.leaving);
+            let listed: HashSet<SocketAddr> = self
+                .specs
+                .iter()
+                .chain(&self.leaving)
+                .map(|s| s.addr)
+                .collect();
             self.tracked.retain(|addr, _| {
-                let keep = specs.iter().chain(leaving).any(|s| s.addr == *addr);
+                let keep = listed.contains(addr);
                 if !keep {
                     log::info!("backend {addr} has no sessions left and leaves the set");
                 }
@@ -418,18 +455,32 @@ impl Health {
         if self.config.health.check == HealthCheck::None {
             return;
         }
+        let room = MAX_PROBES_IN_FLIGHT.saturating_sub(self.probes.len());
+        if room == 0 {
+            return;
+        }
         let interval = self.config.health.interval;
-        let due: Vec<SocketAddr> = self
-            .tracked
-            .iter()
-            .filter(|(_, t)| !t.leaving && t.probe.is_none() && t.next_probe <= now)
-            .map(|(addr, _)| *addr)
-            .collect();
-        for addr in due {
+        let mut started = 0;
+        while started < room {
+            let Some(&Reverse((at, addr))) = self.due.peek() else {
+                break;
+            };
+            if at > now {
+                break;
+            }
+            self.due.pop();
+            let current = self
+                .tracked
+                .get(&addr)
+                .is_some_and(|t| !t.leaving && t.probe.is_none() && t.next_probe == at);
+            if !current {
+                continue;
+            }
+            started += 1;
             let jitter = self.jitter(interval);
             let key = self.probes.vacant_entry().key();
             let token = Token(key + 1);
-            let started = Probe::start(
+            let probe = Probe::start(
                 addr,
                 &self.config.health.check,
                 now + self.config.health.timeout,
@@ -439,8 +490,9 @@ impl Health {
             let Some(t) = self.tracked.get_mut(&addr) else {
                 continue;
             };
-            t.next_probe = now + interval + jitter;
-            match started {
+            let next = now + interval + jitter;
+            t.next_probe = next;
+            match probe {
                 Ok(probe) => {
                     let inserted = self.probes.insert(probe);
                     debug_assert_eq!(inserted, key, "the probe's token names its slab key");
@@ -449,9 +501,11 @@ impl Health {
                 // Out of descriptors is our problem, not the backend's: try next time.
                 Err(e) if is_resource_exhaustion(&e) => {
                     log::warn!("cannot probe {addr}: {e}");
+                    self.queue_probe(addr, next);
                 }
                 Err(e) => {
                     log::debug!("probe of {addr} failed at once: {e}");
+                    self.queue_probe(addr, next);
                     self.record(addr, false, now);
                 }
             }
@@ -502,8 +556,17 @@ impl Health {
     fn finish_probe(&mut self, probe: Probe, ok: bool, now: Instant) {
         if let Some(t) = self.tracked.get_mut(&probe.addr) {
             t.probe = None;
+            let at = t.next_probe;
+            self.queue_probe(probe.addr, at);
         }
         self.record(probe.addr, ok, now);
+    }
+
+    /// `addr` is due for a probe `at` (pushed whenever it has no probe in flight).
+    fn queue_probe(&mut self, addr: SocketAddr, at: Instant) {
+        if self.config.health.check != HealthCheck::None {
+            self.due.push(Reverse((at, addr)));
+        }
     }
 
     fn record(&mut self, addr: SocketAddr, ok: bool, now: Instant) {
@@ -541,16 +604,24 @@ impl Health {
     /// every worker.
     fn publish(&mut self, now: Instant) {
         let previous = self.current_set();
+        // Backends are mostly where they were in the last set; the map is built only if not.
+        let mut previous_by_addr = None;
         let slow_start = self.config.health.slow_start;
         let mut ramping = false;
         let backends = self
             .specs
             .iter()
             .chain(&self.leaving)
-            .map(|spec| {
-                let stats = previous
-                    .find(spec.addr)
-                    .map_or_else(Default::default, |b| Arc::clone(&b.stats));
+            .enumerate()
+            .map(|(i, spec)| {
+                let before = match previous.backends.get(i) {
+                    Some(b) if b.spec.addr == spec.addr => Some(b),
+                    _ => previous_by_addr
+                        .get_or_insert_with(|| previous.by_addr())
+                        .get(&spec.addr)
+                        .copied(),
+                };
+                let stats = before.map_or_else(Default::default, |b| Arc::clone(&b.stats));
                 let mut spec = spec.clone();
                 let tracked = self.tracked.get_mut(&spec.addr);
                 if let Some(w) = tracked.as_ref().and_then(|t| t.weight) {
@@ -587,6 +658,7 @@ impl Health {
             w.send(Control::Backends(Arc::clone(&set)));
         }
         self.dirty = false;
+        self.last_publish = now;
         self.next_ramp_publish = match (ramping, slow_start) {
             (true, Some(window)) => {
                 Some(now + (window / SLOW_START_STEPS).max(Duration::from_millis(10)))
@@ -595,25 +667,46 @@ impl Health {
         };
     }
 
+    /// When a set changed by probes or passive detection is published.
+    fn publish_at(&self) -> Option<Instant> {
+        let size = self.specs.len() + self.leaving.len();
+        let gap = PUBLISH_GAP + PUBLISH_GAP_PER_BACKEND * size.try_into().unwrap_or(u32::MAX);
+        self.dirty.then_some(self.last_publish + gap)
+    }
+
+    fn publish_due(&self, now: Instant) -> bool {
+        self.publish_at().is_some_and(|at| at <= now)
+    }
+
     /// When the loop must wake up even without events.
     fn next_deadline(&self) -> Option<Instant> {
         let probing = self.config.health.check != HealthCheck::None;
+        // With every probe slot taken, a due probe waits for a probe to end (an event, or its
+        // deadline below), not for its own due time, which has passed.
+        let slots_free = self.probes.len() < MAX_PROBES_IN_FLIGHT;
+        let next_probe = (probing && slots_free)
+            .then(|| self.due.peek().map(|Reverse((at, _))| *at))
+            .flatten();
         let retry_after = self.config.health.interval * self.config.health.rise;
-        let tracked = self.tracked.values().filter_map(|t| {
-            if probing {
-                t.probe.is_none().then_some(t.next_probe)
-            } else {
-                t.down_since.map(|d| d + retry_after)
-            }
-        });
+        let retry = if probing {
+            None
+        } else {
+            self.tracked
+                .values()
+                .filter_map(|t| t.down_since.map(|d| d + retry_after))
+                .min()
+        };
         let probes = self.probes.iter().map(|(_, p)| p.deadline);
         let closes = self.tracked.values().filter_map(|t| t.close_at);
         // A removed backend is looked at now and then, to see whether its last session ended.
         let leavers = (!self.leaving.is_empty()).then(|| Instant::now() + LEAVER_RECHECK);
-        tracked
+        next_probe
+            .into_iter()
+            .chain(retry)
             .chain(probes)
             .chain(closes)
             .chain(leavers)
+            .chain(self.publish_at())
             .chain(self.next_ramp_publish)
             .min()
     }

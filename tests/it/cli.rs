@@ -188,3 +188,130 @@ fn relays_and_exits_cleanly_on_sigterm() {
         "the drained session ended with {how:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Values that used to be accepted silently, and errors that did not say enough
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn rise_fall_and_probe_timing_are_checked_even_without_probes() {
+    // Without probes, --rise and --health-interval still time the retry of a backend taken
+    // down by passive detection: --rise 0 brought it straight back.
+    let (_closed, b) = backend_arg();
+    for (flag, value) in [
+        ("--rise", "0"),
+        ("--fall", "0"),
+        ("--health-interval", "0"),
+        ("--health-timeout", "0"),
+    ] {
+        usage_error(
+            &[
+                "-l",
+                "127.0.0.1:0",
+                "-b",
+                &b,
+                "--health-check",
+                "none",
+                flag,
+                value,
+            ],
+            flag,
+        );
+    }
+}
+
+#[test]
+fn backend_port_zero_is_a_usage_error() {
+    usage_error(&["-l", "127.0.0.1:0", "-b", "127.0.0.1:0"], "port 0");
+    usage_error(
+        &["-l", "127.0.0.1:0", "--backend-dns", "localhost:0"],
+        "port 0",
+    );
+    let file = TempFile::new(
+        "backends",
+        "# one good, one not\n127.0.0.1:9\n127.0.0.1:0\n",
+    );
+    let path = file.path().to_str().unwrap();
+    let err = usage_error(&["-l", "127.0.0.1:0", "--backends-file", path], "port 0");
+    assert!(
+        err.contains(&format!("{path}:3")),
+        "the error does not name {path}:3:\n{err}"
+    );
+}
+
+#[test]
+fn the_same_listen_address_twice_is_a_usage_error() {
+    // A port nobody listens on: were the duplicate not caught, the bind would fail instead
+    // (exit 1), or both listeners would share the port.
+    let (_closed, b) = backend_arg();
+    let (_listen, l) = backend_arg();
+    usage_error(&["-l", &l, "-l", &l, "-b", &b], "twice");
+}
+
+#[test]
+fn a_negative_duration_says_so() {
+    let (_closed, b) = backend_arg();
+    let err = usage_error(
+        &["-l", "127.0.0.1:0", "-b", &b, "--connect-timeout", "-1s"],
+        "--connect-timeout",
+    );
+    let line = err.lines().next().unwrap_or_default();
+    assert!(
+        line.contains("-1s") && line.contains("negative"),
+        "the error does not say that '-1s' is negative:\n{err}"
+    );
+}
+
+#[test]
+fn a_bad_log_level_lists_the_valid_ones() {
+    let (_closed, b) = backend_arg();
+    let err = usage_error(
+        &["-l", "127.0.0.1:0", "-b", &b, "--log-level", "loud"],
+        "loud",
+    );
+    let line = err.lines().next().unwrap_or_default();
+    for level in ["off", "error", "warn", "info", "debug", "trace"] {
+        assert!(
+            line.contains(level),
+            "the error does not list {level}:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn no_backend_source_names_all_three() {
+    let err = usage_error(&["-l", "127.0.0.1:0"], "--backend");
+    let line = err.lines().next().unwrap_or_default();
+    for flag in ["--backends-file", "--backend-dns"] {
+        assert!(
+            line.contains(flag),
+            "the error does not name {flag}:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn far_more_workers_than_cores_is_warned_about() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = (2 * cores + 1).to_string();
+    let echo = EchoBackend::start();
+    let b = echo.addr().to_string();
+    let mut child = Child::spawn(&["-b", &b, "--workers", &workers]);
+    wait_until_ok(Duration::from_secs(5), || {
+        let err = child.stderr();
+        if err
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("--workers") && l.contains(&workers))
+        {
+            Ok(())
+        } else {
+            Err(format!("no warning about --workers {workers}:\n{err}"))
+        }
+    });
+    // It is a warning, not an error: holdfast runs.
+    let mut c = client(child.addr());
+    round_trip(&mut c, b"many workers");
+    drop(c);
+    let status = child.signal_and_wait(libc::SIGTERM, Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0), "{}", child.stderr());
+}

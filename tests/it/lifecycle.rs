@@ -1,5 +1,6 @@
 //! Lifecycle: the graceful drain (on SIGTERM, and through the library), draining one backend,
-//! reloading the backends file on SIGHUP, following a DNS name, and the session log.
+//! reloading the backends file on SIGHUP, following a DNS name, the session log, and the
+//! recipes of docs/operations.md.
 //!
 //! Every test checks what a user of holdfast sees on the wire (refused connects, echoes, EOFs
 //! and when they come), on stderr, or in the counters, so it fails if the feature breaks.
@@ -830,4 +831,70 @@ fn session_log_line_for_an_idle_timeout() {
     assert_eq!(log_field(&line, "bytes_backend_to_client"), "12", "{line}");
     let d = log_duration(&line);
     assert!(d >= 0.19, "duration={d}s for a 200ms idle timeout: {line}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The recipes in docs/operations.md
+// ---------------------------------------------------------------------------------------------
+
+/// The `/backends` JSON body, fetched with a plain HTTP/1.1 GET.
+fn backends_json(admin: SocketAddr) -> serde_json::Value {
+    let mut s = client(admin);
+    write!(
+        s,
+        "GET /backends HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write the request");
+    let mut raw = String::new();
+    io::Read::read_to_string(&mut s, &mut raw).expect("read the response");
+    let (_, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head in {raw:?}"));
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+}
+
+/// The field names (`.name`) a `jq '...'` filter in `text` reads.
+fn jq_fields(text: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    for filter in text.split("jq '").skip(1) {
+        let filter = filter.split('\'').next().unwrap_or_default();
+        // Without the string literals ("10.0.0.2:8080" is no field).
+        let code: String = filter.split('"').step_by(2).collect();
+        for part in code.split('.').skip(1) {
+            let name: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                fields.push(name);
+            }
+        }
+    }
+    fields
+}
+
+#[test]
+fn the_operations_guide_reads_fields_that_backends_json_has() {
+    let doc = include_str!("../../docs/operations.md");
+    let fields = jq_fields(doc);
+    assert!(
+        !fields.is_empty(),
+        "no jq filter found in docs/operations.md"
+    );
+    let echo = EchoBackend::start();
+    let mut cfg = config(&[echo.addr()]);
+    cfg.admin = Some(localhost0());
+    let lb = start_balancer(cfg);
+    let json = backends_json(lb.admin_addr().expect("admin endpoint configured"));
+    let backend = &json[0];
+    assert!(
+        backend.is_object(),
+        "/backends is not a list of objects: {json}"
+    );
+    for field in &fields {
+        assert!(
+            backend.get(field).is_some(),
+            "docs/operations.md reads .{field} with jq, but /backends has no such field: {backend}"
+        );
+    }
 }

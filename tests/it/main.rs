@@ -15,5 +15,6 @@ mod limits;
 mod pacing;
 mod relay;
 mod reliability;
+mod reload;
 mod retry;
 mod websocket;

@@ -1,0 +1,459 @@
+//! Reloading the backends file (the real binary, SIGHUP) when the file is not what it should
+//! be, when reloads come in a storm, and when it changes what an operator set at run time.
+//!
+//! A reload must never hang holdfast or eat its memory: whatever the path names, the error is
+//! logged, the backends in force stay, clients are served, and SIGTERM still stops the
+//! process with exit status 0.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::time::Duration;
+
+use crate::util::*;
+
+const STOP_WITHIN: Duration = Duration::from_secs(5);
+
+/// Sends SIGHUP and waits until stderr holds a line with every one of `want` in it.
+#[track_caller]
+fn sighup_until_logged(child: &Child, want: &[&str]) -> String {
+    sighup_until_logged_within(child, want, Duration::from_secs(5))
+}
+
+#[track_caller]
+fn sighup_until_logged_within(child: &Child, want: &[&str], within: Duration) -> String {
+    child.signal(libc::SIGHUP);
+    let mut found = String::new();
+    wait_until_ok(within, || {
+        let err = child.stderr();
+        match err.lines().find(|l| want.iter().all(|w| l.contains(w))) {
+            Some(line) => {
+                found = line.to_string();
+                Ok(())
+            }
+            None => Err(format!("no line with {want:?} on stderr:\n{err}")),
+        }
+    });
+    found
+}
+
+/// Starts the binary on a backends file naming one echo backend, lets `spoil` replace the
+/// file, sends SIGHUP, and checks that the reload fails with `why` in its log line while
+/// clients are still served, and that SIGTERM then stops holdfast at once with status 0.
+#[track_caller]
+fn reload_fails_and_changes_nothing(spoil: impl FnOnce(&Path), why: &str) {
+    let echo = EchoBackend::start();
+    let file = TempFile::new("backends", &format!("{}\n", echo.addr()));
+    let path = file.path().to_str().unwrap().to_string();
+    let mut child = Child::spawn(&[
+        "--backends-file",
+        &path,
+        "--health-check",
+        "none",
+        "--workers",
+        "1",
+        "--drain-timeout",
+        "1s",
+    ]);
+    spoil(file.path());
+    let line = sighup_until_logged(&child, &["reload failed", why]);
+    assert!(
+        line.contains(&path),
+        "the error does not name {path}: {line}"
+    );
+    let mut c = client(child.addr());
+    round_trip(&mut c, b"the backend in force before the reload");
+    drop(c);
+    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+}
+
+#[test]
+fn a_fifo_as_the_backends_file_does_not_hang_the_reload() {
+    reload_fails_and_changes_nothing(
+        |path| {
+            std::fs::remove_file(path).unwrap();
+            let made = Command::new("mkfifo")
+                .arg(path)
+                .status()
+                .expect("run mkfifo");
+            assert!(made.success(), "mkfifo {} failed", path.display());
+        },
+        "not a regular file",
+    );
+}
+
+#[test]
+fn a_symlink_to_dev_zero_is_not_read() {
+    reload_fails_and_changes_nothing(
+        |path| {
+            std::fs::remove_file(path).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", path).unwrap();
+        },
+        "not a regular file",
+    );
+}
+
+#[test]
+fn a_deleted_backends_file_fails_the_reload() {
+    reload_fails_and_changes_nothing(|path| std::fs::remove_file(path).unwrap(), "No such file");
+}
+
+#[test]
+fn a_backends_file_over_the_size_cap_is_not_read() {
+    reload_fails_and_changes_nothing(
+        |path| {
+            // Sparse: 17 MiB long, no disk used.
+            let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            f.set_len(17 << 20).unwrap();
+        },
+        "larger than 16 MiB",
+    );
+}
+
+/// Replaces the file's contents in one step (a rename), so a reload never reads half of it.
+fn replace(file: &TempFile, contents: &str) {
+    let tmp = file.path().with_extension("new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, file.path()).unwrap();
+}
+
+#[test]
+fn a_storm_of_sighups_while_clients_connect() {
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let both = format!("{}\n{}\n", a.addr(), b.addr());
+    let only_a = format!("{}\n", a.addr());
+    let file = TempFile::new("backends", &both);
+    let path = file.path().to_str().unwrap().to_string();
+    let mut child = Child::spawn(&[
+        "--backends-file",
+        &path,
+        "--health-check",
+        "none",
+        "--drain-timeout",
+        "1s",
+    ]);
+    let target = child.addr();
+
+    // Clients visit one after another for as long as the storm lasts; every visit must work.
+    let stop = Arc::new(AtomicBool::new(false));
+    let visiting = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(SeqCst) {
+                match visit_tagged("127.0.0.1", target, Duration::from_secs(5)) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    // 100 SIGHUPs in ten bursts of ten (one `kill` each), the file changing between bursts.
+    let pid = child.pid().to_string();
+    for burst in 0..10 {
+        replace(&file, if burst % 2 == 0 { &only_a } else { &both });
+        let sent = Command::new("kill")
+            .arg("-HUP")
+            .args(std::iter::repeat_n(&pid, 10))
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -HUP failed");
+    }
+    // The last burst left both backends in the file: once that is read, b takes clients again.
+    wait_until_ok(Duration::from_secs(10), || {
+        let tags = tags_of_new_clients(target, 4);
+        if count_tag(&tags, "b") > 0 {
+            Ok(())
+        } else {
+            Err(format!("no new client reached b after the storm: {tags:?}"))
+        }
+    });
+    stop.store(true, SeqCst);
+    let (ok, failed) = visiting.join().expect("the client thread");
+    assert!(
+        failed.is_empty(),
+        "{} of {} visits failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 0, "no client visited during the storm");
+    let err = child.stderr();
+    assert!(
+        err.lines().any(|l| l.contains("SIGHUP: backends reloaded")),
+        "no reload logged:\n{err}"
+    );
+    assert!(!err.contains("reload failed"), "a reload failed:\n{err}");
+
+    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+}
+
+/// `n` distinct backend lines that refuse connections (127.0.x.y, all on `closed`'s port,
+/// where nothing listens).
+fn refusing_lines(closed: &ClosedPort, n: usize) -> String {
+    let port = closed.addr().port();
+    (0..n)
+        .map(|i| {
+            format!(
+                "127.{}.{}.{}:{port}\n",
+                1 + i / 62_500,
+                i / 250 % 250,
+                1 + i % 250
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_backends_file_of_100k_lines_starts_and_reloads() {
+    const LINES: usize = 100_000;
+    let echo = EchoBackend::start();
+    let closed = closed_port();
+    // The echo backend's weight makes it least-conn's first choice over the idle others.
+    let contents = format!(
+        "{},weight=256\n{}",
+        echo.addr(),
+        refusing_lines(&closed, LINES - 1)
+    );
+    let file = TempFile::new("backends", &contents);
+    let path = file.path().to_str().unwrap().to_string();
+    // Child::spawn waits a bounded time for the port to accept: with a parse or a set build
+    // that is quadratic in the lines, it does not in time.
+    let mut child = Child::spawn(&[
+        "--backends-file",
+        &path,
+        "--health-check",
+        "none",
+        "--workers",
+        "1",
+    ]);
+    let mut c = client(child.addr());
+    round_trip(&mut c, b"one backend among 100k");
+    drop(c);
+    // A reload of the same size, one backend fewer.
+    let fewer: String = contents
+        .lines()
+        .take(LINES - 1)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    replace(&file, &fewer);
+    // Generous: a debug build on a loaded machine, not a measure of speed.
+    sighup_until_logged_within(
+        &child,
+        &["SIGHUP: backends reloaded"],
+        Duration::from_secs(30),
+    );
+    let mut c = client(child.addr());
+    round_trip(&mut c, b"after the reload");
+    drop(c);
+    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{status}"))
+}
+
+#[test]
+fn five_thousand_backends_cost_little_memory() {
+    let closed = closed_port();
+    let file = TempFile::new("backends", &refusing_lines(&closed, 5000));
+    let path = file.path().to_str().unwrap().to_string();
+    let mut child = Child::spawn(&[
+        "--backends-file",
+        &path,
+        "--health-check",
+        "none",
+        "--workers",
+        "1",
+    ]);
+    // Logged once the backend set is built and the workers run.
+    wait_until_ok(Duration::from_secs(10), || {
+        let err = child.stderr();
+        if err.contains("holdfast listening on") {
+            Ok(())
+        } else {
+            Err(format!("not started yet:\n{err}"))
+        }
+    });
+    // About 22 KB a backend (110 MB) before the connect-latency histograms were made small and
+    // allocated only when a backend gets its first connection.
+    let rss = rss_kib(child.pid());
+    assert!(
+        rss < 40 * 1024,
+        "{rss} KiB resident with 5000 idle backends"
+    );
+    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+}
+
+/// A port on every loopback address (a listener on 0.0.0.0) whose connects hang: its accept
+/// queue is full, so the kernel drops further SYNs (as [`BlackholeBackend`] does for one
+/// address). Any 127.x.y.z on this port is a backend that never answers a probe.
+struct BlackholePort {
+    _listener: socket2::Socket,
+    _fillers: Vec<socket2::Socket>,
+    port: u16,
+}
+
+impl BlackholePort {
+    fn start() -> BlackholePort {
+        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        listener
+            .bind(&SockAddr::from(
+                "0.0.0.0:0".parse::<std::net::SocketAddr>().unwrap(),
+            ))
+            .unwrap();
+        listener.listen(0).unwrap();
+        let port = listener.local_addr().unwrap().as_socket().unwrap().port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..8 {
+            let f = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+            f.set_nonblocking(true).unwrap();
+            let _ = f.connect(&SockAddr::from(addr)); // EINPROGRESS
+            fillers.push(f);
+            if fillers.len() < 2 {
+                continue;
+            }
+            if let Err(e) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                && e.kind() == std::io::ErrorKind::TimedOut
+            {
+                return BlackholePort {
+                    _listener: listener,
+                    _fillers: fillers,
+                    port,
+                };
+            }
+        }
+        panic!("could not make connects to port {port} hang by filling its accept queue");
+    }
+}
+
+/// The binary run by `sh` with the open-file limit lowered to `nofile`, listening on
+/// 127.0.0.1:0; killed on drop.
+struct LimitedChild {
+    child: std::process::Child,
+    stderr: std::path::PathBuf,
+}
+
+impl LimitedChild {
+    fn spawn(nofile: usize, args: &[&str]) -> LimitedChild {
+        let stderr = std::env::temp_dir().join(format!(
+            "holdfast-it-{}-limited-{nofile}-stderr",
+            std::process::id()
+        ));
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_holdfast"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn sh -c holdfast");
+        LimitedChild { child, stderr }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The address from the "listening on" line, once it is logged.
+    fn wait_listening(&mut self) -> std::net::SocketAddr {
+        let mut addr = None;
+        wait_until_ok(Duration::from_secs(10), || {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("holdfast exited with {status}:\n{}", self.stderr());
+            }
+            let err = self.stderr();
+            addr = err
+                .split("listening on ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse().ok());
+            addr.map(|_| ()).ok_or(format!("not listening yet:\n{err}"))
+        });
+        addr.expect("set when the wait succeeded")
+    }
+
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for LimitedChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
+#[test]
+fn probes_of_a_large_pool_leave_descriptors_for_clients() {
+    // 1000 backends that never answer a probe, each probe holding a socket for its whole
+    // timeout, and an open-file limit of 512: unless the probes in flight are capped, they
+    // take every descriptor and a client is never accepted.
+    const BACKENDS: usize = 1000;
+    const INTERVAL: Duration = Duration::from_millis(500);
+    let hole = BlackholePort::start();
+    let echo = EchoBackend::start();
+    let lines: String = (0..BACKENDS)
+        .map(|i| format!("127.0.{}.{}:{}\n", 1 + i / 250, 1 + i % 250, hole.port))
+        .collect();
+    // The echo backend's weight makes it least-conn's first choice over the idle others.
+    let file = TempFile::new("backends", &format!("{},weight=256\n{lines}", echo.addr()));
+    let path = file.path().to_str().unwrap().to_string();
+    let mut child = LimitedChild::spawn(
+        512,
+        &[
+            "--backends-file",
+            &path,
+            "--workers",
+            "1",
+            "--health-interval",
+            "500ms",
+            "--health-timeout",
+            "30s",
+        ],
+    );
+    let target = child.wait_listening();
+    let started = std::time::Instant::now();
+    // The first probes of every backend are due within one interval of the start; wait for
+    // probes to be under way, then until all of them have been due for a while. (Nothing to
+    // wait for: the check is that no more start.)
+    wait_until_ok(Duration::from_secs(10), || {
+        let fds = child.open_fds();
+        if fds >= 256 {
+            Ok(())
+        } else {
+            Err(format!("{fds} descriptors open; probes not under way"))
+        }
+    });
+    sleep_until(started + 3 * INTERVAL);
+    let fds = child.open_fds();
+    assert!(
+        fds < 300,
+        "{fds} descriptors open with {BACKENDS} hung probes:\n{}",
+        child.stderr()
+    );
+    let mut c = client(target);
+    round_trip(&mut c, b"a client among a thousand hung probes");
+}
