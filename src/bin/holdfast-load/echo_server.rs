@@ -27,10 +27,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use serde::{Deserialize, Serialize};
+use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::common::{
-    EVENTS_CAPACITY, IO_BUDGET, Report, Slots, announce, interrupted, secs, stopped, would_block,
+    EVENTS_CAPACITY, IO_BUDGET, Report, announce, interrupted, secs, stopped, would_block,
 };
 
 /// Size of each worker's read buffer. Big reads mean few syscalls when
@@ -38,7 +39,7 @@ use crate::common::{
 /// connections, so it costs nothing per connection.
 const READ_BUF: usize = 256 * 1024;
 
-/// Token of the worker's listener; connection tokens are slot indices.
+/// Token of the worker's listener; a connection's token is its slab key.
 const LISTENER: Token = Token(usize::MAX);
 
 /// After EMFILE/ENFILE the pending connection stays in the backlog and no
@@ -332,7 +333,7 @@ fn worker(mut listener: TcpListener, stats: &Stats, banner: &[u8]) -> io::Result
     let mut events = Events::with_capacity(EVENTS_CAPACITY);
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)?;
-    let mut conns: Slots<Conn> = Slots::new();
+    let mut conns: Slab<Conn> = Slab::new();
     let mut buf = vec![0u8; READ_BUF];
     let mut again: Vec<usize> = Vec::new();
     let mut again_next: Vec<usize> = Vec::new();
@@ -372,7 +373,7 @@ fn worker(mut listener: TcpListener, stats: &Stats, banner: &[u8]) -> io::Result
                 Next::Wait => {}
                 Next::Again => again.push(token),
                 Next::Close => {
-                    if let Some(mut conn) = conns.remove(token) {
+                    if let Some(mut conn) = conns.try_remove(token) {
                         let _ = poll.registry().deregister(&mut conn.stream);
                     }
                     stats.closed.fetch_add(1, Ordering::Relaxed);
@@ -393,39 +394,35 @@ fn worker(mut listener: TcpListener, stats: &Stats, banner: &[u8]) -> io::Result
 fn accept_all(
     listener: &TcpListener,
     poll: &Poll,
-    conns: &mut Slots<Conn>,
+    conns: &mut Slab<Conn>,
     stats: &Stats,
     banner: &[u8],
 ) -> bool {
     loop {
         match listener.accept() {
-            Ok((stream, _peer)) => {
+            Ok((mut stream, _peer)) => {
                 // Echo replies are small and latency-sensitive.
                 let _ = stream.set_nodelay(true);
                 stats.accepted.fetch_add(1, Ordering::Relaxed);
+                // Registered under the key the connection is about to get. Registration is
+                // edge-triggered but reports the current state, so data that already
+                // arrived still produces an event.
+                let entry = conns.vacant_entry();
+                let registered = poll.registry().register(
+                    &mut stream,
+                    Token(entry.key()),
+                    Interest::READABLE | Interest::WRITABLE,
+                );
+                if registered.is_err() {
+                    stats.closed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 // The banner starts out as pending bytes: the first writable edge sends it.
-                let token = conns.insert(Conn {
+                entry.insert(Conn {
                     stream,
                     pending: banner.to_vec(),
                     pending_off: 0,
                 });
-                let registered = match conns.get_mut(token) {
-                    Some(conn) => poll
-                        .registry()
-                        .register(
-                            &mut conn.stream,
-                            Token(token),
-                            Interest::READABLE | Interest::WRITABLE,
-                        )
-                        .is_ok(),
-                    None => false,
-                };
-                if !registered {
-                    conns.remove(token);
-                    stats.closed.fetch_add(1, Ordering::Relaxed);
-                }
-                // Registration is edge-triggered but reports the current
-                // state, so data that already arrived still produces an event.
             }
             Err(e) if would_block(&e) => return false,
             // The peer gave up before we accepted: nothing to do.
