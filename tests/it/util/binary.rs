@@ -1,0 +1,243 @@
+//! The real `holdfast` binary: a guard for a running one (signals, exits, its output), a run to
+//! completion, its pipe descriptors, and temporary files to hand it.
+
+use std::fs;
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use super::{IO_TIMEOUT, localhost0, wait_until_ok};
+
+/// Runs the binary with `args` to completion (stdin closed), killing it and panicking if it
+/// has not exited within `timeout`.
+#[track_caller]
+pub fn run_binary(args: &[&str], timeout: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn holdfast");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err_t.join().unwrap_or_default();
+            panic!(
+                "holdfast {args:?} still running after {timeout:?}; stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
+}
+
+/// The real `holdfast` binary, running. Killed on drop.
+///
+/// The listen port is reserved rather than guessed: a socket with SO_REUSEPORT is bound (not
+/// listening) to 127.0.0.1:0, and the child is told to listen on that address. Linux lets
+/// the child's SO_REUSEPORT listeners (same user) bind it too, while no other test's port-0
+/// bind can take it meanwhile; a bound socket that does not listen receives no connections.
+pub struct Child {
+    child: std::process::Child,
+    addr: SocketAddr,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    _reservation: Socket,
+}
+
+impl Child {
+    /// Starts `holdfast --listen <reserved addr> <args>` and waits until the port accepts.
+    #[track_caller]
+    pub fn spawn(args: &[&str]) -> Child {
+        let reservation = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        reservation.set_reuse_port(true).unwrap();
+        reservation.bind(&SockAddr::from(localhost0())).unwrap();
+        let addr = reservation.local_addr().unwrap().as_socket().unwrap();
+        let stdout = temp_path("stdout");
+        let stderr = temp_path("stderr");
+        let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).unwrap())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn holdfast");
+        let mut me = Child {
+            child,
+            addr,
+            stdout,
+            stderr,
+            _reservation: reservation,
+        };
+        wait_until_ok(IO_TIMEOUT, || {
+            if let Some(status) = me.child.try_wait().unwrap() {
+                panic!(
+                    "holdfast {args:?} exited at start with {status}; stderr:\n{}",
+                    me.stderr()
+                );
+            }
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!(
+                    "holdfast {args:?} does not accept on {addr} ({e}); stderr:\n{}",
+                    me.stderr()
+                )),
+            }
+        });
+        me
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Sends `signal` without waiting for anything; returns the instant just after `kill`
+    /// returned (the signal has been sent by then), to measure reactions from.
+    #[track_caller]
+    pub fn signal(&self, signal: i32) -> Instant {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal} failed");
+        Instant::now()
+    }
+
+    /// Sends `signal` and waits (up to `timeout`) for the process to exit.
+    #[track_caller]
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
+        self.signal(signal);
+        let mut exited = None;
+        wait_until_ok(timeout, || {
+            exited = self.child.try_wait().unwrap();
+            match exited {
+                Some(_) => Ok(()),
+                None => Err(format!(
+                    "holdfast did not exit after signal {signal}; stderr:\n{}",
+                    self.stderr()
+                )),
+            }
+        });
+        exited.expect("wait_until_ok returns only once the check passed")
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = fs::remove_file(&self.stdout);
+        let _ = fs::remove_file(&self.stderr);
+    }
+}
+
+/// Number of open file descriptors of process `pid` that are pipe ends.
+pub fn pipe_fds(pid: u32) -> usize {
+    let dir = format!("/proc/{pid}/fd");
+    fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
+        .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+fn temp_path(what: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "holdfast-it-{}-{}-{what}",
+        std::process::id(),
+        N.fetch_add(1, SeqCst)
+    ))
+}
+
+/// A file in the temporary directory, removed on drop (a `--backends-file`, say).
+pub struct TempFile {
+    path: PathBuf,
+}
+
+impl TempFile {
+    #[track_caller]
+    pub fn new(what: &str, contents: &str) -> TempFile {
+        let file = TempFile {
+            path: temp_path(what),
+        };
+        file.write(contents);
+        file
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Replaces the contents.
+    #[track_caller]
+    pub fn write(&self, contents: &str) {
+        fs::write(&self.path, contents)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", self.path.display()));
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
