@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -16,7 +17,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use super::{BACKEND_READ_TICK, IO_TIMEOUT, localhost0, lock, reset, set_timeouts, wait_until_ok};
 
 /// What a fake backend does with one accepted connection.
-type Handler = Arc<dyn Fn(TcpStream, &ConnCtx) + Send + Sync>;
+pub(super) type Handler = Arc<dyn Fn(TcpStream, &ConnCtx) + Send + Sync>;
 
 /// Passed to a handler: lets it notice that the backend was dropped.
 pub struct ConnCtx {
@@ -35,7 +36,7 @@ impl ConnCtx {
 /// anyone else in between listeners: port-0 binds and connect()'s ephemeral ports skip a
 /// port held by bind(). So [`TaggedBackend::set_refusing`] can always listen again on the
 /// same port, even while other tests open thousands of connections.
-fn port_guard() -> io::Result<(Socket, SocketAddr)> {
+pub(super) fn port_guard() -> io::Result<(Socket, SocketAddr)> {
     let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     sock.bind(&SockAddr::from(localhost0()))?;
@@ -54,8 +55,9 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(sock.into())
 }
 
-/// The accept loop and bookkeeping shared by every fake backend.
-struct Server {
+/// The accept loop and bookkeeping shared by the thread-per-connection fake backends, which
+/// deref to it for their address and connection counts.
+pub struct Server {
     addr: SocketAddr,
     _guard: Socket,
     listener: Arc<Mutex<Option<TcpListener>>>,
@@ -70,7 +72,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(handler: Handler) -> Server {
+    pub(super) fn start(handler: Handler) -> Server {
         let (guard, addr) = port_guard().expect("reserve a port for a fake backend");
         let listener = bind_listener(addr).expect("bind fake backend");
         let listener = Arc::new(Mutex::new(Some(listener)));
@@ -150,6 +152,47 @@ impl Server {
         }
     }
 
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(SeqCst)
+    }
+
+    /// Connections open now (accepted and not yet closed by either side).
+    pub fn open(&self) -> usize {
+        self.open.load(SeqCst)
+    }
+
+    #[track_caller]
+    pub fn wait_for_accepted(&self, n: usize, timeout: Duration) {
+        wait_until_ok(timeout, || {
+            let got = self.accepted();
+            if got >= n {
+                Ok(())
+            } else {
+                Err(format!("{} accepted {got}, want >= {n}", self.addr()))
+            }
+        });
+    }
+
+    #[track_caller]
+    pub fn wait_for_open(&self, n: usize, timeout: Duration) {
+        wait_until_ok(timeout, || {
+            let got = self.open();
+            if got == n {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} has {got} open connections, want {n}",
+                    self.addr()
+                ))
+            }
+        });
+    }
+
     fn set_refusing(&self, refusing: bool) {
         if refusing {
             // The accept thread closes the listening socket (connects are then refused)
@@ -206,7 +249,11 @@ impl Drop for Server {
 
 /// Reads with the backend's short read tick, retrying on timeouts until the backend is
 /// dropped. `Ok(0)` is EOF; `Err` is a real error (or the backend being dropped).
-fn backend_read(stream: &mut TcpStream, buf: &mut [u8], ctx: &ConnCtx) -> io::Result<usize> {
+pub(super) fn backend_read(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    ctx: &ConnCtx,
+) -> io::Result<usize> {
     loop {
         match stream.read(buf) {
             Err(e)
@@ -226,7 +273,7 @@ fn backend_read(stream: &mut TcpStream, buf: &mut [u8], ctx: &ConnCtx) -> io::Re
 }
 
 /// Echoes until EOF, then closes.
-fn echo_loop(mut stream: TcpStream, ctx: &ConnCtx) {
+pub(super) fn echo_loop(mut stream: TcpStream, ctx: &ConnCtx) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match backend_read(&mut stream, &mut buf, ctx) {
@@ -240,46 +287,19 @@ fn echo_loop(mut stream: TcpStream, ctx: &ConnCtx) {
     }
 }
 
-macro_rules! server_accessors {
-    () => {
-        pub fn addr(&self) -> SocketAddr {
-            self.server.addr
+/// `EchoBackend::addr()`, `accepted()`, `open()` and the waits for them are [`Server`]'s.
+macro_rules! deref_to_server {
+    ($($backend:ty),*) => {$(
+        impl Deref for $backend {
+            type Target = Server;
+            fn deref(&self) -> &Server {
+                &self.server
+            }
         }
-        /// Connections accepted so far.
-        pub fn accepted(&self) -> usize {
-            self.server.accepted.load(SeqCst)
-        }
-        /// Connections open now (accepted and not yet closed by either side).
-        pub fn open(&self) -> usize {
-            self.server.open.load(SeqCst)
-        }
-        #[track_caller]
-        pub fn wait_for_accepted(&self, n: usize, timeout: Duration) {
-            wait_until_ok(timeout, || {
-                let got = self.accepted();
-                if got >= n {
-                    Ok(())
-                } else {
-                    Err(format!("{} accepted {got}, want >= {n}", self.addr()))
-                }
-            });
-        }
-        #[track_caller]
-        pub fn wait_for_open(&self, n: usize, timeout: Duration) {
-            wait_until_ok(timeout, || {
-                let got = self.open();
-                if got == n {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{} has {got} open connections, want {n}",
-                        self.addr()
-                    ))
-                }
-            });
-        }
-    };
+    )*};
 }
+
+deref_to_server!(EchoBackend, TaggedBackend, SilentBackend, ResetBackend);
 
 /// Echoes every byte back; counts accepted and open connections.
 pub struct EchoBackend {
@@ -292,7 +312,6 @@ impl EchoBackend {
             server: Server::start(Arc::new(echo_loop)),
         }
     }
-    server_accessors!();
 }
 
 /// Speaks first: writes `tag\n` on accept, then echoes. A client learns which backend it
@@ -324,7 +343,6 @@ impl TaggedBackend {
     pub fn set_refusing(&self, refusing: bool) {
         self.server.set_refusing(refusing);
     }
-    server_accessors!();
 }
 
 /// Accepts and holds connections; reads and discards, never writes.
@@ -345,7 +363,6 @@ impl SilentBackend {
             })),
         }
     }
-    server_accessors!();
 }
 
 /// Accepts, reads until it has received at least `after` bytes (0: at once), then resets the
@@ -370,7 +387,6 @@ impl ResetBackend {
             })),
         }
     }
-    server_accessors!();
 }
 
 /// A backend whose connects hang: a listener with backlog 0 that never accepts, its accept

@@ -200,7 +200,7 @@ pub fn pipe_fds(pid: u32) -> usize {
         .count()
 }
 
-fn temp_path(what: &str) -> PathBuf {
+pub(super) fn temp_path(what: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     std::env::temp_dir().join(format!(
         "holdfast-it-{}-{}-{what}",

@@ -86,6 +86,10 @@ pub fn read_line(stream: &mut TcpStream) -> String {
 #[derive(Debug)]
 pub enum Closed {
     Eof,
+    #[allow(
+        dead_code,
+        reason = "read through Debug, in the assertion messages that show how a connection ended"
+    )]
     Error(io::ErrorKind),
 }
 

@@ -19,8 +19,10 @@
 //! | `balancer` | the balancer in process: config, start, per-backend stats and states |
 //! | `binary` | the real `holdfast` binary: a guard for a running one, a run, temp files |
 //! | `data` | deterministic test data and its digest |
-
-#![allow(dead_code)] // Each test module uses its own subset.
+//!
+//! A new helper goes into the module of its concern and gets a `pub use` line here. Building
+//! blocks for a new fake backend ([`backends::Server`]'s `start`, `echo_loop`, `backend_read`,
+//! `port_guard`) and [`lock`] are visible to util's modules, not to the tests.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
