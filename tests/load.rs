@@ -5,12 +5,13 @@
 //! failing assertion never leaves a server behind.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use socket2::{Domain, Protocol, Socket, Type};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast-load");
 
@@ -153,12 +154,19 @@ fn sigterm(guard: &Guard) {
     assert!(status.success());
 }
 
-/// A loopback port with nothing listening on it.
-fn closed_port() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    drop(listener);
-    addr.to_string()
+/// A loopback port with nothing listening on it, for as long as the socket lives: bound but
+/// never listening, so connects are refused as to a closed port, and no other test's port-0
+/// bind can take the port meanwhile (as it could after a bind, a look and a close).
+fn closed_port() -> (Socket, String) {
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+    sock.bind(&any.into()).expect("bind");
+    let addr = sock
+        .local_addr()
+        .expect("local addr")
+        .as_socket()
+        .expect("an IPv4 address");
+    (sock, addr.to_string())
 }
 
 #[test]
@@ -395,7 +403,7 @@ fn storm_connects_all_and_reads_backend_report() {
 
 #[test]
 fn unreachable_target_is_counted_not_fatal() {
-    let target = closed_port();
+    let (_reserved, target) = closed_port();
     let out = run(&[
         "connect-rate",
         "--target",
