@@ -208,7 +208,7 @@ impl<'a> Watch<'a> {
     }
 }
 
-/// An in-process balancer in front of `backends`, `workers` workers, relaying in `mode`.
+/// An in-process balancer in front of `backends`: two workers, relaying in `mode`, then `tune`.
 fn balancer(backends: &[SocketAddr], mode: RelayMode, tune: impl FnOnce(&mut Config)) -> Holdfast {
     let mut cfg = config(backends);
     cfg.workers = 2;
@@ -757,6 +757,14 @@ fn flapping_backends_under_continuous_connects_cost_clients_nothing() {
     let visits = visits.into_inner().unwrap_or_else(PoisonError::into_inner);
     let failed: Vec<&String> = visits.iter().filter_map(|r| r.as_ref().err()).collect();
     let tags: Vec<String> = visits.iter().filter_map(|r| r.clone().ok()).collect();
+    eprintln!(
+        "{} visits while flapping: a {}, b {}, c {}; {} failed",
+        visits.len(),
+        count_tag(&tags, "a"),
+        count_tag(&tags, "b"),
+        count_tag(&tags, "c"),
+        failed.len()
+    );
     assert!(
         failed.is_empty(),
         "{} of {} visits failed while backends flapped, e.g. {:?}",
