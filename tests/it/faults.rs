@@ -1195,33 +1195,28 @@ fn resetting_clients_are_passed_on_as_resets() {
 // Slowloris: a flood of idle connects
 // ---------------------------------------------------------------------------------------------
 
-/// 300 clients connect and go quiet; half of them drip a byte every 250 ms. While they are
-/// held, they cost no pipe and no buffer and a real client is still served. The idle timeout
-/// (1.5 s) closes exactly the silent ones (each sees EOF) and leaves the dripping ones open;
-/// once those stop, they are closed too. Every one is counted as an idle timeout, and holdfast
-/// holds nothing afterwards.
+/// `n` clients of `target`, spread over 8 source addresses from 127.0.0.`first_ip`.
+fn clients_from_8_ips(target: SocketAddr, n: usize, first_ip: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| client_from(&format!("127.0.0.{}", first_ip + i % 8), target))
+        .collect()
+}
+
+/// 300 clients connect and send nothing. Holdfast holds them cheaply: each costs its two
+/// sockets and no pipe or buffer, and a real client is still served among them. Once they
+/// go, holdfast holds nothing.
 #[test]
-fn slowloris_idle_connects_are_held_cheaply_and_timed_out() {
-    const SILENT: usize = 150;
-    const DRIPPING: usize = 150;
-    const IDLE: Duration = Duration::from_millis(1500);
+fn slowloris_idle_connects_are_held_cheaply() {
+    const IDLE_CLIENTS: usize = 300;
     let echo = CountingBackend::start();
-    let lb = balancer(&[echo.addr()], RelayMode::Auto, |cfg| {
-        cfg.idle_timeout = Some(IDLE);
-    });
+    let lb = balancer(&[echo.addr()], RelayMode::Auto, |_| {});
     let watch = Watch::new(&lb, 2, &[echo.addr()]);
     let target = lb_addr(&lb);
-    let connect_all = |n: usize, first_ip: usize| -> Vec<TcpStream> {
-        (0..n)
-            .map(|i| client_from(&format!("127.0.0.{}", first_ip + i % 8), target))
-            .collect()
-    };
-    let mut silent = connect_all(SILENT, 2);
-    let dripping = connect_all(DRIPPING, 10);
+    let idle = clients_from_8_ips(target, IDLE_CLIENTS, 2);
     wait_until_ok(IO_TIMEOUT, || {
         let st = lb.stats();
         let open = echo.open();
-        if st.active == (SILENT + DRIPPING) as u64 && open == SILENT + DRIPPING {
+        if st.active == IDLE_CLIENTS as u64 && open == IDLE_CLIENTS {
             Ok(())
         } else {
             Err(format!("{open} open at the backend: {st:?}"))
@@ -1235,20 +1230,41 @@ fn slowloris_idle_connects_are_held_cheaply_and_timed_out() {
     );
     // Two sockets a session, and the count of them sees every one.
     wait_until_ok(IO_TIMEOUT, || {
-        let (sockets, want) = (watch.sockets(), watch.listeners + 2 * (SILENT + DRIPPING));
+        let (sockets, want) = (watch.sockets(), watch.listeners + 2 * IDLE_CLIENTS);
         if sockets == want {
             Ok(())
         } else {
             Err(format!("holdfast holds {sockets} sockets, want {want}"))
         }
     });
-    {
-        let mut c = client(target);
-        round_trip(&mut c, b"a real client, among the idle ones");
-    }
+    let mut c = client(target);
+    round_trip(&mut c, b"a real client, among the idle ones");
+    drop(c);
+    drop(idle);
+    wait_until(SETTLE, || echo.open() == 0);
+    watch.assert_back_to_baseline("a slowloris flood");
+}
 
+/// 100 clients connect and drip a byte every 200 ms, 100 connect and go quiet. The idle
+/// timeout (2 s) closes exactly the silent ones (each sees EOF) and leaves the dripping ones
+/// open; once those stop, they are closed too. Every one is counted as an idle timeout, and
+/// holdfast holds nothing afterwards.
+#[test]
+fn slowloris_idle_connects_are_timed_out_and_drips_are_not() {
+    const SILENT: usize = 100;
+    const DRIPPING: usize = 100;
+    const IDLE: Duration = Duration::from_secs(2);
+    let echo = CountingBackend::start();
+    let lb = balancer(&[echo.addr()], RelayMode::Auto, |cfg| {
+        cfg.idle_timeout = Some(IDLE);
+    });
+    let watch = Watch::new(&lb, 2, &[echo.addr()]);
+    let target = lb_addr(&lb);
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
+        // The drippers start dripping at once, before the silent ones connect: their idle
+        // clocks must not run out while the others are being set up.
+        let dripping = clients_from_8_ips(target, DRIPPING, 10);
         let dripper = s.spawn(|| {
             let mut dripping = dripping;
             while !stop.load(SeqCst) {
@@ -1257,10 +1273,11 @@ fn slowloris_idle_connects_are_held_cheaply_and_timed_out() {
                         panic!("dripping client {i} was cut while it kept sending: {e}");
                     }
                 }
-                std::thread::sleep(Duration::from_millis(250)); // the drip rate itself
+                std::thread::sleep(Duration::from_millis(200)); // the drip rate itself
             }
             dripping
         });
+        let mut silent = clients_from_8_ips(target, SILENT, 2);
         for (i, c) in silent.iter_mut().enumerate() {
             let (how, _) = expect_closed(c, IDLE * 3);
             assert!(
@@ -1294,8 +1311,7 @@ fn slowloris_idle_connects_are_held_cheaply_and_timed_out() {
         }
     });
     wait_until(SETTLE, || echo.open() == 0);
-    drop(silent);
-    watch.assert_back_to_baseline("a slowloris flood");
+    watch.assert_back_to_baseline("idle timeouts");
 }
 
 // ---------------------------------------------------------------------------------------------
