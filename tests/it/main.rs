@@ -8,6 +8,7 @@ mod util;
 mod admin;
 mod algorithms;
 mod cli;
+mod faults;
 mod health;
 mod idle;
 mod lifecycle;
