@@ -54,6 +54,9 @@ pub use error::{ConfigError, StartError};
 pub use stats::StatsSnapshot;
 /// For clients that bind many sockets to 127.0.0.x: choose the local port at connect time.
 pub use sys::bind_address_no_port;
+/// For the binary's signal thread: counts signal deliveries that signal-hook's iterator folds.
+#[doc(hidden)]
+pub use sys::count_deliveries;
 
 use admin::AdminServer;
 use health::{Command, Health, HealthLink, WorkerLink};

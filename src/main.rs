@@ -1,6 +1,8 @@
 //! The `holdfast` binary: flags → config → a running balancer, until SIGTERM or SIGINT.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::Parser;
 use crossbeam_channel::TrySendError;
@@ -37,6 +39,17 @@ fn main() -> ExitCode {
             );
         }
     };
+    // The iterator below folds deliveries that arrive before it looks into one; this counts
+    // each, so a second SIGTERM sent right after the first still closes everything.
+    let stops = Arc::new(AtomicUsize::new(0));
+    for signal in [SIGTERM, SIGINT] {
+        if let Err(e) = holdfast::count_deliveries(signal, Arc::clone(&stops)) {
+            return fail(
+                EXIT_RUNTIME,
+                &format!("cannot install signal handlers: {e}"),
+            );
+        }
+    }
     let balancer = match Holdfast::start(config) {
         Ok(b) => b,
         Err(e @ StartError::Config(_)) => return fail(EXIT_USAGE, &e),
@@ -80,7 +93,7 @@ fn main() -> ExitCode {
                     }
                     continue;
                 }
-                if draining {
+                if draining || stops.load(Ordering::SeqCst) >= 2 {
                     log::warn!("signal {signal} received again; closing every session now");
                     control.shutdown();
                     return;

@@ -27,8 +27,30 @@
 //! `ErrorKind::Unsupported`, which `is_splice_unsupported` recognises, so callers fall back to
 //! copying through the same code path they use when splice fails at run time on Linux.
 
+//! One item is the same on every platform and lives here: [`count_deliveries`].
+
 #[cfg_attr(target_os = "linux", path = "linux.rs")]
 #[cfg_attr(not(target_os = "linux"), path = "portable.rs")]
 mod platform;
 
 pub use platform::*;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Counts every delivery of `signal` in `counter`, from inside the signal handler.
+///
+/// signal-hook's iterator reports a signal once however many times it was delivered before
+/// the iterating thread looked, so two SIGTERMs sent back to back (`kill -TERM $pid $pid`)
+/// read as one. A counter tells them apart. (Two signals of the same number that arrive while
+/// the first is still pending in the kernel are merged there, before any handler runs: no
+/// process can count those.)
+pub fn count_deliveries(signal: libc::c_int, counter: Arc<AtomicUsize>) -> std::io::Result<()> {
+    let action = move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+    };
+    // SAFETY: the action only increments an atomic integer: no allocation, no lock, nothing
+    // that is not async-signal-safe. It captures an `Arc` that the registration keeps alive
+    // for as long as the handler can run.
+    unsafe { signal_hook::low_level::register(signal, action) }.map(|_| ())
+}

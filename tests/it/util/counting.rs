@@ -18,6 +18,7 @@ struct CountingState {
     /// For each accepted connection: it was established after the first instant and before
     /// the second (see [`CountingBackend::arrivals`]).
     arrivals: Vec<(Instant, Instant)>,
+    open: usize,
     peak: usize,
 }
 
@@ -76,6 +77,11 @@ impl CountingBackend {
     /// bunch up) instead.
     pub fn arrivals(&self) -> Vec<(Instant, Instant)> {
         lock(&self.state).arrivals.clone()
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        lock(&self.state).open
     }
 
     /// Most connections ever open at once.
@@ -146,6 +152,7 @@ fn counting_loop(listener: TcpListener, state: &Mutex<CountingState>, stop: &Ato
         {
             let mut st = lock(state);
             st.arrivals.extend(accepted);
+            st.open = conns.len();
             st.peak = st.peak.max(conns.len());
         }
         if !busy {
