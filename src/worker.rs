@@ -29,7 +29,7 @@ use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
 use socket2::SockRef;
 
-use crate::backend::{BackendSet, RateLimit};
+use crate::backend::{BackendSet, Failure, RateLimit};
 use crate::balance::{Load, SmoothRoundRobin, least_conn};
 use crate::config::{Algorithm, Config};
 use crate::health::{Command, HealthLink};
@@ -511,7 +511,7 @@ impl Worker {
             let Some(index) = self.picker.pick(set, ip, |i| {
                 tried.contains(&i)
                     || full.contains(&i)
-                    || (!sticky && max > 0 && set.backends[i].stats.active.load(Relaxed) >= max)
+                    || (!sticky && set.backends[i].stats.is_full(max))
             }) else {
                 break;
             };
@@ -558,9 +558,7 @@ impl Worker {
         let no_room = !full.is_empty()
             || (max > 0
                 && (0..set.len()).any(|i| {
-                    set.is_eligible(i)
-                        && !tried.contains(&i)
-                        && set.backends[i].stats.active.load(Relaxed) >= max
+                    set.is_eligible(i) && !tried.contains(&i) && set.backends[i].stats.is_full(max)
                 }));
         if no_room && tried.len() <= self.config.retries as usize {
             Err(NoConnect::Full)
@@ -573,15 +571,10 @@ impl Worker {
     /// makes `--observe-errors` consecutive failures.
     fn backend_failed(&self, set: &BackendSet, index: usize, failure: Failure) {
         let backend = &set.backends[index];
-        let stats = &backend.stats;
-        match failure {
-            Failure::Connect => {
-                Counters::incr(&stats.connect_failures);
-                Counters::incr(&self.counters.connect_failures);
-            }
-            Failure::Passive => Counters::incr(&stats.passive_failures),
+        if failure == Failure::Connect {
+            Counters::incr(&self.counters.connect_failures);
         }
-        let consecutive = stats.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        let consecutive = backend.stats.record_failure(failure);
         let threshold = u64::from(self.config.health.observe_errors);
         if threshold > 0 && consecutive == threshold {
             self.health.send(Command::Failing(backend.spec.addr));
@@ -804,9 +797,9 @@ impl Worker {
             session.phase = phase;
             return;
         };
-        let stats = &session.set.backends[upstream.index].stats;
-        Counters::incr(&stats.total);
-        stats.record_connect_latency(self.now.saturating_duration_since(upstream.connect_started));
+        session.set.backends[upstream.index]
+            .stats
+            .record_established(self.now.saturating_duration_since(upstream.connect_started));
         tune_socket(SockRef::from(&upstream.socket), self.config.tcp_keepalive);
         // Bytes that arrived on either side while connecting are not lost: both sockets were
         // registered before (a registration reports readiness already there), and every
@@ -912,22 +905,21 @@ impl Worker {
                 // The first bytes the backend sent back: it is serving, so its run of
                 // consecutive failures is over. Bytes written to it prove nothing (only
                 // that its kernel took them), so they do not count.
-                session.set.backends[upstream.index]
-                    .stats
-                    .consecutive_failures
-                    .store(0, Relaxed);
+                session.set.backends[upstream.index].stats.reset_streak();
             }
-            let stats = &session.set.backends[upstream.index].stats;
             if up_bytes > 0 {
-                let n = up_bytes as u64;
-                self.counters.bytes_client_to_backend.fetch_add(n, Relaxed);
-                stats.bytes_client_to_backend.fetch_add(n, Relaxed);
+                self.counters
+                    .bytes_client_to_backend
+                    .fetch_add(up_bytes as u64, Relaxed);
             }
             if down_bytes > 0 {
-                let n = down_bytes as u64;
-                self.counters.bytes_backend_to_client.fetch_add(n, Relaxed);
-                stats.bytes_backend_to_client.fetch_add(n, Relaxed);
+                self.counters
+                    .bytes_backend_to_client
+                    .fetch_add(down_bytes as u64, Relaxed);
             }
+            session.set.backends[upstream.index]
+                .stats
+                .add_bytes(up_bytes as u64, down_bytes as u64);
         }
         if let Some(limit) = self.config.backend_timeout {
             // The clock runs from the first client byte after the backend's last answer
@@ -1349,16 +1341,6 @@ enum Placement {
     Closed,
 }
 
-/// A failure seen on live traffic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Failure {
-    /// The connect was refused, reset or timed out.
-    Connect,
-    /// The backend ended a session (reset or EOF) without having sent a byte back, within
-    /// `--connect-timeout` of its start.
-    Passive,
-}
-
 /// A descriptor to hold in reserve (see `Worker::spare`): an unbound UDP socket, which needs
 /// no file system path and costs the kernel little.
 fn reserve_descriptor() -> io::Result<socket2::Socket> {
@@ -1421,7 +1403,7 @@ impl Picker {
                 let start = self.next_random() as usize;
                 least_conn(n, start, |i| {
                     usable(i).then(|| Load {
-                        active: set.backends[i].stats.active.load(Relaxed),
+                        active: set.backends[i].stats.active(),
                         weight: set.backends[i].effective_weight,
                     })
                 })
