@@ -30,7 +30,7 @@ use slab::Slab;
 use socket2::SockRef;
 
 use crate::backend::{BackendSet, Failure, RateLimit};
-use crate::balance::{Load, SmoothRoundRobin, least_conn};
+use crate::balance::Picker;
 use crate::config::{Algorithm, Config};
 use crate::health::{Command, HealthLink};
 use crate::listener::tune_socket;
@@ -1355,66 +1355,6 @@ pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
-}
-
-/// Chooses backends for one worker. Least-conn and source-hash are stateless here; round-robin
-/// keeps its rotation per worker.
-struct Picker {
-    algorithm: Algorithm,
-    round_robin: SmoothRoundRobin,
-    /// xorshift state: a random start for least-conn's scan, so ties do not send every worker
-    /// to the same backend.
-    rng: u64,
-}
-
-impl Picker {
-    fn new(algorithm: Algorithm, worker: usize) -> Picker {
-        let seed =
-            (worker as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ std::process::id() as u64;
-        Picker {
-            algorithm,
-            round_robin: SmoothRoundRobin::default(),
-            rng: seed | 1,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.round_robin = SmoothRoundRobin::default();
-    }
-
-    fn next_random(&mut self) -> u64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        self.rng
-    }
-
-    /// The algorithm's choice among eligible backends for which `skip` is false.
-    fn pick(
-        &mut self,
-        set: &BackendSet,
-        ip: IpAddr,
-        skip: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
-        let usable = |i: usize| set.is_eligible(i) && !skip(i);
-        let n = set.len();
-        match self.algorithm {
-            Algorithm::LeastConn => {
-                let start = self.next_random() as usize;
-                least_conn(n, start, |i| {
-                    usable(i).then(|| Load {
-                        active: set.backends[i].stats.active(),
-                        weight: set.backends[i].effective_weight,
-                    })
-                })
-            }
-            // Slow start does not apply: moving sticky clients around would defeat the point.
-            Algorithm::SourceHash => set.pick_by_source(ip, skip),
-            Algorithm::RoundRobin => self
-                .round_robin
-                .pick(n, |i| usable(i).then_some(set.backends[i].effective_weight)),
-        }
-    }
 }
 
 /// At most one message a second for a condition that can repeat thousands of times a second.

@@ -181,7 +181,8 @@ impl Maglev {
     /// Builds the lookup table.
     ///
     /// `backends[i] = (address, weight)`; weight 0 means "not in the table"
-    /// (draining). `size` must be prime and larger than the number of
+    /// (holdfast's configured weights are 1..=256; a down or drained backend
+    /// stays in the table and is skipped by [`Maglev::pick`]). `size` must be prime and larger than the number of
     /// backends (checked by `debug_assert`; in release a non-prime size still
     /// terminates, see below, but spreads worse). The table maps every slot
     /// to an index `i` into `backends`.
