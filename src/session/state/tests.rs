@@ -1,6 +1,6 @@
 //! The session state machine's transitions, as a table: (state, event, time) → (state,
 //! actions), plus a few sequences. No sockets, no poller: this is what `state.rs` being pure
-//! buys.
+//! buys. Long because it is a table, one row per transition worth pinning down.
 
 use super::*;
 
