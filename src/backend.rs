@@ -33,25 +33,38 @@ pub enum BackendState {
     Drain,
 }
 
-/// Counters for one backend, shared by all workers.
+/// A failure seen on live traffic (passive detection, see docs/health.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The connect was refused, reset or timed out.
+    Connect,
+    /// The backend ended a session (reset or EOF) without having sent a byte back, within
+    /// `--connect-timeout` of its start; or, with `--backend-timeout`, left a session it never
+    /// answered until that timeout closed it.
+    Passive,
+}
+
+/// Counters for one backend, shared by all workers (relaxed atomics). The fields are private:
+/// the methods below are the only ways to change them, so the slot count that least-conn and
+/// `--max-conns-per-backend` rely on only moves by acquire and release.
 #[derive(Debug)]
 pub struct BackendStats {
     /// Sessions assigned to this backend now (connecting or relaying). Least-conn reads this,
     /// and `--max-conns-per-backend` caps it.
-    pub active: AtomicU64,
+    active: AtomicU64,
     /// Sessions ever established to this backend.
-    pub total: AtomicU64,
+    total: AtomicU64,
     /// Connects that failed: refused, reset or timed out.
-    pub connect_failures: AtomicU64,
-    /// Sessions the backend ended (reset or EOF) without having sent a byte back, within
-    /// `--connect-timeout` of their start.
-    pub passive_failures: AtomicU64,
+    connect_failures: AtomicU64,
+    /// Passive failures (see [`Failure::Passive`]).
+    passive_failures: AtomicU64,
     /// Consecutive failures of either kind, reset by the first byte a session receives from
-    /// the backend. Crossing `--observe-errors` marks the backend down.
-    pub consecutive_failures: AtomicU64,
+    /// the backend (and by the health thread when it acts on a streak). Crossing
+    /// `--observe-errors` marks the backend down.
+    consecutive_failures: AtomicU64,
     /// Bytes relayed client to backend, and backend to client.
-    pub bytes_client_to_backend: AtomicU64,
-    pub bytes_backend_to_client: AtomicU64,
+    bytes_client_to_backend: AtomicU64,
+    bytes_backend_to_client: AtomicU64,
     /// Time from starting the connect to the connection being established, in microseconds;
     /// `None` until the first connection (a backend that never gets one costs nothing here).
     /// Locked once per established connection (never per event or byte); the workers rarely
@@ -80,7 +93,65 @@ impl Default for BackendStats {
 }
 
 impl BackendStats {
-    pub fn record_connect_latency(&self, latency: Duration) {
+    /// Sessions assigned to this backend now (connecting or relaying), all workers together.
+    pub fn active(&self) -> u64 {
+        self.active.load(Relaxed)
+    }
+
+    /// Whether the backend is at `max` sessions (`--max-conns-per-backend`; 0 is unlimited).
+    pub fn is_full(&self, max: u64) -> bool {
+        max > 0 && self.active() >= max
+    }
+
+    /// Takes one of the backend's connection slots: always when `max` is 0 (unlimited),
+    /// otherwise only below `max`. The compare-and-swap makes the cap exact across workers.
+    pub fn try_acquire(&self, max: u64) -> bool {
+        if max == 0 {
+            self.active.fetch_add(1, Relaxed);
+            return true;
+        }
+        self.active
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// Gives back a slot taken by [`BackendStats::try_acquire`].
+    pub fn release(&self) {
+        self.active.fetch_sub(1, Relaxed);
+    }
+
+    /// A connection was established `latency` after its connect started.
+    pub fn record_established(&self, latency: Duration) {
+        self.total.fetch_add(1, Relaxed);
+        self.record_connect_latency(latency);
+    }
+
+    /// Counts a failure on live traffic; returns the streak of consecutive failures it makes.
+    pub fn record_failure(&self, failure: Failure) -> u64 {
+        match failure {
+            Failure::Connect => self.connect_failures.fetch_add(1, Relaxed),
+            Failure::Passive => self.passive_failures.fetch_add(1, Relaxed),
+        };
+        self.consecutive_failures.fetch_add(1, Relaxed) + 1
+    }
+
+    /// Ends the streak of consecutive failures: the backend answered a session, or the
+    /// health thread acted on the streak.
+    pub fn reset_streak(&self) {
+        self.consecutive_failures.store(0, Relaxed);
+    }
+
+    /// Bytes relayed: `up` client to backend, `down` backend to client.
+    pub fn add_bytes(&self, up: u64, down: u64) {
+        if up > 0 {
+            self.bytes_client_to_backend.fetch_add(up, Relaxed);
+        }
+        if down > 0 {
+            self.bytes_backend_to_client.fetch_add(down, Relaxed);
+        }
+    }
+
+    fn record_connect_latency(&self, latency: Duration) {
         let micros = (latency.as_micros() as u64).clamp(1, MAX_LATENCY_MICROS);
         let mut h = self
             .connect_latency
@@ -102,22 +173,6 @@ impl BackendStats {
             }
             _ => (0, 0, 0),
         }
-    }
-
-    /// Takes one of the backend's connection slots: always when `max` is 0 (unlimited),
-    /// otherwise only below `max`. The compare-and-swap makes the cap exact across workers.
-    pub fn try_acquire(&self, max: u64) -> bool {
-        if max == 0 {
-            self.active.fetch_add(1, Relaxed);
-            return true;
-        }
-        self.active
-            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
-            .is_ok()
-    }
-
-    pub fn release(&self) {
-        self.active.fetch_sub(1, Relaxed);
     }
 
     /// The connect-rate limiter, a GCRA (the "virtual scheduling" form of a token bucket) in
@@ -343,7 +398,7 @@ impl BackendSet {
                     effective_weight: b.effective_weight,
                     state: b.state,
                     healthy: b.healthy,
-                    active: b.stats.active.load(Relaxed),
+                    active: b.stats.active(),
                     total: b.stats.total.load(Relaxed),
                     connect_failures: b.stats.connect_failures.load(Relaxed),
                     passive_failures: b.stats.passive_failures.load(Relaxed),
@@ -371,7 +426,8 @@ mod tests {
         stats.release();
         assert!(stats.try_acquire(2));
         assert!(stats.try_acquire(0), "0 means unlimited");
-        assert_eq!(stats.active.load(Relaxed), 3);
+        assert_eq!(stats.active(), 3);
+        assert!(stats.is_full(3) && !stats.is_full(4) && !stats.is_full(0));
     }
 
     #[test]
@@ -417,6 +473,32 @@ mod tests {
         stats.record_connect_latency(Duration::from_secs(3600));
         assert!(near(stats.connect_latency_micros().2, MAX_LATENCY_MICROS));
         assert!(latency_histogram().distinct_values() <= 400);
+    }
+
+    #[test]
+    fn failures_make_a_streak_that_an_answer_ends() {
+        let spec = BackendSpec::new("127.0.0.1:1".parse().unwrap());
+        let set = BackendSet::build(&[spec], None, Algorithm::LeastConn);
+        let stats = &set.backends[0].stats;
+        assert_eq!(stats.record_failure(Failure::Connect), 1);
+        assert_eq!(stats.record_failure(Failure::Passive), 2);
+        stats.reset_streak();
+        assert_eq!(stats.record_failure(Failure::Passive), 1);
+        stats.add_bytes(3, 0);
+        stats.add_bytes(4, 5);
+        stats.record_established(Duration::from_micros(100));
+        let snapshot = &set.stats_snapshot()[0];
+        assert_eq!(
+            (
+                snapshot.connect_failures,
+                snapshot.passive_failures,
+                snapshot.total,
+                snapshot.bytes_client_to_backend,
+                snapshot.bytes_backend_to_client,
+            ),
+            (1, 2, 1, 7, 5)
+        );
+        assert!(snapshot.connect_latency_max_us >= 100);
     }
 
     #[test]

@@ -30,7 +30,9 @@ macro_rules! counters {
 counters! {
     /// Client connections accepted.
     accepted,
-    /// Sessions open now (connecting or relaying).
+    /// Sessions open now: accepted and not yet closed (waiting in the queue, connecting or
+    /// relaying; one that holdfast closed with a FIN, waiting for the peers to take it, is
+    /// closed already).
     active,
     /// Sessions closed, for any reason.
     closed,
@@ -51,8 +53,9 @@ counters! {
     pipes_in_use,
     /// Per-session copy buffers held right now (a write to a peer was partial).
     buffers_in_use,
-    /// Times descriptors or memory ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM) in accept(2) or
-    /// when opening a backend socket; accepting pauses briefly each time.
+    /// Times descriptors or memory ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM) in accept(2),
+    /// when holding a descriptor in reserve for a client's backend socket, or when opening a
+    /// backend socket; accepting pauses briefly each time.
     accept_errors,
     /// Clients waiting for a backend with room right now (all workers).
     queued,

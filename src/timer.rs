@@ -1,19 +1,23 @@
-//! A worker's timers: connect, idle, backend and queue timeouts, drain closes, and the looks
-//! a lingering session takes at its sockets.
+//! A worker's timers: each session's connect, idle, backend and queue timeouts, its
+//! spread-out drain close and its lingering looks, plus the worker's own drain deadline.
 //!
 //! A min-heap of deadlines, each naming a session by slab key *and* session id, so an entry
 //! for a session that has since closed (and whose slab slot may be reused) is recognised as
 //! stale and ignored. Nothing is removed one by one: cancelling is free, and a stale entry
-//! costs one pop. But a closed session's idle entry would otherwise stay for the whole idle
-//! timeout (an hour by default): at 10,000 short connections a second that is 36 million
-//! entries, 2 GB. So when the heap has doubled since it was last compacted, the worker drops
-//! every stale entry in one O(n) pass ([`Timers::compact`]), which costs O(1) per push
-//! amortized and keeps the heap within twice its live size (or [`COMPACT_MIN`]).
+//! costs one pop. An entry for a live session that no longer applies (a connect timer of an
+//! earlier attempt, a queue timer of an earlier stay) is told apart by the session's state
+//! (`session/state.rs`), which ignores it. But a closed session's idle entry would otherwise
+//! stay for the whole idle timeout (an hour by default): at 10,000 short connections a second
+//! that is 36 million entries, 2 GB. So when the heap has doubled since it was last
+//! compacted, the worker drops every stale entry in one O(n) pass ([`Timers::compact`]), which
+//! costs O(1) per push amortized and keeps the heap within twice its live size (or
+//! [`COMPACT_MIN`]).
 //!
-//! Idle timeouts are lazy, as in the kernel's keepalive: a session records when it last moved
-//! a byte, and its single timer entry, when it fires, either closes the session or is pushed
-//! back to `last_activity + idle`. A busy connection therefore costs no timer work per byte,
-//! only one heap operation per idle period.
+//! The idle and backend timeouts are lazy, as in the kernel's keepalive: a session records
+//! when it last moved a byte (`last_active`) and, with `--backend-timeout`, since when the
+//! client's bytes are unanswered; its single entry of each kind, when it fires, either closes
+//! the session or is pushed back to the deadline it has by then. A busy connection therefore
+//! costs no timer work per byte, only one heap operation per idle period.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -30,9 +34,9 @@ pub enum TimerKind {
     Backend,
     /// The client has waited in the queue for the queue timeout.
     Queue,
-    /// The worker's drain timeout passed: close what is left over `spread` (not a session's
-    /// timer: its key and id are unused).
-    DrainDeadline { spread: Duration },
+    /// The worker's drain timeout passed: close what is left over `--close-spread` (not a
+    /// session's timer: its key and id are unused).
+    DrainDeadline,
     /// Close this session as part of a spread-out drain.
     DrainClose,
     /// Look again whether a lingering session's sockets can be closed.

@@ -9,7 +9,8 @@
 pub struct Load {
     /// Connections currently open to the backend.
     pub active: u64,
-    /// Relative capacity; 0 means "never pick" (draining).
+    /// Relative capacity; 0 means "never pick" (holdfast passes weights of at least 1, and
+    /// excludes a down or drained backend by returning `None` for it).
     pub weight: u32,
 }
 

@@ -27,9 +27,9 @@ impl SmoothRoundRobin {
         }
     }
 
-    /// `weight(i)` is `None` for a backend that must not be picked (down or
-    /// already tried); `Some(0)` is treated the same way (draining), so it
-    /// neither wins nor accrues credit. A skipped backend's credit is left
+    /// `weight(i)` is `None` for a backend that must not be picked (down,
+    /// drained or already tried); `Some(0)` is treated the same way (holdfast
+    /// never passes it), so it neither wins nor accrues credit. A skipped backend's credit is left
     /// as it was, so when it returns it resumes its place in the rotation.
     ///
     /// If `n` differs from the state's length the backend list changed and

@@ -33,7 +33,6 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -392,7 +391,7 @@ impl Health {
         self.leaving.retain(|spec| {
             current
                 .get(&spec.addr)
-                .is_some_and(|b| b.stats.active.load(Relaxed) > 0)
+                .is_some_and(|b| b.stats.active() > 0)
         });
         if self.leaving.len() != before {
             let listed: HashSet<SocketAddr> = self
@@ -417,7 +416,7 @@ impl Health {
         let fall = self.config.health.fall;
         // The next run of failures is counted from zero.
         if let Some(b) = self.current_set().find(addr) {
-            b.stats.consecutive_failures.store(0, Relaxed);
+            b.stats.reset_streak();
         }
         let Some(t) = self.tracked.get_mut(&addr) else {
             return;

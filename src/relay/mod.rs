@@ -197,8 +197,6 @@ pub struct Pump {
     pipe_short: bool,
     stage: Stage,
     in_flight: InFlight,
-    /// Bytes written to the destination so far.
-    pub bytes: u64,
 }
 
 impl Pump {
@@ -215,7 +213,6 @@ impl Pump {
             pipe_short: false,
             stage: Stage::Open,
             in_flight: InFlight::Empty,
-            bytes: 0,
         }
     }
 
@@ -306,7 +303,6 @@ impl Pump {
                 Err(_) => break Outcome::SourceFailed,
             }
         };
-        self.bytes += moved as u64;
         (outcome, moved)
     }
 
@@ -463,7 +459,7 @@ impl Pump {
 }
 
 /// One socket of a lingering session (one holdfast closes with a FIN, see
-/// `Worker::start_lingering`), its write side already shut down: reads and discards what has
+/// `Session::shutdown_writes`), its write side already shut down: reads and discards what has
 /// arrived (at most [`TURN_BUDGET`] bytes a call), and says whether the socket is finished
 /// with: the peer ended its stream or failed, or it has acknowledged everything we sent, our
 /// FIN included, so closing the socket can no longer cost it its EOF. Where that cannot be

@@ -1,0 +1,252 @@
+//! One proxied connection: its sockets and pumps (here), and its phase and transitions
+//! ([`state`]).
+//!
+//! A [`Session`] is what the worker keeps in its slab: the client socket, the backend socket
+//! once there is one, what is known of each socket's readiness, the two pumps while
+//! relaying, and a [`State`]. The I/O on those sockets is here (relay, look at a connect,
+//! look whether a waiting client left, linger); deciding what happens next is the state's,
+//! and carrying it out (timers, the queue, counters, the poller) is the worker's.
+//!
+//! The state is small and explicit (the sockets, a phase enum carrying its data, the bytes in
+//! flight inside the pumps) so that it could one day be handed to another process intact.
+
+pub mod events;
+pub mod state;
+
+use std::io::{self, ErrorKind};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use socket2::SockRef;
+
+use crate::backend::BackendSet;
+use crate::config::RelayMode;
+use crate::listener::tune_socket;
+use crate::relay::{self, Outcome, Pools, Pump, Readiness};
+use crate::sys;
+use crate::token::Side;
+
+pub use events::{Action, Actions, CloseReason, Event, Relayed, Rules};
+pub use state::{LINGER_TIMEOUT, State, Tag};
+
+pub struct Session {
+    /// Unique within the worker; tells a live timer or queue entry from one left by an earlier
+    /// session that had the same slab key.
+    pub id: u64,
+    pub state: State,
+    /// The set the backend is picked from (retries pick from the same set).
+    pub set: Arc<BackendSet>,
+    pub client: TcpStream,
+    pub client_ready: Readiness,
+    pub client_addr: SocketAddr,
+    /// Connecting, relaying, or lingering after relaying.
+    backend: Option<TcpStream>,
+    backend_ready: Readiness,
+    /// Relaying only: client to backend, and backend to client.
+    pumps: Option<[Pump; 2]>,
+    pub started: Instant,
+    /// Which of the worker's listeners accepted it.
+    pub listener: usize,
+    /// Already in the worker's list of sessions to run again next turn.
+    pub scheduled: bool,
+}
+
+impl Session {
+    pub fn new(
+        id: u64,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        listener: usize,
+        set: Arc<BackendSet>,
+        now: Instant,
+    ) -> Session {
+        Session {
+            id,
+            state: State::new(now),
+            set,
+            client,
+            client_ready: Readiness::default(),
+            client_addr,
+            backend: None,
+            backend_ready: Readiness::default(),
+            pumps: None,
+            started: now,
+            listener,
+            scheduled: false,
+        }
+    }
+
+    /// The readiness flags of one side's socket (`None`: no backend socket).
+    pub fn ready_mut(&mut self, side: Side) -> Option<&mut Readiness> {
+        match side {
+            Side::Client => Some(&mut self.client_ready),
+            Side::Backend => self.backend.as_ref().map(|_| &mut self.backend_ready),
+        }
+    }
+
+    /// A backend connect under way (registered already).
+    pub fn attach_backend(&mut self, socket: TcpStream) {
+        self.backend = Some(socket);
+        self.backend_ready = Readiness::default();
+    }
+
+    /// Closes the backend socket (dropping a mio socket closes it and removes it from the
+    /// poller).
+    pub fn drop_backend(&mut self) {
+        self.backend = None;
+    }
+
+    /// The connection is established: TCP_NODELAY and keepalive on the backend socket (the
+    /// client's were inherited from the listener on Linux, or set at accept), and the pumps.
+    pub fn start_relay(&mut self, mode: RelayMode, keepalive: Option<Duration>) {
+        if let Some(socket) = &self.backend {
+            tune_socket(SockRef::from(socket), keepalive);
+        }
+        self.pumps = Some([Pump::new(mode), Pump::new(mode)]);
+    }
+
+    /// Whether the backend connect has finished, and how; `None` while it has not (the
+    /// socket is not writable, or the event was spurious). `plain_writable` says the event
+    /// was writable with no error or hang-up beside it: where the platform promises that only
+    /// for an established connection, it is proof enough and costs no syscall.
+    pub fn connect_result(&mut self, plain_writable: bool) -> Option<io::Result<()>> {
+        let socket = self.backend.as_ref()?;
+        if !self.backend_ready.writable {
+            return None;
+        }
+        if plain_writable && sys::WRITABLE_MEANS_CONNECTED {
+            return Some(Ok(()));
+        }
+        // mio's recipe: a writable event ends the connect; SO_ERROR says how. If there is no
+        // error yet the peer address is unknown (ENOTCONN), the event was spurious.
+        match socket.take_error() {
+            Ok(None) => match socket.peer_addr() {
+                Ok(_) => Some(Ok(())),
+                Err(e) if e.kind() == ErrorKind::NotConnected => {
+                    self.backend_ready.writable = false;
+                    None
+                }
+                Err(e) => Some(Err(e)),
+            },
+            Ok(Some(e)) | Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Runs both pumps (`None` if the session is not relaying). Only a side known to be
+    /// readable is read, so a backend that has said nothing yet costs no EAGAIN read.
+    pub fn relay(&mut self, pools: &mut Pools) -> Option<Relayed> {
+        let (Some(backend), Some([up, down])) = (&self.backend, &mut self.pumps) else {
+            return None;
+        };
+        let (up_outcome, up_bytes) = up.run(
+            &self.client,
+            &mut self.client_ready,
+            backend,
+            &mut self.backend_ready,
+            pools,
+            down.is_done(),
+        );
+        let (down_outcome, down_bytes) = down.run(
+            backend,
+            &mut self.backend_ready,
+            &self.client,
+            &mut self.client_ready,
+            pools,
+            up.is_done(),
+        );
+        let failed = match (up_outcome, down_outcome) {
+            (Outcome::SourceFailed, _) | (_, Outcome::DestinationFailed) => Some(Side::Client),
+            (Outcome::DestinationFailed, _) | (_, Outcome::SourceFailed) => Some(Side::Backend),
+            _ => None,
+        };
+        Some(Relayed {
+            up: up_bytes as u64,
+            down: down_bytes as u64,
+            up_done: up.is_done(),
+            down_done: down.is_done(),
+            failed,
+            yielded: up_outcome == Outcome::Yield || down_outcome == Outcome::Yield,
+        })
+    }
+
+    /// Whether a client that is not relaying yet (queued, or waiting for its backend connect)
+    /// has gone: it reset the connection (`Reset`), or it closed it with nothing sent that is
+    /// still to be relayed (`Done`). A client that half-closed after sending its request (EOF
+    /// with bytes pending) has not gone: the request is still to be served, as HAProxy would
+    /// without `abortonclose`. Looks with `SO_ERROR` and a one-byte `MSG_PEEK`; consumes
+    /// nothing.
+    pub fn client_left(&self) -> Option<CloseReason> {
+        match self.client.take_error() {
+            Ok(None) => {}
+            Ok(Some(_)) | Err(_) => return Some(CloseReason::Reset(Side::Client)),
+        }
+        let mut byte = [0u8; 1];
+        match self.client.peek(&mut byte) {
+            Ok(0) => Some(CloseReason::Done),
+            Ok(_) => None,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => None,
+            Err(_) => Some(CloseReason::Reset(Side::Client)),
+        }
+    }
+
+    /// Gives back the pumps' pipes and buffers (the session is closing). A pipe with bytes
+    /// still in it is closed, never reused.
+    pub fn release(&mut self, pools: &mut Pools) {
+        if let Some(pumps) = &mut self.pumps {
+            for pump in pumps.iter_mut() {
+                pump.release(pools);
+            }
+        }
+        self.pumps = None;
+    }
+
+    /// A reset on `side` is passed on: the other peer sees a reset (SO_LINGER 0 at close),
+    /// not a clean end of stream. Only for a session with a backend socket; says whether it
+    /// had one.
+    pub fn pass_reset(&self, side: Side) -> bool {
+        let Some(backend) = &self.backend else {
+            return false;
+        };
+        let other = match side {
+            Side::Client => backend,
+            Side::Backend => &self.client,
+        };
+        let _ = SockRef::from(other).set_linger(Some(Duration::ZERO));
+        true
+    }
+
+    /// Shuts down the write side of each socket: the FIN of a close holdfast decided itself
+    /// (a drain, a timeout), which must end with a clean end of stream on both sides, never
+    /// a reset, so clients reconnect with their own back-off rather than treating it as an
+    /// error.
+    ///
+    /// `close()` of a socket whose receive queue holds unread bytes makes the kernel send a
+    /// RST instead of a FIN, dropping whatever it still had to send (the FIN included); and
+    /// bytes arriving after the close are answered with a RST too. A peer still sending
+    /// (or a backlog of bytes holdfast stopped reading, by backpressure) is therefore reset,
+    /// and if our FIN had not gone out yet, its read sees ECONNRESET instead of EOF. So the
+    /// write side is shut down (the FIN queues behind the bytes already sent) and the sockets
+    /// stay open, reading and discarding what arrives ([`Session::linger`]), until each peer
+    /// has acknowledged our FIN (nothing unacknowledged is left: it has read, or will read,
+    /// EOF whatever follows) or has ended its own stream, or until [`LINGER_TIMEOUT`]. Only
+    /// then are they closed.
+    pub fn shutdown_writes(&self) {
+        let _ = self.client.shutdown(Shutdown::Write);
+        if let Some(socket) = &self.backend {
+            let _ = socket.shutdown(Shutdown::Write);
+        }
+    }
+
+    /// A lingering session's sockets (those asked for): discards what arrived, and says
+    /// whether each is finished with. A socket not asked for, or absent, counts as finished.
+    pub fn linger(&self, pools: &mut Pools, client: bool, backend: bool) -> (bool, bool) {
+        let client_done = !client || relay::linger(&self.client, pools);
+        let backend_done = match &self.backend {
+            Some(socket) if backend => relay::linger(socket, pools),
+            _ => true,
+        };
+        (client_done, backend_done)
+    }
+}

@@ -1,0 +1,645 @@
+//! A session's life as data: the phase it is in, what that phase carries, and what each event
+//! does to it. One idea (the state machine), so one file a little over 600 lines; its
+//! vocabulary is in `events.rs` and its table of transitions in `state/tests.rs`.
+//!
+//! Pure: no sockets, no poller, no clock of its own (the caller passes `now`), no shared
+//! counters. [`State::on`] takes an [`Event`] (something the worker saw or did) and returns
+//! the [`Action`]s the worker must carry out, in order; the worker owns the sockets, the
+//! poller, the timers, the queue and the pools, and is the only one that touches them. So
+//! every transition is tested without a socket.
+//!
+//! ```text
+//!            ConnectStarted               Connected
+//!  accept ─► Placing ───────────► Connecting ───────► Relaying ─both directions done, a reset,
+//!             │  ▲ ▲                  │                   │     shutdown ─► Closed
+//!             │  │ └──ConnectFailed, ─┘                   └─drain, idle or backend timeout
+//!             │  │    or this attempt's connect timer             ─► Lingering ─► Closed
+//!             │  │    (next candidate; none left: NoBackend ─► Closed)
+//!             │  └──Dequeued── Queued ─this stay's queue timer, or the client left─► Closed
+//!             │                  ▲
+//!             └─NoRoom─► Enqueue ┘ Admitted: a new deadline (from the queue: Requeue, back
+//!                                  in with the deadline it had)
+//! ```
+//!
+//! `Placing` lasts within one call of the worker: it is the session while the worker picks a
+//! backend and starts its connect, and carries the backends that already failed for this
+//! client (and, for a client taken out of the queue, the deadline it goes back in with).
+//! Each connect attempt is numbered by a counter that only goes up, so a connect timer armed
+//! for an earlier attempt (even one before a stay in the queue that forgot the backends
+//! tried) never matches a later one; a queue timer matches only the deadline of the current
+//! stay. `Lingering` is a session already closed (counted, logged, its backend slot given
+//! back) whose sockets stay open, write sides shut down, until the peers have taken the FIN
+//! or [`LINGER_TIMEOUT`] has passed. Any phase can be closed (a drain, shutdown, the client
+//! leaving): what it holds is given back by the actions of [`Event::Close`].
+//!
+//! Relaying is the hot path: one [`Event::Relayed`] per run of the pumps. It costs no
+//! allocation ([`Actions`] is a fixed array) and usually returns no action at all.
+
+use std::time::{Duration, Instant};
+
+use super::events::{Action, Actions, CloseReason, Event, Relayed, Rules};
+use crate::backend::Failure;
+use crate::timer::TimerKind;
+use crate::token::Side;
+
+/// How long holdfast keeps the sockets of a session it closed itself (a drain, a timeout)
+/// open after shutting down their write sides, for the peers to receive the FIN (see
+/// [`Phase::Lingering`]). A peer that has not acknowledged it by then is closed on regardless.
+pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a lingering session looks whether its peers have acknowledged the FIN (no
+/// event says so).
+pub const LINGER_CHECK: Duration = Duration::from_millis(10);
+
+/// Where a session is, with what that phase needs to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The worker is finding a backend and starting its connect (within one call).
+    Placing {
+        /// Backends that already failed for this client (excluded, and counted against
+        /// `--retries`).
+        tried: Vec<usize>,
+        /// Taken out of the queue to be placed: if no backend has room it goes back in with
+        /// this deadline. `None` for a new client or one whose connect failed: it would join
+        /// the queue afresh, with a whole new timeout.
+        requeue: Option<Instant>,
+    },
+    /// Waiting in the worker's queue for a backend with room, until `deadline`. Holds the
+    /// client socket alone: no backend socket, no pipe, no buffer.
+    Queued {
+        deadline: Instant,
+        tried: Vec<usize>,
+    },
+    /// A non-blocking connect to backend `index` is under way; the backend's slot is held.
+    Connecting {
+        index: usize,
+        /// This attempt's number, so a timer armed for an earlier attempt is ignored.
+        attempt: u32,
+        tried: Vec<usize>,
+        /// When the connect started (its latency is recorded when it succeeds).
+        started: Instant,
+    },
+    /// Connected; the worker's pumps move bytes both ways. The backend's slot is held.
+    Relaying {
+        index: usize,
+        /// When the backend connection was established.
+        established: Instant,
+        /// Which side ended its stream first, once one has.
+        first_eof: Option<Side>,
+        /// Bytes written to the backend and to the client so far.
+        up: u64,
+        down: u64,
+        /// With `--backend-timeout`: when the client first sent bytes that the backend has
+        /// not answered since (`None` while nothing is waiting for an answer).
+        unanswered_since: Option<Instant>,
+        /// A backend-timeout timer is armed (one at a time; it re-arms itself lazily, like
+        /// the idle timer).
+        backend_timer: bool,
+    },
+    /// Closed (counted, logged, its slot given back) by holdfast itself, with a FIN: the
+    /// sockets' write sides are shut down, and they stay open only to discard what still
+    /// arrives until each peer has acknowledged the FIN or ended its stream, or until
+    /// `until`. `backend_done` starts true when there is no backend stream to end.
+    Lingering {
+        until: Instant,
+        client_done: bool,
+        backend_done: bool,
+    },
+    /// Gone: the worker drops the sockets and the slab entry.
+    Closed,
+}
+
+/// A phase without its data, for routing and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tag {
+    Placing,
+    Queued,
+    Connecting,
+    Relaying,
+    Lingering,
+    Closed,
+}
+
+/// A session's phase, its attempt counter and its last activity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct State {
+    phase: Phase,
+    /// Backend connects started so far. It numbers the attempts and only goes up: a stay in
+    /// the queue may forget the backends tried, never this count.
+    attempts: u32,
+    /// Last time a byte moved either way (for the idle timeout).
+    last_active: Instant,
+}
+
+impl State {
+    /// A client just accepted: the worker places it next.
+    pub fn new(now: Instant) -> State {
+        State {
+            phase: Phase::Placing {
+                tried: Vec::new(),
+                requeue: None,
+            },
+            attempts: 0,
+            last_active: now,
+        }
+    }
+
+    pub fn tag(&self) -> Tag {
+        match self.phase {
+            Phase::Placing { .. } => Tag::Placing,
+            Phase::Queued { .. } => Tag::Queued,
+            Phase::Connecting { .. } => Tag::Connecting,
+            Phase::Relaying { .. } => Tag::Relaying,
+            Phase::Lingering { .. } => Tag::Lingering,
+            Phase::Closed => Tag::Closed,
+        }
+    }
+
+    /// The backend this session holds a slot in (connecting or relaying).
+    pub fn backend(&self) -> Option<usize> {
+        match self.phase {
+            Phase::Connecting { index, .. } | Phase::Relaying { index, .. } => Some(index),
+            _ => None,
+        }
+    }
+
+    /// While placing: the backends that already failed for this client, for the worker's
+    /// pick to skip and to add those whose connect fails at once.
+    pub fn tried_mut(&mut self) -> Option<&mut Vec<usize>> {
+        match &mut self.phase {
+            Phase::Placing { tried, .. } => Some(tried),
+            _ => None,
+        }
+    }
+
+    /// The number of the connect under way, if one is.
+    pub fn connect_attempt(&self) -> Option<u32> {
+        match self.phase {
+            Phase::Connecting { attempt, .. } => Some(attempt),
+            _ => None,
+        }
+    }
+
+    /// Bytes relayed so far, client to backend and backend to client.
+    pub fn bytes(&self) -> (u64, u64) {
+        match self.phase {
+            Phase::Relaying { up, down, .. } => (up, down),
+            _ => (0, 0),
+        }
+    }
+
+    /// How the session ended, in the words of the session log (asked before the close).
+    pub fn end_label(&self, reason: CloseReason) -> &'static str {
+        match reason {
+            CloseReason::Done => match self.phase {
+                Phase::Relaying {
+                    first_eof: Some(Side::Backend),
+                    ..
+                } => "backend-close",
+                _ => "client-close",
+            },
+            CloseReason::Reset(Side::Client) => "client-reset",
+            CloseReason::Reset(Side::Backend) => "backend-reset",
+            CloseReason::IdleTimeout => "idle-timeout",
+            CloseReason::BackendTimeout => "backend-timeout",
+            CloseReason::NoBackend => "connect-failure",
+            CloseReason::QueueTimeout => "queue-timeout",
+            CloseReason::Exhausted => "out-of-resources",
+            CloseReason::Drain => "drain",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// Applies `event` and returns what the worker must do. An event that does not concern
+    /// the current phase (a timer armed for an earlier phase or attempt, a readiness event
+    /// that has to wait) changes nothing and asks for nothing.
+    pub fn on(&mut self, event: Event, now: Instant, rules: &Rules) -> Actions {
+        let mut out = Actions::default();
+        match event {
+            Event::Ready {
+                side,
+                hung_up,
+                plain_writable,
+            } => self.ready(side, hung_up, plain_writable, &mut out),
+            Event::ConnectStarted { index } => self.connect_started(index, now, rules, &mut out),
+            Event::NoRoom => self.no_room(&mut out),
+            Event::NoBackend => {
+                if let Phase::Placing { .. } = self.phase {
+                    out.push(Action::Close(CloseReason::NoBackend));
+                }
+            }
+            Event::Admitted => self.admitted(now, rules, &mut out),
+            Event::Dequeued { fresh } => self.dequeued(fresh, &mut out),
+            Event::Connected => self.connected(now, rules, &mut out),
+            Event::ConnectFailed => self.connect_failed(&mut out),
+            Event::Relayed(relayed) => self.relayed(relayed, now, rules, &mut out),
+            Event::Timer { kind, at } => self.on_timer(kind, at, now, rules, &mut out),
+            Event::Lingered {
+                client_done,
+                backend_done,
+            } => self.lingered(client_done, backend_done, now, &mut out),
+            Event::Close(reason) => self.close(reason, now, rules, &mut out),
+        }
+        out
+    }
+
+    /// Routes a readiness event: a relaying session runs its pumps; a connecting one looks
+    /// at its connect; a waiting client that hung up is looked at (it gives up its place if
+    /// it has left: no backend slot or rate token is spent on it); client bytes otherwise
+    /// wait until the backend is connected; a lingering session discards what came.
+    fn ready(&self, side: Side, hung_up: bool, plain_writable: bool, out: &mut Actions) {
+        match (&self.phase, side) {
+            (Phase::Relaying { .. }, _) => out.push(Action::Relay),
+            (Phase::Connecting { .. }, Side::Backend) => {
+                out.push(Action::CheckConnect { plain_writable });
+            }
+            (Phase::Queued { .. } | Phase::Connecting { .. }, Side::Client) if hung_up => {
+                out.push(Action::CheckClient);
+            }
+            (
+                Phase::Lingering {
+                    client_done,
+                    backend_done,
+                    ..
+                },
+                _,
+            ) => out.push(Action::Linger {
+                client: !client_done,
+                backend: !backend_done,
+            }),
+            _ => {}
+        }
+    }
+
+    fn connect_started(&mut self, index: usize, now: Instant, rules: &Rules, out: &mut Actions) {
+        let Phase::Placing { tried, .. } = &mut self.phase else {
+            return;
+        };
+        let tried = std::mem::take(tried);
+        self.attempts += 1;
+        let attempt = self.attempts;
+        self.phase = Phase::Connecting {
+            index,
+            attempt,
+            tried,
+            started: now,
+        };
+        out.push(Action::ArmTimer {
+            kind: TimerKind::Connect { attempt },
+            at: now + rules.connect_timeout,
+        });
+    }
+
+    fn no_room(&mut self, out: &mut Actions) {
+        let Phase::Placing { tried, requeue } = &mut self.phase else {
+            return;
+        };
+        match *requeue {
+            // Back in the queue (same place, same deadline): its timer is still armed.
+            Some(deadline) => {
+                let tried = std::mem::take(tried);
+                self.phase = Phase::Queued { deadline, tried };
+                out.push(Action::Requeue);
+            }
+            None => out.push(Action::Enqueue),
+        }
+    }
+
+    fn admitted(&mut self, now: Instant, rules: &Rules, out: &mut Actions) {
+        let Phase::Placing { tried, .. } = &mut self.phase else {
+            return;
+        };
+        let deadline = now + rules.queue_timeout;
+        let tried = std::mem::take(tried);
+        self.phase = Phase::Queued { deadline, tried };
+        out.push(Action::ArmTimer {
+            kind: TimerKind::Queue,
+            at: deadline,
+        });
+    }
+
+    /// Out of the queue while it tries; back in with the same deadline if there is no room.
+    /// Backends that already failed for this client stay excluded and count against
+    /// `--retries`: a refusing backend with room must not be hammered by a client that keeps
+    /// coming back from the queue. A set that moved backends around (a reload or a DNS
+    /// answer) invalidates their indices: a fresh start.
+    fn dequeued(&mut self, fresh: bool, out: &mut Actions) {
+        let Phase::Queued { deadline, tried } = &mut self.phase else {
+            return;
+        };
+        let mut tried = std::mem::take(tried);
+        if fresh {
+            tried.clear();
+        }
+        self.phase = Phase::Placing {
+            tried,
+            requeue: Some(*deadline),
+        };
+        out.push(Action::LeaveQueue);
+    }
+
+    /// Bytes that arrived on either side while connecting are not lost: both sockets were
+    /// registered before, and their readiness recorded since, so the first relay reads them.
+    fn connected(&mut self, now: Instant, rules: &Rules, out: &mut Actions) {
+        let Phase::Connecting { index, started, .. } = self.phase else {
+            return;
+        };
+        self.phase = Phase::Relaying {
+            index,
+            established: now,
+            first_eof: None,
+            up: 0,
+            down: 0,
+            unanswered_since: None,
+            backend_timer: false,
+        };
+        self.last_active = now;
+        out.push(Action::Established {
+            index,
+            latency: now.saturating_duration_since(started),
+        });
+        if let Some(idle) = rules.idle_timeout {
+            out.push(Action::ArmTimer {
+                kind: TimerKind::Idle,
+                at: now + idle,
+            });
+        }
+        out.push(Action::Relay);
+    }
+
+    /// The attempt failed or timed out: its slot is given back, the failure counted, the
+    /// socket closed (so a retry needs no descriptor more than the session had), and the
+    /// next candidate tried; only-full backends left send it to the queue afresh.
+    fn connect_failed(&mut self, out: &mut Actions) {
+        let Phase::Connecting { index, tried, .. } = &mut self.phase else {
+            return;
+        };
+        let index = *index;
+        let mut tried = std::mem::take(tried);
+        tried.push(index);
+        self.phase = Phase::Placing {
+            tried,
+            requeue: None,
+        };
+        out.push(Action::ReleaseSlot(index));
+        out.push(Action::CountFailure(index, Failure::Connect));
+        out.push(Action::DropBackend);
+        out.push(Action::Place);
+    }
+
+    fn relayed(&mut self, run: Relayed, now: Instant, rules: &Rules, out: &mut Actions) {
+        let Phase::Relaying {
+            index,
+            established,
+            first_eof,
+            up,
+            down,
+            unanswered_since,
+            backend_timer,
+        } = &mut self.phase
+        else {
+            return;
+        };
+        let index = *index;
+        let mut backend_quit = false;
+        if first_eof.is_none() {
+            if run.down_done {
+                *first_eof = Some(Side::Backend);
+                backend_quit = true;
+            } else if run.up_done {
+                *first_eof = Some(Side::Client);
+            }
+        }
+        if run.up + run.down > 0 {
+            self.last_active = now;
+            if run.down > 0 && *down == 0 {
+                // The first bytes the backend sent back: it is serving, so its run of
+                // consecutive failures is over. Bytes written to it prove nothing (only
+                // that its kernel took them), so they do not count.
+                out.push(Action::ResetStreak(index));
+            }
+        }
+        *up += run.up;
+        *down += run.down;
+        if let Some(limit) = rules.backend_timeout {
+            // The clock runs from the first client byte after the backend's last answer
+            // (bytes both ways in one run count as answered). A backend that ended its side
+            // can answer no more: it is not waited for.
+            if run.down > 0 {
+                *unanswered_since = None;
+            } else if run.up > 0 && unanswered_since.is_none() && !run.down_done {
+                *unanswered_since = Some(now);
+                if !*backend_timer {
+                    *backend_timer = true;
+                    out.push(Action::ArmTimer {
+                        kind: TimerKind::Backend,
+                        at: now + limit,
+                    });
+                }
+            }
+        }
+        // The backend ended its side (EOF) without having answered a byte, soon after the
+        // session began: a passive failure, counted when it happens (the client may keep its
+        // side open for long after).
+        if backend_quit
+            && *down == 0
+            && now.saturating_duration_since(*established) <= rules.connect_timeout
+        {
+            out.push(Action::CountFailure(index, Failure::Passive));
+        }
+        if let Some(side) = run.failed {
+            out.push(Action::Close(CloseReason::Reset(side)));
+        } else if run.up_done && run.down_done {
+            out.push(Action::Close(CloseReason::Done));
+        } else if run.yielded {
+            out.push(Action::RunAgain);
+        }
+    }
+
+    fn on_timer(
+        &mut self,
+        kind: TimerKind,
+        at: Instant,
+        now: Instant,
+        rules: &Rules,
+        out: &mut Actions,
+    ) {
+        match (kind, &mut self.phase) {
+            (
+                TimerKind::Connect { attempt },
+                Phase::Connecting {
+                    attempt: current, ..
+                },
+            ) if attempt == *current => {
+                self.connect_failed(out);
+            }
+            // Lazy: one entry per session, which either closes it or is pushed back to the
+            // deadline it has by now, so a busy session costs no timer work per byte.
+            (TimerKind::Idle, Phase::Relaying { .. }) => {
+                let Some(idle) = rules.idle_timeout else {
+                    return;
+                };
+                let deadline = self.last_active + idle;
+                if deadline <= now {
+                    out.push(Action::Close(CloseReason::IdleTimeout));
+                } else {
+                    out.push(Action::ArmTimer {
+                        kind: TimerKind::Idle,
+                        at: deadline,
+                    });
+                }
+            }
+            (
+                TimerKind::Backend,
+                Phase::Relaying {
+                    first_eof,
+                    unanswered_since,
+                    backend_timer,
+                    ..
+                },
+            ) => {
+                let Some(limit) = rules.backend_timeout else {
+                    return;
+                };
+                *backend_timer = false;
+                let Some(since) = *unanswered_since else {
+                    return; // answered meanwhile; the next client byte re-arms it
+                };
+                if *first_eof == Some(Side::Backend) {
+                    return; // the backend ended its side: it is not waited for
+                }
+                let deadline = since + limit;
+                if deadline <= now {
+                    out.push(Action::Close(CloseReason::BackendTimeout));
+                } else {
+                    *backend_timer = true;
+                    out.push(Action::ArmTimer {
+                        kind: TimerKind::Backend,
+                        at: deadline,
+                    });
+                }
+            }
+            // Only the timer of the current stay: a client that was placed, failed its
+            // connect and was queued again has a new deadline.
+            (TimerKind::Queue, Phase::Queued { deadline, .. }) if at == *deadline => {
+                out.push(Action::Close(CloseReason::QueueTimeout));
+            }
+            (TimerKind::DrainClose, Phase::Lingering { .. } | Phase::Closed) => {}
+            (TimerKind::DrainClose, _) => out.push(Action::Close(CloseReason::Drain)),
+            (
+                TimerKind::Linger,
+                Phase::Lingering {
+                    until,
+                    client_done,
+                    backend_done,
+                },
+            ) => {
+                out.push(Action::Linger {
+                    client: !*client_done,
+                    backend: !*backend_done,
+                });
+                // Skipped by the worker if that look ended the session.
+                out.push(Action::ArmTimer {
+                    kind: TimerKind::Linger,
+                    at: (now + LINGER_CHECK).min(*until),
+                });
+            }
+            _ => {} // armed for an earlier phase or attempt
+        }
+    }
+
+    fn lingered(&mut self, client: bool, backend: bool, now: Instant, out: &mut Actions) {
+        let Phase::Lingering {
+            until,
+            client_done,
+            backend_done,
+        } = &mut self.phase
+        else {
+            return;
+        };
+        *client_done |= client;
+        *backend_done |= backend;
+        if (*client_done && *backend_done) || now >= *until {
+            self.phase = Phase::Closed;
+            out.push(Action::Remove);
+        }
+    }
+
+    /// The session ends: what it holds is given back, and its sockets are closed, or, for a
+    /// close holdfast decided itself, shut down and left to linger (see `Session` for why).
+    fn close(&mut self, reason: CloseReason, now: Instant, rules: &Rules, out: &mut Actions) {
+        let relaying = matches!(self.phase, Phase::Relaying { .. });
+        match &self.phase {
+            Phase::Lingering { .. } => {
+                // Closed already in every respect but its sockets: drop them now.
+                self.phase = Phase::Closed;
+                out.push(Action::Remove);
+                return;
+            }
+            Phase::Closed => return,
+            Phase::Placing { .. } => {}
+            Phase::Queued { .. } => out.push(Action::LeaveQueue),
+            Phase::Connecting { index, .. } => {
+                out.push(Action::ReleaseSlot(*index));
+                if reason.ends_with_fin() {
+                    out.push(Action::DropBackend); // no stream to end
+                }
+            }
+            Phase::Relaying { index, .. } => {
+                out.push(Action::ReleaseSlot(*index));
+                if self.backend_gave_up(reason, now, rules) {
+                    out.push(Action::CountFailure(*index, Failure::Passive));
+                }
+            }
+        }
+        if reason.ends_with_fin() {
+            self.phase = Phase::Lingering {
+                until: now + LINGER_TIMEOUT,
+                client_done: false,
+                backend_done: !relaying,
+            };
+            out.push(Action::ShutdownWrites);
+            out.push(Action::ArmTimer {
+                kind: TimerKind::Linger,
+                at: now + LINGER_CHECK,
+            });
+            out.push(Action::Linger {
+                client: true,
+                backend: relaying,
+            });
+        } else {
+            self.phase = Phase::Closed;
+            out.push(Action::Remove);
+        }
+    }
+
+    /// The session is closing for a reason that is a passive failure of its backend: a reset
+    /// from the backend, which had answered nothing and reset within `--connect-timeout` of
+    /// the start (a backend that ended with EOF instead was judged when the EOF arrived, so
+    /// it is not counted twice); or the backend timeout, on a session the backend never
+    /// answered a single byte (a backend that accepts and hangs). Bytes the client sent do
+    /// not matter: that the backend's kernel took them proves nothing, and a client that
+    /// speaks first (a WebSocket upgrade) always sends some.
+    fn backend_gave_up(&self, reason: CloseReason, now: Instant, rules: &Rules) -> bool {
+        let Phase::Relaying {
+            first_eof,
+            down,
+            established,
+            ..
+        } = self.phase
+        else {
+            return false;
+        };
+        match reason {
+            CloseReason::Reset(Side::Backend) => {
+                first_eof != Some(Side::Backend)
+                    && down == 0
+                    && now.saturating_duration_since(established) <= rules.connect_timeout
+            }
+            CloseReason::BackendTimeout => down == 0,
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,185 @@
+//! Accepting clients: a batch per listener per turn, a slot under `--max-conns` reserved
+//! before each accept, a descriptor held in reserve for each client's backend socket, and a
+//! pause when descriptors or memory run out.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use mio::Interest;
+use mio::net::TcpStream;
+use socket2::SockRef;
+
+use super::{Worker, is_resource_exhaustion};
+use crate::listener::tune_socket;
+use crate::session::Session;
+use crate::stats::Counters;
+use crate::sys;
+use crate::token::{Side, Target};
+
+/// Most connections accepted from one listener in one turn.
+const ACCEPT_BATCH: usize = 64;
+/// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM before it is tried again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often a worker at `--max-conns` looks again whether there is room.
+pub(super) const MAX_CONNS_RECHECK: Duration = Duration::from_millis(20);
+
+impl Worker {
+    pub(super) fn at_max_conns(&self) -> bool {
+        self.config.max_conns > 0
+            && self.counters.active.load(Relaxed) >= self.config.max_conns as u64
+    }
+
+    /// Reserves a slot under `--max-conns` before accepting, so workers together never
+    /// exceed it. Without a cap it only counts; so does a drain, which takes the clients
+    /// already in the backlog whatever the cap (they connected before it began, and it
+    /// promises to serve them), so the cap may be exceeded by at most the backlog.
+    fn reserve_slot(&self) -> bool {
+        let max = self.config.max_conns as u64;
+        if max == 0 || self.draining {
+            Counters::incr(&self.counters.active);
+            return true;
+        }
+        self.counters
+            .active
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    pub(super) fn accept_all(&mut self) {
+        if let Some(until) = self.accept_paused_until {
+            if self.now < until {
+                return;
+            }
+            self.accept_paused_until = None;
+        }
+        for i in 0..self.listeners.len() {
+            if self.listener_ready[i] {
+                self.accept_from(i);
+            }
+        }
+    }
+
+    /// Accepts from listener `i` until it is empty (`WouldBlock`), or the batch is done, or
+    /// descriptors or `--max-conns` run short. A drain takes the whole backlog in one go.
+    fn accept_from(&mut self, i: usize) {
+        let batch = if self.draining {
+            usize::MAX
+        } else {
+            ACCEPT_BATCH
+        };
+        for _ in 0..batch {
+            // A client is accepted only with a descriptor in reserve for its backend socket
+            // (accept itself needs the other one): otherwise it would be accepted and then
+            // closed, with its request unread, which is a reset. Short, it waits in the
+            // kernel's backlog instead.
+            if !self.refill_spare() {
+                return;
+            }
+            // At the cap the connection stays in the kernel's backlog (the client waits)
+            // rather than being accepted and closed.
+            if !self.reserve_slot() {
+                return;
+            }
+            let Some(listener) = &self.listeners[i] else {
+                Counters::decr(&self.counters.active);
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, addr)) => {
+                    Counters::incr(&self.counters.accepted);
+                    self.start_session(stream, addr, i);
+                    if self.accept_paused_until.is_some() {
+                        return; // that session ran short of descriptors: so would the next
+                    }
+                }
+                Err(e) => {
+                    Counters::decr(&self.counters.active);
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => self.listener_ready[i] = false,
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => continue,
+                        _ => {
+                            Counters::incr(&self.counters.accept_errors);
+                            self.resources_exhausted(e);
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Makes sure a descriptor is held in reserve for the next backend socket; `false` if
+    /// none can be had (out of descriptors: accepting pauses).
+    fn refill_spare(&mut self) -> bool {
+        if self.spare.is_some() {
+            return true;
+        }
+        match reserve_descriptor() {
+            Ok(fd) => {
+                self.spare = Some(fd);
+                true
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                Counters::incr(&self.counters.accept_errors);
+                self.resources_exhausted(e);
+                false
+            }
+            Err(e) => {
+                // Not a shortage (no UDP here?): go on without a reserve, as before.
+                log::debug!("worker {}: cannot reserve a descriptor: {e}", self.id);
+                true
+            }
+        }
+    }
+
+    /// EMFILE and friends, from accept or from creating a backend socket: waiting clients
+    /// stay in the backlog; accepting resumes shortly rather than spinning on an error that
+    /// will repeat until descriptors are freed.
+    pub(super) fn resources_exhausted(&mut self, e: io::Error) {
+        self.accept_paused_until = Some(self.now + ACCEPT_BACKOFF);
+        if let Some(suppressed) = self.accept_error_log.allow(self.now) {
+            log::warn!(
+                "worker {}: {e}; pausing accepts for {ACCEPT_BACKOFF:?} \
+                 ({suppressed} similar messages suppressed)",
+                self.id
+            );
+        }
+    }
+
+    /// A new session for an accepted client, placed at once (or queued, or closed).
+    fn start_session(&mut self, client: TcpStream, client_addr: SocketAddr, listener: usize) {
+        // On Linux the accepted socket already carries the listener's options.
+        if !sys::ACCEPT_INHERITS_SOCKET_OPTIONS {
+            tune_socket(SockRef::from(&client), self.config.tcp_keepalive);
+        }
+        let entry = self.sessions.vacant_entry();
+        let key = entry.key();
+        let id = self.next_id;
+        self.next_id += 1;
+        let set = Arc::clone(&self.backends);
+        let mut session = Session::new(id, client, client_addr, listener, set, self.now);
+        if let Err(e) = self.poll.registry().register(
+            &mut session.client,
+            Target::Session(key, Side::Client).token(),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("worker {}: cannot register client socket: {e}", self.id);
+            Counters::decr(&self.counters.active);
+            Counters::incr(&self.counters.closed);
+            return;
+        }
+        entry.insert(session);
+        self.place(key);
+    }
+}
+
+/// A descriptor to hold in reserve (see `Worker::spare`): an unbound UDP socket, which needs
+/// no file system path and costs the kernel little.
+pub(super) fn reserve_descriptor() -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    Socket::new(Domain::IPV4, Type::DGRAM, None)
+        .or_else(|_| Socket::new(Domain::IPV6, Type::DGRAM, None))
+}

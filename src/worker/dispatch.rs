@@ -1,0 +1,279 @@
+//! Events to sessions, and their actions carried out.
+//!
+//! A readiness event, a timer or a finished piece of I/O becomes an [`Event`] for the
+//! session's [`State`](crate::session::State), which answers with [`Action`]s; [`Worker::apply`]
+//! carries them out on the worker's shared resources (poller, timers, queue, pools,
+//! counters) and the session's sockets. Closing is here too: it counts and logs the session,
+//! then lets its state say what to give back.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::Worker;
+use crate::session::{Action, Actions, CloseReason, Event, Tag};
+use crate::stats::Counters;
+use crate::timer::{Timer, TimerKind};
+use crate::token::Side;
+
+impl Worker {
+    /// A readiness event for a session's socket: recorded in its readiness flags, then
+    /// handed to its state.
+    pub(super) fn handle_event(&mut self, key: usize, side: Side, event: &mio::event::Event) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return; // an event for a session closed earlier in this turn
+        };
+        let Some(ready) = session.ready_mut(side) else {
+            return;
+        };
+        // Errors and hang-ups are surfaced by the next read or write, which is where they are
+        // handled; marking the socket ready makes sure that call happens.
+        let failed = event.is_error();
+        ready.readable |= event.is_readable() || event.is_read_closed() || failed;
+        ready.writable |= event.is_writable() || event.is_write_closed() || failed;
+        ready.hung_up |= event.is_read_closed() || failed;
+        let hung_up = failed || event.is_read_closed();
+        let readiness = Event::Ready {
+            side,
+            hung_up,
+            plain_writable: event.is_writable() && !hung_up && !event.is_write_closed(),
+        };
+        let actions = session.state.on(readiness, self.now, &self.rules);
+        self.apply(key, actions);
+    }
+
+    /// Carries out a session's actions, in order. Once the session is gone (closed, or its
+    /// lingering ended), what is left concerned it only and is dropped.
+    pub(super) fn apply(&mut self, key: usize, actions: Actions) {
+        let Some(id) = self.sessions.get(key).map(|s| s.id) else {
+            return;
+        };
+        for action in actions {
+            let Some(session) = self.sessions.get_mut(key).filter(|s| s.id == id) else {
+                return;
+            };
+            match action {
+                Action::ArmTimer { kind, at } => self.timers.push(Timer { at, key, id, kind }),
+                Action::Place => {
+                    self.place(key);
+                }
+                Action::Enqueue => self.enqueue(key),
+                Action::Requeue => Counters::incr(&self.counters.queued),
+                Action::LeaveQueue => Counters::decr(&self.counters.queued),
+                Action::ReleaseSlot(index) => session.set.backends[index].stats.release(),
+                Action::CountFailure(index, failure) => {
+                    let backend = &session.set.backends[index];
+                    self.placer.backend_failed(backend, failure);
+                }
+                Action::ResetStreak(index) => session.set.backends[index].stats.reset_streak(),
+                Action::DropBackend => session.drop_backend(),
+                Action::Established { index, latency } => {
+                    session.set.backends[index]
+                        .stats
+                        .record_established(latency);
+                    session.start_relay(self.config.relay, self.config.tcp_keepalive);
+                }
+                Action::CheckConnect { plain_writable } => self.check_connect(key, plain_writable),
+                Action::CheckClient => {
+                    if let Some(reason) = session.client_left() {
+                        log::debug!("client {} left while waiting", session.client_addr);
+                        self.close(key, reason);
+                    }
+                }
+                Action::Relay => self.relay(key),
+                Action::RunAgain => {
+                    if !session.scheduled {
+                        session.scheduled = true;
+                        self.again.push(key);
+                    }
+                }
+                Action::Close(reason) => self.close(key, reason),
+                Action::ShutdownWrites => session.shutdown_writes(),
+                Action::Linger { client, backend } => {
+                    let (client_done, backend_done) =
+                        session.linger(&mut self.pools, client, backend);
+                    let lingered = Event::Lingered {
+                        client_done,
+                        backend_done,
+                    };
+                    let actions = session.state.on(lingered, self.now, &self.rules);
+                    self.apply(key, actions);
+                }
+                // Dropping a mio socket closes it and removes it from the poller.
+                Action::Remove => drop(self.sessions.try_remove(key)),
+            }
+        }
+    }
+
+    /// Runs both pumps of a relaying session. The hot path: the byte counters are added here
+    /// directly, and the state's answer is usually no action at all (no allocation either
+    /// way).
+    pub(super) fn relay(&mut self, key: usize) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let Some(run) = session.relay(&mut self.pools) else {
+            return;
+        };
+        if run.up + run.down > 0 {
+            if run.up > 0 {
+                self.counters
+                    .bytes_client_to_backend
+                    .fetch_add(run.up, Relaxed);
+            }
+            if run.down > 0 {
+                self.counters
+                    .bytes_backend_to_client
+                    .fetch_add(run.down, Relaxed);
+            }
+            if let Some(index) = session.state.backend() {
+                session.set.backends[index]
+                    .stats
+                    .add_bytes(run.up, run.down);
+            }
+        }
+        let actions = session.state.on(Event::Relayed(run), self.now, &self.rules);
+        self.apply(key, actions);
+    }
+
+    /// The backend socket of a connecting session is writable: did the connect succeed?
+    fn check_connect(&mut self, key: usize, plain_writable: bool) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let event = match session.connect_result(plain_writable) {
+            None => return,
+            Some(Ok(())) => Event::Connected,
+            Some(Err(e)) => {
+                if let Some(index) = session.state.backend() {
+                    let addr = session.set.backends[index].spec.addr;
+                    log::debug!("connect to {addr} failed: {e}");
+                }
+                Event::ConnectFailed
+            }
+        };
+        let actions = session.state.on(event, self.now, &self.rules);
+        self.apply(key, actions);
+    }
+
+    pub(super) fn run_again(&mut self) {
+        let keys = std::mem::take(&mut self.again);
+        for &key in &keys {
+            if let Some(session) = self.sessions.get_mut(key) {
+                session.scheduled = false;
+                self.relay(key);
+            }
+        }
+        // Reuse the allocation when nothing was queued meanwhile.
+        if self.again.is_empty() {
+            self.again = keys;
+            self.again.clear();
+        }
+    }
+
+    pub(super) fn fire_timers(&mut self) {
+        if self.timers.needs_compaction() {
+            // Drop the entries of closed sessions (see timer.rs). A live session keeps all of
+            // its entries; ones armed for an earlier attempt are few and expire soon.
+            let sessions = &self.sessions;
+            self.timers.compact(|t| {
+                t.kind == TimerKind::DrainDeadline
+                    || sessions.get(t.key).is_some_and(|s| s.id == t.id)
+            });
+        }
+        while let Some(timer) = self.timers.pop_expired(self.now) {
+            if timer.kind == TimerKind::DrainDeadline {
+                self.drain_deadline();
+                continue;
+            }
+            let Some(session) = self.sessions.get_mut(timer.key) else {
+                continue;
+            };
+            if session.id != timer.id {
+                continue; // the session it was armed for is gone
+            }
+            if let TimerKind::Connect { attempt } = timer.kind
+                && session.state.connect_attempt() == Some(attempt)
+                && let Some(index) = session.state.backend()
+            {
+                let addr = session.set.backends[index].spec.addr;
+                log::debug!("connect to {addr} timed out");
+            }
+            let fired = Event::Timer {
+                kind: timer.kind,
+                at: timer.at,
+            };
+            let actions = session.state.on(fired, self.now, &self.rules);
+            self.apply(timer.key, actions);
+        }
+    }
+
+    /// Ends a session: its pipes and buffers go back to the pools, a reset is passed on, it
+    /// is counted and logged, and its state says what else to give back and whether its
+    /// sockets close now or linger (a close holdfast decided ends with a FIN).
+    pub(super) fn close(&mut self, key: usize, reason: CloseReason) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        // A lingering session was counted and logged when it closed; it only drops its
+        // sockets now.
+        if session.state.tag() != Tag::Lingering {
+            session.release(&mut self.pools);
+            if let CloseReason::Reset(side) = reason
+                && session.pass_reset(side)
+            {
+                Counters::incr(&self.counters.resets);
+            }
+            let counter = match reason {
+                CloseReason::IdleTimeout => Some(&self.counters.idle_timeouts),
+                CloseReason::BackendTimeout => Some(&self.counters.backend_timeouts),
+                CloseReason::QueueTimeout => Some(&self.counters.queue_timeouts),
+                CloseReason::Drain => Some(&self.counters.closed_by_drain),
+                _ => None,
+            };
+            if let Some(counter) = counter {
+                Counters::incr(counter);
+            }
+            if self.config.log_sessions {
+                self.log_session(key, reason);
+            } else {
+                log::debug!(
+                    "session {} from {} closed: {reason:?}",
+                    session.id,
+                    session.client_addr
+                );
+            }
+            Counters::decr(&self.counters.active);
+            Counters::incr(&self.counters.closed);
+        }
+        if let Some(session) = self.sessions.get_mut(key) {
+            let actions = session
+                .state
+                .on(Event::Close(reason), self.now, &self.rules);
+            self.apply(key, actions);
+        }
+    }
+
+    /// The L4 equivalent of HAProxy's tcplog: who, through which listener, to which backend,
+    /// for how long, how many bytes each way, and how it ended.
+    fn log_session(&self, key: usize, reason: CloseReason) {
+        let Some(session) = self.sessions.get(key) else {
+            return;
+        };
+        let backend = session.state.backend().map_or_else(
+            || "-".to_string(),
+            |index| session.set.backends[index].spec.addr.to_string(),
+        );
+        let (up, down) = session.state.bytes();
+        let listen = self
+            .listen_addrs
+            .get(session.listener)
+            .map_or_else(|| "-".to_string(), |a| a.to_string());
+        log::info!(
+            target: "holdfast::session",
+            "session client={} listen={listen} backend={backend} duration={:.3}s \
+             bytes_client_to_backend={up} bytes_backend_to_client={down} end={}",
+            session.client_addr,
+            self.now.saturating_duration_since(session.started).as_secs_f64(),
+            session.state.end_label(reason),
+        );
+    }
+}

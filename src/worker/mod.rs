@@ -1,0 +1,289 @@
+//! A worker: one thread, one `mio::Poll`, its own listeners, and the sessions it accepted.
+//!
+//! Each turn of the loop waits for readiness events (or the next timer, or not at all when
+//! work is left over from the previous turn), then
+//!
+//! 1. records readiness and hands each event to the session it concerns;
+//! 2. accepts new clients from listeners that are ready, at most `ACCEPT_BATCH` per listener
+//!    per turn so a connection storm cannot starve live sessions (a drain takes the whole
+//!    backlog), each only with a descriptor in reserve for its backend socket;
+//! 3. runs sessions that used up their byte budget last turn;
+//! 4. places queued clients while backends have room;
+//! 5. fires expired timers (connect, idle, backend and queue timeouts, the drain deadline and
+//!    drain closes, and lingering sockets' looks).
+//!
+//! A session decides what happens to it (`session/state.rs`: an event in, actions out); the
+//! worker owns what sessions share (the poller, the slab, the queue, the timers, the pools,
+//! the picker) and carries the actions out. The files, one concern each:
+//!
+//! - `mod.rs`: the loop, control messages, and the worker's fields;
+//! - `dispatch.rs`: events to sessions, their actions carried out, closing;
+//! - `accept.rs`: accepting, `--max-conns`, the descriptor held in reserve;
+//! - `place.rs`: picking a backend, connecting, retrying, the queue;
+//! - `drain.rs`: holdfast's graceful shutdown and a drained backend's spread-out closes.
+//!
+//! Nothing here blocks, and nothing takes a lock: the backend set is an immutable snapshot
+//! swapped in by a control message, and the only shared writes are relaxed atomic counters.
+
+mod accept;
+mod dispatch;
+mod drain;
+mod place;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Waker};
+use slab::Slab;
+
+use crate::backend::BackendSet;
+use crate::config::Config;
+use crate::health::HealthLink;
+use crate::relay::Pools;
+use crate::session::{Rules, Session};
+use crate::stats::Counters;
+use crate::timer::Timers;
+use crate::token::Target;
+
+use place::{Placer, QUEUE_COMPACT_MIN, QUEUE_RECHECK};
+
+/// Messages from the control plane.
+pub enum Control {
+    /// Use this backend set for new connections from now on.
+    Backends(Arc<BackendSet>),
+    /// Graceful shutdown: close the listeners now, let sessions end on their own for
+    /// `timeout`, then close the rest evenly over `spread`, and exit when none is left.
+    Drain { timeout: Duration, spread: Duration },
+    /// A drained backend's drain timeout passed: close its sessions evenly over `spread`.
+    CloseBackend { addr: SocketAddr, spread: Duration },
+    /// Close everything and exit.
+    Shutdown,
+}
+
+pub struct Worker {
+    id: usize,
+    config: Arc<Config>,
+    /// The settings sessions' transitions depend on (from `config`).
+    rules: Rules,
+    poll: Poll,
+    control: Receiver<Control>,
+    /// `None` once closed (by a drain).
+    listeners: Vec<Option<TcpListener>>,
+    /// A listener got a readiness event and has not yet returned `WouldBlock`.
+    listener_ready: Vec<bool>,
+    /// Accepting is paused until then (after running out of descriptors or memory).
+    accept_paused_until: Option<Instant>,
+    /// A descriptor held in reserve for the backend socket of the next client (an unbound UDP
+    /// socket): a client is accepted only while one is held, and it is closed just before a
+    /// backend socket is made. So holdfast never accepts a client it has no descriptor to
+    /// serve with. Refilled before each accept.
+    spare: Option<socket2::Socket>,
+    backends: Arc<BackendSet>,
+    counters: Arc<Counters>,
+    sessions: Slab<Session>,
+    /// Sessions to run again next turn (they stopped early on the byte budget).
+    again: Vec<usize>,
+    /// Clients waiting for a backend with room, oldest first: (slab key, session id). An
+    /// entry whose session has gone (or whose key now holds another session) is skipped.
+    queue: VecDeque<(usize, u64)>,
+    /// The queue length at which its stale entries are next dropped.
+    queue_compact_at: usize,
+    /// Picks backends and starts connects; counts their failures.
+    placer: Placer,
+    timers: Timers,
+    pools: Pools,
+    next_id: u64,
+    now: Instant,
+    accept_error_log: LogLimiter,
+    no_backend_log: LogLimiter,
+    queue_log: LogLimiter,
+    /// A graceful shutdown is under way: listeners close once their backlog is taken, and
+    /// the worker exits when they are closed and the last session has ended.
+    draining: bool,
+    /// The drain's `--close-spread`, for its deadline.
+    close_spread: Duration,
+    /// The listen address of each listener, for session logs (kept after a drain closes them).
+    listen_addrs: Vec<SocketAddr>,
+}
+
+impl Worker {
+    pub fn new(
+        id: usize,
+        config: Arc<Config>,
+        listeners: Vec<TcpListener>,
+        backends: Arc<BackendSet>,
+        counters: Arc<Counters>,
+        health: HealthLink,
+    ) -> io::Result<(Worker, Sender<Control>, Arc<Waker>)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), Target::Waker.token())?);
+        let mut listeners = listeners;
+        for (i, l) in listeners.iter_mut().enumerate() {
+            poll.registry()
+                .register(l, Target::Listener(i).token(), Interest::READABLE)?;
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let listener_ready = vec![false; listeners.len()];
+        let listen_addrs = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<io::Result<Vec<_>>>()?;
+        let listeners = listeners.into_iter().map(Some).collect();
+        let worker = Worker {
+            id,
+            rules: Rules::new(&config),
+            placer: Placer::new(id, Arc::clone(&config), Arc::clone(&counters), health),
+            config,
+            poll,
+            control: rx,
+            listeners,
+            listener_ready,
+            accept_paused_until: None,
+            spare: accept::reserve_descriptor().ok(),
+            backends,
+            pools: Pools::new(Arc::clone(&counters)),
+            counters,
+            sessions: Slab::new(),
+            again: Vec::new(),
+            queue: VecDeque::new(),
+            queue_compact_at: QUEUE_COMPACT_MIN,
+            timers: Timers::default(),
+            next_id: 0,
+            now: Instant::now(),
+            accept_error_log: LogLimiter::default(),
+            no_backend_log: LogLimiter::default(),
+            queue_log: LogLimiter::default(),
+            draining: false,
+            close_spread: Duration::ZERO,
+            listen_addrs,
+        };
+        Ok((worker, tx, waker))
+    }
+
+    /// The event loop. Returns when told to shut down (or if the poller itself fails).
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("worker {}: poll failed: {e}; stopping this worker", self.id);
+                break;
+            }
+            self.now = Instant::now();
+            let mut shutdown = false;
+            for event in events.iter() {
+                match Target::from_token(event.token()) {
+                    Target::Waker => shutdown |= self.handle_control(),
+                    Target::Listener(i) => {
+                        if let Some(ready) = self.listener_ready.get_mut(i) {
+                            *ready = true;
+                        }
+                    }
+                    Target::Session(key, side) => self.handle_event(key, side, event),
+                }
+            }
+            if shutdown {
+                break;
+            }
+            self.accept_all();
+            if self.draining {
+                self.close_drained_listeners();
+            }
+            self.run_again();
+            if !self.queue.is_empty() {
+                self.service_queue();
+            }
+            self.fire_timers();
+            // Checked last: the turn may have closed the last session (a drain timer, a
+            // peer's FIN), and with nothing left to wait for the poll would never wake.
+            if self.draining && self.sessions.is_empty() && self.listeners.is_empty() {
+                log::info!("worker {}: drained", self.id);
+                break;
+            }
+        }
+        self.close_all();
+    }
+
+    /// Sleep until the next timer, or not at all if work is waiting.
+    fn poll_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        if !self.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let mut timeout = self.timers.next_timeout(now);
+        if self.listener_ready.iter().any(|&r| r) {
+            let wait = match self.accept_paused_until {
+                Some(until) => until.saturating_duration_since(now),
+                None if self.at_max_conns() && !self.draining => accept::MAX_CONNS_RECHECK,
+                None => Duration::ZERO,
+            };
+            timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+        }
+        if !self.queue.is_empty() {
+            timeout = Some(timeout.map_or(QUEUE_RECHECK, |t| t.min(QUEUE_RECHECK)));
+        }
+        timeout
+    }
+
+    /// Drains the control channel. Returns true on shutdown.
+    fn handle_control(&mut self) -> bool {
+        loop {
+            match self.control.try_recv() {
+                // Round-robin keeps its credits across sets that list the same backends in the
+                // same places: restarting on every publish (32 times per slow-start window,
+                // every state change) would hand every tie to the first backend. A set that
+                // moved backends around gets a fresh rotation.
+                Ok(Control::Backends(set)) => {
+                    if !set.same_places(&self.backends) {
+                        self.placer.reset();
+                    }
+                    self.backends = set;
+                }
+                Ok(Control::Drain { timeout, spread }) => self.start_drain(timeout, spread),
+                Ok(Control::CloseBackend { addr, spread }) => self.close_backend(addr, spread),
+                Ok(Control::Shutdown) | Err(TryRecvError::Disconnected) => return true,
+                Err(TryRecvError::Empty) => return false,
+            }
+        }
+    }
+}
+
+/// Errors that say this process or machine is out of descriptors or memory.
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// At most one message a second for a condition that can repeat thousands of times a second.
+#[derive(Default)]
+struct LogLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    /// `Some(n)` if a message may be logged now, `n` being how many were suppressed since the
+    /// last one.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
