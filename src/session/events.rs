@@ -155,8 +155,9 @@ pub enum Action {
     Established { index: usize, latency: Duration },
     /// Look whether the connect finished (a writable backend socket while connecting).
     CheckConnect { plain_writable: bool },
-    /// Look whether a waiting client has left (it reset, or closed with nothing sent).
-    CheckClient,
+    /// Look whether a waiting client has left: it reset, or (with `eof_is_gone`) it closed
+    /// with nothing sent. See [`super::Session::client_left`].
+    CheckClient { eof_is_gone: bool },
     /// Run the pumps.
     Relay,
     /// Run the pumps again next turn (they stopped on the byte budget).

@@ -172,19 +172,26 @@ impl Session {
     }
 
     /// Whether a client that is not relaying yet (queued, or waiting for its backend connect)
-    /// has gone: it reset the connection (`Reset`), or it closed it with nothing sent that is
-    /// still to be relayed (`Done`). A client that half-closed after sending its request (EOF
-    /// with bytes pending) has not gone: the request is still to be served, as HAProxy would
-    /// without `abortonclose`. Looks with `SO_ERROR` and a one-byte `MSG_PEEK`; consumes
-    /// nothing.
-    pub fn client_left(&self) -> Option<CloseReason> {
+    /// has gone: it reset the connection (`Reset`), or, when `eof_is_gone`, it closed it with
+    /// nothing sent that is still to be relayed (`Done`). Looks with `SO_ERROR` and a one-byte
+    /// `MSG_PEEK`; consumes nothing.
+    ///
+    /// At L4 a client that closed and one that only shut down its write side look the same
+    /// (an EOF). A client that half-closed after sending its request (EOF with bytes pending)
+    /// has never gone: the request is still to be served. With nothing pending, it depends on
+    /// the phase. A queued client may wait long for room, so an EOF gives up its place (like
+    /// HAProxy's `option abortonclose`): otherwise a flood of connect-and-close clients would
+    /// fill the queue and later be handed backend slots. A connecting client already holds its
+    /// slot, and the backend may be one that speaks first (a banner, a greeting) to a client
+    /// that has nothing to say, so only a reset ends it there.
+    pub fn client_left(&self, eof_is_gone: bool) -> Option<CloseReason> {
         match self.client.take_error() {
             Ok(None) => {}
             Ok(Some(_)) | Err(_) => return Some(CloseReason::Reset(Side::Client)),
         }
         let mut byte = [0u8; 1];
         match self.client.peek(&mut byte) {
-            Ok(0) => Some(CloseReason::Done),
+            Ok(0) => eof_is_gone.then_some(CloseReason::Done),
             Ok(_) => None,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => None,
             Err(_) => Some(CloseReason::Reset(Side::Client)),

@@ -252,8 +252,11 @@ impl State {
             (Phase::Connecting { .. }, Side::Backend) => {
                 out.push(Action::CheckConnect { plain_writable });
             }
-            (Phase::Queued { .. } | Phase::Connecting { .. }, Side::Client) if hung_up => {
-                out.push(Action::CheckClient);
+            (Phase::Queued { .. }, Side::Client) if hung_up => {
+                out.push(Action::CheckClient { eof_is_gone: true });
+            }
+            (Phase::Connecting { .. }, Side::Client) if hung_up => {
+                out.push(Action::CheckClient { eof_is_gone: false });
             }
             (
                 Phase::Lingering {

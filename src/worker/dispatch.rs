@@ -72,8 +72,8 @@ impl Worker {
                     session.start_relay(self.config.relay, self.config.tcp_keepalive);
                 }
                 Action::CheckConnect { plain_writable } => self.check_connect(key, plain_writable),
-                Action::CheckClient => {
-                    if let Some(reason) = session.client_left() {
+                Action::CheckClient { eof_is_gone } => {
+                    if let Some(reason) = session.client_left(eof_is_gone) {
                         log::debug!("client {} left while waiting", session.client_addr);
                         self.close(key, reason);
                     }

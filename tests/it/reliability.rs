@@ -74,6 +74,11 @@ impl GatedBackend {
 
     /// From now on, accept everything (the fillers too) and echo.
     fn open(&mut self) {
+        self.open_with(echo_until_eof);
+    }
+
+    /// From now on, accept everything (the fillers too) and run `handle` on each connection.
+    fn open_with(&mut self, handle: fn(TcpStream)) {
         let listener: TcpListener = self.listener.take().expect("opened once").into();
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::clone(&self.stop);
@@ -81,7 +86,7 @@ impl GatedBackend {
             while !stop.load(SeqCst) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        std::thread::spawn(move || echo_until_eof(stream));
+                        std::thread::spawn(move || handle(stream));
                     }
                     Err(_) => std::thread::sleep(ms(2)),
                 }
@@ -645,6 +650,42 @@ fn clients_that_leave_the_queue_give_up_their_place() {
         (0, 0, 0),
         "{st:?}"
     );
+}
+
+/// A client that says nothing and shuts down its write side while its backend connect is
+/// still under way has not left: an EOF with nothing sent looks the same whether the client
+/// closed or only half-closed, and a backend that speaks first (a banner) may be what it
+/// waits for. Only in the queue does such an EOF give up the client's place.
+#[test]
+fn a_silent_half_closed_client_still_gets_a_slow_backend_banner() {
+    let mut gated = GatedBackend::start();
+    let mut cfg = config(&[gated.addr()]);
+    cfg.connect_timeout = Duration::from_secs(20);
+    let lb = start_balancer(cfg);
+    let mut c = client(lb_addr(&lb));
+    wait_until(IO_TIMEOUT, || lb.stats().active == 1);
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    // Holdfast sees the hang-up within a turn of its loop; a client it took for gone would
+    // read EOF now.
+    c.set_read_timeout(Some(ms(300))).unwrap();
+    let mut byte = [0u8; 1];
+    match c.read(&mut byte) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("the half-closed client was closed while connecting: {other:?}"),
+    }
+    gated.open_with(|mut stream| {
+        let _ = stream.write_all(b"220 banner\r\n");
+    });
+    set_timeouts(&c);
+    let mut got = Vec::new();
+    c.read_to_end(&mut got)
+        .expect("the banner, then EOF, once the connect completes");
+    assert_eq!(got, b"220 banner\r\n");
+    assert_eq!(lb.stats().connect_failures, 0, "{:?}", lb.stats());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ fn transitions() {
             },
             now: t(1),
             to: state(queued(t(500), &[]), 0, t0),
-            actions: vec![CheckClient],
+            actions: vec![CheckClient { eof_is_gone: true }],
         },
         Case {
             name: "a queued client's bytes wait",
@@ -344,7 +344,7 @@ fn transitions() {
             },
             now: t(11),
             to: state(connecting(1, 1, &[], t(10)), 1, t0),
-            actions: vec![CheckClient],
+            actions: vec![CheckClient { eof_is_gone: false }],
         },
         Case {
             name: "a connecting session reset by its client: slot back, no failure",
