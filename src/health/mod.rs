@@ -283,6 +283,12 @@ impl Health {
         let ramp = self.config.health.slow_start.map(|_| now);
         let interval = self.config.health.interval;
         let n = specs.len().max(1) as u32;
+        // The list is the configuration; an operator's weight changes only the running state.
+        // A backend whose configured weight changes takes it, dropping the operator's; one
+        // whose configured weight stays keeps the operator's. An operator's drain is an
+        // operation, not configuration, and stays.
+        let configured: HashMap<SocketAddr, u32> =
+            self.specs.iter().map(|s| (s.addr, s.weight)).collect();
         for (i, spec) in specs.iter().enumerate() {
             match self.tracked.get_mut(&spec.addr) {
                 Some(t) if t.leaving => {
@@ -290,10 +296,23 @@ impl Health {
                     t.leaving = false;
                     t.drained = false;
                     t.close_at = None;
+                    t.weight = None;
                     let at = t.next_probe;
                     self.queue_probe(spec.addr, at);
                 }
-                Some(_) => {}
+                Some(t) => {
+                    if let Some(w) = t.weight
+                        && configured.get(&spec.addr) != Some(&spec.weight)
+                    {
+                        log::info!(
+                            "backend {}: weight {} from the new list replaces the weight {w} set \
+                             at run time",
+                            spec.addr,
+                            spec.weight
+                        );
+                        t.weight = None;
+                    }
+                }
                 None => {
                     log::info!("backend {} added", spec.addr);
                     let at = now + interval * i as u32 / n;

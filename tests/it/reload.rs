@@ -457,3 +457,50 @@ fn probes_of_a_large_pool_leave_descriptors_for_clients() {
     let mut c = client(target);
     round_trip(&mut c, b"a client among a thousand hung probes");
 }
+
+#[test]
+fn a_reload_that_changes_a_weight_in_the_file_overrides_the_runtime_weight() {
+    use holdfast::{BackendChange, BackendState};
+    let a = EchoBackend::start();
+    let b = EchoBackend::start();
+    let c = EchoBackend::start();
+    let (aa, ba, ca) = (a.addr(), b.addr(), c.addr());
+    let file = TempFile::new("backends", &format!("{aa}\n{ba},weight=2\n{ca}\n"));
+    let mut cfg = config(&[]);
+    cfg.backends_file = Some(file.path().to_path_buf());
+    let lb = start_balancer(cfg);
+    let reload = || {
+        lb.controller()
+            .reload()
+            .unwrap_or_else(|e| panic!("reload: {e}"))
+    };
+    let weight = |addr| backend_stat(&lb, addr).weight;
+
+    // Set at run time: a's and b's weights, and c drained.
+    lb.change_backend(aa, BackendChange::Weight(5)).unwrap();
+    lb.change_backend(ba, BackendChange::Weight(7)).unwrap();
+    lb.change_backend(ca, BackendChange::Drain).unwrap();
+
+    // The file changes b's weight only: b takes it, a keeps its runtime weight.
+    file.write(&format!("{aa}\n{ba},weight=3\n{ca}\n"));
+    reload();
+    assert_eq!(weight(ba), 3, "the file changed b's weight");
+    assert_eq!(weight(aa), 5, "a's weight is unchanged in the file");
+    assert_eq!(
+        backend_stat(&lb, ca).state,
+        BackendState::Drain,
+        "a drain is an operation, not configuration: it survives a reload"
+    );
+
+    // An unchanged file changes nothing either.
+    reload();
+    assert_eq!((weight(aa), weight(ba)), (5, 3));
+
+    // A runtime weight set after the file's change holds until the file changes it again.
+    lb.change_backend(ba, BackendChange::Weight(9)).unwrap();
+    reload();
+    assert_eq!(weight(ba), 9);
+    file.write(&format!("{aa},weight=4\n{ba},weight=3\n{ca}\n"));
+    reload();
+    assert_eq!((weight(aa), weight(ba)), (4, 9));
+}
