@@ -504,3 +504,61 @@ fn a_reload_that_changes_a_weight_in_the_file_overrides_the_runtime_weight() {
     reload();
     assert_eq!((weight(aa), weight(ba)), (4, 9));
 }
+
+/// How many backends stderr reports DOWN: one per `is DOWN` line, plus the counts in summary
+/// lines (`... not logged one by one ...: 480 DOWN, 3 UP`).
+fn reported_down(stderr: &str) -> usize {
+    stderr
+        .lines()
+        .map(|l| {
+            if l.contains("not logged one by one") {
+                let counts = l.rsplit(": ").next().unwrap_or_default();
+                counts
+                    .split(", ")
+                    .filter_map(|c| c.strip_suffix(" DOWN"))
+                    .filter_map(|n| n.trim().parse::<usize>().ok())
+                    .sum()
+            } else {
+                usize::from(l.contains(" is DOWN"))
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn many_backends_going_down_at_once_log_a_summary() {
+    const BACKENDS: usize = 500;
+    let closed = closed_port();
+    let file = TempFile::new("backends", &refusing_lines(&closed, BACKENDS));
+    let path = file.path().to_str().unwrap().to_string();
+    let mut child = Child::spawn(&[
+        "--backends-file",
+        &path,
+        "--health-interval",
+        "100ms",
+        "--fall",
+        "1",
+        "--workers",
+        "1",
+    ]);
+    wait_until_ok(Duration::from_secs(20), || {
+        let err = child.stderr();
+        let down = reported_down(&err);
+        if down >= BACKENDS {
+            Ok(())
+        } else {
+            Err(format!(
+                "{down} of {BACKENDS} backends reported DOWN:\n{err}"
+            ))
+        }
+    });
+    let err = child.stderr();
+    assert_eq!(reported_down(&err), BACKENDS, "{err}");
+    let lines = err.lines().filter(|l| l.contains("DOWN")).count();
+    assert!(
+        lines <= 50,
+        "{lines} lines to say that {BACKENDS} backends are down:\n{err}"
+    );
+    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+}
