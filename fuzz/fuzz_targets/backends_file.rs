@@ -18,7 +18,11 @@ fuzz_target!(|data: &[u8]| {
             let mut seen = HashSet::new();
             for s in &specs {
                 assert!(s.addr.port() != 0, "port 0 accepted: {s}");
-                assert!((1..=256).contains(&s.weight), "weight {} accepted", s.weight);
+                assert!(
+                    (1..=256).contains(&s.weight),
+                    "weight {} accepted",
+                    s.weight
+                );
                 assert!(seen.insert(s.addr), "{} accepted twice", s.addr);
             }
             let written: String = specs.iter().map(|s| format!("{s}\n")).collect();

@@ -13,6 +13,10 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(d) = parse_duration(text) {
         let written = format_duration(d);
-        assert_eq!(parse_duration(&written), Ok(d), "{text:?} written as {written:?}");
+        assert_eq!(
+            parse_duration(&written),
+            Ok(d),
+            "{text:?} written as {written:?}"
+        );
     }
 });
