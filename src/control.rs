@@ -102,6 +102,7 @@ impl Controller {
     pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ConfigError> {
         let mut check = Config::new(self.listen_addrs.to_vec(), specs);
         check.workers = 1;
+        check.algorithm = self.config.algorithm;
         check.validate()?;
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         self.health

@@ -562,3 +562,49 @@ fn many_backends_going_down_at_once_log_a_summary() {
     let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
     assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
 }
+
+#[test]
+fn source_hash_refuses_a_list_larger_than_its_table() {
+    let echo = EchoBackend::start();
+    let mut cfg = config(&[echo.addr()]);
+    cfg.algorithm = holdfast::Algorithm::SourceHash;
+    let lb = start_balancer(cfg);
+    let closed = closed_port();
+    let too_many: Vec<holdfast::BackendSpec> = refusing_lines(&closed, 70_000)
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let err = lb
+        .set_backends(too_many)
+        .expect_err("70,000 backends for a 65,537-slot table");
+    assert!(err.to_string().contains("source-hash"), "{err}");
+    // Nothing changed, and nothing broke.
+    let mut c = client(lb_addr(&lb));
+    round_trip(&mut c, b"still the one backend");
+    assert_eq!(lb.backend_stats().len(), 1);
+}
+
+#[test]
+fn source_hash_survives_a_new_list_while_the_old_one_drains() {
+    // Two lists of 35,000, each within source-hash's limit; removed backends stay in the set
+    // while they drain, so for a moment it holds 70,000: more than the table's 65,537 slots.
+    let first_port = closed_port();
+    let second_port = closed_port();
+    let list = |closed: &ClosedPort| -> Vec<holdfast::BackendSpec> {
+        refusing_lines(closed, 35_000)
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect()
+    };
+    let echo = EchoBackend::start();
+    let mut cfg = config(&[]);
+    cfg.backends = list(&first_port);
+    cfg.algorithm = holdfast::Algorithm::SourceHash;
+    let lb = start_balancer(cfg);
+    lb.set_backends(list(&second_port))
+        .unwrap_or_else(|e| panic!("a second list of 35,000: {e}"));
+    lb.set_backends(vec![holdfast::BackendSpec::new(echo.addr())])
+        .unwrap_or_else(|e| panic!("back to one backend: {e}"));
+    let mut c = client(lb_addr(&lb));
+    round_trip(&mut c, b"served after two large lists");
+}
