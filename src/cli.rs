@@ -35,8 +35,8 @@ pub struct Args {
           value_parser = parse_backend)]
     pub backend: Vec<BackendSpec>,
 
-    /// More backends from a file, one HOST:PORT[,weight=N] per line (# comments); re-read on
-    /// SIGHUP
+    /// More backends from a file, one HOST:PORT[,weight=N] per line (# comments), a regular
+    /// file of at most 16 MiB; re-read on SIGHUP
     #[arg(long, value_name = "PATH")]
     pub backends_file: Option<PathBuf>,
 
