@@ -7,9 +7,10 @@
 //!   WebSocket upgrade that must be answered `101`) with `--health-timeout`. Probes run
 //!   concurrently on this thread's own `mio::Poll`, so one backend that never answers cannot
 //!   delay the others; at most [`MAX_PROBES_IN_FLIGHT`] at once, the rest waiting in a queue
-//!   ordered by due time, so a large pool cannot take every descriptor. Probe start times are spread over the interval with a little jitter, so
-//!   a large pool is not probed in one burst. `--rise` consecutive successes bring a down
-//!   backend up, `--fall` consecutive failures take an up backend down (HAProxy's defaults).
+//!   ordered by due time, so a large pool cannot take every descriptor. Probe start times are
+//!   spread over the interval with a little jitter, so a large pool is not probed in one
+//!   burst. `--rise` consecutive successes bring a down backend up, `--fall` consecutive
+//!   failures take an up backend down (HAProxy's defaults).
 //!   Backends start up and are confirmed by the first probes.
 //! - **passive detection**: workers count failures seen on real traffic in the backend's shared
 //!   `consecutive_failures`; the worker whose failure crosses `--observe-errors` sends
