@@ -214,6 +214,22 @@ fn latency_histogram() -> Histogram<u64> {
     }
 }
 
+/// The Maglev table size for `n` backends: the default, unless the set is larger (validation
+/// keeps configured lists below it, but removed backends stay in the set while they drain), then
+/// the first prime above `n`, as the table must have more slots than backends.
+fn maglev_table_size(n: usize) -> usize {
+    let default = balance::maglev::DEFAULT_TABLE_SIZE;
+    if n < default {
+        return default;
+    }
+    let is_prime = |m: usize| {
+        (2..)
+            .take_while(|d| d * d <= m)
+            .all(|d| !m.is_multiple_of(d))
+    };
+    (n + 1..).find(|&m| is_prime(m)).unwrap_or(default)
+}
+
 /// `--max-connect-rate` as the GCRA sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimit {
@@ -330,7 +346,7 @@ impl BackendSet {
                         .iter()
                         .map(|b| (b.spec.addr, b.spec.weight))
                         .collect();
-                    Arc::new(Maglev::new(&entries, balance::maglev::DEFAULT_TABLE_SIZE))
+                    Arc::new(Maglev::new(&entries, maglev_table_size(entries.len())))
                 }
             }
         });
@@ -499,6 +515,15 @@ mod tests {
             (1, 2, 1, 7, 5)
         );
         assert!(snapshot.connect_latency_max_us >= 100);
+    }
+
+    #[test]
+    fn a_maglev_table_always_has_more_slots_than_backends() {
+        let default = balance::maglev::DEFAULT_TABLE_SIZE;
+        assert_eq!(maglev_table_size(0), default);
+        assert_eq!(maglev_table_size(default - 1), default);
+        assert_eq!(maglev_table_size(default), 65539, "the next prime");
+        assert_eq!(maglev_table_size(100_000), 100_003);
     }
 
     #[test]

@@ -35,8 +35,8 @@ pub struct Args {
           value_parser = parse_backend)]
     pub backend: Vec<BackendSpec>,
 
-    /// More backends from a file, one HOST:PORT[,weight=N] per line (# comments); re-read on
-    /// SIGHUP
+    /// More backends from a file, one HOST:PORT[,weight=N] per line (# comments), a regular
+    /// file of at most 16 MiB; re-read on SIGHUP
     #[arg(long, value_name = "PATH")]
     pub backends_file: Option<PathBuf>,
 
@@ -397,6 +397,61 @@ mod tests {
         ] {
             let err = parse(&args).unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+}
+
+/// Properties of the duration parser, over generated input.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_text_parses_or_is_refused(text in any::<String>()) {
+            let _ = parse_duration(&text);
+        }
+
+        #[test]
+        fn duration_like_text_parses_or_is_refused(
+            text in "[-+ 0-9.a-zµ]{0,40}",
+        ) {
+            if let Ok(d) = parse_duration(&text) {
+                // What it read, written out, reads the same.
+                let again = humantime::format_duration(d).to_string();
+                prop_assert_eq!(parse_duration(&again), Ok(d), "{:?} -> {:?}", text, again);
+            }
+        }
+
+        #[test]
+        fn a_duration_round_trips_through_its_written_form(
+            secs in prop_oneof![0u64..100_000, any::<u64>()],
+            nanos in 0u32..1_000_000_000,
+        ) {
+            let d = Duration::new(secs, nanos);
+            let text = humantime::format_duration(d).to_string();
+            prop_assert_eq!(parse_duration(&text), Ok(d), "{}", text);
+        }
+
+        #[test]
+        fn whole_units_read_as_written(n in any::<u32>()) {
+            let n64 = u64::from(n);
+            prop_assert_eq!(parse_duration(&format!("{n}ms")), Ok(Duration::from_millis(n64)));
+            prop_assert_eq!(parse_duration(&format!("{n}s")), Ok(Duration::from_secs(n64)));
+            prop_assert_eq!(parse_duration(&format!("{n}m")), Ok(Duration::from_secs(60 * n64)));
+        }
+
+        #[test]
+        fn a_negative_duration_says_so(
+            secs in any::<u64>(),
+            text in "[0-9a-z ]{0,10}",
+        ) {
+            for negative in [format!("-{secs}s"), format!("-{text}"), format!(" -{text}")] {
+                let err = parse_duration(&negative).unwrap_err();
+                prop_assert!(err.contains("negative"), "{:?}: {}", negative, err);
+            }
         }
     }
 }

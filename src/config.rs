@@ -598,6 +598,14 @@ impl Config {
                 )));
             }
         }
+        // The Maglev table has 65537 slots: a longer list would leave backends without one.
+        if self.algorithm == Algorithm::SourceHash && self.backends.len() > MAX_SOURCE_HASH_BACKENDS
+        {
+            return Err(ConfigError::Invalid(format!(
+                "source-hash takes at most {MAX_SOURCE_HASH_BACKENDS} backends, not {}",
+                self.backends.len()
+            )));
+        }
         let mut seen = HashSet::with_capacity(self.backends.len());
         for b in &self.backends {
             if !(1..=MAX_WEIGHT).contains(&b.weight) {
@@ -665,6 +673,9 @@ impl Config {
     }
 }
 
+/// Most backends source-hash takes: one fewer than its Maglev table has slots.
+pub const MAX_SOURCE_HASH_BACKENDS: usize = crate::balance::maglev::DEFAULT_TABLE_SIZE - 1;
+
 /// More workers than this many per core are warned about.
 const WORKERS_PER_CORE_WARNING: usize = 2;
 
@@ -722,6 +733,26 @@ mod tests {
         c.backends = vec![BackendSpec::new("127.0.0.1:0".parse().unwrap())];
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("port 0"), "{err}");
+    }
+
+    #[test]
+    fn source_hash_takes_no_more_backends_than_its_table_has_slots() {
+        let backends: Vec<BackendSpec> = (0..=65536u32)
+            .map(|i| {
+                let [_, b, c, d] = i.to_be_bytes();
+                BackendSpec::new(SocketAddr::from(([10, b, c, d], 80)))
+            })
+            .collect();
+        let mut c = Config::new(vec!["127.0.0.1:0".parse().unwrap()], backends);
+        assert!(c.validate().is_ok(), "least-conn has no such limit");
+        c.algorithm = Algorithm::SourceHash;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("source-hash") && err.contains("65536"),
+            "{err}"
+        );
+        c.backends.pop();
+        assert!(c.validate().is_ok());
     }
 
     #[test]

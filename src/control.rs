@@ -26,7 +26,8 @@ pub enum BackendChange {
     Drain,
     /// Back in rotation after a drain.
     Ready,
-    /// A new weight (1..=256) for new connections.
+    /// A new weight (1..=256) for new connections, until a new list
+    /// ([`Controller::set_backends`], a reload) changes this backend's configured weight.
     Weight(u32),
 }
 
@@ -94,10 +95,14 @@ impl Controller {
 
     /// Replaces the backend list. Backends that stay keep their state and counters; new ones
     /// start up (with slow start when configured); removed ones are drained and leave once
-    /// their last session ends. Returns once the workers have been sent the new list.
+    /// their last session ends. The list is the configuration: a backend whose weight in it
+    /// changed takes that weight, replacing one set with [`BackendChange::Weight`]; one whose
+    /// weight did not change keeps it; a [`BackendChange::Drain`] stays. Returns once the
+    /// workers have been sent the new list.
     pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ConfigError> {
         let mut check = Config::new(self.listen_addrs.to_vec(), specs);
         check.workers = 1;
+        check.algorithm = self.config.algorithm;
         check.validate()?;
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         self.health

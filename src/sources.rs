@@ -352,3 +352,160 @@ mod tests {
         assert_eq!(sources.backends().len(), 1);
     }
 }
+
+/// Properties of the backends file parser, over generated input.
+#[cfg(test)]
+mod properties {
+    use std::net::{IpAddr, SocketAddrV6};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::MAX_WEIGHT;
+    use crate::fuzzing::stand_in_lookup;
+
+    fn parse(text: &str) -> Result<Vec<BackendSpec>, (usize, String)> {
+        parse_backends(text, &stand_in_lookup)
+    }
+
+    fn addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), 1u16..)
+                .prop_map(|(ip, port)| SocketAddr::new(IpAddr::from(ip), port)),
+            // Display shows the scope id but not the flow label, so the flow label is 0.
+            (any::<[u8; 16]>(), 1u16.., any::<u32>()).prop_map(|(ip, port, scope)| {
+                SocketAddr::V6(SocketAddrV6::new(ip.into(), port, 0, scope))
+            }),
+        ]
+    }
+
+    fn spec() -> impl Strategy<Value = BackendSpec> {
+        (addr(), 1..=MAX_WEIGHT).prop_map(|(addr, weight)| BackendSpec { addr, weight })
+    }
+
+    /// Backends with distinct addresses.
+    fn specs() -> impl Strategy<Value = Vec<BackendSpec>> {
+        proptest::collection::vec(spec(), 0..30).prop_map(|specs| {
+            let mut seen = HashSet::new();
+            specs.into_iter().filter(|s| seen.insert(s.addr)).collect()
+        })
+    }
+
+    /// How one backend's line may be dressed: blanks around it, a trailing comment, and
+    /// blank or comment lines before it.
+    #[derive(Clone, Debug)]
+    struct Dress {
+        before: Vec<String>,
+        lead: String,
+        trail: String,
+        comment: Option<String>,
+    }
+
+    fn dress() -> impl Strategy<Value = Dress> {
+        let filler = prop_oneof![Just(String::new()), "[ \t]{1,3}", "[ \t]*#[^\r\n]{0,20}"];
+        (
+            proptest::collection::vec(filler, 0..3),
+            "[ \t]{0,3}",
+            "[ \t]{0,3}",
+            proptest::option::of("[^\r\n]{0,20}"),
+        )
+            .prop_map(|(before, lead, trail, comment)| Dress {
+                before,
+                lead,
+                trail,
+                comment,
+            })
+    }
+
+    /// The file for `specs`, each line dressed by the matching `dress` (plain without one).
+    fn render(specs: &[BackendSpec], dress: &[Dress]) -> String {
+        let mut text = String::new();
+        for (i, spec) in specs.iter().enumerate() {
+            match dress.get(i) {
+                Some(d) => {
+                    for line in &d.before {
+                        text.push_str(line);
+                        text.push('\n');
+                    }
+                    text.push_str(&format!("{}{spec}{}", d.lead, d.trail));
+                    if let Some(comment) = &d.comment {
+                        text.push_str(&format!("#{comment}"));
+                    }
+                }
+                None => text.push_str(&spec.to_string()),
+            }
+            text.push('\n');
+        }
+        text
+    }
+
+    /// Text that looks like a backends file: the characters of addresses, weights and
+    /// comments, in lines.
+    fn file_like() -> impl Strategy<Value = String> {
+        "[0-9a-f.:\\[\\]%,=#weight \t\r\n-]{0,300}"
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_parses_or_names_a_line_of_it(text in any::<String>()) {
+            if let Err((line, _)) = parse(&text) {
+                prop_assert!((1..=text.lines().count()).contains(&line), "line {line}");
+            }
+        }
+
+        #[test]
+        fn file_like_text_parses_or_names_a_line_of_it(text in file_like()) {
+            match parse(&text) {
+                Ok(specs) => {
+                    let mut seen = HashSet::new();
+                    for s in &specs {
+                        prop_assert!(s.addr.port() != 0 && (1..=MAX_WEIGHT).contains(&s.weight));
+                        prop_assert!(seen.insert(s.addr), "{} twice", s.addr);
+                    }
+                }
+                Err((line, _)) => {
+                    prop_assert!((1..=text.lines().count()).contains(&line), "line {line}");
+                }
+            }
+        }
+
+        #[test]
+        fn a_backend_round_trips_through_display(spec in spec()) {
+            let text = spec.to_string();
+            let back = BackendSpec::parse_with(&text, &stand_in_lookup);
+            prop_assert_eq!(back.ok(), Some(spec), "{}", text);
+        }
+
+        #[test]
+        fn a_file_of_valid_lines_parses_back_whatever_its_comments_and_blanks(
+            specs in specs(),
+            dress in proptest::collection::vec(dress(), 0..30),
+        ) {
+            let plain = render(&specs, &[]);
+            let dressed = render(&specs, &dress);
+            prop_assert_eq!(parse(&plain), Ok(specs.clone()));
+            prop_assert_eq!(parse(&dressed), Ok(specs), "{:?}", dressed);
+        }
+
+        #[test]
+        fn crlf_line_ends_parse_the_same(
+            text in prop_oneof![file_like(), (specs(), proptest::collection::vec(dress(), 0..30))
+                .prop_map(|(s, d)| render(&s, &d))],
+        ) {
+            prop_assert_eq!(parse(&text.replace('\n', "\r\n")), parse(&text));
+        }
+
+        #[test]
+        fn a_backend_listed_again_is_an_error_on_that_line(
+            specs in specs().prop_filter("some backends", |s| !s.is_empty()),
+            pick in any::<prop::sample::Index>(),
+            weight in 1..=MAX_WEIGHT,
+        ) {
+            let again = BackendSpec { weight, ..pick.get(&specs).clone() };
+            let text = format!("{}{again}\n", render(&specs, &[]));
+            let (line, why) = parse(&text).unwrap_err();
+            prop_assert_eq!(line, specs.len() + 1);
+            prop_assert!(why.contains("twice"), "{}", why);
+        }
+    }
+}

@@ -63,6 +63,10 @@ const MAX_PROBES_IN_FLIGHT: usize = 256;
 /// hundreds of times a second. Operators' changes and new lists are published at once.
 const PUBLISH_GAP: Duration = Duration::from_millis(10);
 const PUBLISH_GAP_PER_BACKEND: Duration = Duration::from_micros(1);
+/// Per-backend changes are logged one line each, up to [`CHANGE_LINES`] per
+/// [`CHANGE_WINDOW`]; the rest are counted and summed up in one line when the window ends.
+const CHANGE_WINDOW: Duration = Duration::from_secs(1);
+const CHANGE_LINES: usize = 10;
 
 /// Messages to the health thread.
 pub enum Command {
@@ -155,6 +159,7 @@ pub struct Health {
     /// A new set must be published (a state changed).
     dirty: bool,
     last_publish: Instant,
+    changes: ChangeLog,
     next_ramp_publish: Option<Instant>,
     rng: u64,
 }
@@ -199,6 +204,7 @@ impl Health {
             probes: Slab::new(),
             dirty: false,
             last_publish: now,
+            changes: ChangeLog::default(),
             next_ramp_publish: None,
             rng: u64::from(std::process::id()) | 1,
         };
@@ -239,6 +245,7 @@ impl Health {
                 match event.token() {
                     WAKER => {
                         if self.handle_commands(now) {
+                            self.changes.flush();
                             return;
                         }
                     }
@@ -249,7 +256,8 @@ impl Health {
             self.start_due_probes(now);
             self.recover_unprobed(now);
             self.drain_deadlines(now);
-            self.forget_empty_leavers();
+            self.forget_empty_leavers(now);
+            self.changes.tick(now);
             if self.publish_due(now) || self.next_ramp_publish.is_some_and(|at| at <= now) {
                 self.publish(now);
             }
@@ -283,19 +291,43 @@ impl Health {
         let ramp = self.config.health.slow_start.map(|_| now);
         let interval = self.config.health.interval;
         let n = specs.len().max(1) as u32;
+        // The list is the configuration; an operator's weight changes only the running state.
+        // A backend whose configured weight changes takes it, dropping the operator's; one
+        // whose configured weight stays keeps the operator's. An operator's drain is an
+        // operation, not configuration, and stays.
+        let configured: HashMap<SocketAddr, u32> =
+            self.specs.iter().map(|s| (s.addr, s.weight)).collect();
         for (i, spec) in specs.iter().enumerate() {
             match self.tracked.get_mut(&spec.addr) {
                 Some(t) if t.leaving => {
-                    log::info!("backend {} added back", spec.addr);
+                    let addr = spec.addr;
+                    self.changes
+                        .log(now, Change::Added, || format!("backend {addr} added back"));
                     t.leaving = false;
                     t.drained = false;
                     t.close_at = None;
+                    t.weight = None;
                     let at = t.next_probe;
                     self.queue_probe(spec.addr, at);
                 }
-                Some(_) => {}
+                Some(t) => {
+                    if let Some(w) = t.weight
+                        && configured.get(&spec.addr) != Some(&spec.weight)
+                    {
+                        t.weight = None;
+                        let (addr, weight) = (spec.addr, spec.weight);
+                        self.changes.log(now, Change::Reweighted, || {
+                            format!(
+                                "backend {addr}: weight {weight} from the new list replaces the \
+                                 weight {w} set at run time"
+                            )
+                        });
+                    }
+                }
                 None => {
-                    log::info!("backend {} added", spec.addr);
+                    let addr = spec.addr;
+                    self.changes
+                        .log(now, Change::Added, || format!("backend {addr} added"));
                     let at = now + interval * i as u32 / n;
                     self.tracked.insert(spec.addr, Tracked::up(at, ramp));
                     self.queue_probe(spec.addr, at);
@@ -314,10 +346,10 @@ impl Health {
             if let Some(t) = self.tracked.get_mut(&spec.addr)
                 && !t.leaving
             {
-                log::info!(
-                    "backend {} removed: draining until its last session ends",
-                    spec.addr
-                );
+                let addr = spec.addr;
+                self.changes.log(now, Change::Removed, || {
+                    format!("backend {addr} removed: draining until its last session ends")
+                });
                 t.leaving = true;
                 t.start_drain(now, self.config.backend_drain_timeout);
                 if let Some(key) = t.probe.take() {
@@ -381,7 +413,7 @@ impl Health {
     }
 
     /// A removed backend leaves the set once it holds no session.
-    fn forget_empty_leavers(&mut self) {
+    fn forget_empty_leavers(&mut self, now: Instant) {
         if self.leaving.is_empty() {
             return;
         }
@@ -400,10 +432,13 @@ impl Health {
                 .chain(&self.leaving)
                 .map(|s| s.addr)
                 .collect();
+            let changes = &mut self.changes;
             self.tracked.retain(|addr, _| {
                 let keep = listed.contains(addr);
                 if !keep {
-                    log::info!("backend {addr} has no sessions left and leaves the set");
+                    changes.log(now, Change::Left, || {
+                        format!("backend {addr} has no sessions left and leaves the set")
+                    });
                 }
                 keep
             });
@@ -422,12 +457,12 @@ impl Health {
             return;
         };
         if t.state == BackendState::Up {
-            log::warn!(
-                "backend {addr} is DOWN: {} consecutive failures on live traffic",
-                self.config.health.observe_errors
-            );
             t.mark_down(now, fall);
             self.dirty = true;
+            let observe = self.config.health.observe_errors;
+            self.changes.log(now, Change::Down, || {
+                format!("backend {addr} is DOWN: {observe} consecutive failures on live traffic")
+            });
         }
     }
 
@@ -441,9 +476,11 @@ impl Health {
         let ramp = self.config.health.slow_start.map(|_| now);
         for (addr, t) in &mut self.tracked {
             if t.state == BackendState::Down && t.down_since.is_some_and(|d| now >= d + wait) {
-                log::info!("backend {addr} is UP again (retried after {wait:?} without probes)");
                 t.mark_up(ramp);
                 self.dirty = true;
+                self.changes.log(now, Change::Up, || {
+                    format!("backend {addr} is UP again (retried after {wait:?} without probes)")
+                });
             }
         }
     }
@@ -499,7 +536,9 @@ impl Health {
                 }
                 // Out of descriptors is our problem, not the backend's: try next time.
                 Err(e) if is_resource_exhaustion(&e) => {
-                    log::warn!("cannot probe {addr}: {e}");
+                    self.changes.log(now, Change::Unprobed, || {
+                        format!("cannot probe {addr}: {e}")
+                    });
                     self.queue_probe(addr, next);
                 }
                 Err(e) => {
@@ -578,7 +617,9 @@ impl Health {
             t.failures = 0;
             t.successes = t.successes.saturating_add(1);
             if t.state == BackendState::Down && t.successes >= rise {
-                log::info!("backend {addr} is UP: {rise} consecutive successful probes");
+                self.changes.log(now, Change::Up, || {
+                    format!("backend {addr} is UP: {rise} consecutive successful probes")
+                });
                 t.mark_up(ramp);
                 self.dirty = true;
             }
@@ -586,7 +627,9 @@ impl Health {
             t.successes = 0;
             t.failures = t.failures.saturating_add(1);
             if t.state == BackendState::Up && t.failures >= fall {
-                log::warn!("backend {addr} is DOWN: {fall} consecutive failed probes");
+                self.changes.log(now, Change::Down, || {
+                    format!("backend {addr} is DOWN: {fall} consecutive failed probes")
+                });
                 t.mark_down(now, fall);
                 self.dirty = true;
             }
@@ -706,8 +749,124 @@ impl Health {
             .chain(closes)
             .chain(leavers)
             .chain(self.publish_at())
+            .chain(self.changes.deadline())
             .chain(self.next_ramp_publish)
             .min()
+    }
+}
+
+/// A kind of per-backend change, as counted in a summary line.
+#[derive(Clone, Copy)]
+enum Change {
+    Down,
+    Up,
+    Added,
+    Removed,
+    Left,
+    Reweighted,
+    Unprobed,
+}
+
+impl Change {
+    const ALL: [Change; 7] = [
+        Change::Down,
+        Change::Up,
+        Change::Added,
+        Change::Removed,
+        Change::Left,
+        Change::Reweighted,
+        Change::Unprobed,
+    ];
+
+    fn level(self) -> log::Level {
+        match self {
+            Change::Down | Change::Unprobed => log::Level::Warn,
+            _ => log::Level::Info,
+        }
+    }
+
+    /// How a summary line counts it: `480 DOWN`.
+    fn summary(self) -> &'static str {
+        match self {
+            Change::Down => "DOWN",
+            Change::Up => "UP",
+            Change::Added => "added",
+            Change::Removed => "removed",
+            Change::Left => "left the set",
+            Change::Reweighted => "runtime weight replaced by the list's",
+            Change::Unprobed => "not probed for lack of descriptors",
+        }
+    }
+}
+
+/// The log of per-backend changes: one line each, up to [`CHANGE_LINES`] in a
+/// [`CHANGE_WINDOW`]; beyond that they are counted, and one line sums them up when the window
+/// ends. A pool of thousands that changes at once (a network split, a file of dead
+/// addresses, a reload) then logs a dozen lines, not thousands. `/backends` and `/metrics`
+/// show every backend's state.
+#[derive(Default)]
+struct ChangeLog {
+    window_end: Option<Instant>,
+    logged: usize,
+    held: [usize; Change::ALL.len()],
+}
+
+impl ChangeLog {
+    fn log(&mut self, now: Instant, change: Change, line: impl FnOnce() -> String) {
+        self.tick(now);
+        if self.window_end.is_none() {
+            self.window_end = Some(now + CHANGE_WINDOW);
+            self.logged = 0;
+        }
+        if self.logged < CHANGE_LINES {
+            self.logged += 1;
+            log::log!(change.level(), "{}", line());
+        } else {
+            self.held[change as usize] += 1;
+        }
+    }
+
+    /// Ends the window once its time is up, with the summary if any change was held.
+    fn tick(&mut self, now: Instant) {
+        if self.window_end.is_some_and(|end| end <= now) {
+            self.flush();
+        }
+    }
+
+    /// Logs the summary of what was held, if anything, and ends the window.
+    fn flush(&mut self) {
+        self.window_end = None;
+        let held = std::mem::take(&mut self.held);
+        let total: usize = held.iter().sum();
+        if total == 0 {
+            return;
+        }
+        let counts: Vec<String> = Change::ALL
+            .iter()
+            .filter(|c| held[**c as usize] > 0)
+            .map(|c| format!("{} {}", held[*c as usize], c.summary()))
+            .collect();
+        let level = Change::ALL
+            .iter()
+            .filter(|c| held[**c as usize] > 0)
+            .map(|c| c.level())
+            .min()
+            .unwrap_or(log::Level::Info);
+        log::log!(
+            level,
+            "{total} more backend changes in the last {CHANGE_WINDOW:?}, not logged one by one \
+             (see /backends): {}",
+            counts.join(", ")
+        );
+    }
+
+    /// When the loop must wake up to log a summary.
+    fn deadline(&self) -> Option<Instant> {
+        self.held
+            .iter()
+            .any(|&n| n > 0)
+            .then_some(self.window_end)
+            .flatten()
     }
 }
 

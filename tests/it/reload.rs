@@ -457,3 +457,154 @@ fn probes_of_a_large_pool_leave_descriptors_for_clients() {
     let mut c = client(target);
     round_trip(&mut c, b"a client among a thousand hung probes");
 }
+
+#[test]
+fn a_reload_that_changes_a_weight_in_the_file_overrides_the_runtime_weight() {
+    use holdfast::{BackendChange, BackendState};
+    let a = EchoBackend::start();
+    let b = EchoBackend::start();
+    let c = EchoBackend::start();
+    let (aa, ba, ca) = (a.addr(), b.addr(), c.addr());
+    let file = TempFile::new("backends", &format!("{aa}\n{ba},weight=2\n{ca}\n"));
+    let mut cfg = config(&[]);
+    cfg.backends_file = Some(file.path().to_path_buf());
+    let lb = start_balancer(cfg);
+    let reload = || {
+        lb.controller()
+            .reload()
+            .unwrap_or_else(|e| panic!("reload: {e}"))
+    };
+    let weight = |addr| backend_stat(&lb, addr).weight;
+
+    // Set at run time: a's and b's weights, and c drained.
+    lb.change_backend(aa, BackendChange::Weight(5)).unwrap();
+    lb.change_backend(ba, BackendChange::Weight(7)).unwrap();
+    lb.change_backend(ca, BackendChange::Drain).unwrap();
+
+    // The file changes b's weight only: b takes it, a keeps its runtime weight.
+    file.write(&format!("{aa}\n{ba},weight=3\n{ca}\n"));
+    reload();
+    assert_eq!(weight(ba), 3, "the file changed b's weight");
+    assert_eq!(weight(aa), 5, "a's weight is unchanged in the file");
+    assert_eq!(
+        backend_stat(&lb, ca).state,
+        BackendState::Drain,
+        "a drain is an operation, not configuration: it survives a reload"
+    );
+
+    // An unchanged file changes nothing either.
+    reload();
+    assert_eq!((weight(aa), weight(ba)), (5, 3));
+
+    // A runtime weight set after the file's change holds until the file changes it again.
+    lb.change_backend(ba, BackendChange::Weight(9)).unwrap();
+    reload();
+    assert_eq!(weight(ba), 9);
+    file.write(&format!("{aa},weight=4\n{ba},weight=3\n{ca}\n"));
+    reload();
+    assert_eq!((weight(aa), weight(ba)), (4, 9));
+}
+
+/// How many backends stderr reports DOWN: one per `is DOWN` line, plus the counts in summary
+/// lines (`... not logged one by one ...: 480 DOWN, 3 UP`).
+fn reported_down(stderr: &str) -> usize {
+    stderr
+        .lines()
+        .map(|l| {
+            if l.contains("not logged one by one") {
+                let counts = l.rsplit(": ").next().unwrap_or_default();
+                counts
+                    .split(", ")
+                    .filter_map(|c| c.strip_suffix(" DOWN"))
+                    .filter_map(|n| n.trim().parse::<usize>().ok())
+                    .sum()
+            } else {
+                usize::from(l.contains(" is DOWN"))
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn many_backends_going_down_at_once_log_a_summary() {
+    const BACKENDS: usize = 500;
+    let closed = closed_port();
+    let file = TempFile::new("backends", &refusing_lines(&closed, BACKENDS));
+    let path = file.path().to_str().unwrap().to_string();
+    let mut child = Child::spawn(&[
+        "--backends-file",
+        &path,
+        "--health-interval",
+        "100ms",
+        "--fall",
+        "1",
+        "--workers",
+        "1",
+    ]);
+    wait_until_ok(Duration::from_secs(20), || {
+        let err = child.stderr();
+        let down = reported_down(&err);
+        if down >= BACKENDS {
+            Ok(())
+        } else {
+            Err(format!(
+                "{down} of {BACKENDS} backends reported DOWN:\n{err}"
+            ))
+        }
+    });
+    let err = child.stderr();
+    assert_eq!(reported_down(&err), BACKENDS, "{err}");
+    let lines = err.lines().filter(|l| l.contains("DOWN")).count();
+    assert!(
+        lines <= 50,
+        "{lines} lines to say that {BACKENDS} backends are down:\n{err}"
+    );
+    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+}
+
+#[test]
+fn source_hash_refuses_a_list_larger_than_its_table() {
+    let echo = EchoBackend::start();
+    let mut cfg = config(&[echo.addr()]);
+    cfg.algorithm = holdfast::Algorithm::SourceHash;
+    let lb = start_balancer(cfg);
+    let closed = closed_port();
+    let too_many: Vec<holdfast::BackendSpec> = refusing_lines(&closed, 70_000)
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let err = lb
+        .set_backends(too_many)
+        .expect_err("70,000 backends for a 65,537-slot table");
+    assert!(err.to_string().contains("source-hash"), "{err}");
+    // Nothing changed, and nothing broke.
+    let mut c = client(lb_addr(&lb));
+    round_trip(&mut c, b"still the one backend");
+    assert_eq!(lb.backend_stats().len(), 1);
+}
+
+#[test]
+fn source_hash_survives_a_new_list_while_the_old_one_drains() {
+    // Two lists of 35,000, each within source-hash's limit; removed backends stay in the set
+    // while they drain, so for a moment it holds 70,000: more than the table's 65,537 slots.
+    let first_port = closed_port();
+    let second_port = closed_port();
+    let list = |closed: &ClosedPort| -> Vec<holdfast::BackendSpec> {
+        refusing_lines(closed, 35_000)
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect()
+    };
+    let echo = EchoBackend::start();
+    let mut cfg = config(&[]);
+    cfg.backends = list(&first_port);
+    cfg.algorithm = holdfast::Algorithm::SourceHash;
+    let lb = start_balancer(cfg);
+    lb.set_backends(list(&second_port))
+        .unwrap_or_else(|e| panic!("a second list of 35,000: {e}"));
+    lb.set_backends(vec![holdfast::BackendSpec::new(echo.addr())])
+        .unwrap_or_else(|e| panic!("back to one backend: {e}"));
+    let mut c = client(lb_addr(&lb));
+    round_trip(&mut c, b"served after two large lists");
+}
