@@ -66,6 +66,11 @@ pub struct Readiness {
     /// have been spent on the event that also reported the last data, so from then on reads
     /// continue until they say EOF or fail: a short read proves nothing.
     pub hung_up: bool,
+    /// An event reported an error (EPOLLERR: a reset, most often) that no read or write has
+    /// surfaced yet. Usually the next call on the socket fails and the pump reports it; but a
+    /// socket whose stream has ended (EOF read) and to which nothing is waiting to be written
+    /// sees no further call, so the session checks `SO_ERROR` once (see `Session::relay`).
+    pub error: bool,
 }
 
 /// The worker's shared relay resources.

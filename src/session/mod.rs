@@ -160,7 +160,23 @@ impl Session {
             (Outcome::SourceFailed, _) | (_, Outcome::DestinationFailed) => Some(Side::Client),
             (Outcome::DestinationFailed, _) | (_, Outcome::SourceFailed) => Some(Side::Backend),
             _ => None,
-        };
+        }
+        .or_else(|| {
+            // A reset on a socket whose stream already ended, with nothing waiting to be
+            // written to it (a backend that sent its FIN and then died): no pump touches that
+            // socket again, so the reset would otherwise go unnoticed until the other side
+            // closed. Asked once per error event, never on the per-byte path.
+            let reset = |ready: &mut Readiness, socket: &TcpStream| {
+                std::mem::take(&mut ready.error) && !matches!(socket.take_error(), Ok(None))
+            };
+            if reset(&mut self.client_ready, &self.client) {
+                Some(Side::Client)
+            } else if reset(&mut self.backend_ready, backend) {
+                Some(Side::Backend)
+            } else {
+                None
+            }
+        });
         Some(Relayed {
             up: up_bytes as u64,
             down: down_bytes as u64,

@@ -30,6 +30,7 @@ impl Worker {
         ready.readable |= event.is_readable() || event.is_read_closed() || failed;
         ready.writable |= event.is_writable() || event.is_write_closed() || failed;
         ready.hung_up |= event.is_read_closed() || failed;
+        ready.error |= failed;
         let hung_up = failed || event.is_read_closed();
         let readiness = Event::Ready {
             side,

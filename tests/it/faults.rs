@@ -1754,3 +1754,96 @@ fn random_data_in_random_chunks_through_every_relay_mode_at_once() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// A backend process killed with SIGKILL under hundreds of sessions
+// ---------------------------------------------------------------------------------------------
+
+/// A real backend process (`holdfast-load echo-server`), killed with SIGKILL while it holds a
+/// share of 300 live sessions: the kernel closes its sockets behind its back. Every client of
+/// the dead backend sees its session end promptly (the backend's FIN is passed on, and the
+/// client's next bytes meet the dead socket's reset); the others keep echoing; every new client
+/// is served by the survivor (connects to the dead port are refused and retried); and once
+/// everyone has left, holdfast's counters are back to zero.
+#[test]
+fn a_backend_process_killed_with_sigkill_under_hundreds_of_sessions() {
+    const CLIENTS: usize = 300;
+    let mut victim = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast-load"))
+        .args(["echo-server", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn holdfast-load echo-server");
+    let victim_addr: SocketAddr = {
+        let stdout = victim.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        io::BufRead::read_line(&mut io::BufReader::new(stdout), &mut line)
+            .expect("read the listening line");
+        line.trim()
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from echo-server: {line:?}"))
+    };
+    let survivor = EchoBackend::start();
+    let mut cfg = config(&[victim_addr, survivor.addr()]);
+    cfg.algorithm = holdfast::Algorithm::RoundRobin;
+    cfg.workers = 2;
+    let lb = start_balancer(cfg);
+    let target = lb_addr(&lb);
+    let mut clients: Vec<TcpStream> = (0..CLIENTS)
+        .map(|i| {
+            let mut c = client(target);
+            round_trip(&mut c, format!("client {i}").as_bytes());
+            c
+        })
+        .collect();
+    let on_victim = backend_stat(&lb, victim_addr).active as usize;
+    assert!(
+        on_victim >= CLIENTS / 3,
+        "only {on_victim} of {CLIENTS} sessions on the victim"
+    );
+
+    let killed = Instant::now();
+    victim.kill().expect("SIGKILL the backend");
+    victim.wait().expect("reap the backend");
+    let mut ended = 0;
+    for (i, c) in clients.iter_mut().enumerate() {
+        let probe = format!("still there {i}");
+        let alive = c.write_all(probe.as_bytes()).is_ok() && {
+            let mut back = vec![0u8; probe.len()];
+            c.read_exact(&mut back).is_ok() && back == probe.as_bytes()
+        };
+        if !alive {
+            ended += 1;
+        }
+    }
+    assert_eq!(
+        ended, on_victim,
+        "every session on the killed backend ends, and only those"
+    );
+    wait_until_ok(Duration::from_secs(5), || {
+        let active = lb.stats().active as usize;
+        if active == CLIENTS - on_victim {
+            Ok(())
+        } else {
+            Err(format!("{active} active, want {}", CLIENTS - on_victim))
+        }
+    });
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "sessions took {:?} to end",
+        killed.elapsed()
+    );
+    for i in 0..50 {
+        let mut c = client(target);
+        round_trip(&mut c, format!("after the kill {i}").as_bytes());
+    }
+    drop(clients);
+    wait_until(Duration::from_secs(5), || lb.stats().active == 0);
+    let st = lb.stats();
+    assert_eq!(
+        (st.active, st.pipes_in_use, st.buffers_in_use),
+        (0, 0, 0),
+        "{st:?}"
+    );
+}
