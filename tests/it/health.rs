@@ -6,7 +6,7 @@
 //! the clients see (tags, echoes) and the balancer's per-backend state, not raw accepts.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -618,63 +618,6 @@ fn slow_start_on_boot_ramps_every_backend() {
 // ---------------------------------------------------------------------------------------------
 // Send/expect probes: a backend that accepts, and then refuses at the application level
 // ---------------------------------------------------------------------------------------------
-
-/// A fake backend whose every connection (probe or client) runs `handle` on a thread of its
-/// own, with a read timeout of [`IO_TIMEOUT`]. The listener closes when this is dropped; a
-/// connection's thread ends when its handler returns (the handlers here return on EOF).
-struct ScriptedBackend {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl ScriptedBackend {
-    fn start(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> ScriptedBackend {
-        let listener = TcpListener::bind(localhost0()).expect("bind scripted backend");
-        let addr = listener.local_addr().expect("scripted backend address");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let stop = Arc::new(AtomicBool::new(false));
-        let handle = Arc::new(handle);
-        let thread = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                while !stop.load(SeqCst) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let _ = stream.set_nonblocking(false);
-                            let _ = stream.set_nodelay(true);
-                            set_timeouts(&stream);
-                            let handle = Arc::clone(&handle);
-                            std::thread::spawn(move || handle(stream));
-                        }
-                        // Nothing to accept: a short nap, then a look at `stop` again.
-                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                    }
-                }
-            })
-        };
-        ScriptedBackend {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for ScriptedBackend {
-    fn drop(&mut self) {
-        self.stop.store(true, SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// Reads until `stream` has sent `want` (or more), EOF or an error; returns what it sent.
 fn read_until_contains(stream: &mut TcpStream, want: &[u8]) -> Vec<u8> {

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use holdfast::{Algorithm, BackendSpec};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::Socket;
 
 use crate::util::*;
 
@@ -26,46 +26,26 @@ fn ms(n: u64) -> Duration {
 // Backends of this file
 // ---------------------------------------------------------------------------------------------
 
-/// A backend whose connects hang (its accept queue is full, so the kernel drops SYNs) until
-/// [`GatedBackend::open`], after which it accepts everything and echoes. A connect that was
-/// hanging completes at the client's next SYN retransmission after the gate opens.
+/// A backend whose connects hang (a [`hung_listener`]) until [`GatedBackend::open`], after
+/// which it accepts everything and echoes. A connect that was hanging completes at the
+/// client's next SYN retransmission after the gate opens.
 struct GatedBackend {
     addr: SocketAddr,
     listener: Option<Socket>,
-    fillers: Vec<Socket>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    /// Declared before the fillers: dropped first, it stops accepting before they close.
+    serving: Option<ScriptedBackend>,
+    _fillers: Vec<Socket>,
 }
 
 impl GatedBackend {
     fn start() -> GatedBackend {
-        let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-        listener.bind(&SockAddr::from(localhost0())).unwrap();
-        // Backlog 0 still queues one connection; the fillers take the queue.
-        listener.listen(0).unwrap();
-        let addr = listener.local_addr().unwrap().as_socket().unwrap();
-        let mut fillers = Vec::new();
-        for _ in 0..8 {
-            let f = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-            f.set_nonblocking(true).unwrap();
-            let _ = f.connect(&SockAddr::from(addr)); // EINPROGRESS
-            fillers.push(f);
-            if fillers.len() < 2 {
-                continue;
-            }
-            if let Err(e) = TcpStream::connect_timeout(&addr, ms(200))
-                && e.kind() == io::ErrorKind::TimedOut
-            {
-                return GatedBackend {
-                    addr,
-                    listener: Some(listener),
-                    fillers,
-                    stop: Arc::new(AtomicBool::new(false)),
-                    thread: None,
-                };
-            }
+        let (listener, fillers, addr) = hung_listener(localhost0());
+        GatedBackend {
+            addr,
+            listener: Some(listener),
+            serving: None,
+            _fillers: fillers,
         }
-        panic!("could not make connects to {addr} hang by filling its accept queue");
     }
 
     fn addr(&self) -> SocketAddr {
@@ -79,81 +59,8 @@ impl GatedBackend {
 
     /// From now on, accept everything (the fillers too) and run `handle` on each connection.
     fn open_with(&mut self, handle: fn(TcpStream)) {
-        let listener: TcpListener = self.listener.take().expect("opened once").into();
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::clone(&self.stop);
-        self.thread = Some(std::thread::spawn(move || {
-            while !stop.load(SeqCst) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        std::thread::spawn(move || handle(stream));
-                    }
-                    Err(_) => std::thread::sleep(ms(2)),
-                }
-            }
-        }));
-    }
-}
-
-impl Drop for GatedBackend {
-    fn drop(&mut self) {
-        self.stop.store(true, SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.fillers.clear();
-    }
-}
-
-/// A backend that runs `handle` on every connection it accepts, each on a thread of its own,
-/// until dropped (then its listener closes).
-struct ScriptedBackend {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl ScriptedBackend {
-    fn start(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> ScriptedBackend {
-        let listener = TcpListener::bind(localhost0()).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let handle = Arc::new(handle);
-        let thread = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                while !stop.load(SeqCst) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let _ = stream.set_nonblocking(false);
-                            set_timeouts(&stream);
-                            let handle = Arc::clone(&handle);
-                            std::thread::spawn(move || handle(stream));
-                        }
-                        Err(_) => std::thread::sleep(ms(2)),
-                    }
-                }
-            })
-        };
-        ScriptedBackend {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for ScriptedBackend {
-    fn drop(&mut self) {
-        self.stop.store(true, SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let listener = self.listener.take().expect("opened once");
+        self.serving = Some(ScriptedBackend::serve(listener.into(), handle));
     }
 }
 

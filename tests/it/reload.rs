@@ -298,50 +298,6 @@ fn five_thousand_backends_cost_little_memory() {
     assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
 }
 
-/// A port on every loopback address (a listener on 0.0.0.0) whose connects hang: its accept
-/// queue is full, so the kernel drops further SYNs (as [`BlackholeBackend`] does for one
-/// address). Any 127.x.y.z on this port is a backend that never answers a probe.
-struct BlackholePort {
-    _listener: socket2::Socket,
-    _fillers: Vec<socket2::Socket>,
-    port: u16,
-}
-
-impl BlackholePort {
-    fn start() -> BlackholePort {
-        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-        let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-        listener
-            .bind(&SockAddr::from(
-                "0.0.0.0:0".parse::<std::net::SocketAddr>().unwrap(),
-            ))
-            .unwrap();
-        listener.listen(0).unwrap();
-        let port = listener.local_addr().unwrap().as_socket().unwrap().port();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut fillers = Vec::new();
-        for _ in 0..8 {
-            let f = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-            f.set_nonblocking(true).unwrap();
-            let _ = f.connect(&SockAddr::from(addr)); // EINPROGRESS
-            fillers.push(f);
-            if fillers.len() < 2 {
-                continue;
-            }
-            if let Err(e) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-                && e.kind() == std::io::ErrorKind::TimedOut
-            {
-                return BlackholePort {
-                    _listener: listener,
-                    _fillers: fillers,
-                    port,
-                };
-            }
-        }
-        panic!("could not make connects to port {port} hang by filling its accept queue");
-    }
-}
-
 /// The binary run by `sh` with the open-file limit lowered to `nofile`, listening on
 /// 127.0.0.1:0; killed on drop.
 struct LimitedChild {
@@ -413,10 +369,18 @@ fn probes_of_a_large_pool_leave_descriptors_for_clients() {
     // take every descriptor and a client is never accepted.
     const BACKENDS: usize = 1000;
     const INTERVAL: Duration = Duration::from_millis(500);
-    let hole = BlackholePort::start();
+    // On 0.0.0.0: any 127.x.y.z on its port is a backend that never answers a probe.
+    let hole = BlackholeBackend::start_on("0.0.0.0:0".parse().expect("an address"));
     let echo = EchoBackend::start();
     let lines: String = (0..BACKENDS)
-        .map(|i| format!("127.0.{}.{}:{}\n", 1 + i / 250, 1 + i % 250, hole.port))
+        .map(|i| {
+            format!(
+                "127.0.{}.{}:{}\n",
+                1 + i / 250,
+                1 + i % 250,
+                hole.addr().port()
+            )
+        })
         .collect();
     // The echo backend's weight makes it least-conn's first choice over the idle others.
     let file = TempFile::new("backends", &format!("{},weight=256\n{lines}", echo.addr()));

@@ -1,7 +1,8 @@
 //! Fake backends on real loopback sockets. Those built on [`Server`] (echo, tagged, silent,
 //! reset) run one thread per connection, count accepted and open connections, and keep their
-//! port for their whole life; the others are a blackhole (connects hang), a closed port
-//! (connects are refused) and a one-shot backend whose single connection the test scripts.
+//! port for their whole life; the others are a blackhole (connects hang) and the hung
+//! listener it is made of, a closed port (connects are refused), a one-shot backend whose
+//! single connection the test scripts and a scripted one that runs a closure per connection.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -389,10 +390,49 @@ impl ResetBackend {
     }
 }
 
-/// A backend whose connects hang: a listener with backlog 0 that never accepts, its accept
-/// queue pre-filled, so the kernel drops further SYNs (Linux drops a SYN when the listener's
-/// accept queue is full; the client retransmits and its connect never completes). Used to
-/// exercise the connect timeout. `start` verifies that a connect really hangs.
+/// A listener on `bind` (port 0) with backlog 0 that never accepts, its accept queue
+/// pre-filled so that connects to it hang: Linux drops a SYN when the listener's accept queue
+/// is full; the client retransmits and its connect never completes. Returns the listener, the
+/// fillers (drop them and the queue has room again) and the address to connect to (on
+/// 127.0.0.1 when `bind` is the unspecified address, which every 127.x.y.z reaches).
+/// Verifies that a connect really hangs.
+pub fn hung_listener(bind: SocketAddr) -> (Socket, Vec<Socket>, SocketAddr) {
+    let tcp = || Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP));
+    let listener = tcp().expect("hung listener socket");
+    listener
+        .bind(&SockAddr::from(bind))
+        .unwrap_or_else(|e| panic!("bind a hung listener on {bind}: {e}"));
+    listener.listen(0).expect("listen with backlog 0");
+    let mut addr = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("hung listener address");
+    if addr.ip().is_unspecified() {
+        addr.set_ip(localhost0().ip());
+    }
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        // Backlog 0 still queues one connection; each filler takes a queue place (or sits in
+        // SYN-SENT once the queue is full).
+        let f = tcp().expect("filler socket");
+        f.set_nonblocking(true).expect("non-blocking filler");
+        let _ = f.connect(&SockAddr::from(addr)); // EINPROGRESS
+        fillers.push(f);
+        if fillers.len() < 2 {
+            continue;
+        }
+        if let Err(e) = TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+            && e.kind() == io::ErrorKind::TimedOut
+        {
+            return (listener, fillers, addr);
+        }
+        // Still room in the queue: add another filler.
+    }
+    panic!("could not make connects to {addr} hang by filling its accept queue");
+}
+
+/// A backend whose connects hang: a [`hung_listener`]. Used to exercise the connect timeout.
 pub struct BlackholeBackend {
     _listener: Socket,
     _fillers: Vec<Socket>,
@@ -400,36 +440,23 @@ pub struct BlackholeBackend {
 }
 
 impl BlackholeBackend {
+    /// On 127.0.0.1.
     pub fn start() -> BlackholeBackend {
-        let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-        listener.bind(&SockAddr::from(localhost0())).unwrap();
-        listener.listen(0).unwrap();
-        let addr = listener.local_addr().unwrap().as_socket().unwrap();
-        let mut fillers = Vec::new();
-        for _ in 0..8 {
-            // Backlog 0 still queues one connection; each filler takes a queue place (or
-            // sits in SYN-SENT once the queue is full).
-            let f = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-            f.set_nonblocking(true).unwrap();
-            let _ = f.connect(&SockAddr::from(addr)); // EINPROGRESS
-            fillers.push(f);
-            if fillers.len() < 2 {
-                continue;
-            }
-            match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    return BlackholeBackend {
-                        _listener: listener,
-                        _fillers: fillers,
-                        addr,
-                    };
-                }
-                _ => {} // still room in the queue: add another filler
-            }
-        }
-        panic!("could not make connects to {addr} hang by filling its accept queue");
+        BlackholeBackend::start_on(localhost0())
     }
 
+    /// On `bind` (port 0). On 0.0.0.0:0, connects to the port hang on every 127.x.y.z, so one
+    /// blackhole serves as any number of backends that never answer.
+    pub fn start_on(bind: SocketAddr) -> BlackholeBackend {
+        let (listener, fillers, addr) = hung_listener(bind);
+        BlackholeBackend {
+            _listener: listener,
+            _fillers: fillers,
+            addr,
+        }
+    }
+
+    /// The address to connect to (on 127.0.0.1 for a blackhole on 0.0.0.0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -496,5 +523,71 @@ impl<T: Send + 'static> OneShotBackend<T> {
         self.rx
             .recv_timeout(timeout)
             .unwrap_or_else(|e| panic!("one-shot backend gave no result within {timeout:?}: {e}"))
+    }
+}
+
+/// A backend that runs `handle` on every connection it accepts, each on a thread of its own
+/// (blocking, no Nagle delay, read and write timeouts of [`IO_TIMEOUT`]), until dropped: then
+/// its listener closes. A connection's thread ends when its handler returns.
+pub struct ScriptedBackend {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ScriptedBackend {
+    /// On a new listener on 127.0.0.1.
+    pub fn start(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> ScriptedBackend {
+        let listener = TcpListener::bind(localhost0()).expect("bind scripted backend");
+        ScriptedBackend::serve(listener, handle)
+    }
+
+    /// On `listener`, which may have connections waiting already.
+    pub fn serve(
+        listener: TcpListener,
+        handle: impl Fn(TcpStream) + Send + Sync + 'static,
+    ) -> ScriptedBackend {
+        let addr = listener.local_addr().expect("scripted backend address");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = Arc::new(handle);
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let _ = stream.set_nonblocking(false);
+                            let _ = stream.set_nodelay(true);
+                            set_timeouts(&stream);
+                            let handle = Arc::clone(&handle);
+                            std::thread::spawn(move || handle(stream));
+                        }
+                        // Nothing to accept: a short nap, then a look at `stop` again.
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        ScriptedBackend {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for ScriptedBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

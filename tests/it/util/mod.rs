@@ -13,7 +13,7 @@
 //! |---|---|
 //! | `wait` | bounded polls for a condition; the one sleep, for when there is none |
 //! | `client` | client sockets from chosen source IPs; reads, echoes, closes, tags |
-//! | `backends` | fake backends: echo, tagged, silent, reset, blackhole, one-shot, closed port |
+//! | `backends` | fake backends: echo, tagged, silent, reset, blackhole (a hung listener), one-shot, scripted, closed port |
 //! | `counting` | the counting echo backend (peak open, arrival times), for pacing and caps |
 //! | `websocket` | a real WebSocket server, and the EINTR wrapper tungstenite needs |
 //! | `balancer` | the balancer in process: config, start, per-backend stats and states |
@@ -37,8 +37,8 @@ mod wait;
 mod websocket;
 
 pub use backends::{
-    BlackholeBackend, ClosedPort, EchoBackend, OneShotBackend, ResetBackend, SilentBackend,
-    TaggedBackend, closed_port,
+    BlackholeBackend, ClosedPort, EchoBackend, OneShotBackend, ResetBackend, ScriptedBackend,
+    SilentBackend, TaggedBackend, closed_port, hung_listener,
 };
 pub use balancer::{
     backend_stat, backend_state, config, effective_weight, lb_addr, passive_failures,
