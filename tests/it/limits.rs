@@ -2,70 +2,10 @@
 //! clients in the backlog instead of refusing them.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::util::*;
-
-/// The real binary under `ulimit -n nofile`, listening on a kernel-chosen port that is read
-/// back from its start-up log line. Killed on drop.
-struct Limited {
-    child: std::process::Child,
-    addr: SocketAddr,
-    stderr: std::path::PathBuf,
-}
-
-impl Limited {
-    fn spawn(nofile: u32, args: &[&str]) -> Limited {
-        let stderr = std::env::temp_dir().join(format!(
-            "holdfast-limits-{}-{nofile}.log",
-            std::process::id()
-        ));
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
-            .arg(env!("CARGO_BIN_EXE_holdfast"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn holdfast under ulimit");
-        let mut addr = None;
-        wait_until(IO_TIMEOUT, || {
-            let log = std::fs::read_to_string(&stderr).unwrap_or_default();
-            addr = log
-                .split("listening on ")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|a| a.trim_end_matches(',').parse().ok());
-            addr.is_some()
-        });
-        Limited {
-            child,
-            addr: addr.unwrap(),
-            stderr,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn still_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for Limited {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.stderr);
-    }
-}
 
 /// One round trip with a short read timeout: `true` if the echo came back.
 fn served(stream: &mut TcpStream, within: Duration) -> bool {
@@ -79,19 +19,16 @@ fn running_out_of_descriptors_degrades_and_recovers() {
     let echo = EchoBackend::start();
     // 48 descriptors: the process's own handful, then room for about 20 sessions of two
     // sockets each. 40 clients cannot all be served at once.
-    let mut lb = Limited::spawn(
-        48,
-        &[
-            "--backend",
-            &echo.addr().to_string(),
-            "--workers",
-            "1",
-            "--relay",
-            "copy",
-        ],
-    );
+    let mut lb = Child::quiet().nofile(48).spawn(&[
+        "--backend",
+        &echo.addr().to_string(),
+        "--workers",
+        "1",
+        "--relay",
+        "copy",
+    ]);
 
-    let mut clients: Vec<TcpStream> = (0..40).map(|_| client(lb.addr)).collect();
+    let mut clients: Vec<TcpStream> = (0..40).map(|_| client(lb.addr())).collect();
     let mut ok = 0;
     for c in &mut clients {
         ok += usize::from(served(c, Duration::from_millis(500)));
@@ -101,11 +38,11 @@ fn running_out_of_descriptors_degrades_and_recovers() {
         ok < 40,
         "all 40 clients served: the descriptor limit was never reached"
     );
-    assert!(lb.still_running(), "holdfast died at the descriptor limit");
+    assert!(lb.is_running(), "holdfast died at the descriptor limit");
     assert!(
-        lb.log().contains("Too many open files"),
+        lb.stderr().contains("Too many open files"),
         "running out of descriptors was not logged:\n{}",
-        lb.log()
+        lb.stderr()
     );
 
     // Once the clients go away, every new client is served again.
@@ -113,13 +50,13 @@ fn running_out_of_descriptors_degrades_and_recovers() {
     for i in 0..40 {
         let mut ok = false;
         wait_until(IO_TIMEOUT, || {
-            let mut c = client(lb.addr);
+            let mut c = client(lb.addr());
             ok = served(&mut c, Duration::from_secs(2));
             ok
         });
         assert!(ok, "client {i} not served after recovery");
     }
-    assert!(lb.still_running());
+    assert!(lb.is_running());
 }
 
 #[test]

@@ -165,103 +165,11 @@ fn a_connect_timer_from_before_the_queue_does_not_fail_the_next_backend() {
 // The real binary's descriptors
 // ---------------------------------------------------------------------------------------------
 
-/// The real binary listening on a kernel-chosen port, read back from its start-up log line,
-/// so that (unlike [`Child::spawn`]) no connection is made to it before the test's own.
-/// Killed on drop.
-struct Quiet {
-    child: std::process::Child,
-    addr: SocketAddr,
-    stderr: std::path::PathBuf,
-}
-
-impl Quiet {
-    fn spawn(args: &[&str]) -> Quiet {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let stderr = std::env::temp_dir().join(format!(
-            "holdfast-reliability-{}-{}.log",
-            std::process::id(),
-            N.fetch_add(1, SeqCst)
-        ));
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn holdfast");
-        let mut addr = None;
-        wait_until_ok(IO_TIMEOUT, || {
-            let log = std::fs::read_to_string(&stderr).unwrap_or_default();
-            addr = log
-                .split("listening on ")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|a| a.trim_end_matches(',').parse().ok());
-            addr.map(|_| ())
-                .ok_or(format!("no listen address in the log yet: {log}"))
-        });
-        Quiet {
-            child,
-            addr: addr.expect("set when the wait succeeded"),
-            stderr,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Waits (up to [`IO_TIMEOUT`]) for the process to exit.
-    #[track_caller]
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let mut status = None;
-        wait_until_ok(IO_TIMEOUT, || {
-            status = self.child.try_wait().unwrap();
-            status.map(|_| ()).ok_or("still running".to_string())
-        });
-        status.expect("set when the wait succeeded")
-    }
-
-    /// Waits until the log contains `text`.
-    #[track_caller]
-    fn wait_for_log(&self, text: &str) {
-        wait_until_ok(IO_TIMEOUT, || {
-            let log = self.log();
-            if log.contains(text) {
-                Ok(())
-            } else {
-                Err(format!("no {text:?} in the log:\n{log}"))
-            }
-        });
-    }
-}
-
-impl Drop for Quiet {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.stderr);
-    }
-}
-
 /// Sends `sig` to process `pid`.
 fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill takes two integers and touches no memory of ours.
     let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
     assert_eq!(rc, 0, "kill({pid}, {sig}): {}", io::Error::last_os_error());
-}
-
-/// Open descriptors of process `pid` now.
-fn fd_count(pid: u32) -> usize {
-    let dir = format!("/proc/{pid}/fd");
-    std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
-        .count()
 }
 
 /// Sets process `pid`'s soft RLIMIT_NOFILE to `n` while it runs (the hard limit stays: raising
@@ -402,7 +310,7 @@ fn expect_all_served(clients: Vec<JoinHandle<Result<(), String>>>, log: impl Fn(
 #[test]
 fn at_the_descriptor_limit_clients_wait_instead_of_being_reset() {
     let echo = EchoBackend::start();
-    let lb = Quiet::spawn(&[
+    let lb = Child::quiet().spawn(&[
         "--backend",
         &echo.addr().to_string(),
         "--workers",
@@ -417,10 +325,10 @@ fn at_the_descriptor_limit_clients_wait_instead_of_being_reset() {
     leave_free_fds(pid, 2 * 10 + 1);
 
     let release = Arc::new(AtomicBool::new(false));
-    let clients = ping_and_hold_all(lb.addr, 30, &Arc::default(), &release);
-    lb.wait_for_log("Too many open files");
+    let clients = ping_and_hold_all(lb.addr(), 30, &Arc::default(), &release);
+    lb.wait_for_stderr("Too many open files", IO_TIMEOUT);
     release.store(true, SeqCst);
-    expect_all_served(clients, || lb.log());
+    expect_all_served(clients, || lb.stderr());
     wait_for_fds(pid, baseline);
 }
 
@@ -436,7 +344,7 @@ fn at_the_descriptor_limit_clients_wait_instead_of_being_reset() {
 #[test]
 fn a_pipe_shortage_falls_back_to_copying_for_one_burst_only() {
     let echo = EchoBackend::start();
-    let lb = Quiet::spawn(&[
+    let lb = Child::quiet().spawn(&[
         "--backend",
         &echo.addr().to_string(),
         "--workers",
@@ -447,7 +355,7 @@ fn a_pipe_shortage_falls_back_to_copying_for_one_burst_only() {
         "none",
     ]);
     let pid = lb.pid();
-    let mut c = client(lb.addr);
+    let mut c = client(lb.addr());
     echo.wait_for_accepted(1, IO_TIMEOUT);
     // Pipe descriptors it did not make (inherited ones, if any).
     let inherited = pipe_fds(pid);
@@ -1041,7 +949,7 @@ fn frozen_backend() -> (ScriptedBackend, Arc<AtomicBool>) {
 fn hung_backends_cost_clients_a_timeout_and_holdfast_nothing() {
     let hole = BlackholeBackend::start();
     let (frozen, thaw) = frozen_backend();
-    let connects = Quiet::spawn(&[
+    let connects = Child::quiet().spawn(&[
         "--backend",
         &hole.addr().to_string(),
         "--connect-timeout",
@@ -1053,7 +961,7 @@ fn hung_backends_cost_clients_a_timeout_and_holdfast_nothing() {
         "--health-check",
         "none",
     ]);
-    let timeouts = Quiet::spawn(&[
+    let timeouts = Child::quiet().spawn(&[
         "--backend",
         &frozen.addr().to_string(),
         "--idle-timeout",
@@ -1072,13 +980,13 @@ fn hung_backends_cost_clients_a_timeout_and_holdfast_nothing() {
     let mut clients = Vec::new();
     for i in 0..10 {
         // Waits for a connect that never completes.
-        let mut c = client(connects.addr);
+        let mut c = client(connects.addr());
         c.write_all(b"hello?").unwrap();
         clients.push(("connect", c));
         // Silent, in front of a backend that never answers.
-        clients.push(("idle", client(timeouts.addr)));
+        clients.push(("idle", client(timeouts.addr())));
         // Sends more than any buffer holds, to a backend that never reads.
-        let c = client(timeouts.addr);
+        let c = client(timeouts.addr());
         let mut writer = c.try_clone().unwrap();
         std::thread::spawn(move || {
             let chunk = vec![i as u8; 64 * 1024];
@@ -1248,7 +1156,7 @@ fn a_backend_killed_under_hundreds_of_sessions() {
 #[test]
 fn descriptors_running_out_during_a_drain_reset_nobody() {
     let echo = EchoBackend::start();
-    let mut lb = Quiet::spawn(&[
+    let mut lb = Child::quiet().spawn(&[
         "--backend",
         &echo.addr().to_string(),
         "--workers",
@@ -1265,15 +1173,17 @@ fn descriptors_running_out_during_a_drain_reset_nobody() {
         Arc::new(AtomicUsize::new(0)),
         Arc::new(AtomicBool::new(false)),
     );
-    let clients = ping_and_hold_all(lb.addr, 30, &sent, &release);
+    let clients = ping_and_hold_all(lb.addr(), 30, &sent, &release);
     wait_until(IO_TIMEOUT, || sent.load(SeqCst) == 30);
     signal(pid, libc::SIGTERM);
     signal(pid, libc::SIGCONT);
-    lb.wait_for_log("Too many open files");
+    lb.wait_for_stderr("Too many open files", IO_TIMEOUT);
     release.store(true, SeqCst);
-    expect_all_served(clients, || lb.log());
-    let status = lb.wait_exit();
-    assert_eq!(status.code(), Some(0), "{}", lb.log());
+    expect_all_served(clients, || lb.stderr());
+    let status = lb
+        .wait_exit(IO_TIMEOUT)
+        .unwrap_or_else(|| panic!("holdfast still running:\n{}", lb.stderr()));
+    assert_eq!(status.code(), Some(0), "{}", lb.stderr());
 }
 
 /// SIGTERM while 16 sessions stream 4 MiB each way: every stream completes intact (the drain

@@ -298,70 +298,6 @@ fn five_thousand_backends_cost_little_memory() {
     assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
 }
 
-/// The binary run by `sh` with the open-file limit lowered to `nofile`, listening on
-/// 127.0.0.1:0; killed on drop.
-struct LimitedChild {
-    child: std::process::Child,
-    stderr: std::path::PathBuf,
-}
-
-impl LimitedChild {
-    fn spawn(nofile: usize, args: &[&str]) -> LimitedChild {
-        let stderr = std::env::temp_dir().join(format!(
-            "holdfast-it-{}-limited-{nofile}-stderr",
-            std::process::id()
-        ));
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
-            .arg(env!("CARGO_BIN_EXE_holdfast"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn sh -c holdfast");
-        LimitedChild { child, stderr }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// The address from the "listening on" line, once it is logged.
-    fn wait_listening(&mut self) -> std::net::SocketAddr {
-        let mut addr = None;
-        wait_until_ok(Duration::from_secs(10), || {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("holdfast exited with {status}:\n{}", self.stderr());
-            }
-            let err = self.stderr();
-            addr = err
-                .split("listening on ")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|a| a.parse().ok());
-            addr.map(|_| ()).ok_or(format!("not listening yet:\n{err}"))
-        });
-        addr.expect("set when the wait succeeded")
-    }
-
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for LimitedChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.stderr);
-    }
-}
-
 #[test]
 fn probes_of_a_large_pool_leave_descriptors_for_clients() {
     // 1000 backends that never answer a probe, each probe holding a socket for its whole
@@ -385,26 +321,23 @@ fn probes_of_a_large_pool_leave_descriptors_for_clients() {
     // The echo backend's weight makes it least-conn's first choice over the idle others.
     let file = TempFile::new("backends", &format!("{},weight=256\n{lines}", echo.addr()));
     let path = file.path().to_str().unwrap().to_string();
-    let mut child = LimitedChild::spawn(
-        512,
-        &[
-            "--backends-file",
-            &path,
-            "--workers",
-            "1",
-            "--health-interval",
-            "500ms",
-            "--health-timeout",
-            "30s",
-        ],
-    );
-    let target = child.wait_listening();
+    let child = Child::quiet().nofile(512).spawn(&[
+        "--backends-file",
+        &path,
+        "--workers",
+        "1",
+        "--health-interval",
+        "500ms",
+        "--health-timeout",
+        "30s",
+    ]);
+    let target = child.addr();
     let started = std::time::Instant::now();
     // The first probes of every backend are due within one interval of the start; wait for
     // probes to be under way, then until all of them have been due for a while. (Nothing to
     // wait for: the check is that no more start.)
     wait_until_ok(Duration::from_secs(10), || {
-        let fds = child.open_fds();
+        let fds = fd_count(child.pid());
         if fds >= 256 {
             Ok(())
         } else {
@@ -412,7 +345,7 @@ fn probes_of_a_large_pool_leave_descriptors_for_clients() {
         }
     });
     sleep_until(started + 3 * INTERVAL);
-    let fds = child.open_fds();
+    let fds = fd_count(child.pid());
     assert!(
         fds < 300,
         "{fds} descriptors open with {BACKENDS} hung probes:\n{}",

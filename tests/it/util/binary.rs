@@ -1,5 +1,6 @@
-//! The real `holdfast` binary: a guard for a running one (signals, exits, its output), a run to
-//! completion, its pipe descriptors, and temporary files to hand it.
+//! The real `holdfast` binary: a guard for a running one (signals, exits, its output; started
+//! with or without a connection to it, under a lower open-file limit if asked), a run to
+//! completion, its descriptors, and temporary files to hand it.
 
 use std::fs;
 use std::io::Read;
@@ -61,16 +62,56 @@ pub fn run_binary(args: &[&str], timeout: Duration) -> Output {
 
 /// The real `holdfast` binary, running. Killed on drop.
 ///
-/// The listen port is reserved rather than guessed: a socket with SO_REUSEPORT is bound (not
-/// listening) to 127.0.0.1:0, and the child is told to listen on that address. Linux lets
-/// the child's SO_REUSEPORT listeners (same user) bind it too, while no other test's port-0
-/// bind can take it meanwhile; a bound socket that does not listen receives no connections.
+/// [`Child::spawn`] reserves the listen port rather than guessing it: a socket with
+/// SO_REUSEPORT is bound (not listening) to 127.0.0.1:0, and the child is told to listen on
+/// that address. Linux lets the child's SO_REUSEPORT listeners (same user) bind it too, while
+/// no other test's port-0 bind can take it meanwhile; a bound socket that does not listen
+/// receives no connections. It then connects once, to know the port accepts.
+///
+/// [`Child::quiet`] makes no connection before the test's own: the child listens on
+/// 127.0.0.1:0 and the address is read back from its start-up log line. It can also lower
+/// the child's open-file limit (`ulimit -n`).
 pub struct Child {
     child: std::process::Child,
     addr: SocketAddr,
     stdout: PathBuf,
     stderr: PathBuf,
-    _reservation: Socket,
+    _reservation: Option<Socket>,
+}
+
+/// How [`Child::quiet`] starts the binary.
+pub struct QuietStart {
+    nofile: Option<u32>,
+}
+
+impl QuietStart {
+    /// Under `ulimit -n nofile` (run by `sh`, which then execs the binary).
+    pub fn nofile(self, nofile: u32) -> QuietStart {
+        QuietStart {
+            nofile: Some(nofile),
+        }
+    }
+
+    /// Starts `holdfast --listen 127.0.0.1:0 <args>` and waits until it logs the address it
+    /// listens on.
+    #[track_caller]
+    pub fn spawn(self, args: &[&str]) -> Child {
+        let mut me = Child::start(localhost0(), self.nofile, args, None);
+        let mut addr = None;
+        wait_until_ok(IO_TIMEOUT, || {
+            me.exited_at_start(args);
+            let log = me.stderr();
+            addr = log
+                .split("listening on ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.trim_end_matches(',').parse().ok());
+            addr.map(|_| ())
+                .ok_or(format!("no listen address in the log yet:\n{log}"))
+        });
+        me.addr = addr.expect("set when the wait succeeded");
+        me
+    }
 }
 
 impl Child {
@@ -81,31 +122,9 @@ impl Child {
         reservation.set_reuse_port(true).unwrap();
         reservation.bind(&SockAddr::from(localhost0())).unwrap();
         let addr = reservation.local_addr().unwrap().as_socket().unwrap();
-        let stdout = temp_path("stdout");
-        let stderr = temp_path("stderr");
-        let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-            .arg("--listen")
-            .arg(addr.to_string())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&stdout).unwrap())
-            .stderr(fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn holdfast");
-        let mut me = Child {
-            child,
-            addr,
-            stdout,
-            stderr,
-            _reservation: reservation,
-        };
+        let mut me = Child::start(addr, None, args, Some(reservation));
         wait_until_ok(IO_TIMEOUT, || {
-            if let Some(status) = me.child.try_wait().unwrap() {
-                panic!(
-                    "holdfast {args:?} exited at start with {status}; stderr:\n{}",
-                    me.stderr()
-                );
-            }
+            me.exited_at_start(args);
             match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
                 Ok(_) => Ok(()),
                 Err(e) => Err(format!(
@@ -115,6 +134,60 @@ impl Child {
             }
         });
         me
+    }
+
+    /// A start that makes no connection to the child: see [`QuietStart`].
+    pub fn quiet() -> QuietStart {
+        QuietStart { nofile: None }
+    }
+
+    /// Runs `holdfast --listen <listen> <args>`, under `ulimit -n nofile` if asked.
+    #[track_caller]
+    fn start(
+        listen: SocketAddr,
+        nofile: Option<u32>,
+        args: &[&str],
+        reservation: Option<Socket>,
+    ) -> Child {
+        let stdout = temp_path("stdout");
+        let stderr = temp_path("stderr");
+        let mut command = match nofile {
+            None => Command::new(env!("CARGO_BIN_EXE_holdfast")),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_holdfast"));
+                sh
+            }
+        };
+        let child = command
+            .arg("--listen")
+            .arg(listen.to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).unwrap())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn holdfast");
+        Child {
+            child,
+            addr: listen,
+            stdout,
+            stderr,
+            _reservation: reservation,
+        }
+    }
+
+    /// Panics (with its stderr) if the process has exited.
+    #[track_caller]
+    fn exited_at_start(&mut self, args: &[&str]) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!(
+                "holdfast {args:?} exited at start with {status}; stderr:\n{}",
+                self.stderr()
+            );
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -164,6 +237,24 @@ impl Child {
         exited.expect("wait_until_ok returns only once the check passed")
     }
 
+    /// Whether the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `timeout` until stderr contains `text`.
+    #[track_caller]
+    pub fn wait_for_stderr(&self, text: &str, timeout: Duration) {
+        wait_until_ok(timeout, || {
+            let err = self.stderr();
+            if err.contains(text) {
+                Ok(())
+            } else {
+                Err(format!("no {text:?} on stderr:\n{err}"))
+            }
+        });
+    }
+
     /// Waits up to `timeout` for the process to exit; `None` if it is still running.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -188,6 +279,14 @@ impl Drop for Child {
         let _ = fs::remove_file(&self.stdout);
         let _ = fs::remove_file(&self.stderr);
     }
+}
+
+/// Open descriptors of process `pid` now.
+pub fn fd_count(pid: u32) -> usize {
+    let dir = format!("/proc/{pid}/fd");
+    fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
+        .count()
 }
 
 /// Number of open file descriptors of process `pid` that are pipe ends.

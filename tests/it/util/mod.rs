@@ -17,7 +17,7 @@
 //! | `counting` | the counting echo backend (peak open, arrival times), for pacing and caps |
 //! | `websocket` | a real WebSocket server, and the EINTR wrapper tungstenite needs |
 //! | `balancer` | the balancer in process: config, start, per-backend stats and states |
-//! | `binary` | the real `holdfast` binary: a guard for a running one, a run, temp files |
+//! | `binary` | the real `holdfast` binary: a guard for a running one (quiet, `ulimit -n`), a run, its descriptors, temp files |
 //! | `data` | deterministic test data and its digest |
 //!
 //! A new helper goes into the module of its concern and gets a `pub use` line here. Building
@@ -44,7 +44,7 @@ pub use balancer::{
     backend_stat, backend_state, config, effective_weight, lb_addr, passive_failures,
     start_balancer, wait_for_state,
 };
-pub use binary::{Child, TempFile, pipe_fds, run_binary};
+pub use binary::{Child, TempFile, fd_count, pipe_fds, run_binary};
 pub use client::{
     Closed, Pending, client, client_from, connect_refused, connect_tagged, count_tag, echo_stream,
     expect_closed, localhost0, pending, read_line, reset, round_trip, set_timeouts,
