@@ -165,6 +165,21 @@ fn a_connect_timer_from_before_the_queue_does_not_fail_the_next_backend() {
 // The real binary's descriptors
 // ---------------------------------------------------------------------------------------------
 
+/// The real binary in front of `echo` (one worker, relaying with `relay`, no health checks),
+/// started with [`Child::quiet`]: no connection is made to it before the test's own.
+fn quiet_in_front_of(echo: &EchoBackend, relay: &str) -> Child {
+    Child::quiet().spawn(&[
+        "--backend",
+        &echo.addr().to_string(),
+        "--workers",
+        "1",
+        "--relay",
+        relay,
+        "--health-check",
+        "none",
+    ])
+}
+
 /// Sends `sig` to process `pid`.
 fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill takes two integers and touches no memory of ours.
@@ -310,16 +325,7 @@ fn expect_all_served(clients: Vec<JoinHandle<Result<(), String>>>, log: impl Fn(
 #[test]
 fn at_the_descriptor_limit_clients_wait_instead_of_being_reset() {
     let echo = EchoBackend::start();
-    let lb = Child::quiet().spawn(&[
-        "--backend",
-        &echo.addr().to_string(),
-        "--workers",
-        "1",
-        "--relay",
-        "copy",
-        "--health-check",
-        "none",
-    ]);
+    let lb = quiet_in_front_of(&echo, "copy");
     let pid = lb.pid();
     let baseline = fd_count(pid);
     leave_free_fds(pid, 2 * 10 + 1);
@@ -344,16 +350,7 @@ fn at_the_descriptor_limit_clients_wait_instead_of_being_reset() {
 #[test]
 fn a_pipe_shortage_falls_back_to_copying_for_one_burst_only() {
     let echo = EchoBackend::start();
-    let lb = Child::quiet().spawn(&[
-        "--backend",
-        &echo.addr().to_string(),
-        "--workers",
-        "1",
-        "--relay",
-        "splice",
-        "--health-check",
-        "none",
-    ]);
+    let lb = quiet_in_front_of(&echo, "splice");
     let pid = lb.pid();
     let mut c = client(lb.addr());
     echo.wait_for_accepted(1, IO_TIMEOUT);
@@ -1156,16 +1153,7 @@ fn a_backend_killed_under_hundreds_of_sessions() {
 #[test]
 fn descriptors_running_out_during_a_drain_reset_nobody() {
     let echo = EchoBackend::start();
-    let mut lb = Child::quiet().spawn(&[
-        "--backend",
-        &echo.addr().to_string(),
-        "--workers",
-        "1",
-        "--relay",
-        "copy",
-        "--health-check",
-        "none",
-    ]);
+    let mut lb = quiet_in_front_of(&echo, "copy");
     let pid = lb.pid();
     leave_free_fds(pid, 2 * 10 + 1);
     signal(pid, libc::SIGSTOP);

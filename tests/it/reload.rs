@@ -15,6 +15,13 @@ use crate::util::*;
 
 const STOP_WITHIN: Duration = Duration::from_secs(5);
 
+/// Sends SIGTERM and checks that the process exits 0 within [`STOP_WITHIN`].
+#[track_caller]
+fn stop_with_sigterm(child: &mut Child) {
+    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+}
+
 /// Sends SIGHUP and waits until stderr holds a line with every one of `want` in it.
 #[track_caller]
 fn sighup_until_logged(child: &Child, want: &[&str]) -> String {
@@ -65,8 +72,7 @@ fn reload_fails_and_changes_nothing(spoil: impl FnOnce(&Path), why: &str) {
     let mut c = client(child.addr());
     round_trip(&mut c, b"the backend in force before the reload");
     drop(c);
-    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
-    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+    stop_with_sigterm(&mut child);
 }
 
 #[test]
@@ -189,8 +195,7 @@ fn a_storm_of_sighups_while_clients_connect() {
     );
     assert!(!err.contains("reload failed"), "a reload failed:\n{err}");
 
-    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
-    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+    stop_with_sigterm(&mut child);
 }
 
 /// `n` distinct backend lines that refuse connections (127.0.x.y, all on `closed`'s port,
@@ -251,8 +256,7 @@ fn a_backends_file_of_100k_lines_starts_and_reloads() {
     let mut c = client(child.addr());
     round_trip(&mut c, b"after the reload");
     drop(c);
-    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
-    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+    stop_with_sigterm(&mut child);
 }
 
 /// The resident memory of process `pid`, in KiB.
@@ -279,14 +283,7 @@ fn five_thousand_backends_cost_little_memory() {
         "1",
     ]);
     // Logged once the backend set is built and the workers run.
-    wait_until_ok(Duration::from_secs(10), || {
-        let err = child.stderr();
-        if err.contains("holdfast listening on") {
-            Ok(())
-        } else {
-            Err(format!("not started yet:\n{err}"))
-        }
-    });
+    child.wait_for_stderr("holdfast listening on", Duration::from_secs(10));
     // About 22 KB a backend (110 MB) before the connect-latency histograms were made small and
     // allocated only when a backend gets its first connection.
     let rss = rss_kib(child.pid());
@@ -294,8 +291,7 @@ fn five_thousand_backends_cost_little_memory() {
         rss < 40 * 1024,
         "{rss} KiB resident with 5000 idle backends"
     );
-    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
-    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+    stop_with_sigterm(&mut child);
 }
 
 #[test]
@@ -456,8 +452,7 @@ fn many_backends_going_down_at_once_log_a_summary() {
         lines <= 50,
         "{lines} lines to say that {BACKENDS} backends are down:\n{err}"
     );
-    let status = child.signal_and_wait(libc::SIGTERM, STOP_WITHIN);
-    assert_eq!(status.code(), Some(0), "stderr:\n{}", child.stderr());
+    stop_with_sigterm(&mut child);
 }
 
 #[test]
