@@ -116,6 +116,12 @@ pub fn unacked_bytes(socket: &impl AsFd) -> io::Result<usize> {
 
 /// ENOSYS (no splice in this kernel or sandbox) and EINVAL (this pair of files cannot be
 /// spliced) mean: copy instead. EMFILE/ENFILE from `pipe2` mean: no pipe for now, copy instead.
+/// TCP_USER_TIMEOUT: how long sent bytes may stay unacknowledged before the kernel drops
+/// the connection.
+pub fn set_tcp_user_timeout(socket: &impl AsFd, timeout: std::time::Duration) -> io::Result<()> {
+    socket2::SockRef::from(socket).set_tcp_user_timeout(Some(timeout))
+}
+
 pub fn is_splice_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),

@@ -8,6 +8,7 @@ mod util;
 mod admin;
 mod algorithms;
 mod cli;
+mod client_ip;
 mod faults;
 mod health;
 mod idle;
