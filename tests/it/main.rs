@@ -10,6 +10,7 @@ mod algorithms;
 mod cli;
 mod client_ip;
 mod faults;
+mod haproxy;
 mod health;
 mod idle;
 mod lifecycle;
