@@ -136,6 +136,16 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     #[test]
+    fn tcp_user_timeout_is_set_on_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let timeout = std::time::Duration::from_millis(2500);
+        set_tcp_user_timeout(&a, timeout).unwrap();
+        let got = socket2::SockRef::from(&a).tcp_user_timeout().unwrap();
+        assert_eq!(got, Some(timeout));
+    }
+
+    #[test]
     fn bytes_cross_a_pipe_between_two_sockets() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
