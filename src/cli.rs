@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::client_ip::{AccessList, Cidr, IpLimitsConfig};
 use crate::config::{
     self, Algorithm, BackendSpec, Config, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
 };
+use crate::config::{ClientIpConfig, ProxyVersion};
 use crate::error::ConfigError;
 use crate::sources::DnsName;
 
@@ -180,6 +182,58 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     pub admin: Option<SocketAddr>,
 
+    /// Write a PROXY protocol header (v1 or v2) first on every backend connection, carrying
+    /// the client's address and the address it connected to [default: off]
+    #[arg(long, value_name = "VERSION")]
+    pub send_proxy: Option<ProxyVersion>,
+
+    /// Health probes write a PROXY v2 LOCAL header first (for backends that require one)
+    #[arg(long)]
+    pub health_send_proxy: bool,
+
+    /// Clients must start with a PROXY protocol header (v1 or v2); its address is the
+    /// client's from then on. Needs --trusted-proxy
+    #[arg(long)]
+    pub accept_proxy: bool,
+
+    /// A source allowed to send a PROXY header (repeatable); others are closed
+    #[arg(long, value_name = "CIDR")]
+    pub trusted_proxy: Vec<Cidr>,
+
+    /// Time a client has to send its whole PROXY header
+    #[arg(long, value_name = "DUR", default_value = "3s", value_parser = parse_duration,
+          allow_hyphen_values = true)]
+    pub proxy_header_timeout: Duration,
+
+    /// Serve only clients in these ranges (repeatable; with none, everyone not denied)
+    #[arg(long, value_name = "CIDR")]
+    pub allow: Vec<Cidr>,
+
+    /// Close clients in these ranges at once (repeatable; wins over --allow)
+    #[arg(long, value_name = "CIDR")]
+    pub deny: Vec<Cidr>,
+
+    /// Most live connections from one client IP (IPv6: one --ipv6-prefix), all workers
+    /// together; 0 = unlimited
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_conns_per_ip: u32,
+
+    /// Most new connections per second from one client IP (a token bucket of N); 0 =
+    /// unlimited
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_conn_rate_per_ip: u32,
+
+    /// Bits of an IPv6 client address that the per-IP limits count as one client
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u8).range(0..=128))]
+    pub ipv6_prefix: u8,
+
+    /// TCP_USER_TIMEOUT on both sockets: a peer that stops acknowledging is dropped after DUR
+    /// even while data is queued; 0 = off
+    #[arg(long, value_name = "DUR", default_value = "0", value_parser = parse_duration,
+          allow_hyphen_values = true)]
+    pub tcp_user_timeout: Duration,
+
     /// off, error, warn, info, debug or trace (RUST_LOG, if set, refines it)
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: log::LevelFilter,
@@ -224,6 +278,24 @@ impl Args {
         config.backends_file = self.backends_file;
         config.backend_dns = self.backend_dns;
         config.dns_interval = self.dns_interval;
+        config.client_ip = ClientIpConfig {
+            send_proxy: self.send_proxy,
+            health_send_proxy: self.health_send_proxy,
+            accept_proxy: self.accept_proxy,
+            trusted_proxies: self.trusted_proxy,
+            proxy_header_timeout: self.proxy_header_timeout,
+            access: AccessList {
+                allow: self.allow,
+                deny: self.deny,
+            },
+            limits: IpLimitsConfig {
+                max_conns: self.max_conns_per_ip,
+                max_rate: self.max_conn_rate_per_ip,
+                ipv6_prefix: self.ipv6_prefix,
+                ..IpLimitsConfig::default()
+            },
+        };
+        config.tcp_user_timeout = nonzero(self.tcp_user_timeout);
         config.validate()?;
         Ok(config)
     }
@@ -354,6 +426,54 @@ mod tests {
         assert_eq!(c.limits.max_conns_per_backend, 0);
         assert_eq!(c.limits.max_connect_rate, 0);
         assert_eq!(c.limits.queue_timeout, Duration::from_secs(5));
+        assert_eq!(c.client_ip, ClientIpConfig::default());
+        assert_eq!(c.client_ip.proxy_header_timeout, Duration::from_secs(3));
+        assert_eq!(c.client_ip.limits.ipv6_prefix, 64);
+        assert_eq!(c.tcp_user_timeout, None);
+    }
+
+    #[test]
+    fn client_address_flags_become_config() {
+        let c = parse(&[
+            "-l",
+            "127.0.0.1:0",
+            "-b",
+            "127.0.0.1:1",
+            "--send-proxy",
+            "v2",
+            "--health-send-proxy",
+            "--accept-proxy",
+            "--trusted-proxy",
+            "10.0.0.0/8",
+            "--trusted-proxy",
+            "::1",
+            "--proxy-header-timeout",
+            "500ms",
+            "--allow",
+            "192.0.2.0/24",
+            "--deny",
+            "192.0.2.7",
+            "--max-conns-per-ip",
+            "10",
+            "--max-conn-rate-per-ip",
+            "5",
+            "--ipv6-prefix",
+            "48",
+            "--tcp-user-timeout",
+            "30s",
+        ])
+        .unwrap();
+        let ip = &c.client_ip;
+        assert_eq!(ip.send_proxy, Some(ProxyVersion::V2));
+        assert!(ip.health_send_proxy && ip.accept_proxy);
+        assert_eq!(ip.trusted_proxies.len(), 2);
+        assert_eq!(ip.proxy_header_timeout, Duration::from_millis(500));
+        assert!(ip.access.permits("192.0.2.1".parse().unwrap()));
+        assert!(!ip.access.permits("192.0.2.7".parse().unwrap()));
+        assert!(!ip.access.permits("198.51.100.1".parse().unwrap()));
+        assert_eq!((ip.limits.max_conns, ip.limits.max_rate), (10, 5));
+        assert_eq!(ip.limits.ipv6_prefix, 48);
+        assert_eq!(c.tcp_user_timeout, Some(Duration::from_secs(30)));
     }
 
     #[test]
@@ -393,6 +513,44 @@ mod tests {
                     "127.0.0.1:1",
                 ],
                 "twice",
+            ),
+            (
+                vec!["-l", "127.0.0.1:0", "-b", "127.0.0.1:1", "--accept-proxy"],
+                "--trusted-proxy",
+            ),
+            (
+                vec![
+                    "-l",
+                    "127.0.0.1:0",
+                    "-b",
+                    "127.0.0.1:1",
+                    "--accept-proxy",
+                    "--trusted-proxy",
+                    "10.0.0.1/8",
+                ],
+                "10.0.0.1/8",
+            ),
+            (
+                vec![
+                    "-l",
+                    "127.0.0.1:0",
+                    "-b",
+                    "127.0.0.1:1",
+                    "--send-proxy",
+                    "v3",
+                ],
+                "v3",
+            ),
+            (
+                vec![
+                    "-l",
+                    "127.0.0.1:0",
+                    "-b",
+                    "127.0.0.1:1",
+                    "--ipv6-prefix",
+                    "129",
+                ],
+                "129",
             ),
         ] {
             let err = parse(&args).unwrap_err();

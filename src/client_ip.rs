@@ -5,7 +5,8 @@
 //! PROXY header), and `--max-conns-per-ip` / `--max-conn-rate-per-ip` / `--ipv6-prefix` (how
 //! much one client may take). The module is public because [`Cidr`] and [`IpLimitsConfig`]
 //! become part of the library's `Config`, and so that the benchmark in `benches/` can measure
-//! the table. The data plane does not use it yet.
+//! the table. The workers check `--allow`/`--deny` and take a [`Ticket`] for each admitted
+//! session from one shared [`IpLimits`] (worker 0 sweeps it every 5 s).
 //!
 //! # IPv4-mapped addresses
 //!

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::client_ip::{AccessList, Cidr, IpLimitsConfig};
 use crate::error::ConfigError;
 use crate::sources::{DnsName, Resolver};
 
@@ -529,6 +530,10 @@ pub struct Config {
     pub dns_interval: Duration,
     /// How `backend_dns` names are resolved (the system resolver unless replaced).
     pub resolver: Resolver,
+    /// The real client address: PROXY protocol in and out, allow/deny, per-IP limits.
+    pub client_ip: ClientIpConfig,
+    /// TCP_USER_TIMEOUT on both sockets of a session. `None` disables.
+    pub tcp_user_timeout: Option<Duration>,
 }
 
 impl Config {
@@ -558,6 +563,8 @@ impl Config {
             backend_dns: Vec::new(),
             dns_interval: Duration::from_secs(10),
             resolver: Resolver::system(),
+            client_ip: ClientIpConfig::default(),
+            tcp_user_timeout: None,
         }
     }
 
@@ -653,6 +660,7 @@ impl Config {
                 "--queue-timeout must be greater than 0".into(),
             ));
         }
+        self.client_ip.validate()?;
         Ok(())
     }
 }
@@ -670,6 +678,100 @@ impl Config {
             ));
         }
         warnings
+    }
+}
+
+/// Which PROXY protocol header holdfast writes first on every backend connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyVersion {
+    /// The text header (`PROXY TCP4 ...\r\n`).
+    V1,
+    /// The binary header; TLVs received with `--accept-proxy` are passed on.
+    V2,
+}
+
+impl FromStr for ProxyVersion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ProxyVersion, String> {
+        match s {
+            "v1" | "1" => Ok(ProxyVersion::V1),
+            "v2" | "2" => Ok(ProxyVersion::V2),
+            _ => Err(format!(
+                "invalid PROXY protocol version '{s}' (expected v1 or v2)"
+            )),
+        }
+    }
+}
+
+/// The client's real address (issue #11): where it comes from (`--accept-proxy`), where it is
+/// sent (`--send-proxy`, `--health-send-proxy`), and what is done with it (`--allow`,
+/// `--deny`, the per-IP limits).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIpConfig {
+    /// Write a PROXY header of this version first on every backend connection.
+    pub send_proxy: Option<ProxyVersion>,
+    /// Health probes write a v2 `LOCAL` header first.
+    pub health_send_proxy: bool,
+    /// Clients must start with a PROXY header (v1 or v2), from a `trusted_proxies` source.
+    pub accept_proxy: bool,
+    /// Sources allowed to send a PROXY header; required with `accept_proxy`.
+    pub trusted_proxies: Vec<Cidr>,
+    /// How long a client may take to send its whole PROXY header.
+    pub proxy_header_timeout: Duration,
+    /// `--allow` / `--deny`, checked against the client address (the header's, if any).
+    pub access: AccessList,
+    /// `--max-conns-per-ip`, `--max-conn-rate-per-ip`, `--ipv6-prefix`.
+    pub limits: IpLimitsConfig,
+}
+
+impl Default for ClientIpConfig {
+    fn default() -> ClientIpConfig {
+        ClientIpConfig {
+            send_proxy: None,
+            health_send_proxy: false,
+            accept_proxy: false,
+            trusted_proxies: Vec::new(),
+            proxy_header_timeout: Duration::from_secs(3),
+            access: AccessList::default(),
+            limits: IpLimitsConfig::default(),
+        }
+    }
+}
+
+impl ClientIpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.accept_proxy && self.trusted_proxies.is_empty() {
+            return Err(ConfigError::Invalid(
+                "--accept-proxy needs at least one --trusted-proxy CIDR (who may send the header)"
+                    .into(),
+            ));
+        }
+        if !self.accept_proxy && !self.trusted_proxies.is_empty() {
+            return Err(ConfigError::Invalid(
+                "--trusted-proxy is only used with --accept-proxy".into(),
+            ));
+        }
+        if self.accept_proxy && self.proxy_header_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--proxy-header-timeout must be greater than 0".into(),
+            ));
+        }
+        if self.limits.ipv6_prefix > 128 {
+            return Err(ConfigError::Invalid(
+                "--ipv6-prefix must be from 0 to 128".into(),
+            ));
+        }
+        if self.limits.max_entries == 0 {
+            return Err(ConfigError::Invalid(
+                "the per-IP table needs room for at least one entry".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether any per-IP limit is on (the shared table is needed).
+    pub fn limits_on(&self) -> bool {
+        self.limits.max_conns > 0 || self.limits.max_rate > 0
     }
 }
 

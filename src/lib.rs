@@ -150,6 +150,14 @@ impl Holdfast {
         let (mut health, health_link, backends) =
             Health::new(Arc::clone(&config)).map_err(StartError::Worker)?;
         let initial = Arc::clone(&backends.lock().unwrap_or_else(PoisonError::into_inner));
+        // One per-IP table for all workers: a client's connections land on every worker.
+        let ip_limits = match config.client_ip.limits_on() {
+            true => Some(
+                client_ip::IpLimits::new(config.client_ip.limits)
+                    .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?,
+            ),
+            false => None,
+        };
 
         let mut workers = Vec::with_capacity(config.workers);
         let mut for_health = Vec::with_capacity(config.workers);
@@ -162,6 +170,7 @@ impl Holdfast {
                 Arc::clone(&initial),
                 Arc::clone(&counters),
                 health_link.clone(),
+                ip_limits.clone(),
             )
             .map_err(StartError::Worker)?;
             for_health.push(WorkerLink {

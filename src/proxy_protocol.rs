@@ -84,8 +84,9 @@
 //! are written as hex groups only (`::ffff:c000:201`, never `::ffff:192.0.2.1`), the spec's
 //! grammar.
 //!
-//! Until the data plane uses this module (`--accept-proxy`, `--send-proxy`,
-//! `--health-send-proxy`), its only users are the tests and the fuzz target, through
+//! The data plane uses it for `--accept-proxy` (the session's `Header` phase, in
+//! `session/mod.rs`), `--send-proxy` (the header written when a backend connect completes)
+//! and `--health-send-proxy` (`health/probe.rs`); the fuzz target reaches it through
 //! `holdfast::fuzzing`.
 
 use std::fmt;

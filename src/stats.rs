@@ -69,6 +69,41 @@ counters! {
     bytes_client_to_backend,
     /// Bytes relayed backend to client.
     bytes_backend_to_client,
+    // The client's address (issue #11). PROXY headers refused, by reason (the parser's
+    // reasons, then holdfast's own: an untrusted source, the header timeout, a client that
+    // closed or reset before its header was complete).
+    /// PROXY header errors: neither `PROXY ` nor the v2 signature.
+    proxy_header_signature,
+    /// PROXY header errors: v2 version other than 2.
+    proxy_header_version,
+    /// PROXY header errors: v2 command other than LOCAL and PROXY.
+    proxy_header_command,
+    /// PROXY header errors: unknown protocol or family.
+    proxy_header_family,
+    /// PROXY header errors: v2 length shorter than the address block.
+    proxy_header_length,
+    /// PROXY header errors: v1 line structure.
+    proxy_header_syntax,
+    /// PROXY header errors: v1 address or port.
+    proxy_header_address,
+    /// PROXY header errors: longer than the limit.
+    proxy_header_too_long,
+    /// PROXY header errors: malformed v2 TLVs.
+    proxy_header_tlv,
+    /// PROXY header errors: a v2 CRC32C that does not match.
+    proxy_header_checksum,
+    /// PROXY header errors: a source not in `--trusted-proxy`.
+    proxy_header_untrusted,
+    /// PROXY header errors: not complete within `--proxy-header-timeout`.
+    proxy_header_timeout,
+    /// PROXY header errors: the client closed or reset before its header was complete.
+    proxy_header_closed,
+    /// Clients closed at once by `--deny` / `--allow`.
+    refused_deny,
+    /// Clients closed at once by `--max-conns-per-ip`.
+    refused_max_conns_per_ip,
+    /// Clients closed at once by `--max-conn-rate-per-ip`.
+    refused_max_conn_rate_per_ip,
 }
 
 impl Counters {
@@ -78,5 +113,57 @@ impl Counters {
 
     pub(crate) fn decr(counter: &AtomicU64) {
         counter.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Counters {
+    /// The PROXY header error counter for `reason` (a label of
+    /// `holdfast_proxy_header_errors_total`).
+    pub(crate) fn proxy_header_error(&self, reason: &str) -> &AtomicU64 {
+        match reason {
+            "signature" => &self.proxy_header_signature,
+            "version" => &self.proxy_header_version,
+            "command" => &self.proxy_header_command,
+            "family" => &self.proxy_header_family,
+            "length" => &self.proxy_header_length,
+            "syntax" => &self.proxy_header_syntax,
+            "address" => &self.proxy_header_address,
+            "too_long" => &self.proxy_header_too_long,
+            "tlv" => &self.proxy_header_tlv,
+            "checksum" => &self.proxy_header_checksum,
+            "untrusted" => &self.proxy_header_untrusted,
+            "timeout" => &self.proxy_header_timeout,
+            _ => &self.proxy_header_closed,
+        }
+    }
+}
+
+impl StatsSnapshot {
+    /// `(reason label, count)` of every PROXY header error reason.
+    pub fn proxy_header_errors(&self) -> [(&'static str, u64); 13] {
+        [
+            ("signature", self.proxy_header_signature),
+            ("version", self.proxy_header_version),
+            ("command", self.proxy_header_command),
+            ("family", self.proxy_header_family),
+            ("length", self.proxy_header_length),
+            ("syntax", self.proxy_header_syntax),
+            ("address", self.proxy_header_address),
+            ("too_long", self.proxy_header_too_long),
+            ("tlv", self.proxy_header_tlv),
+            ("checksum", self.proxy_header_checksum),
+            ("untrusted", self.proxy_header_untrusted),
+            ("timeout", self.proxy_header_timeout),
+            ("closed", self.proxy_header_closed),
+        ]
+    }
+
+    /// `(reason label, count)` of clients refused by per-IP policy.
+    pub fn clients_refused(&self) -> [(&'static str, u64); 3] {
+        [
+            ("deny", self.refused_deny),
+            ("max_conns_per_ip", self.refused_max_conns_per_ip),
+            ("max_conn_rate_per_ip", self.refused_max_conn_rate_per_ip),
+        ]
     }
 }

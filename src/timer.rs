@@ -41,6 +41,8 @@ pub enum TimerKind {
     DrainClose,
     /// Look again whether a lingering session's sockets can be closed.
     Linger,
+    /// The client's PROXY header has taken `--proxy-header-timeout`.
+    Header,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

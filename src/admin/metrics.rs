@@ -290,6 +290,31 @@ fn write_all(
         family(out, name, kind, help)?;
         writeln!(out, "{name} {}", value(stats))?;
     }
+    // The client's address (issue #11).
+    family(
+        out,
+        "holdfast_proxy_header_errors_total",
+        Kind::Counter,
+        "Client connections closed because of their PROXY header, by reason.",
+    )?;
+    for (reason, n) in stats.proxy_header_errors() {
+        writeln!(
+            out,
+            "holdfast_proxy_header_errors_total{{reason=\"{reason}\"}} {n}"
+        )?;
+    }
+    family(
+        out,
+        "holdfast_clients_refused_total",
+        Kind::Counter,
+        "Clients closed at once by --allow/--deny or a per-IP limit, by reason.",
+    )?;
+    for (reason, n) in stats.clients_refused() {
+        writeln!(
+            out,
+            "holdfast_clients_refused_total{{reason=\"{reason}\"}} {n}"
+        )?;
+    }
     family(
         out,
         "holdfast_backend_state",

@@ -519,6 +519,7 @@ impl Health {
             let probe = Probe::start(
                 addr,
                 &self.config.health.check,
+                self.config.client_ip.health_send_proxy,
                 now + self.config.health.timeout,
                 self.poll.registry(),
                 token,

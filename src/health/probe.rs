@@ -74,6 +74,7 @@ impl Probe {
     pub fn start(
         addr: SocketAddr,
         check: &HealthCheck,
+        send_proxy: bool,
         deadline: Instant,
         registry: &Registry,
         token: Token,
@@ -84,7 +85,7 @@ impl Probe {
             addr,
             deadline,
             stream,
-            exchange: Exchange::for_check(check, addr),
+            exchange: Exchange::for_check(check, addr, send_proxy),
             stage: Stage::Connecting,
         })
     }
@@ -155,7 +156,24 @@ impl Probe {
 }
 
 impl Exchange {
-    fn for_check(check: &HealthCheck, addr: SocketAddr) -> Option<Exchange> {
+    /// `send_proxy` (`--health-send-proxy`): a v2 `LOCAL` header goes first, so backends
+    /// that require a PROXY header can be probed (HAProxy's `check-send-proxy`); a plain TCP
+    /// probe then passes if the backend takes the header without closing.
+    fn for_check(check: &HealthCheck, addr: SocketAddr, send_proxy: bool) -> Option<Exchange> {
+        let mut exchange = Exchange::plain(check, addr);
+        if send_proxy {
+            let x = exchange.get_or_insert_with(|| Exchange {
+                request: Vec::new(),
+                answer: Answer::Nothing,
+            });
+            let mut request = crate::proxy_protocol::encode_v2_local();
+            request.extend_from_slice(&x.request);
+            x.request = request;
+        }
+        exchange
+    }
+
+    fn plain(check: &HealthCheck, addr: SocketAddr) -> Option<Exchange> {
         let (request, answer) = match check {
             HealthCheck::Tcp | HealthCheck::None => return None,
             HealthCheck::WebSocket { path } => {

@@ -21,6 +21,8 @@ pub struct Rules {
     pub backend_timeout: Option<Duration>,
     /// `--queue-timeout`.
     pub queue_timeout: Duration,
+    /// With `--accept-proxy`: `--proxy-header-timeout` (`None`: clients send no header).
+    pub header_timeout: Option<Duration>,
 }
 
 impl Rules {
@@ -30,6 +32,10 @@ impl Rules {
             idle_timeout: config.idle_timeout,
             backend_timeout: config.backend_timeout,
             queue_timeout: config.limits.queue_timeout,
+            header_timeout: config
+                .client_ip
+                .accept_proxy
+                .then_some(config.client_ip.proxy_header_timeout),
         }
     }
 }
@@ -55,6 +61,12 @@ pub enum CloseReason {
     Drain,
     /// The worker is shutting down.
     Shutdown,
+    /// The client's PROXY header was invalid, or it closed before sending all of it.
+    BadHeader,
+    /// The client's PROXY header was not complete within `--proxy-header-timeout`.
+    HeaderTimeout,
+    /// Refused by `--allow`/`--deny` or a per-IP limit (the address in its PROXY header).
+    Refused,
 }
 
 impl CloseReason {
@@ -71,6 +83,13 @@ impl CloseReason {
 /// What the worker saw or did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
+    /// The client was just accepted (and admitted): it sends its PROXY header first, or is
+    /// placed at once.
+    Accepted,
+    /// The client's PROXY header is read (and its address admitted): place it.
+    HeaderDone,
+    /// The client's PROXY header is invalid, or it closed before sending all of it.
+    HeaderFailed,
     /// A readiness event on one of the session's sockets (already recorded in its readiness
     /// flags). `hung_up`: the peer's FIN or an error was flagged. `plain_writable`: writable
     /// with no error or hang-up beside it (on Linux, proof that a connect succeeded).
@@ -132,6 +151,9 @@ pub struct Relayed {
 pub enum Action {
     /// Push a timer for this session.
     ArmTimer { kind: TimerKind, at: Instant },
+    /// Look for the client's PROXY header (the result comes back as `HeaderDone` or
+    /// `HeaderFailed`, or nothing while it is incomplete).
+    ReadHeader,
     /// Pick a backend and start a connect (the result comes back as `ConnectStarted`,
     /// `NoRoom` or `NoBackend`).
     Place,

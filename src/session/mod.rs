@@ -22,8 +22,10 @@ use mio::net::TcpStream;
 use socket2::SockRef;
 
 use crate::backend::BackendSet;
-use crate::config::RelayMode;
+use crate::client_ip::Ticket;
+use crate::config::{ProxyVersion, RelayMode};
 use crate::listener::tune_socket;
+use crate::proxy_protocol::{self, Command, Parse, ProxyHeader, Tlvs};
 use crate::relay::{self, Outcome, Pools, Pump, Readiness};
 use crate::sys;
 use crate::token::Side;
@@ -51,13 +53,34 @@ pub struct Session {
     pub listener: usize,
     /// Already in the worker's list of sessions to run again next turn.
     pub scheduled: bool,
+    /// The address the client connected to (the listener's, or the one its PROXY header
+    /// names): the destination of the header sent on with `--send-proxy`.
+    pub local_addr: SocketAddr,
+    /// TLVs of the client's v2 PROXY header, passed on with `--send-proxy v2`.
+    pub tlvs: Tlvs,
+    /// With `--send-proxy`: the part of the header not yet written to the backend. Client
+    /// bytes wait until it is empty.
+    proxy_out: Vec<u8>,
+    /// The session's place under the per-IP limits, given back at close.
+    pub ticket: Option<Ticket>,
+}
+
+/// What looking for a client's PROXY header found.
+pub enum HeaderRead {
+    /// Not complete yet: wait for more bytes (or the header timeout).
+    Pending,
+    /// A valid header, consumed from the socket (nothing after it was read).
+    Done(ProxyHeader),
+    /// Not a valid header, or the client closed or failed first: the label of
+    /// `holdfast_proxy_header_errors_total`.
+    Invalid(&'static str),
 }
 
 impl Session {
     pub fn new(
         id: u64,
         client: TcpStream,
-        client_addr: SocketAddr,
+        (client_addr, local_addr): (SocketAddr, SocketAddr),
         listener: usize,
         set: Arc<BackendSet>,
         now: Instant,
@@ -75,6 +98,10 @@ impl Session {
             started: now,
             listener,
             scheduled: false,
+            local_addr,
+            tlvs: Tlvs::default(),
+            proxy_out: Vec::new(),
+            ticket: None,
         }
     }
 
@@ -98,13 +125,96 @@ impl Session {
         self.backend = None;
     }
 
-    /// The connection is established: TCP_NODELAY and keepalive on the backend socket (the
-    /// client's were inherited from the listener on Linux, or set at accept), and the pumps.
-    pub fn start_relay(&mut self, mode: RelayMode, keepalive: Option<Duration>) {
+    /// The connection is established: TCP_NODELAY, keepalive and TCP_USER_TIMEOUT on the
+    /// backend socket (the client's were inherited from the listener on Linux, or set at
+    /// accept), and the pumps. With `--send-proxy` the header is written now, before any
+    /// client byte; what the socket did not take waits in `proxy_out` for the next relay.
+    pub fn start_relay(
+        &mut self,
+        mode: RelayMode,
+        keepalive: Option<Duration>,
+        user_timeout: Option<Duration>,
+        send_proxy: Option<ProxyVersion>,
+    ) {
         if let Some(socket) = &self.backend {
             tune_socket(SockRef::from(socket), keepalive);
+            set_user_timeout(socket, user_timeout);
+        }
+        if let Some(version) = send_proxy {
+            let addresses = Some((self.client_addr, self.local_addr));
+            self.proxy_out = match version {
+                ProxyVersion::V1 => proxy_protocol::encode_v1(self.client_addr, self.local_addr),
+                ProxyVersion::V2 => {
+                    proxy_protocol::encode_v2(Command::Proxy, addresses, &self.tlvs)
+                }
+            };
         }
         self.pumps = Some([Pump::new(mode), Pump::new(mode)]);
+    }
+
+    /// Writes what is left of the PROXY header to the backend. `Ok(true)`: all of it is out.
+    fn flush_proxy_header(&mut self) -> io::Result<bool> {
+        let Some(backend) = &self.backend else {
+            return Ok(true);
+        };
+        while !self.proxy_out.is_empty() {
+            if !self.backend_ready.writable {
+                return Ok(false);
+            }
+            match io::Write::write(&mut &*backend, &self.proxy_out) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.proxy_out.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.backend_ready.writable = false;
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.proxy_out = Vec::new();
+        Ok(true)
+    }
+
+    /// Looks for the client's PROXY header: peeks at what has arrived (the kernel keeps it),
+    /// parses it, and once it is complete consumes exactly the header, so the stream behind
+    /// it stays in the socket for the relay.
+    pub fn read_header(&mut self) -> HeaderRead {
+        let mut buf = [0u8; proxy_protocol::V2_MAX_LEN];
+        let n = loop {
+            match self.client.peek(&mut buf) {
+                Ok(0) => return HeaderRead::Invalid("closed"),
+                Ok(n) => break n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.client_ready.readable = false;
+                    return HeaderRead::Pending;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return HeaderRead::Invalid("closed"),
+            }
+        };
+        let (header, len) = match proxy_protocol::parse(&buf[..n]) {
+            Parse::Incomplete { .. } => {
+                // Everything there was peeked: the next segment brings a new event.
+                self.client_ready.readable = false;
+                return HeaderRead::Pending;
+            }
+            Parse::Invalid(reason) => return HeaderRead::Invalid(reason.as_str()),
+            Parse::Done { header, len } => (header, len),
+        };
+        let mut consumed = 0;
+        while consumed < len {
+            match io::Read::read(&mut &self.client, &mut buf[consumed..len]) {
+                Ok(0) => return HeaderRead::Invalid("closed"),
+                Ok(n) => consumed += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // The bytes were peeked, so they are there: anything else is a failure.
+                Err(_) => return HeaderRead::Invalid("closed"),
+            }
+        }
+        HeaderRead::Done(header)
     }
 
     /// Whether the backend connect has finished, and how; `None` while it has not (the
@@ -137,17 +247,31 @@ impl Session {
     /// Runs both pumps (`None` if the session is not relaying). Only a side known to be
     /// readable is read, so a backend that has said nothing yet costs no EAGAIN read.
     pub fn relay(&mut self, pools: &mut Pools) -> Option<Relayed> {
+        // The PROXY header goes first: client bytes wait until it is all written.
+        let header_out = match self.flush_proxy_header() {
+            Ok(done) => done,
+            Err(_) => {
+                return Some(Relayed {
+                    failed: Some(Side::Backend),
+                    ..Relayed::default()
+                });
+            }
+        };
         let (Some(backend), Some([up, down])) = (&self.backend, &mut self.pumps) else {
             return None;
         };
-        let (up_outcome, up_bytes) = up.run(
-            &self.client,
-            &mut self.client_ready,
-            backend,
-            &mut self.backend_ready,
-            pools,
-            down.is_done(),
-        );
+        let (up_outcome, up_bytes) = if !header_out {
+            (Outcome::Blocked, 0)
+        } else {
+            up.run(
+                &self.client,
+                &mut self.client_ready,
+                backend,
+                &mut self.backend_ready,
+                pools,
+                down.is_done(),
+            )
+        };
         let (down_outcome, down_bytes) = down.run(
             backend,
             &mut self.backend_ready,
@@ -214,6 +338,12 @@ impl Session {
         }
     }
 
+    /// Sets TCP_USER_TIMEOUT on the client socket (at accept; the listener's value is not
+    /// relied on).
+    pub fn set_client_user_timeout(&self, user_timeout: Option<Duration>) {
+        set_user_timeout(&self.client, user_timeout);
+    }
+
     /// Gives back the pumps' pipes and buffers (the session is closing). A pipe with bytes
     /// still in it is closed, never reused.
     pub fn release(&mut self, pools: &mut Pools) {
@@ -271,5 +401,15 @@ impl Session {
             _ => true,
         };
         (client_done, backend_done)
+    }
+}
+
+/// TCP_USER_TIMEOUT (`--tcp-user-timeout`): a peer that leaves sent bytes unacknowledged for
+/// this long is dropped, even while data is queued (keepalive probes only an idle socket).
+fn set_user_timeout(sock: &impl std::os::fd::AsFd, user_timeout: Option<Duration>) {
+    if let Some(timeout) = user_timeout
+        && let Err(e) = sys::set_tcp_user_timeout(sock, timeout)
+    {
+        log::debug!("cannot set TCP_USER_TIMEOUT: {e}");
     }
 }

@@ -21,6 +21,11 @@
 //!                                  in with the deadline it had)
 //! ```
 //!
+//! With `--accept-proxy`, `Accepted` leads to `Header` first: the client's PROXY header is
+//! read (`ReadHeader`, again on each readable event) until it is complete (`HeaderDone` ─►
+//! `Placing`), invalid (`HeaderFailed` ─► Closed) or late (its `Header` timer ─► Closed).
+//! Without it, `Accepted` places the client at once.
+//!
 //! `Placing` lasts within one call of the worker: it is the session while the worker picks a
 //! backend and starts its connect, and carries the backends that already failed for this
 //! client (and, for a client taken out of the queue, the deadline it goes back in with).
@@ -53,6 +58,10 @@ pub const LINGER_CHECK: Duration = Duration::from_millis(10);
 /// Where a session is, with what that phase needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// With `--accept-proxy`: reading the client's PROXY header, until `deadline`. Holds the
+    /// client socket alone; nothing is placed, no limit is taken, until the header says who
+    /// the client is.
+    Header { deadline: Instant },
     /// The worker is finding a backend and starting its connect (within one call).
     Placing {
         /// Backends that already failed for this client (excluded, and counted against
@@ -111,6 +120,7 @@ pub enum Phase {
 /// A phase without its data, for routing and tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tag {
+    Header,
     Placing,
     Queued,
     Connecting,
@@ -145,6 +155,7 @@ impl State {
 
     pub fn tag(&self) -> Tag {
         match self.phase {
+            Phase::Header { .. } => Tag::Header,
             Phase::Placing { .. } => Tag::Placing,
             Phase::Queued { .. } => Tag::Queued,
             Phase::Connecting { .. } => Tag::Connecting,
@@ -206,6 +217,9 @@ impl State {
             CloseReason::Exhausted => "out-of-resources",
             CloseReason::Drain => "drain",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::BadHeader => "proxy-header-error",
+            CloseReason::HeaderTimeout => "proxy-header-timeout",
+            CloseReason::Refused => "refused",
         }
     }
 
@@ -215,6 +229,21 @@ impl State {
     pub fn on(&mut self, event: Event, now: Instant, rules: &Rules) -> Actions {
         let mut out = Actions::default();
         match event {
+            Event::Accepted => self.accepted(now, rules, &mut out),
+            Event::HeaderDone => {
+                if let Phase::Header { .. } = self.phase {
+                    self.phase = Phase::Placing {
+                        tried: Vec::new(),
+                        requeue: None,
+                    };
+                    out.push(Action::Place);
+                }
+            }
+            Event::HeaderFailed => {
+                if let Phase::Header { .. } = self.phase {
+                    out.push(Action::Close(CloseReason::BadHeader));
+                }
+            }
             Event::Ready {
                 side,
                 hung_up,
@@ -249,6 +278,7 @@ impl State {
     fn ready(&self, side: Side, hung_up: bool, plain_writable: bool, out: &mut Actions) {
         match (&self.phase, side) {
             (Phase::Relaying { .. }, _) => out.push(Action::Relay),
+            (Phase::Header { .. }, Side::Client) => out.push(Action::ReadHeader),
             (Phase::Connecting { .. }, Side::Backend) => {
                 out.push(Action::CheckConnect { plain_writable });
             }
@@ -270,6 +300,29 @@ impl State {
                 backend: !backend_done,
             }),
             _ => {}
+        }
+    }
+
+    /// A new client: with `--accept-proxy` it must send its header first (read at once:
+    /// it is often there already), within the header timeout; otherwise it is placed.
+    fn accepted(&mut self, now: Instant, rules: &Rules, out: &mut Actions) {
+        let Phase::Placing { tried, requeue } = &self.phase else {
+            return;
+        };
+        if !tried.is_empty() || requeue.is_some() || self.attempts > 0 {
+            return; // not a new client
+        }
+        match rules.header_timeout {
+            Some(timeout) => {
+                let deadline = now + timeout;
+                self.phase = Phase::Header { deadline };
+                out.push(Action::ArmTimer {
+                    kind: TimerKind::Header,
+                    at: deadline,
+                });
+                out.push(Action::ReadHeader);
+            }
+            None => out.push(Action::Place),
         }
     }
 
@@ -467,6 +520,9 @@ impl State {
         out: &mut Actions,
     ) {
         match (kind, &mut self.phase) {
+            (TimerKind::Header, Phase::Header { deadline }) if at == *deadline => {
+                out.push(Action::Close(CloseReason::HeaderTimeout));
+            }
             (
                 TimerKind::Connect { attempt },
                 Phase::Connecting {
@@ -579,7 +635,7 @@ impl State {
                 return;
             }
             Phase::Closed => return,
-            Phase::Placing { .. } => {}
+            Phase::Header { .. } | Phase::Placing { .. } => {}
             Phase::Queued { .. } => out.push(Action::LeaveQueue),
             Phase::Connecting { index, .. } => {
                 out.push(Action::ReleaseSlot(*index));

@@ -116,6 +116,12 @@ pub fn unacked_bytes(socket: &impl AsFd) -> io::Result<usize> {
 
 /// ENOSYS (no splice in this kernel or sandbox) and EINVAL (this pair of files cannot be
 /// spliced) mean: copy instead. EMFILE/ENFILE from `pipe2` mean: no pipe for now, copy instead.
+/// TCP_USER_TIMEOUT: how long sent bytes may stay unacknowledged before the kernel drops
+/// the connection.
+pub fn set_tcp_user_timeout(socket: &impl AsFd, timeout: std::time::Duration) -> io::Result<()> {
+    socket2::SockRef::from(socket).set_tcp_user_timeout(Some(timeout))
+}
+
 pub fn is_splice_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -128,6 +134,16 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn tcp_user_timeout_is_set_on_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let timeout = std::time::Duration::from_millis(2500);
+        set_tcp_user_timeout(&a, timeout).unwrap();
+        let got = socket2::SockRef::from(&a).tcp_user_timeout().unwrap();
+        assert_eq!(got, Some(timeout));
+    }
 
     #[test]
     fn bytes_cross_a_pipe_between_two_sockets() {

@@ -20,6 +20,8 @@
 //! - `unacked_bytes(&socket) -> io::Result<usize>`: bytes sent on a TCP socket (its FIN
 //!   included) that the peer has not acknowledged (Linux's `SIOCOUTQ`; `Unsupported`
 //!   elsewhere);
+//! - `set_tcp_user_timeout(&socket, Duration) -> io::Result<()>`: Linux's TCP_USER_TIMEOUT
+//!   (`Unsupported` elsewhere);
 //! - `is_splice_unsupported(&io::Error) -> bool`: the error says splicing cannot be used here
 //!   (as opposed to a failure of this one connection), so the caller should copy instead.
 //!

@@ -41,6 +41,10 @@ pub fn unacked_bytes(_socket: &impl AsFd) -> io::Result<usize> {
     Err(unsupported())
 }
 
+pub fn set_tcp_user_timeout(_socket: &impl AsFd, _timeout: std::time::Duration) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
 pub fn is_splice_unsupported(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::Unsupported
 }

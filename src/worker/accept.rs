@@ -13,8 +13,9 @@ use mio::net::TcpStream;
 use socket2::SockRef;
 
 use super::{Worker, is_resource_exhaustion};
+use crate::client_ip::{Refusal, Ticket};
 use crate::listener::tune_socket;
-use crate::session::Session;
+use crate::session::{Event, Session};
 use crate::stats::Counters;
 use crate::sys;
 use crate::token::{Side, Target};
@@ -149,18 +150,51 @@ impl Worker {
         }
     }
 
-    /// A new session for an accepted client, placed at once (or queued, or closed).
+    /// A new session for an accepted client, placed at once (or queued, or closed); with
+    /// `--accept-proxy`, once its PROXY header is read. A client refused by its address (an
+    /// untrusted proxy, `--deny`, a per-IP limit) is closed at once, with no session.
     fn start_session(&mut self, client: TcpStream, client_addr: SocketAddr, listener: usize) {
+        let ticket = if self.config.client_ip.accept_proxy {
+            // Its address is the header's: admitted once the header is read.
+            if !crate::client_ip::any_contains(
+                &self.config.client_ip.trusted_proxies,
+                client_addr.ip(),
+            ) {
+                self.proxy_header_error(client_addr, "untrusted");
+                Counters::decr(&self.counters.active);
+                Counters::incr(&self.counters.closed);
+                return;
+            }
+            None
+        } else {
+            match self.admit(client_addr) {
+                Ok(ticket) => ticket,
+                Err(()) => {
+                    Counters::decr(&self.counters.active);
+                    Counters::incr(&self.counters.closed);
+                    return;
+                }
+            }
+        };
         // On Linux the accepted socket already carries the listener's options.
         if !sys::ACCEPT_INHERITS_SOCKET_OPTIONS {
             tune_socket(SockRef::from(&client), self.config.tcp_keepalive);
         }
+        // The address the client connected to: the destination of the header sent on (a
+        // wildcard listener's own address would not do).
+        let local_addr = match self.config.client_ip.send_proxy {
+            Some(_) => client.local_addr().unwrap_or(self.listen_addrs[listener]),
+            None => self.listen_addrs[listener],
+        };
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
         let id = self.next_id;
         self.next_id += 1;
         let set = Arc::clone(&self.backends);
-        let mut session = Session::new(id, client, client_addr, listener, set, self.now);
+        let addrs = (client_addr, local_addr);
+        let mut session = Session::new(id, client, addrs, listener, set, self.now);
+        session.ticket = ticket;
+        session.set_client_user_timeout(self.config.tcp_user_timeout);
         if let Err(e) = self.poll.registry().register(
             &mut session.client,
             Target::Session(key, Side::Client).token(),
@@ -171,8 +205,55 @@ impl Worker {
             Counters::incr(&self.counters.closed);
             return;
         }
-        entry.insert(session);
-        self.place(key);
+        let session = entry.insert(session);
+        let actions = session.state.on(Event::Accepted, self.now, &self.rules);
+        self.apply(key, actions);
+    }
+
+    /// Whether a client at `addr` may be served (`--allow`/`--deny`, then the per-IP
+    /// limits), with its place under the limits; a refused one is counted and logged (at
+    /// most once a second), and the caller closes it.
+    pub(super) fn admit(&mut self, addr: SocketAddr) -> Result<Option<Ticket>, ()> {
+        let ip = addr.ip();
+        let refused = if !self.config.client_ip.access.permits(ip) {
+            (
+                &self.counters.refused_deny,
+                "it is denied by --allow/--deny",
+            )
+        } else {
+            let Some(limits) = &self.ip_limits else {
+                return Ok(None);
+            };
+            match limits.try_open(ip, self.now) {
+                Ok(ticket) => return Ok(Some(ticket)),
+                Err(Refusal::TooManyConns) => (
+                    &self.counters.refused_max_conns_per_ip,
+                    "it is at --max-conns-per-ip",
+                ),
+                Err(Refusal::RateLimited) => (
+                    &self.counters.refused_max_conn_rate_per_ip,
+                    "it is over --max-conn-rate-per-ip",
+                ),
+            }
+        };
+        let (counter, why) = refused;
+        Counters::incr(counter);
+        if let Some(suppressed) = self.client_ip_log.allow(self.now) {
+            log::warn!("closing client {addr}: {why} ({suppressed} similar messages suppressed)");
+        }
+        Err(())
+    }
+
+    /// Counts a PROXY header error (`reason` is its metrics label) and logs it, at most once
+    /// a second.
+    pub(super) fn proxy_header_error(&mut self, addr: SocketAddr, reason: &str) {
+        Counters::incr(self.counters.proxy_header_error(reason));
+        if let Some(suppressed) = self.client_ip_log.allow(self.now) {
+            log::warn!(
+                "closing client {addr}: PROXY header error ({reason}) \
+                 ({suppressed} similar messages suppressed)"
+            );
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::Worker;
-use crate::session::{Action, Actions, CloseReason, Event, Tag};
+use crate::session::{Action, Actions, CloseReason, Event, HeaderRead, Tag};
 use crate::stats::Counters;
 use crate::timer::{Timer, TimerKind};
 use crate::token::Side;
@@ -53,6 +53,7 @@ impl Worker {
             };
             match action {
                 Action::ArmTimer { kind, at } => self.timers.push(Timer { at, key, id, kind }),
+                Action::ReadHeader => self.read_header(key),
                 Action::Place => {
                     self.place(key);
                 }
@@ -70,7 +71,12 @@ impl Worker {
                     session.set.backends[index]
                         .stats
                         .record_established(latency);
-                    session.start_relay(self.config.relay, self.config.tcp_keepalive);
+                    session.start_relay(
+                        self.config.relay,
+                        self.config.tcp_keepalive,
+                        self.config.tcp_user_timeout,
+                        self.config.client_ip.send_proxy,
+                    );
                 }
                 Action::CheckConnect { plain_writable } => self.check_connect(key, plain_writable),
                 Action::CheckClient { eof_is_gone } => {
@@ -133,6 +139,47 @@ impl Worker {
         }
         let actions = session.state.on(Event::Relayed(run), self.now, &self.rules);
         self.apply(key, actions);
+    }
+
+    /// Looks for a client's PROXY header. Once it is read, the client's address (and the
+    /// address it connected to) are the header's from then on (a `LOCAL` header or an
+    /// unknown family keeps the connection's own), and that address is what is admitted.
+    fn read_header(&mut self, key: usize) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let event = match session.read_header() {
+            HeaderRead::Pending => return,
+            HeaderRead::Invalid(reason) => {
+                let addr = session.client_addr;
+                self.proxy_header_error(addr, reason);
+                Event::HeaderFailed
+            }
+            HeaderRead::Done(header) => {
+                if let Some((source, destination)) = header.addresses {
+                    session.client_addr = source;
+                    session.local_addr = destination;
+                }
+                session.tlvs = header.tlvs;
+                let addr = session.client_addr;
+                match self.admit(addr) {
+                    Ok(ticket) => {
+                        if let Some(session) = self.sessions.get_mut(key) {
+                            session.ticket = ticket;
+                        }
+                        Event::HeaderDone
+                    }
+                    Err(()) => {
+                        self.close(key, CloseReason::Refused);
+                        return;
+                    }
+                }
+            }
+        };
+        if let Some(session) = self.sessions.get_mut(key) {
+            let actions = session.state.on(event, self.now, &self.rules);
+            self.apply(key, actions);
+        }
     }
 
     /// The backend socket of a connecting session is writable: did the connect succeed?
@@ -218,6 +265,10 @@ impl Worker {
         // sockets now.
         if session.state.tag() != Tag::Lingering {
             session.release(&mut self.pools);
+            // Its place under the per-IP limits is given back now, not after lingering.
+            if let Some(ticket) = session.ticket.take() {
+                ticket.close(self.now);
+            }
             if let CloseReason::Reset(side) = reason
                 && session.pass_reset(side)
             {
@@ -233,14 +284,14 @@ impl Worker {
             if let Some(counter) = counter {
                 Counters::incr(counter);
             }
+            let (client_addr, id) = (session.client_addr, session.id);
+            if reason == CloseReason::HeaderTimeout {
+                self.proxy_header_error(client_addr, "timeout");
+            }
             if self.config.log_sessions {
                 self.log_session(key, reason);
             } else {
-                log::debug!(
-                    "session {} from {} closed: {reason:?}",
-                    session.id,
-                    session.client_addr
-                );
+                log::debug!("session {id} from {client_addr} closed: {reason:?}");
             }
             Counters::decr(&self.counters.active);
             Counters::incr(&self.counters.closed);

@@ -42,6 +42,7 @@ use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
 
 use crate::backend::BackendSet;
+use crate::client_ip::IpLimits;
 use crate::config::Config;
 use crate::health::HealthLink;
 use crate::relay::Pools;
@@ -109,6 +110,12 @@ pub struct Worker {
     close_spread: Duration,
     /// The listen address of each listener, for session logs (kept after a drain closes them).
     listen_addrs: Vec<SocketAddr>,
+    /// The per-IP limits' table, shared by every worker (`None`: no per-IP limit).
+    ip_limits: Option<Arc<IpLimits>>,
+    /// When worker 0 next sweeps the per-IP table.
+    next_sweep: Instant,
+    /// PROXY header errors and refused clients, logged at most once a second.
+    client_ip_log: LogLimiter,
 }
 
 impl Worker {
@@ -119,6 +126,7 @@ impl Worker {
         backends: Arc<BackendSet>,
         counters: Arc<Counters>,
         health: HealthLink,
+        ip_limits: Option<Arc<IpLimits>>,
     ) -> io::Result<(Worker, Sender<Control>, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), Target::Waker.token())?);
@@ -161,6 +169,9 @@ impl Worker {
             draining: false,
             close_spread: Duration::ZERO,
             listen_addrs,
+            ip_limits,
+            next_sweep: Instant::now() + IP_SWEEP_INTERVAL,
+            client_ip_log: LogLimiter::default(),
         };
         Ok((worker, tx, waker))
     }
@@ -202,6 +213,7 @@ impl Worker {
                 self.service_queue();
             }
             self.fire_timers();
+            self.sweep_ip_limits();
             // Checked last: the turn may have closed the last session (a drain timer, a
             // peer's FIN), and with nothing left to wait for the poll would never wake.
             if self.draining && self.sessions.is_empty() && self.listeners.is_empty() {
@@ -252,6 +264,23 @@ impl Worker {
                 Ok(Control::Shutdown) | Err(TryRecvError::Disconnected) => return true,
                 Err(TryRecvError::Empty) => return false,
             }
+        }
+    }
+}
+
+/// How often worker 0 removes idle entries from the per-IP table.
+const IP_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Worker {
+    /// Worker 0 sweeps the shared per-IP table every few seconds, so entries of clients
+    /// gone quiet do not wait for an insert into a full shard to be removed.
+    fn sweep_ip_limits(&mut self) {
+        if self.id != 0 || self.now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = self.now + IP_SWEEP_INTERVAL;
+        if let Some(limits) = &self.ip_limits {
+            limits.sweep(self.now);
         }
     }
 }

@@ -39,6 +39,17 @@ fn help_lists_every_flag() {
         "--max-conns",
         "--backlog",
         "--log-level",
+        "--send-proxy",
+        "--health-send-proxy",
+        "--accept-proxy",
+        "--trusted-proxy",
+        "--proxy-header-timeout",
+        "--allow",
+        "--deny",
+        "--max-conns-per-ip",
+        "--max-conn-rate-per-ip",
+        "--ipv6-prefix",
+        "--tcp-user-timeout",
     ] {
         assert!(
             help.contains(long),
@@ -91,6 +102,31 @@ fn unknown_flag_is_a_usage_error() {
     usage_error(
         &["--listen", "127.0.0.1:0", "--backend", &b, "--frobnicate"],
         "frobnicate",
+    );
+}
+
+#[test]
+fn accept_proxy_without_a_trusted_proxy_is_a_usage_error() {
+    let (_closed, b) = backend_arg();
+    usage_error(
+        &["--listen", "127.0.0.1:0", "--backend", &b, "--accept-proxy"],
+        "--trusted-proxy",
+    );
+}
+
+#[test]
+fn bad_cidr_is_a_usage_error() {
+    let (_closed, b) = backend_arg();
+    usage_error(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            &b,
+            "--deny",
+            "10.0.0/8",
+        ],
+        "10.0.0/8",
     );
 }
 

@@ -13,6 +13,7 @@ fn rules() -> Rules {
         idle_timeout: Some(60 * S),
         backend_timeout: Some(10 * S),
         queue_timeout: 3 * S,
+        header_timeout: None,
     }
 }
 
@@ -853,6 +854,140 @@ fn transitions() {
     }
 }
 
+/// `--accept-proxy`: the header phase before placing, as (state, event, time) → (state,
+/// actions), with a 2 s header timeout (and without one, for `Accepted`).
+#[test]
+fn header_phase_transitions() {
+    use Action::*;
+    let t0 = Instant::now();
+    let t = |ms: u64| t0 + Duration::from_millis(ms);
+    let header = |deadline: Instant| Phase::Header { deadline };
+    let with_header = Rules {
+        header_timeout: Some(2 * S),
+        ..rules()
+    };
+    let cases = vec![
+        Case {
+            name: "accepted with --accept-proxy: header timer armed, header looked for at once",
+            from: State::new(t0),
+            event: Event::Accepted,
+            now: t(1),
+            to: state(header(t(1) + 2 * S), 0, t0),
+            actions: vec![
+                ArmTimer {
+                    kind: TimerKind::Header,
+                    at: t(1) + 2 * S,
+                },
+                ReadHeader,
+            ],
+        },
+        Case {
+            name: "readable while reading the header: look again",
+            from: state(header(t(2000)), 0, t0),
+            event: Event::Ready {
+                side: Side::Client,
+                hung_up: false,
+                plain_writable: false,
+            },
+            now: t(5),
+            to: state(header(t(2000)), 0, t0),
+            actions: vec![ReadHeader],
+        },
+        Case {
+            name: "a hang-up while reading the header: look (the peek says how it ended)",
+            from: state(header(t(2000)), 0, t0),
+            event: Event::Ready {
+                side: Side::Client,
+                hung_up: true,
+                plain_writable: false,
+            },
+            now: t(5),
+            to: state(header(t(2000)), 0, t0),
+            actions: vec![ReadHeader],
+        },
+        Case {
+            name: "header read: placed as a new client",
+            from: state(header(t(2000)), 0, t0),
+            event: Event::HeaderDone,
+            now: t(5),
+            to: state(placing(&[], None), 0, t0),
+            actions: vec![Place],
+        },
+        Case {
+            name: "invalid header: closed",
+            from: state(header(t(2000)), 0, t0),
+            event: Event::HeaderFailed,
+            now: t(5),
+            to: state(header(t(2000)), 0, t0),
+            actions: vec![Close(CloseReason::BadHeader)],
+        },
+        Case {
+            name: "the header timer: closed as a header timeout",
+            from: state(header(t(2000)), 0, t0),
+            event: timer(TimerKind::Header, t(2000)),
+            now: t(2000),
+            to: state(header(t(2000)), 0, t0),
+            actions: vec![Close(CloseReason::HeaderTimeout)],
+        },
+        Case {
+            name: "a header timer of another deadline changes nothing",
+            from: state(header(t(2000)), 0, t0),
+            event: timer(TimerKind::Header, t(1000)),
+            now: t(1000),
+            to: state(header(t(2000)), 0, t0),
+            actions: vec![],
+        },
+        Case {
+            name: "a header timer after the header was read changes nothing",
+            from: state(placing(&[], None), 0, t0),
+            event: timer(TimerKind::Header, t(2000)),
+            now: t(2000),
+            to: state(placing(&[], None), 0, t0),
+            actions: vec![],
+        },
+        Case {
+            name: "closed while reading the header: nothing to give back",
+            from: state(header(t(2000)), 0, t0),
+            event: Event::Close(CloseReason::Refused),
+            now: t(5),
+            to: state(Phase::Closed, 0, t0),
+            actions: vec![Remove],
+        },
+        Case {
+            name: "HeaderDone outside the header phase changes nothing",
+            from: state(connecting(1, 1, &[], t0), 1, t0),
+            event: Event::HeaderDone,
+            now: t(5),
+            to: state(connecting(1, 1, &[], t0), 1, t0),
+            actions: vec![],
+        },
+        Case {
+            name: "Accepted again (not a new client) changes nothing",
+            from: state(placing(&[1], None), 1, t0),
+            event: Event::Accepted,
+            now: t(5),
+            to: state(placing(&[1], None), 1, t0),
+            actions: vec![],
+        },
+    ];
+    for case in cases {
+        let mut state = case.from.clone();
+        let actions = state.on(case.event, case.now, &with_header);
+        assert_eq!(
+            actions.as_slice(),
+            &case.actions[..],
+            "{}: actions",
+            case.name
+        );
+        assert_eq!(state, case.to, "{}: state", case.name);
+    }
+    // Without --accept-proxy a new client is placed at once.
+    let mut state = State::new(t0);
+    let actions = state.on(Event::Accepted, t(1), &rules());
+    assert_eq!(actions.as_slice(), &[Place]);
+    assert_eq!(state, State::new(t0));
+}
+
 /// Feeds events in order, checking each one's actions.
 fn feed(state: &mut State, steps: &[(Event, Instant, &[Action])]) {
     for (i, (event, now, expected)) in steps.iter().enumerate() {
@@ -988,4 +1123,13 @@ fn session_log_labels() {
     );
     assert_eq!(client_first.bytes(), (1, 1));
     assert_eq!(client_first.backend(), Some(1));
+    assert_eq!(
+        client_first.end_label(CloseReason::BadHeader),
+        "proxy-header-error"
+    );
+    assert_eq!(
+        client_first.end_label(CloseReason::HeaderTimeout),
+        "proxy-header-timeout"
+    );
+    assert_eq!(client_first.end_label(CloseReason::Refused), "refused");
 }
