@@ -33,8 +33,8 @@ macro_rules! syscall {
 /// A kernel pipe used as the in-flight buffer of one splice pump.
 #[derive(Debug)]
 pub struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
+    pub(super) read: OwnedFd,
+    pub(super) write: OwnedFd,
 }
 
 impl Pipe {
