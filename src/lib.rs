@@ -37,6 +37,8 @@ pub mod stats;
 mod sys;
 mod timer;
 mod token;
+#[allow(dead_code)] // wired into the worker and main in later commits (issue #12)
+mod upgrade;
 mod worker;
 
 use std::net::SocketAddr;
