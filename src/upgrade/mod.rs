@@ -5,4 +5,5 @@
 //! The invariant: every listener and every session has exactly one owner at every instant,
 //! and only the owner reads or writes its sockets (see `docs/architecture.md`).
 
+pub mod handover;
 pub mod wire;
