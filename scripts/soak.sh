@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Soak test: mixed load through one holdfast for N minutes, sampling its resources, and a
-# verdict per series (flat or GROWING) from a least-squares slope over the second half.
+# verdict per series (flat or GROWING) from a robust slope over the second half.
 #
 #   scripts/soak.sh [--minutes N] [--interval SECONDS] [--warmup SECONDS] [--out DIR]
 #
@@ -23,11 +23,18 @@
 # and the kernel's TCP memory (pages) and sockets in use (/proc/net/sockstat).
 #
 # Verdict, over the samples after the warm-up (by default the second half of the run): the
-# least-squares slope of each series, projected over one hour, against a threshold:
+# growth of each series from the median of the first third of those samples to the median of
+# the last third, projected over one hour, against a threshold. Medians, not a least-squares
+# line: a sample that happened to catch one session or one pipe in flight moves a median not at
+# all, where it tilts a fitted line; and a slow leak that steps up (one descriptor every ten
+# minutes) still moves the last third's median above the first's.
 #   rss_kb          5 MiB/h
-#   fds_beyond_load 1/h    (descriptors minus two per active session: what the load's own
-#                           sessions do not explain)
+#   fds_beyond_load 1/h    (descriptors that are not pipe ends, minus two per active session:
+#                           what the load's own sessions do not explain)
 #   pipes_in_use, buffers_in_use, active    1/h each
+#   pipe_ends       bounded, not sloped: the workers keep up to 16 empty pipes each for reuse,
+#                   so the pool fills in steps as bursts need more; flat while its most stays
+#                   within 2 x (16 x workers + pipes in use)
 #   tcp_mem_pages   reported, no verdict (the whole network namespace's, not only holdfast's)
 # Exit status: 0 if every series is flat and every load run succeeded; 1 otherwise; 2 for a
 # usage error. Short runs are indicative only: holdfast's RSS rises by about 0.5 MB over its
@@ -58,6 +65,7 @@ if [[ -n $warmup ]] && ! { [[ $warmup =~ ^[0-9]+$ ]] && ((warmup < minutes * 60)
     exit 2
 fi
 
+WORKERS=2
 HOLD_CONNS=${HOLD_CONNS:-500}
 LATENCY_CONNS=${LATENCY_CONNS:-200}
 LATENCY_RATE=${LATENCY_RATE:-200}
@@ -121,7 +129,7 @@ start() {
 start backend_a "$out/echo-a.log" "listening on " $bin/holdfast-load echo-server --listen 127.0.0.1:0
 start backend_b "$out/echo-b.log" "listening on " $bin/holdfast-load echo-server --listen 127.0.0.1:0
 start lb "$out/holdfast.log" "listening on " $bin/holdfast --listen 127.0.0.1:0 \
-    --backend "$backend_a" --backend "$backend_b" --workers 2 --admin 127.0.0.1:0 \
+    --backend "$backend_a" --backend "$backend_b" --workers "$WORKERS" --admin 127.0.0.1:0 \
     --drain-timeout 5s --close-spread 1s ${HOLDFAST_ARGS:-}
 hf_pid=$last_pid
 wait_for admin "$out/holdfast.log" "admin endpoint on http://" "$hf_pid"
@@ -201,11 +209,13 @@ for pid in $hold_pid $latency_pid; do
 done
 
 echo "samples: $csv"
-python3 - "$csv" "$steady" "$failed_runs" "$runs" "$warmup" <<'EOF'
+python3 - "$csv" "$steady" "$failed_runs" "$runs" "$warmup" "$WORKERS" <<'EOF'
 import csv, sys
 
 path, steady, failed_runs, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 warmup = float(sys.argv[5]) if sys.argv[5] else None
+workers = int(sys.argv[6])
+POOLED_PIPES = 16  # relay::MAX_POOLED_PIPES, per worker
 rows, skipped = [], 0
 for r in csv.DictReader(open(path)):
     try:
@@ -218,18 +228,23 @@ if len(rows) < 4:
     print(f"only {len(rows)} samples: run longer for a verdict")
     sys.exit(1)
 for r in rows:
-    r["fds_beyond_load"] = r["fds"] - 2 * r["active"]
+    r["fds_beyond_load"] = r["fds"] - r["pipe_fds"] - 2 * r["active"]
 half = rows[-1]["t"] / 2 if warmup is None else warmup
 tail = [r for r in rows if r["t"] >= half]
 if len(tail) < 3:
     print(f"only {len(tail)} samples after the warm-up: run longer for a verdict")
     sys.exit(1)
 
+def median(v):
+    v = sorted(v)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
 def slope(xs, ys):
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    return 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    """From the median of the first third of the samples to the median of the last third."""
+    k = max(1, len(xs) // 3)
+    dx = median(xs[-k:]) - median(xs[:k])
+    return 0.0 if dx == 0 else (median(ys[-k:]) - median(ys[:k])) / dx
 
 # series, unit, threshold of growth per hour (None: reported only)
 series = [
@@ -238,8 +253,12 @@ series = [
     ("pipes_in_use", "pipes", 1),
     ("buffers_in_use", "buffers", 1),
     ("active", "sessions", 1),
+    ("pipe_ends", "fds", "bounded"),
     ("tcp_mem_pages", "pages", None),
 ]
+for r in rows:
+    r["pipe_ends"] = r["pipe_fds"]
+pipe_bound = 2 * (POOLED_PIPES * workers + max(r["pipes_in_use"] for r in tail))
 print(f"{len(rows)} samples over {rows[-1]['t']:.0f} s; verdict over the {len(tail)} from "
       f"t >= {half:.0f} s (steady load: {steady} sessions)")
 print(f"{'series':<16} {'first':>9} {'last':>9} {'min':>9} {'max':>9} {'per hour':>11} "
@@ -250,6 +269,11 @@ for name, unit, threshold in series:
     per_hour = slope([r["t"] for r in tail], ys) * 3600
     if threshold is None:
         verdict = "(info)"
+    elif threshold == "bounded":
+        verdict = "flat" if max(ys) <= pipe_bound else "GROWING"
+        if verdict == "GROWING":
+            growing.append(name)
+        threshold = f"<= {pipe_bound:.0f}"
     elif per_hour < threshold:
         verdict = "flat"
     else:
