@@ -43,7 +43,8 @@ use slab::Slab;
 use crate::backend::{Backend, BackendSet, BackendState};
 use crate::config::{BackendSpec, Config, HealthCheck};
 use crate::control::{BackendChange, ControlError};
-use crate::worker::{Control, is_resource_exhaustion};
+use crate::sys::is_resource_exhaustion;
+use crate::worker::Control;
 use probe::{Probe, ProbeStep};
 
 const WAKER: Token = Token(0);

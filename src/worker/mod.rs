@@ -256,14 +256,6 @@ impl Worker {
     }
 }
 
-/// Errors that say this process or machine is out of descriptors or memory.
-pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
 /// At most one message a second for a condition that can repeat thousands of times a second.
 #[derive(Default)]
 struct LogLimiter {
