@@ -13,36 +13,11 @@ use std::time::Duration;
 use crate::backend::{BackendSet, BackendStatsSnapshot};
 use crate::config::{BackendSpec, Config, MAX_WEIGHT};
 use crate::error::ConfigError;
-use crate::health::{Command, HealthLink, Published, WorkerLink};
+use crate::plane::{
+    BackendChange, Command, Control, ControlError, HealthLink, Published, WorkerLink,
+};
 use crate::sources::Sources;
 use crate::stats::{Counters, StatsSnapshot};
-use crate::worker::Control;
-
-/// A change to one backend requested by an operator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendChange {
-    /// No new connections; live sessions continue (closed, spread out, after
-    /// `--backend-drain-timeout` if one is set).
-    Drain,
-    /// Back in rotation after a drain.
-    Ready,
-    /// A new weight (1..=256) for new connections, until a new list
-    /// ([`Controller::set_backends`], a reload) changes this backend's configured weight.
-    Weight(u32),
-}
-
-/// Why a change could not be made.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ControlError {
-    #[error("no backend {0}")]
-    UnknownBackend(SocketAddr),
-    #[error("weight must be from 1 to {MAX_WEIGHT}, not {0}")]
-    BadWeight(u32),
-    #[error("the balancer is shutting down")]
-    ShuttingDown,
-    #[error("the health thread did not answer in time")]
-    Timeout,
-}
 
 /// How long an operator's request waits for the health thread to apply it. The health thread
 /// never blocks, so this only guards a caller (the admin endpoint) against a stalled one.

@@ -29,6 +29,7 @@ pub mod control;
 pub mod error;
 mod health;
 mod listener;
+mod plane;
 mod proxy_protocol;
 mod relay;
 mod session;
@@ -49,8 +50,9 @@ pub use backend::{BackendSet, BackendState, BackendStatsSnapshot};
 pub use config::{
     Algorithm, BackendSpec, Config, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
 };
-pub use control::{BackendChange, ControlError, Controller};
+pub use control::Controller;
 pub use error::{ConfigError, StartError};
+pub use plane::{BackendChange, ControlError};
 pub use stats::StatsSnapshot;
 /// For clients that bind many sockets to 127.0.0.x: choose the local port at connect time.
 pub use sys::bind_address_no_port;
@@ -106,10 +108,11 @@ pub mod fuzzing {
 }
 
 use admin::AdminServer;
-use health::{Command, Health, HealthLink, WorkerLink};
+use health::Health;
+use plane::{Command, Control, HealthLink, WorkerLink};
 use sources::Sources;
 use stats::Counters;
-use worker::{Control, Worker};
+use worker::Worker;
 
 /// A running balancer. Dropping it shuts it down and waits for the threads.
 pub struct Holdfast {

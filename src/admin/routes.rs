@@ -14,7 +14,8 @@ use serde::Serialize;
 use super::{MAX_BODY_BYTES, metrics};
 use crate::backend::{BackendState, BackendStatsSnapshot, WEIGHT_SCALE};
 use crate::config::MAX_WEIGHT;
-use crate::control::{BackendChange, ControlError, Controller};
+use crate::control::Controller;
+use crate::plane::{BackendChange, ControlError};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";

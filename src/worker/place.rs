@@ -16,7 +16,7 @@ use super::Worker;
 use crate::backend::{Backend, BackendSet, Failure, RateLimit};
 use crate::balance::Picker;
 use crate::config::{Algorithm, Config};
-use crate::health::{Command, HealthLink};
+use crate::plane::{Command, HealthLink};
 use crate::session::{CloseReason, Event, Tag};
 use crate::stats::Counters;
 use crate::sys::is_resource_exhaustion;
