@@ -11,10 +11,10 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::config::{
-    self, Algorithm, BackendSpec, Config, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
+    self, Algorithm, BackendSpec, Config, DnsName, HealthCheck, HealthConfig, LimitsConfig,
+    RelayMode,
 };
 use crate::error::ConfigError;
-use crate::sources::DnsName;
 
 /// An L4 TCP load balancer for long-lived connections (WebSockets and any other TCP service).
 ///

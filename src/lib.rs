@@ -48,7 +48,8 @@ use std::thread::JoinHandle;
 
 pub use backend::{BackendSet, BackendState, BackendStatsSnapshot};
 pub use config::{
-    Algorithm, BackendSpec, Config, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
+    Algorithm, BackendSpec, Config, DnsName, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
+    Resolver, SendExpect,
 };
 pub use control::Controller;
 pub use error::{ConfigError, StartError};

@@ -8,85 +8,11 @@
 //! Listeners and live sessions are never touched by a reload.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::fs::OpenOptions;
 use std::io::{self, Read};
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use crate::config::{self, BackendSpec, Lookup};
-
-/// Resolves a host name to addresses. The system resolver (`getaddrinfo`, which reads
-/// `/etc/hosts` and then DNS) unless a test supplies its own.
-#[derive(Clone)]
-pub struct Resolver(Arc<ResolveFn>);
-
-type ResolveFn = dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync;
-
-impl Resolver {
-    pub fn system() -> Resolver {
-        Resolver(Arc::new(|host, port| {
-            Ok((host, port).to_socket_addrs()?.collect())
-        }))
-    }
-
-    /// A resolver of your own, for tests or service discovery.
-    pub fn new(
-        f: impl Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync + 'static,
-    ) -> Resolver {
-        Resolver(Arc::new(f))
-    }
-
-    pub fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-        (self.0)(host, port)
-    }
-}
-
-impl Default for Resolver {
-    fn default() -> Resolver {
-        Resolver::system()
-    }
-}
-
-impl fmt::Debug for Resolver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Resolver")
-    }
-}
-
-/// A `--backend-dns NAME:PORT`: every address NAME resolves to is a backend (weight 1).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DnsName {
-    pub host: String,
-    pub port: u16,
-}
-
-impl std::str::FromStr for DnsName {
-    type Err = String;
-    fn from_str(s: &str) -> Result<DnsName, String> {
-        let (host, port) = s.rsplit_once(':').ok_or("expected NAME:PORT")?;
-        if host.is_empty() {
-            return Err("missing name".into());
-        }
-        let port = port
-            .parse()
-            .map_err(|_| "port must be 1-65535".to_string())?;
-        if port == 0 {
-            return Err("port 0 cannot be connected to (expected 1-65535)".into());
-        }
-        Ok(DnsName {
-            host: host.to_string(),
-            port,
-        })
-    }
-}
-
-impl fmt::Display for DnsName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
-    }
-}
+use crate::config::{self, BackendSpec, DnsName, Lookup, Resolver};
 
 /// The largest backends file holdfast reads: 16 MiB (over half a million lines). A larger
 /// one is refused like an invalid one.
@@ -291,6 +217,9 @@ impl Sources {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
     use super::*;
 
     fn no_names(host: &str, _port: u16) -> Result<SocketAddr, String> {
@@ -356,7 +285,7 @@ mod tests {
 /// Properties of the backends file parser, over generated input.
 #[cfg(test)]
 mod properties {
-    use std::net::{IpAddr, SocketAddrV6};
+    use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 
     use proptest::prelude::*;
 
