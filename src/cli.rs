@@ -11,10 +11,9 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::config::{
-    self, Algorithm, BackendSpec, Config, DnsName, HealthCheck, HealthConfig, LimitsConfig,
-    RelayMode,
+    self, Algorithm, BackendSpec, Config, ConfigError, DnsName, HealthCheck, HealthConfig,
+    LimitsConfig, RelayMode,
 };
-use crate::error::ConfigError;
 
 /// An L4 TCP load balancer for long-lived connections (WebSockets and any other TCP service).
 ///
@@ -267,7 +266,10 @@ fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
 }
 
 fn parse_dns_name(s: &str) -> Result<DnsName, String> {
-    s.parse()
+    s.parse::<DnsName>().map_err(|e| match e {
+        ConfigError::DnsName { why, .. } => why.to_string(),
+        other => other.to_string(),
+    })
 }
 
 fn parse_health_check(s: &str) -> Result<HealthCheck, String> {

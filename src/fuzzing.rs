@@ -22,6 +22,7 @@ pub use crate::proxy_protocol::{
 /// are not resolved: [`stand_in_lookup`] gives each one an address.
 pub fn parse_backends_file(text: &str) -> Result<Vec<BackendSpec>, (usize, String)> {
     crate::sources::parse_backends(text, &stand_in_lookup)
+        .map_err(|(line, why)| (line, why.to_string()))
 }
 
 /// One `HOST:PORT[,weight=N]` (a `--backend` value or a file line).

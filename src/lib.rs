@@ -41,19 +41,21 @@ mod token;
 mod worker;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 
 use crossbeam_channel::Sender;
 use std::thread::JoinHandle;
 
 pub use backend::{BackendSet, BackendState, BackendStatsSnapshot};
+pub use config::ConfigError;
 pub use config::{
     Algorithm, BackendSpec, Config, DnsName, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
     Resolver, SendExpect,
 };
 pub use control::Controller;
-pub use error::{ConfigError, StartError};
+pub use error::StartError;
 pub use plane::{BackendChange, ControlError};
+pub use sources::SourceError;
 pub use stats::StatsSnapshot;
 /// For clients that bind many sockets to 127.0.0.x: choose the local port at connect time.
 pub use sys::bind_address_no_port;
@@ -96,8 +98,7 @@ impl Holdfast {
             config.backends_file.clone(),
             config.backend_dns.clone(),
             config.resolver.clone(),
-        )
-        .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?;
+        )?;
         config.backends = sources.backends();
         if config.backends.is_empty() {
             return Err(
@@ -109,7 +110,7 @@ impl Holdfast {
         let counters = Arc::new(Counters::default());
         let (listen_addrs, mut listeners) = listener::bind_all(&config)?;
         let (mut health, health_link, backends) =
-            Health::new(Arc::clone(&config)).map_err(StartError::Worker)?;
+            Health::new(Arc::clone(&config)).map_err(StartError::Health)?;
         let initial = Arc::clone(&backends.lock().unwrap_or_else(PoisonError::into_inner));
 
         let mut workers = Vec::with_capacity(config.workers);
@@ -149,7 +150,7 @@ impl Holdfast {
             Ok(t) => t,
             Err(e) => {
                 stop_and_join(&workers, &health_link, threads);
-                return Err(StartError::Worker(e));
+                return Err(StartError::Health(e));
             }
         };
         log::info!(
@@ -167,15 +168,15 @@ impl Holdfast {
             config.health.check,
         );
         let mut balancer = Holdfast {
-            control: Controller {
+            control: Controller::new(
                 counters,
-                published: backends,
-                health: health_link,
-                workers: workers.into(),
-                listen_addrs: listen_addrs.into(),
-                config: Arc::clone(&config),
-                sources: Arc::new(Mutex::new(sources)),
-            },
+                backends,
+                health_link,
+                workers,
+                listen_addrs,
+                Arc::clone(&config),
+                sources,
+            ),
             workers: threads,
             health: Some(health_thread),
             admin: None,
@@ -197,7 +198,7 @@ impl Holdfast {
                         }
                     }
                 })
-                .map_err(StartError::Worker)?;
+                .map_err(StartError::Dns)?;
             balancer.dns = Some((stop, thread));
         }
         if let Some(addr) = config.admin {
@@ -243,7 +244,7 @@ impl Holdfast {
     }
 
     /// Replaces the backend list; see [`Controller::set_backends`].
-    pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ConfigError> {
+    pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ControlError> {
         self.control.set_backends(specs)
     }
 
@@ -283,7 +284,7 @@ impl Holdfast {
             drop(stop);
             join_all(vec![thread]);
         }
-        self.control.health.send(Command::Shutdown);
+        self.control.stop_health();
         join_all(self.health.take().into_iter().collect());
     }
 }

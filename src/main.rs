@@ -52,7 +52,7 @@ fn main() -> ExitCode {
     }
     let balancer = match Holdfast::start(config) {
         Ok(b) => b,
-        Err(e @ StartError::Config(_)) => return fail(EXIT_USAGE, &e),
+        Err(e @ (StartError::Config(_) | StartError::Sources(_))) => return fail(EXIT_USAGE, &e),
         Err(e) => return fail(EXIT_RUNTIME, &e),
     };
     // SIGHUP reloads on a thread of its own, so that a reload that takes long (a large file,

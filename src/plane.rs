@@ -28,7 +28,8 @@ use crossbeam_channel::Sender;
 use mio::Waker;
 
 use crate::backend::BackendSet;
-use crate::config::{BackendSpec, MAX_WEIGHT};
+use crate::config::{BackendSpec, ConfigError, MAX_WEIGHT};
+use crate::sources::SourceError;
 
 /// A change to one backend requested by an operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,15 +45,26 @@ pub enum BackendChange {
     Weight(u32),
 }
 
-/// Why a change could not be made.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why a request to the running balancer (a [`Controller`](crate::Controller) call) failed.
+#[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// No backend has this address (or it was removed from the list and is leaving).
     #[error("no backend {0}")]
     UnknownBackend(SocketAddr),
+    /// A weight outside 1..=256.
     #[error("weight must be from 1 to {MAX_WEIGHT}, not {0}")]
     BadWeight(u32),
+    /// The new list is not acceptable (nothing was changed).
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    /// The backends file or a DNS name gave no usable list (nothing was changed).
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The balancer is shutting down: the change was not made.
     #[error("the balancer is shutting down")]
     ShuttingDown,
+    /// The health thread did not confirm in time. The change was sent and will still be
+    /// made: the health thread takes commands in order and drops none.
     #[error("the health thread did not answer in time")]
     Timeout,
 }

@@ -243,6 +243,10 @@ fn apply(control: &Controller, addr: SocketAddr, change: BackendChange) -> Resul
         ControlError::ShuttingDown | ControlError::Timeout => {
             Reply::text(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
+        // Only a new list or a reload fails these ways, not a change to one backend.
+        ControlError::Invalid(_) | ControlError::Source(_) => {
+            Reply::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
     })?;
     // The change is published; show the backend as the workers now see it. It can only be
     // missing if the list was replaced in between.

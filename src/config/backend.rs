@@ -8,7 +8,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::error::ConfigError;
+use super::ConfigError;
 
 /// Largest weight a backend may carry (HAProxy's limit as well).
 pub const MAX_WEIGHT: u32 = 256;
@@ -164,18 +164,22 @@ pub struct DnsName {
     pub port: u16,
 }
 
-impl std::str::FromStr for DnsName {
-    type Err = String;
-    fn from_str(s: &str) -> Result<DnsName, String> {
-        let (host, port) = s.rsplit_once(':').ok_or("expected NAME:PORT")?;
+impl FromStr for DnsName {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<DnsName, ConfigError> {
+        let bad = |why| ConfigError::DnsName {
+            value: s.to_string(),
+            why,
+        };
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected NAME:PORT"))?;
         if host.is_empty() {
-            return Err("missing name".into());
+            return Err(bad("missing name"));
         }
-        let port = port
-            .parse()
-            .map_err(|_| "port must be 1-65535".to_string())?;
+        let port: u16 = port.parse().map_err(|_| bad("port must be 1-65535"))?;
         if port == 0 {
-            return Err("port 0 cannot be connected to (expected 1-65535)".into());
+            return Err(bad("port 0 cannot be connected to (expected 1-65535)"));
         }
         Ok(DnsName {
             host: host.to_string(),

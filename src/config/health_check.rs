@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::error::ConfigError;
+use super::ConfigError;
 
 /// Most bytes a `send:` or `expect:` may hold, and most bytes of an answer a probe reads.
 pub const MAX_PROBE_BYTES: usize = 4096;

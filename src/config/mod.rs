@@ -20,14 +20,42 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::error::ConfigError;
-
 pub use backend::{
     BackendSpec, DnsName, Lookup, MAX_WEIGHT, Resolver, resolve, resolve_with, system_lookup,
 };
 pub use health_check::{
     DEFAULT_POSTGRES_USER, HealthCheck, MAX_PROBE_BYTES, SendExpect, escape, unescape,
 };
+
+/// A value in the configuration is not acceptable. Every message is one line that names the
+/// value or the flag.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A backend (`HOST:PORT[,weight=N]`) that does not parse, or whose host does not resolve.
+    #[error("invalid backend '{value}': {why}")]
+    Backend { value: String, why: String },
+    /// An algorithm name holdfast does not know.
+    #[error(
+        "invalid algorithm '{0}' (expected least-conn, source-hash, ip-hash, source or round-robin)"
+    )]
+    Algorithm(String),
+    /// A `--backend-dns` value that is not `NAME:PORT`.
+    #[error("invalid DNS name '{value}': {why}")]
+    DnsName { value: String, why: &'static str },
+    /// A relay mode holdfast does not know.
+    #[error("invalid relay mode '{0}' (expected auto, splice or copy)")]
+    Relay(String),
+    /// A `--health-check` value that does not parse.
+    #[error("invalid health check '{value}': {why}")]
+    HealthCheck { value: String, why: String },
+    /// The same backend address twice in one list.
+    #[error("backend {0} is listed twice")]
+    DuplicateBackend(SocketAddr),
+    /// A value out of range, or values that do not go together: what [`Config::validate`]
+    /// checks. The message names the flag.
+    #[error("{0}")]
+    Invalid(String),
+}
 
 /// How a backend is chosen for a new client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,10 +319,7 @@ impl Config {
                 )));
             }
             if !seen.insert(b.addr) {
-                return Err(ConfigError::Invalid(format!(
-                    "backend {} is listed twice",
-                    b.addr
-                )));
+                return Err(ConfigError::DuplicateBackend(b.addr));
             }
         }
         if self.connect_timeout.is_zero() {
