@@ -10,8 +10,9 @@ use crate::config::BackendSpec;
 
 /// The admin endpoint's request parser.
 pub use crate::admin::routes::{AdminRequest, Reply, parse_request};
-/// The `--health-check` value's escapes.
-pub use crate::config::{escape, unescape};
+/// The `--health-check` value's escapes, and a duration flag's value (`500ms`, `2s`,
+/// `1h 30m`, `0`).
+pub use crate::config::{escape, parse_duration, unescape};
 /// The PROXY protocol parser and encoders.
 pub use crate::proxy_protocol::{
     Command, MAX_TLVS_LEN, Parse, ProxyHeader, Reason, Tlvs, V1_MAX_LEN, V2_MAX_LEN, encode_v1,
@@ -28,11 +29,6 @@ pub fn parse_backends_file(text: &str) -> Result<Vec<BackendSpec>, (usize, Strin
 /// One `HOST:PORT[,weight=N]` (a `--backend` value or a file line).
 pub fn parse_backend_spec(s: &str) -> Result<BackendSpec, String> {
     BackendSpec::parse_with(s, &stand_in_lookup).map_err(|e| e.to_string())
-}
-
-/// A duration flag's value (`500ms`, `2s`, `1h 30m`, `0`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::cli::parse_duration(s)
 }
 
 /// `d` the way [`parse_duration`] reads it back.

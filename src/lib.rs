@@ -1,56 +1,83 @@
 //! holdfast: an L4 TCP load balancer for long-lived connections.
 //!
-//! The binary is a thin shell over this library. A program (or a test) builds a [`Config`],
-//! starts the balancer with [`Holdfast::start`], learns where it listens with
-//! [`Holdfast::listen_addrs`], and stops it with [`Holdfast::shutdown`] and [`Holdfast::join`]
-//! (dropping the handle does both).
+//! The binary is a thin shell over this library: flags become a [`Config`], and the rest is
+//! what any program can do with it. Build a [`Config`] (the listen addresses, the backends,
+//! and any setting that differs from the defaults), start the balancer with
+//! [`Holdfast::start`], and keep the [`Holdfast`] handle: it knows where the balancer listens,
+//! and it is a [`Controller`] (through `Deref`), the control plane's handle, for reading
+//! counters, changing backends and stopping. [`Holdfast::controller`] gives a clone of it to
+//! other threads. Dropping the handle shuts everything down and waits for the threads.
 //!
-//! ```no_run
-//! use holdfast::{BackendSpec, Config, Holdfast};
-//! let config = Config::new(
-//!     vec!["127.0.0.1:0".parse().unwrap()],
-//!     vec![BackendSpec::new("127.0.0.1:6379".parse().unwrap())],
-//! );
-//! let lb = Holdfast::start(config).unwrap();
-//! println!("listening on {:?}", lb.listen_addrs());
+//! ```
+//! use holdfast::{BackendChange, BackendSpec, BackendState, Config, Holdfast};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A backend address where nothing listens: the balancer starts all the same.
+//! let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+//! let mut config = Config::new(vec!["127.0.0.1:0".parse()?], vec![BackendSpec::new(closed)]);
+//! config.workers = 1;
+//! let lb = Holdfast::start(config)?;
+//! // Port 0 asked for a free port; this is the one each listener got.
+//! let addr = lb.listen_addrs()[0];
+//! assert_ne!(addr.port(), 0);
+//!
+//! // The control plane: counters, and changes that return once the workers have them.
+//! assert_eq!(lb.stats().accepted, 0);
+//! lb.change_backend(closed, BackendChange::Drain)?;
+//! assert_eq!(lb.backend_stats()[0].state, BackendState::Drain);
+//!
 //! lb.shutdown();
 //! lb.join();
+//! # Ok(())
+//! # }
 //! ```
 //!
-//! See `docs/architecture.md` for the threads, the life of one connection, and what is shared.
+//! The public API: [`Holdfast`] and [`Controller`]; [`Config`] and its parts
+//! ([`BackendSpec`], [`DnsName`], [`Resolver`], [`HealthConfig`], [`HealthCheck`],
+//! [`LimitsConfig`], [`Algorithm`], [`RelayMode`]) with the parsers that read them as the flags
+//! do (`FromStr`, [`parse_duration`], [`resolve_addr`]); the snapshots [`StatsSnapshot`] and
+//! [`BackendStatsSnapshot`]; the errors [`StartError`], [`ConfigError`], [`SourceError`] and
+//! [`ControlError`]; and [`AdminServer`], to serve the admin endpoint for a controller.
+//!
+//! See `docs/architecture.md` for the threads, the module map, the life of one connection,
+//! and what is shared.
 
-pub mod admin;
-pub mod backend;
-pub mod balance;
-pub mod cli;
-pub mod client_ip;
-pub mod config;
-pub mod control;
-pub mod error;
+mod admin;
+mod backend;
+#[doc(hidden)]
+pub mod balance; // public only for benches/balance.rs: not an API
+#[doc(hidden)]
+pub mod client_ip; // public only for benches/client_ip.rs: not an API
+mod config;
+mod control;
+mod error;
+#[doc(hidden)]
+pub mod fuzzing; // the entry points of the `cargo fuzz` targets in fuzz/: not an API
 mod health;
 mod listener;
 mod plane;
 mod proxy_protocol;
 mod relay;
 mod session;
-pub mod sources;
-pub mod stats;
+mod sources;
+mod stats;
 mod sys;
 mod timer;
 mod token;
 mod worker;
 
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::{Arc, PoisonError};
-
-use crossbeam_channel::Sender;
 use std::thread::JoinHandle;
 
-pub use backend::{BackendSet, BackendState, BackendStatsSnapshot};
-pub use config::ConfigError;
+use crossbeam_channel::Sender;
+
+pub use admin::AdminServer;
+pub use backend::{BackendState, BackendStatsSnapshot, WEIGHT_SCALE};
 pub use config::{
-    Algorithm, BackendSpec, Config, DnsName, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
-    Resolver, SendExpect,
+    Algorithm, BackendSpec, Config, ConfigError, DnsName, HealthCheck, HealthConfig, LimitsConfig,
+    MAX_WEIGHT, RelayMode, Resolver, SendExpect, parse_duration, resolve_addr,
 };
 pub use control::Controller;
 pub use error::StartError;
@@ -63,18 +90,15 @@ pub use sys::bind_address_no_port;
 #[doc(hidden)]
 pub use sys::count_deliveries;
 
-/// Entry points for the `cargo fuzz` targets in `fuzz/`. Not an API.
-#[doc(hidden)]
-pub mod fuzzing;
-
-use admin::AdminServer;
 use health::Health;
 use plane::{Command, Control, HealthLink, WorkerLink};
 use sources::Sources;
 use stats::Counters;
 use worker::Worker;
 
-/// A running balancer. Dropping it shuts it down and waits for the threads.
+/// A running balancer. It derefs to its [`Controller`], so `lb.stats()`, `lb.drain()` and
+/// the rest are the controller's; what is its own is starting, the admin address, and
+/// waiting for the threads. Dropping it shuts the balancer down and waits for the threads.
 pub struct Holdfast {
     control: Controller,
     workers: Vec<JoinHandle<()>>,
@@ -85,9 +109,11 @@ pub struct Holdfast {
 }
 
 impl Holdfast {
-    /// Validates `config`, binds every listener (one SO_REUSEPORT socket per worker and listen
-    /// address), and starts the health thread and the workers. Fails without starting anything
-    /// if a listener cannot be bound.
+    /// Validates `config`, reads the backends file and resolves the DNS names (if any), binds
+    /// every listener (one SO_REUSEPORT socket per worker and listen address), and starts the
+    /// health thread, the workers and, if configured, the DNS and admin threads. On error
+    /// nothing is left running: a listener that cannot be bound fails the start before any
+    /// thread does.
     pub fn start(mut config: Config) -> Result<Holdfast, StartError> {
         config.validate()?;
         for warning in config.warnings() {
@@ -117,15 +143,21 @@ impl Holdfast {
         let mut for_health = Vec::with_capacity(config.workers);
         let mut threads = Vec::with_capacity(config.workers + 1);
         for (id, worker_listeners) in listeners.drain(..).enumerate() {
-            let (worker, control, waker) = Worker::new(
+            let made = Worker::new(
                 id,
                 Arc::clone(&config),
                 worker_listeners,
                 Arc::clone(&initial),
                 Arc::clone(&counters),
                 health_link.clone(),
-            )
-            .map_err(StartError::Worker)?;
+            );
+            let (worker, control, waker) = match made {
+                Ok(made) => made,
+                Err(e) => {
+                    stop_and_join(&workers, &health_link, threads);
+                    return Err(StartError::Worker(e));
+                }
+            };
             for_health.push(WorkerLink {
                 tx: control.clone(),
                 waker: Arc::clone(&waker),
@@ -211,66 +243,20 @@ impl Holdfast {
         Ok(balancer)
     }
 
-    /// Where the admin endpoint listens, if `--admin` was given.
+    /// Where the admin endpoint listens, if [`Config::admin`] was set.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(AdminServer::local_addr)
     }
 
-    /// A cloneable handle on the control plane (stats, backend changes, drain, shutdown), for
-    /// other threads: the admin endpoint, a signal handler.
+    /// The control plane's handle; clone it for other threads (a signal handler, an admin
+    /// endpoint of your own). `Holdfast` derefs to it as well.
     pub fn controller(&self) -> &Controller {
         &self.control
     }
 
-    /// The addresses the balancer accepts on, one per configured listen address, with the
-    /// real port where port 0 was asked for.
-    pub fn listen_addrs(&self) -> &[SocketAddr] {
-        self.control.listen_addrs()
-    }
-
-    /// Global counters, read now.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.control.stats()
-    }
-
-    /// Per-backend counters of the current backend set, read now.
-    pub fn backend_stats(&self) -> Vec<BackendStatsSnapshot> {
-        self.control.backend_stats()
-    }
-
-    /// The backend set the workers were last given.
-    pub fn current_backends(&self) -> Arc<BackendSet> {
-        self.control.current_backends()
-    }
-
-    /// Replaces the backend list; see [`Controller::set_backends`].
-    pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ControlError> {
-        self.control.set_backends(specs)
-    }
-
-    /// Drains, readies or reweights one backend; see [`Controller::change_backend`].
-    pub fn change_backend(
-        &self,
-        addr: SocketAddr,
-        change: BackendChange,
-    ) -> Result<(), ControlError> {
-        self.control.change_backend(addr, change)
-    }
-
-    /// Graceful shutdown; see [`Controller::drain`]. [`Holdfast::join`] returns when the last
-    /// session has ended.
-    pub fn drain(&self) {
-        self.control.drain();
-    }
-
-    /// Asks every thread to stop: listeners and sessions are closed. Returns at once; call
-    /// [`Holdfast::join`] to wait.
-    pub fn shutdown(&self) {
-        self.control.shutdown();
-    }
-
-    /// Waits for the workers to exit (after [`Holdfast::shutdown`], or once a
-    /// [`Holdfast::drain`] has seen the last session end), then stops the health thread.
+    /// Waits for the workers to exit (after [`Controller::shutdown`], or once a
+    /// [`Controller::drain`] has seen the last session end), then stops the admin endpoint,
+    /// the DNS thread and the health thread.
     pub fn join(mut self) {
         self.join_threads();
     }
@@ -286,6 +272,14 @@ impl Holdfast {
         }
         self.control.stop_health();
         join_all(self.health.take().into_iter().collect());
+    }
+}
+
+impl Deref for Holdfast {
+    type Target = Controller;
+
+    fn deref(&self) -> &Controller {
+        &self.control
     }
 }
 

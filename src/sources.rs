@@ -21,7 +21,7 @@ pub enum SourceError {
     #[error("no --backends-file to reload")]
     NoFile,
     /// The backends file cannot be read: missing, not a regular file, larger than
-    /// [`MAX_BACKENDS_FILE_BYTES`], or not UTF-8.
+    /// 16 MiB (`MAX_BACKENDS_FILE_BYTES`), or not UTF-8.
     #[error("{}: {source}", path.display())]
     Read {
         path: PathBuf,

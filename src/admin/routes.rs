@@ -160,7 +160,7 @@ const ADDR_ENCODE: &AsciiSet = &CONTROLS.add(b'%').add(b'/').add(b'?').add(b'#')
 /// Checks a request and says what it asks for, or answers it with an error: no I/O, no
 /// [`Controller`]. `method` is case-sensitive (HTTP's methods are); `path` is the request
 /// target's path, without the query (which the endpoint ignores); `body` is what a POST
-/// carried (the server reads no other), at most [`MAX_BODY_BYTES`] (a longer one is answered
+/// carried (the server reads no other), at most `MAX_BODY_BYTES` (a longer one is answered
 /// 413). `HEAD` is answered like `GET`. Errors are 4xx with a one-line reason, quoting the
 /// client's text escaped and cut short.
 pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<AdminRequest, Reply> {

@@ -51,12 +51,12 @@ impl FromStr for BackendSpec {
 
 /// Finds the address of a host name (`HOST`, `PORT`): the system resolver, or a stand-in
 /// where the parse must stay a pure function (property tests, fuzzing).
-pub type Lookup = dyn Fn(&str, u16) -> Result<SocketAddr, String>;
+pub(crate) type Lookup = dyn Fn(&str, u16) -> Result<SocketAddr, String>;
 
 impl BackendSpec {
     /// `HOST:PORT[,weight=N]`, with `lookup` asked for the address of a host name (an IP
     /// address is never looked up). With a pure `lookup` this is a pure function.
-    pub fn parse_with(s: &str, lookup: &Lookup) -> Result<BackendSpec, ConfigError> {
+    pub(crate) fn parse_with(s: &str, lookup: &Lookup) -> Result<BackendSpec, ConfigError> {
         let bad = |why: &str| ConfigError::Backend {
             value: s.to_string(),
             why: why.to_string(),
@@ -91,13 +91,18 @@ impl BackendSpec {
     }
 }
 
-/// Resolves `HOST:PORT` (or `[v6]:PORT`) to one socket address.
-pub fn resolve(s: &str) -> Result<SocketAddr, String> {
-    resolve_with(s, &system_lookup)
+/// Resolves `HOST:PORT` (or `[v6]:PORT`), a listen or admin address, to one socket address:
+/// an IP address as it is, a host name to the first address the system resolver gives.
+pub fn resolve_addr(s: &str) -> Result<SocketAddr, ConfigError> {
+    resolve_with(s, &system_lookup).map_err(|why| ConfigError::Address {
+        value: s.to_string(),
+        why,
+    })
 }
 
-/// Like [`resolve`], with `lookup` asked for the address of a host name.
-pub fn resolve_with(s: &str, lookup: &Lookup) -> Result<SocketAddr, String> {
+/// `HOST:PORT` (or `[v6]:PORT`) to one socket address, with `lookup` asked for the address of
+/// a host name.
+fn resolve_with(s: &str, lookup: &Lookup) -> Result<SocketAddr, String> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return Ok(addr);
     }
@@ -110,7 +115,7 @@ pub fn resolve_with(s: &str, lookup: &Lookup) -> Result<SocketAddr, String> {
 }
 
 /// The system resolver (`getaddrinfo`); the first address wins.
-pub fn system_lookup(host: &str, port: u16) -> Result<SocketAddr, String> {
+pub(crate) fn system_lookup(host: &str, port: u16) -> Result<SocketAddr, String> {
     let mut addrs = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve '{host}': {e}"))?;

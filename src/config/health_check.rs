@@ -36,7 +36,7 @@ pub enum HealthCheck {
 }
 
 /// The bytes a send/expect probe writes and the bytes it wants to see, at least one of them
-/// non-empty (an empty one was omitted), each at most [`MAX_PROBE_BYTES`].
+/// non-empty (an empty one was omitted), each at most 4096 bytes (`MAX_PROBE_BYTES`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SendExpect {
     send: Vec<u8>,
@@ -44,7 +44,7 @@ pub struct SendExpect {
 }
 
 impl SendExpect {
-    /// `None` if both are empty or either is longer than [`MAX_PROBE_BYTES`].
+    /// `None` if both are empty or either is longer than 4096 bytes.
     pub fn new(send: impl Into<Vec<u8>>, expect: impl Into<Vec<u8>>) -> Option<SendExpect> {
         let (send, expect) = (send.into(), expect.into());
         let fits = send.len() <= MAX_PROBE_BYTES && expect.len() <= MAX_PROBE_BYTES;

@@ -20,12 +20,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-pub use backend::{
-    BackendSpec, DnsName, Lookup, MAX_WEIGHT, Resolver, resolve, resolve_with, system_lookup,
-};
-pub use health_check::{
-    DEFAULT_POSTGRES_USER, HealthCheck, MAX_PROBE_BYTES, SendExpect, escape, unescape,
-};
+pub use backend::{BackendSpec, DnsName, MAX_WEIGHT, Resolver, resolve_addr};
+pub(crate) use backend::{Lookup, system_lookup};
+pub use health_check::{HealthCheck, MAX_PROBE_BYTES, SendExpect, escape, unescape};
 
 /// A value in the configuration is not acceptable. Every message is one line that names the
 /// value or the flag.
@@ -39,6 +36,12 @@ pub enum ConfigError {
         "invalid algorithm '{0}' (expected least-conn, source-hash, ip-hash, source or round-robin)"
     )]
     Algorithm(String),
+    /// A duration that does not parse, or is negative.
+    #[error("invalid duration '{value}': {why}")]
+    Duration { value: String, why: String },
+    /// A listen or admin address that is not `HOST:PORT`, or whose host does not resolve.
+    #[error("invalid address '{value}': {why}")]
+    Address { value: String, why: String },
     /// A `--backend-dns` value that is not `NAME:PORT`.
     #[error("invalid DNS name '{value}': {why}")]
     DnsName { value: String, why: &'static str },
@@ -381,6 +384,26 @@ pub fn default_workers() -> usize {
         .unwrap_or(1)
 }
 
+/// A duration as holdfast's flags take it: `500ms`, `2s`, `1h`, `1h 30m`; a bare `0` means
+/// zero; a negative one is an error. A pure function of its input.
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let bad = |why: String| ConfigError::Duration {
+        value: s.to_string(),
+        why,
+    };
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    // The duration flags take values that start with '-' (clap would otherwise read `-1s` as
+    // an unknown flag `-1`), so that this can say what is wrong with them.
+    if s.trim_start().starts_with('-') {
+        return Err(bad(
+            "a duration cannot be negative (expected e.g. 500ms, 2s, 1h)".into(),
+        ));
+    }
+    humantime::parse_duration(s).map_err(|e| bad(format!("{e} (expected e.g. 500ms, 2s, 1h)")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,5 +466,60 @@ mod tests {
         let b = BackendSpec::new("127.0.0.1:1".parse().unwrap());
         let c = Config::new(vec!["127.0.0.1:0".parse().unwrap()], vec![b.clone(), b]);
         assert!(c.validate().is_err());
+    }
+}
+
+/// Properties of the duration parser, over generated input.
+#[cfg(test)]
+mod duration_properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_text_parses_or_is_refused(text in any::<String>()) {
+            let _ = parse_duration(&text);
+        }
+
+        #[test]
+        fn duration_like_text_parses_or_is_refused(
+            text in "[-+ 0-9.a-zµ]{0,40}",
+        ) {
+            if let Ok(d) = parse_duration(&text) {
+                // What it read, written out, reads the same.
+                let again = humantime::format_duration(d).to_string();
+                prop_assert_eq!(parse_duration(&again), Ok(d), "{:?} -> {:?}", text, again);
+            }
+        }
+
+        #[test]
+        fn a_duration_round_trips_through_its_written_form(
+            secs in prop_oneof![0u64..100_000, any::<u64>()],
+            nanos in 0u32..1_000_000_000,
+        ) {
+            let d = Duration::new(secs, nanos);
+            let text = humantime::format_duration(d).to_string();
+            prop_assert_eq!(parse_duration(&text), Ok(d), "{}", text);
+        }
+
+        #[test]
+        fn whole_units_read_as_written(n in any::<u32>()) {
+            let n64 = u64::from(n);
+            prop_assert_eq!(parse_duration(&format!("{n}ms")), Ok(Duration::from_millis(n64)));
+            prop_assert_eq!(parse_duration(&format!("{n}s")), Ok(Duration::from_secs(n64)));
+            prop_assert_eq!(parse_duration(&format!("{n}m")), Ok(Duration::from_secs(60 * n64)));
+        }
+
+        #[test]
+        fn a_negative_duration_says_so(
+            secs in any::<u64>(),
+            text in "[0-9a-z ]{0,10}",
+        ) {
+            for negative in [format!("-{secs}s"), format!("-{text}"), format!(" -{text}")] {
+                let err = parse_duration(&negative).unwrap_err().to_string();
+                prop_assert!(err.contains("negative"), "{:?}: {}", negative, err);
+            }
+        }
     }
 }
