@@ -64,7 +64,8 @@ pub enum ControlError {
     #[error("the balancer is shutting down")]
     ShuttingDown,
     /// The health thread did not confirm in time. The change was sent and will still be
-    /// made: the health thread takes commands in order and drops none.
+    /// made, unless the balancer shuts down first: the health thread takes commands in order
+    /// and drops none.
     #[error("the health thread did not answer in time")]
     Timeout,
 }
