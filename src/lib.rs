@@ -5,8 +5,8 @@
 //! and any setting that differs from the defaults), start the balancer with
 //! [`Holdfast::start`], and keep the [`Holdfast`] handle: it knows where the balancer listens,
 //! and it is a [`Controller`] (through `Deref`), the control plane's handle, for reading
-//! counters, changing backends and stopping. [`Holdfast::controller`] gives a clone of it to
-//! other threads. Dropping the handle shuts everything down and waits for the threads.
+//! counters, changing backends and stopping; clone [`Holdfast::controller`] for other
+//! threads. Dropping the handle shuts everything down and waits for the threads.
 //!
 //! ```
 //! use holdfast::{BackendChange, BackendSpec, BackendState, Config, Holdfast};
