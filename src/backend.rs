@@ -386,10 +386,6 @@ impl BackendSet {
         self.backends.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.backends.is_empty()
-    }
-
     pub fn is_eligible(&self, i: usize) -> bool {
         self.backends[i].state == BackendState::Up
     }

@@ -1,8 +1,11 @@
-//! Command-line flags and their translation into a [`Config`].
+//! Command-line flags and their translation into a [`Config`]. Part of the binary, not of the
+//! library: a library user builds a [`Config`] directly.
 //!
 //! clap checks each value's syntax (and exits with status 2 and a one-line `error:` naming
-//! the bad value); [`Args::into_config`] then builds the [`Config`], whose `validate` checks
-//! what a single flag cannot (duplicates, ranges across flags).
+//! the bad value) with the library's own parsers (`FromStr` of each value type,
+//! [`parse_duration`], [`resolve_addr`]), so a flag reads a value as the library does;
+//! [`Args::into_config`] then builds the [`Config`], whose `validate` checks what a single
+//! flag cannot (duplicates, ranges across flags).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,13 +13,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::client_ip::{AccessList, Cidr, IpLimitsConfig};
-use crate::config::{
-    self, Algorithm, BackendSpec, Config, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
+use holdfast::{
+    AccessList, Algorithm, BackendSpec, Cidr, ClientIpConfig, Config, ConfigError, DnsName,
+    HealthCheck, HealthConfig, IpLimitsConfig, LimitsConfig, ProxyVersion, RelayMode, resolve_addr,
 };
-use crate::config::{ClientIpConfig, ProxyVersion};
-use crate::error::ConfigError;
-use crate::sources::DnsName;
 
 /// An L4 TCP load balancer for long-lived connections (WebSockets and any other TCP service).
 ///
@@ -305,26 +305,23 @@ fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-/// `500ms`, `2s`, `1h`, `1h 30m`; a bare `0` means zero. A pure function of its input.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    if s.trim() == "0" {
-        return Ok(Duration::ZERO);
-    }
-    // The duration flags take values that start with '-' (clap would otherwise read `-1s` as
-    // an unknown flag `-1`), so that this can say what is wrong with them.
-    if s.trim_start().starts_with('-') {
-        return Err("a duration cannot be negative (expected e.g. 500ms, 2s, 1h)".into());
-    }
-    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 500ms, 2s, 1h)"))
-}
-
 fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
         .map_err(|_| "expected off, error, warn, info, debug or trace".to_string())
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    config::resolve(s)
+    resolve_addr(s).map_err(|e| match e {
+        ConfigError::Address { why, .. } => why,
+        other => other.to_string(),
+    })
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    holdfast::parse_duration(s).map_err(|e| match e {
+        ConfigError::Duration { why, .. } => why,
+        other => other.to_string(),
+    })
 }
 
 fn parse_backend(s: &str) -> Result<BackendSpec, String> {
@@ -339,7 +336,10 @@ fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
 }
 
 fn parse_dns_name(s: &str) -> Result<DnsName, String> {
-    s.parse()
+    s.parse::<DnsName>().map_err(|e| match e {
+        ConfigError::DnsName { why, .. } => why.to_string(),
+        other => other.to_string(),
+    })
 }
 
 fn parse_health_check(s: &str) -> Result<HealthCheck, String> {
@@ -555,61 +555,6 @@ mod tests {
         ] {
             let err = parse(&args).unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");
-        }
-    }
-}
-
-/// Properties of the duration parser, over generated input.
-#[cfg(test)]
-mod properties {
-    use proptest::prelude::*;
-
-    use super::*;
-
-    proptest! {
-        #[test]
-        fn any_text_parses_or_is_refused(text in any::<String>()) {
-            let _ = parse_duration(&text);
-        }
-
-        #[test]
-        fn duration_like_text_parses_or_is_refused(
-            text in "[-+ 0-9.a-zµ]{0,40}",
-        ) {
-            if let Ok(d) = parse_duration(&text) {
-                // What it read, written out, reads the same.
-                let again = humantime::format_duration(d).to_string();
-                prop_assert_eq!(parse_duration(&again), Ok(d), "{:?} -> {:?}", text, again);
-            }
-        }
-
-        #[test]
-        fn a_duration_round_trips_through_its_written_form(
-            secs in prop_oneof![0u64..100_000, any::<u64>()],
-            nanos in 0u32..1_000_000_000,
-        ) {
-            let d = Duration::new(secs, nanos);
-            let text = humantime::format_duration(d).to_string();
-            prop_assert_eq!(parse_duration(&text), Ok(d), "{}", text);
-        }
-
-        #[test]
-        fn whole_units_read_as_written(n in any::<u32>()) {
-            let n64 = u64::from(n);
-            prop_assert_eq!(parse_duration(&format!("{n}ms")), Ok(Duration::from_millis(n64)));
-            prop_assert_eq!(parse_duration(&format!("{n}s")), Ok(Duration::from_secs(n64)));
-            prop_assert_eq!(parse_duration(&format!("{n}m")), Ok(Duration::from_secs(60 * n64)));
-        }
-
-        #[test]
-        fn a_negative_duration_says_so(
-            secs in any::<u64>(),
-            text in "[0-9a-z ]{0,10}",
-        ) {
-            for negative in [format!("-{secs}s"), format!("-{text}"), format!(" -{text}")] {
-                let err = parse_duration(&negative).unwrap_err();
-                prop_assert!(err.contains("negative"), "{:?}: {}", negative, err);
-            }
         }
     }
 }

@@ -1,73 +1,77 @@
-//! The control plane's handle: what an operator (the admin endpoint, a signal handler, a test)
-//! may read and change while the balancer runs.
+//! The control plane's handle: what an operator (the admin endpoint, a signal handler, a
+//! library user, a test) may read and change while the balancer runs.
 //!
 //! A [`Controller`] is cheap to clone and safe to share between threads. Reads come from the
 //! shared counters and the last published backend set; changes are commands to the health
-//! thread (the only owner of backend state) or control messages to the workers. None of it
-//! touches a worker's hot path.
+//! thread (the only owner of backend state) or control messages to the workers (the types
+//! are in `plane.rs`). None of it touches a worker's hot path. A call that waits for the
+//! health thread waits at most a bounded time and then returns [`ControlError::Timeout`].
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
 use crate::backend::{BackendSet, BackendStatsSnapshot};
 use crate::config::{BackendSpec, Config, MAX_WEIGHT};
-use crate::error::ConfigError;
-use crate::health::{Command, HealthLink, Published, WorkerLink};
+use crate::plane::{
+    BackendChange, Command, Control, ControlError, HealthLink, Published, WorkerLink,
+};
 use crate::sources::Sources;
 use crate::stats::{Counters, StatsSnapshot};
-use crate::worker::Control;
-
-/// A change to one backend requested by an operator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendChange {
-    /// No new connections; live sessions continue (closed, spread out, after
-    /// `--backend-drain-timeout` if one is set).
-    Drain,
-    /// Back in rotation after a drain.
-    Ready,
-    /// A new weight (1..=256) for new connections, until a new list
-    /// ([`Controller::set_backends`], a reload) changes this backend's configured weight.
-    Weight(u32),
-}
-
-/// Why a change could not be made.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ControlError {
-    #[error("no backend {0}")]
-    UnknownBackend(SocketAddr),
-    #[error("weight must be from 1 to {MAX_WEIGHT}, not {0}")]
-    BadWeight(u32),
-    #[error("the balancer is shutting down")]
-    ShuttingDown,
-    #[error("the health thread did not answer in time")]
-    Timeout,
-}
 
 /// How long an operator's request waits for the health thread to apply it. The health thread
 /// never blocks, so this only guards a caller (the admin endpoint) against a stalled one.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn answer<T>(rx: &crossbeam_channel::Receiver<T>) -> Result<T, ControlError> {
-    rx.recv_timeout(ANSWER_TIMEOUT).map_err(|e| match e {
-        crossbeam_channel::RecvTimeoutError::Timeout => ControlError::Timeout,
-        crossbeam_channel::RecvTimeoutError::Disconnected => ControlError::ShuttingDown,
+/// More time a new list may take per backend in it: the health thread builds the new set
+/// (and a Maglev table) in time linear in its size, which for 100,000 backends in a debug
+/// build on a loaded machine is seconds, not milliseconds.
+const ANSWER_TIMEOUT_PER_BACKEND: Duration = Duration::from_micros(100);
+
+/// Waits at most `timeout` for the health thread's answer.
+fn answer<T>(rx: &Receiver<T>, timeout: Duration) -> Result<T, ControlError> {
+    rx.recv_timeout(timeout).map_err(|e| match e {
+        RecvTimeoutError::Timeout => ControlError::Timeout,
+        RecvTimeoutError::Disconnected => ControlError::ShuttingDown,
     })
 }
 
 /// A handle on a running balancer's control plane. Clone it freely.
 #[derive(Clone)]
 pub struct Controller {
-    pub(crate) counters: Arc<Counters>,
-    pub(crate) published: Published,
-    pub(crate) health: HealthLink,
-    pub(crate) workers: Arc<[WorkerLink]>,
-    pub(crate) listen_addrs: Arc<[SocketAddr]>,
-    pub(crate) config: Arc<Config>,
-    pub(crate) sources: Arc<Mutex<Sources>>,
+    counters: Arc<Counters>,
+    published: Published,
+    health: HealthLink,
+    workers: Arc<[WorkerLink]>,
+    listen_addrs: Arc<[SocketAddr]>,
+    config: Arc<Config>,
+    sources: Arc<Mutex<Sources>>,
 }
 
 impl Controller {
+    /// A handle on threads that [`Holdfast::start`](crate::Holdfast::start) has started.
+    pub(crate) fn new(
+        counters: Arc<Counters>,
+        published: Published,
+        health: HealthLink,
+        workers: Vec<WorkerLink>,
+        listen_addrs: Vec<SocketAddr>,
+        config: Arc<Config>,
+        sources: Sources,
+    ) -> Controller {
+        Controller {
+            counters,
+            published,
+            health,
+            workers: workers.into(),
+            listen_addrs: listen_addrs.into(),
+            config,
+            sources: Arc::new(Mutex::new(sources)),
+        }
+    }
+
     /// Global counters, read now.
     pub fn stats(&self) -> StatsSnapshot {
         self.counters.snapshot()
@@ -79,7 +83,7 @@ impl Controller {
     }
 
     /// The backend set the workers were last given.
-    pub fn current_backends(&self) -> Arc<BackendSet> {
+    pub(crate) fn current_backends(&self) -> Arc<BackendSet> {
         Arc::clone(
             &self
                 .published
@@ -99,49 +103,64 @@ impl Controller {
     /// changed takes that weight, replacing one set with [`BackendChange::Weight`]; one whose
     /// weight did not change keeps it; a [`BackendChange::Drain`] stays. Returns once the
     /// workers have been sent the new list.
-    pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ConfigError> {
+    ///
+    /// A list that is not acceptable (a backend twice, too many for source-hash, none at all)
+    /// is [`ControlError::Invalid`] and changes nothing. The wait for the health thread is
+    /// bounded (5 s, plus 100 µs per backend in the list): then [`ControlError::Timeout`],
+    /// and the list is still applied.
+    pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ControlError> {
         let mut check = Config::new(self.listen_addrs.to_vec(), specs);
         check.workers = 1;
         check.algorithm = self.config.algorithm;
         check.validate()?;
+        let size = u32::try_from(check.backends.len()).unwrap_or(u32::MAX);
+        let timeout =
+            ANSWER_TIMEOUT.saturating_add(ANSWER_TIMEOUT_PER_BACKEND.saturating_mul(size));
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         self.health
             .send(Command::SetBackends(check.backends, done_tx));
-        done_rx
-            .recv()
-            .map_err(|_| ConfigError::Invalid(ControlError::ShuttingDown.to_string()))
+        answer(&done_rx, timeout)
     }
 
     /// Re-reads `--backends-file` and applies the difference (see [`Controller::set_backends`]).
-    /// An invalid file changes nothing; the error names the file and line.
-    pub fn reload(&self) -> Result<(), String> {
+    /// A file that cannot be read or parsed, or whose list is not acceptable, changes nothing;
+    /// the error ([`ControlError::Source`] or [`ControlError::Invalid`]) names the file and
+    /// line. Without a backends file: [`SourceError::NoFile`](crate::SourceError::NoFile).
+    pub fn reload(&self) -> Result<(), ControlError> {
         let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
-        if sources.file.is_none() {
-            return Err("no --backends-file to reload".into());
-        }
         let previous = sources.file_specs.clone();
         sources.reload_file()?;
-        let backends = sources.backends();
-        if let Err(e) = self.set_backends(backends) {
+        let result = self.set_backends(sources.backends());
+        // Refused: the file's list is not in force, and must not come into force with the
+        // next DNS refresh, which applies the union. (After a timeout the list is on its way
+        // and will be in force.)
+        if let Err(ControlError::Invalid(_)) = result {
             sources.file_specs = previous;
-            return Err(e.to_string());
         }
-        Ok(())
+        result
     }
 
     /// Resolves the `--backend-dns` names again and applies any change. Names that fail to
-    /// resolve keep their last answer; their errors are returned.
-    pub fn refresh_dns(&self) -> Vec<String> {
+    /// resolve keep their last answer; their errors ([`ControlError::Source`]) are returned,
+    /// with the error of applying the new list, if any.
+    pub fn refresh_dns(&self) -> Vec<ControlError> {
         let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
-        let (changed, mut errors) = sources.refresh_dns();
+        let previous = sources.dns_specs.clone();
+        let (changed, errors) = sources.refresh_dns();
+        let mut errors: Vec<ControlError> = errors.into_iter().map(ControlError::from).collect();
         if changed && let Err(e) = self.set_backends(sources.backends()) {
-            errors.push(e.to_string());
+            // As for a reload: a refused answer is not in force, must not come into force with
+            // the next reload, and is tried again by the next refresh.
+            if let ControlError::Invalid(_) = e {
+                sources.dns_specs = previous;
+            }
+            errors.push(e);
         }
         errors
     }
 
     /// Drains a backend, puts it back in rotation, or changes its weight. Returns once the
-    /// workers have been sent the result.
+    /// workers have been sent the result, or [`ControlError::Timeout`] after 5 s.
     pub fn change_backend(
         &self,
         addr: SocketAddr,
@@ -154,12 +173,13 @@ impl Controller {
         }
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         self.health.send(Command::Backend(addr, change, done_tx));
-        answer(&done_rx)?
+        answer(&done_rx, ANSWER_TIMEOUT)?
     }
 
     /// Graceful shutdown: stop accepting at once (listeners close, so new connections go to
     /// another instance), let sessions end on their own for `--drain-timeout`, then close the
     /// rest spread evenly over `--close-spread`. The workers exit when their last session ends.
+    /// Returns at once.
     pub fn drain(&self) {
         let timeout = self.config.drain_timeout;
         let spread = self.config.close_spread;
@@ -168,7 +188,7 @@ impl Controller {
         }
     }
 
-    /// Immediate shutdown: listeners and every session are closed now.
+    /// Immediate shutdown: listeners and every session are closed now. Returns at once.
     pub fn shutdown(&self) {
         self.health.send(Command::Shutdown);
         for w in self.workers.iter() {
@@ -180,5 +200,66 @@ impl Controller {
     /// FIN taken or given up on).
     pub fn drain_budget(&self) -> Duration {
         self.config.drain_timeout + self.config.close_spread + crate::session::LINGER_TIMEOUT
+    }
+
+    /// Stops the health thread (once the workers have exited).
+    pub(crate) fn stop_health(&self) {
+        self.health.send(Command::Shutdown);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use crate::{Algorithm, Config, ControlError, HealthCheck, Holdfast, Resolver, SourceError};
+
+    /// `n` distinct addresses in 10.0.0.0/8 (never connected to: no probes, no clients).
+    fn addrs(n: u32) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|i| {
+                let [_, b, c, d] = i.to_be_bytes();
+                SocketAddr::from(([10, b, c, d], 9))
+            })
+            .collect()
+    }
+
+    /// A DNS answer the balancer refuses (more backends than source-hash's Maglev table has
+    /// slots) is not in force, so every refresh reports it again until the answer changes,
+    /// rather than once and then never.
+    #[test]
+    fn a_refused_dns_answer_is_reported_at_every_refresh_until_it_changes() {
+        let answer = Arc::new(Mutex::new(addrs(1)));
+        let given = Arc::clone(&answer);
+        let mut config = Config::new(vec!["127.0.0.1:0".parse().unwrap()], vec![]);
+        config.workers = 1;
+        config.algorithm = Algorithm::SourceHash;
+        config.health.check = HealthCheck::None;
+        config.backend_dns = vec!["pool.test:9".parse().unwrap()];
+        // Only the refreshes below.
+        config.dns_interval = std::time::Duration::from_secs(3600);
+        config.resolver = Resolver::new(move |_, _| Ok(given.lock().unwrap().clone()));
+        let lb = Holdfast::start(config).unwrap();
+        let control = lb.controller();
+
+        *answer.lock().unwrap() = addrs(70_000);
+        for refresh in 1..=2 {
+            let errors = control.refresh_dns();
+            assert!(
+                matches!(&errors[..], [ControlError::Invalid(e)] if e.to_string().contains("source-hash")),
+                "refresh {refresh}: {errors:?}"
+            );
+            assert_eq!(control.backend_stats().len(), 1, "refresh {refresh}");
+        }
+        *answer.lock().unwrap() = addrs(2);
+        let errors = control.refresh_dns();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(control.backend_stats().len(), 2);
+        // No backends file: a reload says so.
+        assert!(matches!(
+            control.reload(),
+            Err(ControlError::Source(SourceError::NoFile))
+        ));
     }
 }

@@ -1,33 +1,31 @@
-//! Errors a person reads: configuration and start-up.
+//! Why the balancer could not start: [`StartError`], the one error that gathers the others.
 //!
-//! The per-event path never builds one of these; it works with `io::Error` and small result
-//! enums, and a failure there closes one session, never the process.
+//! Each error a person reads is defined next to what produces it, and re-exported at the
+//! crate root: [`ConfigError`] (a value or a combination of values is not acceptable) in
+//! `config/`, [`SourceError`] (a backends file or a DNS name gave no usable list) in
+//! `sources.rs`, [`ControlError`](crate::ControlError) (a request to the running balancer
+//! failed) in `plane.rs`. The per-event path never builds one of these; it works with
+//! `io::Error` and small result enums, and a failure there closes one session, never the
+//! process.
 
 use std::io;
 use std::net::SocketAddr;
 
-/// A value in the configuration is not acceptable.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("invalid backend '{value}': {why}")]
-    Backend { value: String, why: String },
-    #[error(
-        "invalid algorithm '{0}' (expected least-conn, source-hash, ip-hash, source or round-robin)"
-    )]
-    Algorithm(String),
-    #[error("invalid relay mode '{0}' (expected auto, splice or copy)")]
-    Relay(String),
-    #[error("invalid health check '{value}': {why}")]
-    HealthCheck { value: String, why: String },
-    #[error("{0}")]
-    Invalid(String),
-}
+use crate::config::ConfigError;
+use crate::sources::SourceError;
 
-/// The balancer could not start.
+/// The balancer could not start. Nothing is left running when [`Holdfast::start`] returns
+/// one.
+///
+/// [`Holdfast::start`]: crate::Holdfast::start
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The configuration is not acceptable (the binary exits 2).
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The backends file or a `--backend-dns` name gave no usable list (the binary exits 2).
+    #[error(transparent)]
+    Sources(#[from] SourceError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -40,6 +38,13 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    /// A worker's poller could not be made, or its thread could not be spawned.
     #[error("cannot start worker: {0}")]
     Worker(#[source] io::Error),
+    /// The health thread's poller could not be made, or the thread could not be spawned.
+    #[error("cannot start the health thread: {0}")]
+    Health(#[source] io::Error),
+    /// The thread that re-resolves `--backend-dns` names could not be spawned.
+    #[error("cannot start the DNS thread: {0}")]
+    Dns(#[source] io::Error),
 }

@@ -1,39 +1,66 @@
 //! holdfast: an L4 TCP load balancer for long-lived connections.
 //!
-//! The binary is a thin shell over this library. A program (or a test) builds a [`Config`],
-//! starts the balancer with [`Holdfast::start`], learns where it listens with
-//! [`Holdfast::listen_addrs`], and stops it with [`Holdfast::shutdown`] and [`Holdfast::join`]
-//! (dropping the handle does both).
+//! The binary is a thin shell over this library: flags become a [`Config`], and the rest is
+//! what any program can do with it. Build a [`Config`] (the listen addresses, the backends,
+//! and any setting that differs from the defaults), start the balancer with
+//! [`Holdfast::start`], and keep the [`Holdfast`] handle: it knows where the balancer listens,
+//! and it is a [`Controller`] (through `Deref`), the control plane's handle, for reading
+//! counters, changing backends and stopping; clone [`Holdfast::controller`] for other
+//! threads. Dropping the handle shuts everything down and waits for the threads.
 //!
-//! ```no_run
-//! use holdfast::{BackendSpec, Config, Holdfast};
-//! let config = Config::new(
-//!     vec!["127.0.0.1:0".parse().unwrap()],
-//!     vec![BackendSpec::new("127.0.0.1:6379".parse().unwrap())],
-//! );
-//! let lb = Holdfast::start(config).unwrap();
-//! println!("listening on {:?}", lb.listen_addrs());
+//! ```
+//! use holdfast::{BackendChange, BackendSpec, BackendState, Config, Holdfast};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A backend address where nothing listens: the balancer starts all the same.
+//! let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+//! let mut config = Config::new(vec!["127.0.0.1:0".parse()?], vec![BackendSpec::new(closed)]);
+//! config.workers = 1;
+//! let lb = Holdfast::start(config)?;
+//! // Port 0 asked for a free port; this is the one each listener got.
+//! let addr = lb.listen_addrs()[0];
+//! assert_ne!(addr.port(), 0);
+//!
+//! // The control plane: counters, and changes that return once the workers have them.
+//! assert_eq!(lb.stats().accepted, 0);
+//! lb.change_backend(closed, BackendChange::Drain)?;
+//! assert_eq!(lb.backend_stats()[0].state, BackendState::Drain);
+//!
 //! lb.shutdown();
 //! lb.join();
+//! # Ok(())
+//! # }
 //! ```
 //!
-//! See `docs/architecture.md` for the threads, the life of one connection, and what is shared.
+//! The public API: [`Holdfast`] and [`Controller`]; [`Config`] and its parts
+//! ([`BackendSpec`], [`DnsName`], [`Resolver`], [`HealthConfig`], [`HealthCheck`],
+//! [`LimitsConfig`], [`Algorithm`], [`RelayMode`]) with the parsers that read them as the flags
+//! do (`FromStr`, [`parse_duration`], [`resolve_addr`]); the snapshots [`StatsSnapshot`] and
+//! [`BackendStatsSnapshot`]; the errors [`StartError`], [`ConfigError`], [`SourceError`] and
+//! [`ControlError`]; and [`AdminServer`], to serve the admin endpoint for a controller.
+//!
+//! See `docs/architecture.md` for the threads, the module map, the life of one connection,
+//! and what is shared.
 
-pub mod admin;
-pub mod backend;
-pub mod balance;
-pub mod cli;
-pub mod client_ip;
-pub mod config;
-pub mod control;
-pub mod error;
+mod admin;
+mod backend;
+#[doc(hidden)]
+pub mod balance; // public only for benches/balance.rs: not an API
+#[doc(hidden)]
+pub mod client_ip; // public only for benches/client_ip.rs: not an API
+mod config;
+mod control;
+mod error;
+#[doc(hidden)]
+pub mod fuzzing; // the entry points of the `cargo fuzz` targets in fuzz/: not an API
 mod health;
 mod listener;
+mod plane;
 mod proxy_protocol;
 mod relay;
 mod session;
-pub mod sources;
-pub mod stats;
+mod sources;
+mod stats;
 mod sys;
 mod timer;
 mod token;
@@ -42,17 +69,24 @@ mod upgrade;
 mod worker;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
-
-use crossbeam_channel::Sender;
+use std::ops::Deref;
+use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 
-pub use backend::{BackendSet, BackendState, BackendStatsSnapshot};
+use crossbeam_channel::Sender;
+
+pub use admin::AdminServer;
+pub use backend::{BackendState, BackendStatsSnapshot, WEIGHT_SCALE};
+pub use client_ip::{AccessList, Cidr, IpLimitsConfig};
 pub use config::{
-    Algorithm, BackendSpec, Config, HealthCheck, HealthConfig, LimitsConfig, RelayMode,
+    Algorithm, BackendSpec, ClientIpConfig, Config, ConfigError, DnsName, HealthCheck,
+    HealthConfig, LimitsConfig, MAX_WEIGHT, ProxyVersion, RelayMode, Resolver, SendExpect,
+    parse_duration, resolve_addr,
 };
-pub use control::{BackendChange, ControlError, Controller};
-pub use error::{ConfigError, StartError};
+pub use control::Controller;
+pub use error::StartError;
+pub use plane::{BackendChange, ControlError};
+pub use sources::SourceError;
 pub use stats::StatsSnapshot;
 /// For clients that bind many sockets to 127.0.0.x: choose the local port at connect time.
 pub use sys::bind_address_no_port;
@@ -60,60 +94,15 @@ pub use sys::bind_address_no_port;
 #[doc(hidden)]
 pub use sys::count_deliveries;
 
-/// Entry points for the `cargo fuzz` targets in `fuzz/`: the parsers of outside input, as pure
-/// functions. Not a stable API.
-#[doc(hidden)]
-pub mod fuzzing {
-    use std::net::{Ipv4Addr, SocketAddr};
-    use std::time::Duration;
-
-    use crate::config::BackendSpec;
-
-    /// The PROXY protocol parser and encoders.
-    pub use crate::proxy_protocol::{
-        Command, MAX_TLVS_LEN, Parse, ProxyHeader, Reason, Tlvs, V1_MAX_LEN, V2_MAX_LEN, encode_v1,
-        encode_v2, encode_v2_local, parse,
-    };
-
-    /// A backends file's text to its backends, or the line (from 1) and why not. Host names
-    /// are not resolved: [`stand_in_lookup`] gives each one an address.
-    pub fn parse_backends_file(text: &str) -> Result<Vec<BackendSpec>, (usize, String)> {
-        crate::sources::parse_backends(text, &stand_in_lookup)
-    }
-
-    /// One `HOST:PORT[,weight=N]` (a `--backend` value or a file line).
-    pub fn parse_backend_spec(s: &str) -> Result<BackendSpec, String> {
-        BackendSpec::parse_with(s, &stand_in_lookup).map_err(|e| e.to_string())
-    }
-
-    /// A duration flag's value (`500ms`, `2s`, `1h 30m`, `0`).
-    pub fn parse_duration(s: &str) -> Result<Duration, String> {
-        crate::cli::parse_duration(s)
-    }
-
-    /// `d` the way [`parse_duration`] reads it back.
-    pub fn format_duration(d: Duration) -> String {
-        humantime::format_duration(d).to_string()
-    }
-
-    /// A pure stand-in for the resolver: the same name always gets the same address in
-    /// 10.0.0.0/8 (FNV-1a of the name).
-    pub fn stand_in_lookup(host: &str, port: u16) -> Result<SocketAddr, String> {
-        let hash = host.bytes().fold(0x811c_9dc5_u32, |h, b| {
-            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-        });
-        let [_, b, c, d] = hash.to_be_bytes();
-        Ok(SocketAddr::from((Ipv4Addr::new(10, b, c, d), port)))
-    }
-}
-
-use admin::AdminServer;
-use health::{Command, Health, HealthLink, WorkerLink};
+use health::Health;
+use plane::{Command, Control, HealthLink, WorkerLink};
 use sources::Sources;
 use stats::Counters;
-use worker::{Control, Worker};
+use worker::Worker;
 
-/// A running balancer. Dropping it shuts it down and waits for the threads.
+/// A running balancer. It derefs to its [`Controller`], so `lb.stats()`, `lb.drain()` and
+/// the rest are the controller's; what is its own is starting, the admin address, and
+/// waiting for the threads. Dropping it shuts the balancer down and waits for the threads.
 pub struct Holdfast {
     control: Controller,
     workers: Vec<JoinHandle<()>>,
@@ -124,9 +113,11 @@ pub struct Holdfast {
 }
 
 impl Holdfast {
-    /// Validates `config`, binds every listener (one SO_REUSEPORT socket per worker and listen
-    /// address), and starts the health thread and the workers. Fails without starting anything
-    /// if a listener cannot be bound.
+    /// Validates `config`, reads the backends file and resolves the DNS names (if any), binds
+    /// every listener (one SO_REUSEPORT socket per worker and listen address), and starts the
+    /// health thread, the workers and, if configured, the DNS and admin threads. On error
+    /// nothing is left running: a listener that cannot be bound fails the start before any
+    /// thread does.
     pub fn start(mut config: Config) -> Result<Holdfast, StartError> {
         config.validate()?;
         for warning in config.warnings() {
@@ -137,8 +128,7 @@ impl Holdfast {
             config.backends_file.clone(),
             config.backend_dns.clone(),
             config.resolver.clone(),
-        )
-        .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?;
+        )?;
         config.backends = sources.backends();
         if config.backends.is_empty() {
             return Err(
@@ -150,7 +140,7 @@ impl Holdfast {
         let counters = Arc::new(Counters::default());
         let (listen_addrs, mut listeners) = listener::bind_all(&config)?;
         let (mut health, health_link, backends) =
-            Health::new(Arc::clone(&config)).map_err(StartError::Worker)?;
+            Health::new(Arc::clone(&config)).map_err(StartError::Health)?;
         let initial = Arc::clone(&backends.lock().unwrap_or_else(PoisonError::into_inner));
         // One per-IP table for all workers: a client's connections land on every worker.
         let ip_limits = match config.client_ip.limits_on() {
@@ -165,7 +155,7 @@ impl Holdfast {
         let mut for_health = Vec::with_capacity(config.workers);
         let mut threads = Vec::with_capacity(config.workers + 1);
         for (id, worker_listeners) in listeners.drain(..).enumerate() {
-            let (worker, control, waker) = Worker::new(
+            let made = Worker::new(
                 id,
                 Arc::clone(&config),
                 worker_listeners,
@@ -173,8 +163,14 @@ impl Holdfast {
                 Arc::clone(&counters),
                 health_link.clone(),
                 ip_limits.clone(),
-            )
-            .map_err(StartError::Worker)?;
+            );
+            let (worker, control, waker) = match made {
+                Ok(made) => made,
+                Err(e) => {
+                    stop_and_join(&workers, &health_link, threads);
+                    return Err(StartError::Worker(e));
+                }
+            };
             for_health.push(WorkerLink {
                 tx: control.clone(),
                 waker: Arc::clone(&waker),
@@ -199,7 +195,7 @@ impl Holdfast {
             Ok(t) => t,
             Err(e) => {
                 stop_and_join(&workers, &health_link, threads);
-                return Err(StartError::Worker(e));
+                return Err(StartError::Health(e));
             }
         };
         log::info!(
@@ -217,15 +213,15 @@ impl Holdfast {
             config.health.check,
         );
         let mut balancer = Holdfast {
-            control: Controller {
+            control: Controller::new(
                 counters,
-                published: backends,
-                health: health_link,
-                workers: workers.into(),
-                listen_addrs: listen_addrs.into(),
-                config: Arc::clone(&config),
-                sources: Arc::new(Mutex::new(sources)),
-            },
+                backends,
+                health_link,
+                workers,
+                listen_addrs,
+                Arc::clone(&config),
+                sources,
+            ),
             workers: threads,
             health: Some(health_thread),
             admin: None,
@@ -247,7 +243,7 @@ impl Holdfast {
                         }
                     }
                 })
-                .map_err(StartError::Worker)?;
+                .map_err(StartError::Dns)?;
             balancer.dns = Some((stop, thread));
         }
         if let Some(addr) = config.admin {
@@ -260,66 +256,20 @@ impl Holdfast {
         Ok(balancer)
     }
 
-    /// Where the admin endpoint listens, if `--admin` was given.
+    /// Where the admin endpoint listens, if [`Config::admin`] was set.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(AdminServer::local_addr)
     }
 
-    /// A cloneable handle on the control plane (stats, backend changes, drain, shutdown), for
-    /// other threads: the admin endpoint, a signal handler.
+    /// The control plane's handle; clone it for other threads (a signal handler, an admin
+    /// endpoint of your own). `Holdfast` derefs to it as well.
     pub fn controller(&self) -> &Controller {
         &self.control
     }
 
-    /// The addresses the balancer accepts on, one per configured listen address, with the
-    /// real port where port 0 was asked for.
-    pub fn listen_addrs(&self) -> &[SocketAddr] {
-        self.control.listen_addrs()
-    }
-
-    /// Global counters, read now.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.control.stats()
-    }
-
-    /// Per-backend counters of the current backend set, read now.
-    pub fn backend_stats(&self) -> Vec<BackendStatsSnapshot> {
-        self.control.backend_stats()
-    }
-
-    /// The backend set the workers were last given.
-    pub fn current_backends(&self) -> Arc<BackendSet> {
-        self.control.current_backends()
-    }
-
-    /// Replaces the backend list; see [`Controller::set_backends`].
-    pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ConfigError> {
-        self.control.set_backends(specs)
-    }
-
-    /// Drains, readies or reweights one backend; see [`Controller::change_backend`].
-    pub fn change_backend(
-        &self,
-        addr: SocketAddr,
-        change: BackendChange,
-    ) -> Result<(), ControlError> {
-        self.control.change_backend(addr, change)
-    }
-
-    /// Graceful shutdown; see [`Controller::drain`]. [`Holdfast::join`] returns when the last
-    /// session has ended.
-    pub fn drain(&self) {
-        self.control.drain();
-    }
-
-    /// Asks every thread to stop: listeners and sessions are closed. Returns at once; call
-    /// [`Holdfast::join`] to wait.
-    pub fn shutdown(&self) {
-        self.control.shutdown();
-    }
-
-    /// Waits for the workers to exit (after [`Holdfast::shutdown`], or once a
-    /// [`Holdfast::drain`] has seen the last session end), then stops the health thread.
+    /// Waits for the workers to exit (after [`Controller::shutdown`], or once a
+    /// [`Controller::drain`] has seen the last session end), then stops the admin endpoint,
+    /// the DNS thread and the health thread.
     pub fn join(mut self) {
         self.join_threads();
     }
@@ -333,8 +283,16 @@ impl Holdfast {
             drop(stop);
             join_all(vec![thread]);
         }
-        self.control.health.send(Command::Shutdown);
+        self.control.stop_health();
         join_all(self.health.take().into_iter().collect());
+    }
+}
+
+impl Deref for Holdfast {
+    type Target = Controller;
+
+    fn deref(&self) -> &Controller {
+        &self.control
     }
 }
 

@@ -1,4 +1,9 @@
 //! The `holdfast` binary: flags → config → a running balancer, until SIGTERM or SIGINT.
+//!
+//! Flag parsing (`cli.rs`) is the binary's own; everything else goes through the library's
+//! public API, like any other program that embeds holdfast.
+
+mod cli;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -6,10 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::Parser;
 use crossbeam_channel::TrySendError;
-use holdfast::cli::Args;
-use holdfast::{Holdfast, StartError};
+use holdfast::{ControlError, Holdfast, StartError};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+
+use cli::Args;
 
 /// Exit status for a usage or configuration error (as clap uses).
 const EXIT_USAGE: u8 = 2;
@@ -52,7 +58,7 @@ fn main() -> ExitCode {
     }
     let balancer = match Holdfast::start(config) {
         Ok(b) => b,
-        Err(e @ StartError::Config(_)) => return fail(EXIT_USAGE, &e),
+        Err(e @ (StartError::Config(_) | StartError::Sources(_))) => return fail(EXIT_USAGE, &e),
         Err(e) => return fail(EXIT_RUNTIME, &e),
     };
     // SIGHUP reloads on a thread of its own, so that a reload that takes long (a large file,
@@ -66,6 +72,9 @@ fn main() -> ExitCode {
             for () in reload_rx {
                 match control.reload() {
                     Ok(()) => log::info!("SIGHUP: backends reloaded"),
+                    Err(e @ ControlError::Timeout) => {
+                        log::warn!("SIGHUP: {e}; the reloaded backends will still be applied")
+                    }
                     Err(e) => log::error!("SIGHUP: reload failed, backends unchanged: {e}"),
                 }
             }

@@ -8,84 +8,44 @@
 //! Listeners and live sessions are never touched by a reload.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::fs::OpenOptions;
 use std::io::{self, Read};
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use crate::config::{self, BackendSpec, Lookup};
+use crate::config::{self, BackendSpec, ConfigError, DnsName, Lookup, Resolver};
 
-/// Resolves a host name to addresses. The system resolver (`getaddrinfo`, which reads
-/// `/etc/hosts` and then DNS) unless a test supplies its own.
-#[derive(Clone)]
-pub struct Resolver(Arc<ResolveFn>);
-
-type ResolveFn = dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync;
-
-impl Resolver {
-    pub fn system() -> Resolver {
-        Resolver(Arc::new(|host, port| {
-            Ok((host, port).to_socket_addrs()?.collect())
-        }))
-    }
-
-    /// A resolver of your own, for tests or service discovery.
-    pub fn new(
-        f: impl Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync + 'static,
-    ) -> Resolver {
-        Resolver(Arc::new(f))
-    }
-
-    pub fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-        (self.0)(host, port)
-    }
-}
-
-impl Default for Resolver {
-    fn default() -> Resolver {
-        Resolver::system()
-    }
-}
-
-impl fmt::Debug for Resolver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Resolver")
-    }
-}
-
-/// A `--backend-dns NAME:PORT`: every address NAME resolves to is a backend (weight 1).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DnsName {
-    pub host: String,
-    pub port: u16,
-}
-
-impl std::str::FromStr for DnsName {
-    type Err = String;
-    fn from_str(s: &str) -> Result<DnsName, String> {
-        let (host, port) = s.rsplit_once(':').ok_or("expected NAME:PORT")?;
-        if host.is_empty() {
-            return Err("missing name".into());
-        }
-        let port = port
-            .parse()
-            .map_err(|_| "port must be 1-65535".to_string())?;
-        if port == 0 {
-            return Err("port 0 cannot be connected to (expected 1-65535)".into());
-        }
-        Ok(DnsName {
-            host: host.to_string(),
-            port,
-        })
-    }
-}
-
-impl fmt::Display for DnsName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
-    }
+/// A source of backends gave no usable list. What it gave before stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A reload was asked for, but no `--backends-file` is configured.
+    #[error("no --backends-file to reload")]
+    NoFile,
+    /// The backends file cannot be read: missing, not a regular file, larger than
+    /// 16 MiB (`MAX_BACKENDS_FILE_BYTES`), or not UTF-8.
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A line of the backends file (numbered from 1) is not a backend, or repeats one.
+    #[error("{}:{line}: {why}", path.display())]
+    Line {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        why: ConfigError,
+    },
+    /// A `--backend-dns` name could not be resolved.
+    #[error("cannot resolve {name}: {source}")]
+    Resolve {
+        name: DnsName,
+        #[source]
+        source: io::Error,
+    },
+    /// A `--backend-dns` name resolved to nothing: a failed lookup, not an empty pool.
+    #[error("{name} resolves to no address")]
+    NoAddress { name: DnsName },
 }
 
 /// The largest backends file holdfast reads: 16 MiB (over half a million lines). A larger
@@ -96,11 +56,17 @@ pub const MAX_BACKENDS_FILE_BYTES: u64 = 16 << 20;
 /// after a `#` are ignored. The error names the file and line. Only a regular file of at most
 /// [`MAX_BACKENDS_FILE_BYTES`] is read, and opening it never blocks (a FIFO would wait for a
 /// writer; a device such as `/dev/zero` would be read without end).
-pub fn read_backends_file(path: &Path) -> Result<Vec<BackendSpec>, String> {
-    let text = read_regular_file(path, MAX_BACKENDS_FILE_BYTES)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    parse_backends(&text, &config::system_lookup)
-        .map_err(|(line, why)| format!("{}:{line}: {why}", path.display()))
+pub fn read_backends_file(path: &Path) -> Result<Vec<BackendSpec>, SourceError> {
+    let text =
+        read_regular_file(path, MAX_BACKENDS_FILE_BYTES).map_err(|source| SourceError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    parse_backends(&text, &config::system_lookup).map_err(|(line, why)| SourceError::Line {
+        path: path.to_path_buf(),
+        line,
+        why,
+    })
 }
 
 /// The text of the regular file at `path`, if it holds at most `cap` bytes.
@@ -172,8 +138,12 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
 
 /// Parses the text of a backends file, with `lookup` asked for the address of each host name
 /// (see [`BackendSpec::parse_with`]): a pure function when `lookup` is one. The error is the
-/// line number (from 1) and why.
-pub fn parse_backends(text: &str, lookup: &Lookup) -> Result<Vec<BackendSpec>, (usize, String)> {
+/// line number (from 1) and why: [`ConfigError::Backend`] or
+/// [`ConfigError::DuplicateBackend`].
+pub fn parse_backends(
+    text: &str,
+    lookup: &Lookup,
+) -> Result<Vec<BackendSpec>, (usize, ConfigError)> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut specs: Vec<BackendSpec> = Vec::new();
     let mut seen = HashSet::new();
@@ -182,9 +152,9 @@ pub fn parse_backends(text: &str, lookup: &Lookup) -> Result<Vec<BackendSpec>, (
         if entry.is_empty() {
             continue;
         }
-        let spec = BackendSpec::parse_with(entry, lookup).map_err(|e| (i + 1, format!("{e}")))?;
+        let spec = BackendSpec::parse_with(entry, lookup).map_err(|e| (i + 1, e))?;
         if !seen.insert(spec.addr) {
-            return Err((i + 1, format!("backend {} is listed twice", spec.addr)));
+            return Err((i + 1, ConfigError::DuplicateBackend(spec.addr)));
         }
         specs.push(spec);
     }
@@ -211,7 +181,7 @@ impl Sources {
         file: Option<PathBuf>,
         dns: Vec<DnsName>,
         resolver: Resolver,
-    ) -> Result<Sources, String> {
+    ) -> Result<Sources, SourceError> {
         let file_specs = match &file {
             Some(path) => read_backends_file(path)?,
             None => Vec::new(),
@@ -230,16 +200,19 @@ impl Sources {
         Ok(sources)
     }
 
-    fn resolve(&self, i: usize) -> Result<Vec<BackendSpec>, String> {
+    fn resolve(&self, i: usize) -> Result<Vec<BackendSpec>, SourceError> {
         let name = &self.dns[i];
         let mut addrs = self
             .resolver
             .resolve(&name.host, name.port)
-            .map_err(|e| format!("cannot resolve {name}: {e}"))?;
+            .map_err(|source| SourceError::Resolve {
+                name: name.clone(),
+                source,
+            })?;
         // An empty answer is a failed lookup, not a request to remove every backend the name
         // gave: it keeps the last answer, as an error does.
         if addrs.is_empty() {
-            return Err(format!("{name} resolves to no address"));
+            return Err(SourceError::NoAddress { name: name.clone() });
         }
         // A stable order, so an unchanged answer in another order is no change.
         addrs.sort();
@@ -247,10 +220,10 @@ impl Sources {
         Ok(addrs.into_iter().map(BackendSpec::new).collect())
     }
 
-    /// Re-reads the backends file. On error nothing changes.
-    pub fn reload_file(&mut self) -> Result<bool, String> {
+    /// Re-reads the backends file and says whether it changed. On error nothing changes.
+    pub fn reload_file(&mut self) -> Result<bool, SourceError> {
         let Some(path) = &self.file else {
-            return Ok(false);
+            return Err(SourceError::NoFile);
         };
         let specs = read_backends_file(path)?;
         let changed = specs != self.file_specs;
@@ -260,7 +233,7 @@ impl Sources {
 
     /// Re-resolves every name; a name that fails to resolve keeps its last answer. Returns
     /// whether any answer changed, and the errors.
-    pub fn refresh_dns(&mut self) -> (bool, Vec<String>) {
+    pub fn refresh_dns(&mut self) -> (bool, Vec<SourceError>) {
         let mut changed = false;
         let mut errors = Vec::new();
         for i in 0..self.dns.len() {
@@ -291,6 +264,9 @@ impl Sources {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
     use super::*;
 
     fn no_names(host: &str, _port: u16) -> Result<SocketAddr, String> {
@@ -308,10 +284,15 @@ mod tests {
         assert_eq!(specs[1].weight, 3);
         let (line, why) = parse_backends("127.0.0.1:80\n# ok\nbogus\n", &no_names).unwrap_err();
         assert_eq!(line, 3);
-        assert!(why.contains("bogus"), "{why}");
+        assert!(
+            matches!(&why, ConfigError::Backend { value, .. } if value == "bogus"),
+            "{why}"
+        );
         let (line, why) = parse_backends("127.0.0.1:80\n127.0.0.1:80\n", &no_names).unwrap_err();
         assert_eq!(line, 2);
-        assert!(why.contains("twice"), "{why}");
+        assert_eq!(why.to_string(), "backend 127.0.0.1:80 is listed twice");
+        let twice = ConfigError::DuplicateBackend("127.0.0.1:80".parse().unwrap());
+        assert_eq!(why, twice);
     }
 
     #[test]
@@ -339,15 +320,17 @@ mod tests {
         let mut sources = Sources::load(vec![], None, vec![name], resolver).unwrap();
         assert_eq!(sources.backends().len(), 2);
         answers.lock().unwrap().reverse();
-        assert_eq!(sources.refresh_dns(), (false, vec![]));
+        let (changed, errors) = sources.refresh_dns();
+        assert!(!changed && errors.is_empty(), "{errors:?}");
         answers.lock().unwrap().pop();
-        assert_eq!(sources.refresh_dns(), (true, vec![]));
+        let (changed, errors) = sources.refresh_dns();
+        assert!(changed && errors.is_empty(), "{errors:?}");
         assert_eq!(sources.backends().len(), 1);
         answers.lock().unwrap().clear();
         let (changed, errors) = sources.refresh_dns();
         assert!(
-            !changed && errors.len() == 1,
-            "an empty answer keeps the last one"
+            !changed && matches!(errors[..], [SourceError::NoAddress { .. }]),
+            "an empty answer keeps the last one: {errors:?}"
         );
         assert_eq!(sources.backends().len(), 1);
     }
@@ -356,7 +339,7 @@ mod tests {
 /// Properties of the backends file parser, over generated input.
 #[cfg(test)]
 mod properties {
-    use std::net::{IpAddr, SocketAddrV6};
+    use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 
     use proptest::prelude::*;
 
@@ -364,7 +347,7 @@ mod properties {
     use crate::config::MAX_WEIGHT;
     use crate::fuzzing::stand_in_lookup;
 
-    fn parse(text: &str) -> Result<Vec<BackendSpec>, (usize, String)> {
+    fn parse(text: &str) -> Result<Vec<BackendSpec>, (usize, ConfigError)> {
         parse_backends(text, &stand_in_lookup)
     }
 
@@ -505,7 +488,7 @@ mod properties {
             let text = format!("{}{again}\n", render(&specs, &[]));
             let (line, why) = parse(&text).unwrap_err();
             prop_assert_eq!(line, specs.len() + 1);
-            prop_assert!(why.contains("twice"), "{}", why);
+            prop_assert_eq!(why, ConfigError::DuplicateBackend(again.addr));
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The admin endpoint's request parser (`holdfast::admin::fuzzing::parse_request`) on any
+//! The admin endpoint's request parser (`holdfast::fuzzing::parse_request`) on any
 //! method, path and body: it never panics; what it accepts reads back as the same request;
 //! what it refuses gets a 4xx with a reason on one short line.
 //!
@@ -27,7 +27,7 @@
 
 #![no_main]
 
-use holdfast::admin::fuzzing::parse_request;
+use holdfast::fuzzing::parse_request;
 use libfuzzer_sys::fuzz_target;
 
 /// The parser's bound on a body, and a generous one on an error line.

@@ -6,7 +6,7 @@
 #![no_main]
 
 use holdfast::HealthCheck;
-use holdfast::config::{escape, unescape};
+use holdfast::fuzzing::{escape, unescape};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -15,7 +15,7 @@ use std::fmt::{self, Write};
 use crate::backend::BackendStatsSnapshot;
 use crate::stats::StatsSnapshot;
 
-use super::routes::{STATES, effective_weight, state_name};
+use super::view::{STATES, effective_weight, state_name};
 
 /// The `Content-Type` of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

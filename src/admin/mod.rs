@@ -40,8 +40,9 @@
 //! 5 s pass).
 
 mod metrics;
-mod routes;
+pub(crate) mod routes;
 mod slots;
+mod view;
 
 use std::convert::Infallible;
 use std::io;
@@ -63,12 +64,6 @@ use tokio::sync::{Semaphore, oneshot};
 use crate::control::Controller;
 use routes::{AdminRequest, Reply};
 use slots::{Admission, Slot, Slots, Tracker};
-
-/// The request parser, for the fuzz targets in `fuzz/`; not an API.
-#[doc(hidden)]
-pub mod fuzzing {
-    pub use super::routes::{AdminRequest, Reply, parse_request};
-}
 
 /// Connections served at once; one more takes the slot of a connection that waits on its
 /// client (see the module's documentation).

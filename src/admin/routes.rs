@@ -11,10 +11,11 @@ use hyper::{Response, StatusCode};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use serde::Serialize;
 
+use super::view::BackendView;
 use super::{MAX_BODY_BYTES, metrics};
-use crate::backend::{BackendState, BackendStatsSnapshot, WEIGHT_SCALE};
 use crate::config::MAX_WEIGHT;
-use crate::control::{BackendChange, ControlError, Controller};
+use crate::control::Controller;
+use crate::plane::{BackendChange, ControlError};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
@@ -96,68 +97,6 @@ impl Reply {
     }
 }
 
-/// One backend as `/backends` shows it: the facts of [`BackendStatsSnapshot`], with the state
-/// as a word and the effective weight in units of weight (it is below `weight` only while slow
-/// start ramps the backend up).
-#[derive(Debug, Serialize)]
-pub(super) struct BackendView {
-    pub addr: SocketAddr,
-    /// `up`, `down` or `drain`.
-    pub state: &'static str,
-    /// The health verdict, also while drained (`state` then says only `drain`).
-    pub healthy: bool,
-    pub weight: u32,
-    pub effective_weight: f64,
-    pub sessions_active: u64,
-    pub sessions_total: u64,
-    pub connect_failures: u64,
-    pub passive_failures: u64,
-    pub bytes_client_to_backend: u64,
-    pub bytes_backend_to_client: u64,
-    pub connect_latency_p50_us: u64,
-    pub connect_latency_p99_us: u64,
-    pub connect_latency_max_us: u64,
-}
-
-impl From<&BackendStatsSnapshot> for BackendView {
-    fn from(b: &BackendStatsSnapshot) -> BackendView {
-        BackendView {
-            addr: b.addr,
-            state: state_name(b.state),
-            healthy: b.healthy,
-            weight: b.weight,
-            effective_weight: effective_weight(b),
-            sessions_active: b.active,
-            sessions_total: b.total,
-            connect_failures: b.connect_failures,
-            passive_failures: b.passive_failures,
-            bytes_client_to_backend: b.bytes_client_to_backend,
-            bytes_backend_to_client: b.bytes_backend_to_client,
-            connect_latency_p50_us: b.connect_latency_p50_us,
-            connect_latency_p99_us: b.connect_latency_p99_us,
-            connect_latency_max_us: b.connect_latency_max_us,
-        }
-    }
-}
-
-/// A backend state as one lower-case word, as `/backends` and `/metrics` show it.
-pub(super) fn state_name(state: BackendState) -> &'static str {
-    match state {
-        BackendState::Up => "up",
-        BackendState::Down => "down",
-        BackendState::Drain => "drain",
-    }
-}
-
-/// Every state, in the order `/metrics` lists them.
-pub(super) const STATES: [BackendState; 3] =
-    [BackendState::Up, BackendState::Down, BackendState::Drain];
-
-/// The weight new connections see, in units of weight.
-pub(super) fn effective_weight(b: &BackendStatsSnapshot) -> f64 {
-    f64::from(b.effective_weight) / f64::from(WEIGHT_SCALE)
-}
-
 const INDEX: &str = "holdfast admin endpoint
 GET  /metrics                 Prometheus metrics
 GET  /backends                backends as JSON
@@ -221,7 +160,7 @@ const ADDR_ENCODE: &AsciiSet = &CONTROLS.add(b'%').add(b'/').add(b'?').add(b'#')
 /// Checks a request and says what it asks for, or answers it with an error: no I/O, no
 /// [`Controller`]. `method` is case-sensitive (HTTP's methods are); `path` is the request
 /// target's path, without the query (which the endpoint ignores); `body` is what a POST
-/// carried (the server reads no other), at most [`MAX_BODY_BYTES`] (a longer one is answered
+/// carried (the server reads no other), at most `MAX_BODY_BYTES` (a longer one is answered
 /// 413). `HEAD` is answered like `GET`. Errors are 4xx with a one-line reason, quoting the
 /// client's text escaped and cut short.
 pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<AdminRequest, Reply> {
@@ -303,6 +242,10 @@ fn apply(control: &Controller, addr: SocketAddr, change: BackendChange) -> Resul
         ControlError::BadWeight(_) => Reply::text(StatusCode::BAD_REQUEST, e.to_string()),
         ControlError::ShuttingDown | ControlError::Timeout => {
             Reply::text(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        // Only a new list or a reload fails these ways, not a change to one backend.
+        ControlError::Invalid(_) | ControlError::Source(_) => {
+            Reply::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
     })?;
     // The change is published; show the backend as the workers now see it. It can only be
@@ -531,33 +474,6 @@ mod tests {
         let e = parse_request(&method, "/metrics", b"").unwrap_err();
         assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
         assert!(e.body.len() < 200, "{} bytes: {}", e.body.len(), e.body);
-    }
-
-    #[test]
-    fn effective_weight_is_in_units_of_weight() {
-        let snapshot = BackendStatsSnapshot {
-            addr: "127.0.0.1:1".parse().unwrap(),
-            weight: 2,
-            effective_weight: 2 * WEIGHT_SCALE,
-            state: BackendState::Drain,
-            healthy: false,
-            active: 0,
-            total: 0,
-            connect_failures: 0,
-            passive_failures: 0,
-            bytes_client_to_backend: 0,
-            bytes_backend_to_client: 0,
-            connect_latency_p50_us: 0,
-            connect_latency_p99_us: 0,
-            connect_latency_max_us: 0,
-        };
-        let view = BackendView::from(&snapshot);
-        assert_eq!(view.effective_weight, 2.0);
-        assert_eq!(view.state, "drain");
-        assert!(!view.healthy);
-        let json = serde_json::to_value(&view).unwrap();
-        assert_eq!(json["addr"], "127.0.0.1:1");
-        assert_eq!(json["effective_weight"], 2.0);
     }
 
     mod properties {

@@ -36,14 +36,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, TryRecvError};
 use mio::{Events, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::backend::{Backend, BackendSet, BackendState};
 use crate::config::{BackendSpec, Config, HealthCheck};
-use crate::control::{BackendChange, ControlError};
-use crate::worker::{Control, is_resource_exhaustion};
+use crate::plane::{
+    BackendChange, Command, Control, ControlError, HealthLink, Published, WorkerLink,
+};
+use crate::sys::is_resource_exhaustion;
 use probe::{Probe, ProbeStep};
 
 const WAKER: Token = Token(0);
@@ -67,55 +69,6 @@ const PUBLISH_GAP_PER_BACKEND: Duration = Duration::from_micros(1);
 /// [`CHANGE_WINDOW`]; the rest are counted and summed up in one line when the window ends.
 const CHANGE_WINDOW: Duration = Duration::from_secs(1);
 const CHANGE_LINES: usize = 10;
-
-/// Messages to the health thread.
-pub enum Command {
-    /// Replace the backend list; the sender is told once the new set is published.
-    SetBackends(Vec<BackendSpec>, Sender<()>),
-    /// A worker saw `--observe-errors` consecutive failures on this backend.
-    Failing(SocketAddr),
-    /// An operator's change to one backend; the sender is told the outcome once published.
-    Backend(SocketAddr, BackendChange, Sender<Result<(), ControlError>>),
-    Shutdown,
-}
-
-/// The set last published, shared by the health thread (which replaces it) and the handle
-/// (which reads it for stats). Control plane only: workers never touch the lock.
-pub type Published = Arc<Mutex<Arc<BackendSet>>>;
-
-/// How workers and the handle reach the health thread.
-#[derive(Clone)]
-pub struct HealthLink {
-    tx: Sender<Command>,
-    waker: Arc<Waker>,
-}
-
-impl HealthLink {
-    pub fn send(&self, command: Command) {
-        // If the thread has exited there is nobody left to tell.
-        if self.tx.send(command).is_ok()
-            && let Err(e) = self.waker.wake()
-        {
-            log::error!("cannot wake the health thread: {e}");
-        }
-    }
-}
-
-/// How the health thread reaches one worker.
-pub struct WorkerLink {
-    pub tx: Sender<Control>,
-    pub waker: Arc<Waker>,
-}
-
-impl WorkerLink {
-    pub fn send(&self, msg: Control) {
-        if self.tx.send(msg).is_ok()
-            && let Err(e) = self.waker.wake()
-        {
-            log::error!("cannot wake worker: {e}");
-        }
-    }
-}
 
 /// What the health thread knows of one backend.
 struct Tracked {
@@ -220,7 +173,7 @@ impl Health {
         if ramp_from.is_some() {
             health.publish(now);
         }
-        Ok((health, HealthLink { tx, waker }, current))
+        Ok((health, HealthLink::new(tx, waker), current))
     }
 
     pub fn attach(&mut self, workers: Vec<WorkerLink>) {

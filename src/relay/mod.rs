@@ -31,8 +31,7 @@ use mio::net::TcpStream;
 
 use crate::config::RelayMode;
 use crate::stats::Counters;
-use crate::sys::{self, Pipe};
-use crate::worker::is_resource_exhaustion;
+use crate::sys::{self, Pipe, is_resource_exhaustion};
 
 /// Size of the worker's scratch buffer and of a pooled partial-write buffer.
 pub const BUFFER_SIZE: usize = 64 * 1024;

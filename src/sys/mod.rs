@@ -28,8 +28,9 @@
 //! On a platform without splice, `Pipe::new` and both splice functions return
 //! `ErrorKind::Unsupported`, which `is_splice_unsupported` recognises, so callers fall back to
 //! copying through the same code path they use when splice fails at run time on Linux.
-
-//! One item is the same on every platform and lives here: [`count_deliveries`].
+//!
+//! Two items are the same on every platform and live here: [`count_deliveries`] and
+//! [`is_resource_exhaustion`].
 
 #[cfg_attr(target_os = "linux", path = "linux.rs")]
 #[cfg_attr(not(target_os = "linux"), path = "portable.rs")]
@@ -46,8 +47,19 @@ mod fds;
 #[allow(unused_imports)] // used by upgrade/ from its next commit
 pub use fds::*;
 
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The error says this process or machine is out of descriptors or memory (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM): a shortage of holdfast's own, not a fault of the peer it was dealing with.
+/// Callers back off and try again rather than blame a client or a backend.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
 
 /// Counts every delivery of `signal` in `counter`, from inside the signal handler.
 ///
@@ -56,7 +68,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// read as one. A counter tells them apart. (Two signals of the same number that arrive while
 /// the first is still pending in the kernel are merged there, before any handler runs: no
 /// process can count those.)
-pub fn count_deliveries(signal: libc::c_int, counter: Arc<AtomicUsize>) -> std::io::Result<()> {
+pub fn count_deliveries(signal: libc::c_int, counter: Arc<AtomicUsize>) -> io::Result<()> {
     let action = move || {
         counter.fetch_add(1, Ordering::SeqCst);
     };

@@ -12,12 +12,12 @@ use mio::Interest;
 use mio::net::TcpStream;
 use socket2::SockRef;
 
-use super::{Worker, is_resource_exhaustion};
+use super::Worker;
 use crate::client_ip::{Refusal, Ticket};
 use crate::listener::tune_socket;
 use crate::session::{Event, Session};
 use crate::stats::Counters;
-use crate::sys;
+use crate::sys::{self, is_resource_exhaustion};
 use crate::token::{Side, Target};
 
 /// Most connections accepted from one listener in one turn.

@@ -44,7 +44,7 @@ use slab::Slab;
 use crate::backend::BackendSet;
 use crate::client_ip::IpLimits;
 use crate::config::Config;
-use crate::health::HealthLink;
+use crate::plane::{Control, HealthLink};
 use crate::relay::Pools;
 use crate::session::{Rules, Session};
 use crate::stats::Counters;
@@ -52,19 +52,6 @@ use crate::timer::Timers;
 use crate::token::Target;
 
 use place::{Placer, QUEUE_COMPACT_MIN, QUEUE_RECHECK};
-
-/// Messages from the control plane.
-pub enum Control {
-    /// Use this backend set for new connections from now on.
-    Backends(Arc<BackendSet>),
-    /// Graceful shutdown: close the listeners now, let sessions end on their own for
-    /// `timeout`, then close the rest evenly over `spread`, and exit when none is left.
-    Drain { timeout: Duration, spread: Duration },
-    /// A drained backend's drain timeout passed: close its sessions evenly over `spread`.
-    CloseBackend { addr: SocketAddr, spread: Duration },
-    /// Close everything and exit.
-    Shutdown,
-}
 
 pub struct Worker {
     id: usize,
@@ -283,14 +270,6 @@ impl Worker {
             limits.sweep(self.now);
         }
     }
-}
-
-/// Errors that say this process or machine is out of descriptors or memory.
-pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
 
 /// At most one message a second for a condition that can repeat thousands of times a second.

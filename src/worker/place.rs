@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 use mio::Interest;
 use mio::net::TcpStream;
 
-use super::{Worker, is_resource_exhaustion};
+use super::Worker;
 use crate::backend::{Backend, BackendSet, Failure, RateLimit};
 use crate::balance::Picker;
 use crate::config::{Algorithm, Config};
-use crate::health::{Command, HealthLink};
+use crate::plane::{Command, HealthLink};
 use crate::session::{CloseReason, Event, Tag};
 use crate::stats::Counters;
+use crate::sys::is_resource_exhaustion;
 use crate::token::{Side, Target};
 
 /// How often a worker with queued clients looks for room. Room can appear in another worker

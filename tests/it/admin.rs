@@ -13,8 +13,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use holdfast::admin::AdminServer;
-use holdfast::{Algorithm, Holdfast};
+use holdfast::{AdminServer, Algorithm, Holdfast};
 use prometheus_parse::{Scrape, Value};
 
 use crate::util::*;

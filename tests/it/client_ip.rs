@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use holdfast::client_ip::Cidr;
-use holdfast::config::ProxyVersion;
+use holdfast::Cidr;
+use holdfast::ProxyVersion;
 use holdfast::fuzzing::{Command, Parse, ProxyHeader, Tlvs, encode_v1, encode_v2, parse};
 use holdfast::{Config, Holdfast};
 

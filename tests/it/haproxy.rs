@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use holdfast::config::ProxyVersion;
+use holdfast::ProxyVersion;
 
 use crate::util::*;
 

@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use holdfast::sources::Resolver;
-use holdfast::{Algorithm, BackendChange, BackendState};
+use holdfast::{Algorithm, BackendChange, BackendState, Resolver};
 
 use crate::util::*;
 

@@ -1,0 +1,138 @@
+//! The control plane's vocabulary: the messages its threads send each other, the links they
+//! send them on, and what an operator's request can ask for and fail with.
+//!
+//! ```text
+//!  Controller ──Command: SetBackends, Backend, Shutdown──► health thread
+//!      │                                                     │      ▲
+//!      │                                  Control: Backends, │      │ Command: Failing
+//!      │                                      CloseBackend   ▼      │
+//!      └──Control: Drain, Shutdown─────────────────────────► workers
+//! ```
+//!
+//! - [`Command`] goes to the health thread, the one owner of backend state, over a
+//!   [`HealthLink`]: a new list, an operator's change, a worker's report of a failing backend,
+//!   shutdown. A command that changes the set carries a sender for the answer.
+//! - [`Control`] goes to a worker over a [`WorkerLink`]: the set to use from now on, a drain,
+//!   a drained backend's closes, shutdown.
+//! - [`Published`] is the set the health thread last sent, for readers off the data plane.
+//!
+//! Every sender is a channel plus a `mio::Waker`, so a message wakes its thread's poll at
+//! once. This module only defines the types: the health thread (`health/`), the workers
+//! (`worker/`) and the handle (`control.rs`) all import it, and it imports none of them.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use mio::Waker;
+
+use crate::backend::BackendSet;
+use crate::config::{BackendSpec, ConfigError, MAX_WEIGHT};
+use crate::sources::SourceError;
+
+/// A change to one backend requested by an operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChange {
+    /// No new connections; live sessions continue (closed, spread out, after
+    /// `--backend-drain-timeout` if one is set).
+    Drain,
+    /// Back in rotation after a drain.
+    Ready,
+    /// A new weight (1..=256) for new connections, until a new list
+    /// ([`Controller::set_backends`](crate::Controller::set_backends), a reload) changes this
+    /// backend's configured weight.
+    Weight(u32),
+}
+
+/// Why a request to the running balancer (a [`Controller`](crate::Controller) call) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No backend has this address (or it was removed from the list and is leaving).
+    #[error("no backend {0}")]
+    UnknownBackend(SocketAddr),
+    /// A weight outside 1..=256.
+    #[error("weight must be from 1 to {MAX_WEIGHT}, not {0}")]
+    BadWeight(u32),
+    /// The new list is not acceptable (nothing was changed).
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    /// The backends file or a DNS name gave no usable list (nothing was changed).
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The balancer is shutting down: the change was not made.
+    #[error("the balancer is shutting down")]
+    ShuttingDown,
+    /// The health thread did not confirm in time. The change was sent and will still be
+    /// made, unless the balancer shuts down first: the health thread takes commands in order
+    /// and drops none.
+    #[error("the health thread did not answer in time")]
+    Timeout,
+}
+
+/// Messages to the health thread.
+pub(crate) enum Command {
+    /// Replace the backend list; the sender is told once the new set is published.
+    SetBackends(Vec<BackendSpec>, Sender<()>),
+    /// A worker saw `--observe-errors` consecutive failures on this backend.
+    Failing(SocketAddr),
+    /// An operator's change to one backend; the sender is told the outcome once published.
+    Backend(SocketAddr, BackendChange, Sender<Result<(), ControlError>>),
+    Shutdown,
+}
+
+/// Messages to a worker.
+pub(crate) enum Control {
+    /// Use this backend set for new connections from now on.
+    Backends(Arc<BackendSet>),
+    /// Graceful shutdown: close the listeners now, let sessions end on their own for
+    /// `timeout`, then close the rest evenly over `spread`, and exit when none is left.
+    Drain { timeout: Duration, spread: Duration },
+    /// A drained backend's drain timeout passed: close its sessions evenly over `spread`.
+    CloseBackend { addr: SocketAddr, spread: Duration },
+    /// Close everything and exit.
+    Shutdown,
+}
+
+/// The set last published, shared by the health thread (which replaces it) and the handle
+/// (which reads it for stats). Control plane only: workers never touch the lock.
+pub(crate) type Published = Arc<Mutex<Arc<BackendSet>>>;
+
+/// How workers and the handle reach the health thread.
+#[derive(Clone)]
+pub(crate) struct HealthLink {
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+impl HealthLink {
+    /// The health thread receives what is sent on `tx`, and `waker` wakes its poll.
+    pub(crate) fn new(tx: Sender<Command>, waker: Arc<Waker>) -> HealthLink {
+        HealthLink { tx, waker }
+    }
+
+    pub(crate) fn send(&self, command: Command) {
+        // If the thread has exited there is nobody left to tell.
+        if self.tx.send(command).is_ok()
+            && let Err(e) = self.waker.wake()
+        {
+            log::error!("cannot wake the health thread: {e}");
+        }
+    }
+}
+
+/// How the health thread and the handle reach one worker.
+pub(crate) struct WorkerLink {
+    pub(crate) tx: Sender<Control>,
+    pub(crate) waker: Arc<Waker>,
+}
+
+impl WorkerLink {
+    pub(crate) fn send(&self, msg: Control) {
+        if self.tx.send(msg).is_ok()
+            && let Err(e) = self.waker.wake()
+        {
+            log::error!("cannot wake worker: {e}");
+        }
+    }
+}
