@@ -104,6 +104,10 @@ counters! {
     refused_max_conns_per_ip,
     /// Clients closed at once by `--max-conn-rate-per-ip`.
     refused_max_conn_rate_per_ip,
+    /// Client addresses the per-IP table holds (as of its last sweep, every few seconds).
+    ip_table_entries,
+    /// Clients served untracked because the per-IP table was full (as of its last sweep).
+    ip_table_untracked,
 }
 
 impl Counters {

@@ -167,6 +167,18 @@ const GLOBAL: &[Global] = &[
         "Bytes relayed from backends to clients.",
         |s| s.bytes_backend_to_client,
     ),
+    (
+        "holdfast_ip_table_entries",
+        Kind::Gauge,
+        "Client addresses the per-IP limit table holds (updated every few seconds).",
+        |s| s.ip_table_entries,
+    ),
+    (
+        "holdfast_ip_table_untracked_total",
+        Kind::Counter,
+        "Clients served without a per-IP limit because the table was full (it fails open).",
+        |s| s.ip_table_untracked,
+    ),
 ];
 
 type PerBackend = (

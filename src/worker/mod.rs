@@ -34,6 +34,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
@@ -268,6 +269,12 @@ impl Worker {
         self.next_sweep = self.now + IP_SWEEP_INTERVAL;
         if let Some(limits) = &self.ip_limits {
             limits.sweep(self.now);
+            self.counters
+                .ip_table_entries
+                .store(limits.len() as u64, Relaxed);
+            self.counters
+                .ip_table_untracked
+                .store(limits.untracked_total(), Relaxed);
         }
     }
 }

@@ -335,6 +335,11 @@ fn max_conns_per_ip_over_many_source_addresses() {
     wait_until(IO_TIMEOUT, || {
         lb.stats().refused_max_conns_per_ip == CLIENTS as u64
     });
+    // The table's size is published at its sweep (every 5 s): one entry per source address.
+    wait_until(Duration::from_secs(15), || {
+        lb.stats().ip_table_entries == CLIENTS as u64
+    });
+    assert_eq!(lb.stats().ip_table_untracked, 0);
     for c in held.iter_mut().step_by(7) {
         round_trip(c, b"still");
     }
