@@ -182,18 +182,21 @@ impl Worker {
         }
         // The address the client connected to: the destination of the header sent on (a
         // wildcard listener's own address would not do).
-        let local_addr = match self.config.client_ip.send_proxy {
-            Some(_) => client.local_addr().unwrap_or(self.listen_addrs[listener]),
-            None => self.listen_addrs[listener],
-        };
+        let local_addr = self
+            .config
+            .client_ip
+            .send_proxy
+            .map(|_| client.local_addr().unwrap_or(self.listen_addrs[listener]));
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
         let id = self.next_id;
         self.next_id += 1;
         let set = Arc::clone(&self.backends);
-        let addrs = (client_addr, local_addr);
-        let mut session = Session::new(id, client, addrs, listener, set, self.now);
-        session.ticket = ticket;
+        let mut session = Session::new(id, client, client_addr, listener, set, self.now);
+        session.set_ticket(ticket);
+        if let Some(addr) = local_addr {
+            session.set_local_addr(addr);
+        }
         session.set_client_user_timeout(self.config.tcp_user_timeout);
         if let Err(e) = self.poll.registry().register(
             &mut session.client,

@@ -158,14 +158,14 @@ impl Worker {
             HeaderRead::Done(header) => {
                 if let Some((source, destination)) = header.addresses {
                     session.client_addr = source;
-                    session.local_addr = destination;
+                    session.set_local_addr(destination);
                 }
-                session.tlvs = header.tlvs;
+                session.set_tlvs(header.tlvs);
                 let addr = session.client_addr;
                 match self.admit(addr) {
                     Ok(ticket) => {
                         if let Some(session) = self.sessions.get_mut(key) {
-                            session.ticket = ticket;
+                            session.set_ticket(ticket);
                         }
                         Event::HeaderDone
                     }
@@ -266,7 +266,7 @@ impl Worker {
         if session.state.tag() != Tag::Lingering {
             session.release(&mut self.pools);
             // Its place under the per-IP limits is given back now, not after lingering.
-            if let Some(ticket) = session.ticket.take() {
+            if let Some(ticket) = session.take_ticket() {
                 ticket.close(self.now);
             }
             if let CloseReason::Reset(side) = reason
