@@ -157,7 +157,7 @@ enum InFlight {
 
 /// Where a pump is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stage {
+pub enum Stage {
     /// Relaying.
     Open,
     /// The source said EOF; what is in flight is still to be written, then the destination's
@@ -459,6 +459,77 @@ impl Pump {
             }
             InFlight::Buffer { buf, .. } => pools.put_buffer(buf),
         }
+    }
+}
+
+#[allow(dead_code)] // used by session/pack.rs, wired with the handover (issue #12)
+/// What a pump holds, seen from outside (the live upgrade packs it): bytes read from the
+/// source and not yet written, in a pipe or in a partial write's buffer.
+pub enum HeldRef<'a> {
+    Nothing,
+    Pipe(&'a Pipe, usize),
+    Bytes(&'a [u8]),
+}
+
+#[allow(dead_code)] // used by session/pack.rs, wired with the handover (issue #12)
+/// What a pump handed over by another process holds.
+pub enum Held {
+    Nothing,
+    /// A pipe with this many bytes in it.
+    Pipe(Pipe, usize),
+    Bytes(Vec<u8>),
+}
+
+#[allow(dead_code)] // used by session/pack.rs, wired with the handover (issue #12)
+impl Pump {
+    /// Where this direction is.
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// What this pump holds, untouched: a frozen session is packed from this and stays
+    /// whole until the handover commits (then it is released, its pipe never pooled) or
+    /// aborts (then it simply runs again).
+    pub fn held(&self) -> HeldRef<'_> {
+        match &self.in_flight {
+            InFlight::Empty => HeldRef::Nothing,
+            InFlight::Pipe { pipe, len } => HeldRef::Pipe(pipe, *len),
+            InFlight::Buffer { buf, start, end } => HeldRef::Bytes(&buf[*start..*end]),
+        }
+    }
+
+    /// A pump resumed where another process left it: what it held is written first, before
+    /// anything more is read. The method starts from `mode` (this process's).
+    pub fn resumed(mode: RelayMode, stage: Stage, held: Held, pools: &mut Pools) -> Pump {
+        let mut pump = Pump::new(mode);
+        pump.stage = stage;
+        pump.in_flight = match held {
+            Held::Nothing => InFlight::Empty,
+            Held::Pipe(pipe, 0) => {
+                drop(pipe);
+                InFlight::Empty
+            }
+            Held::Pipe(pipe, len) => {
+                Counters::incr(&pools.counters.pipes_in_use);
+                InFlight::Pipe { pipe, len }
+            }
+            Held::Bytes(bytes) if bytes.is_empty() => InFlight::Empty,
+            Held::Bytes(bytes) => {
+                let mut buf = pools.take_buffer();
+                if buf.len() < bytes.len() {
+                    // Not from a holdfast's pump (they hold at most one buffer), but kept
+                    // whole rather than cut: a larger buffer serves the pool as well.
+                    buf = vec![0; bytes.len()].into_boxed_slice();
+                }
+                buf[..bytes.len()].copy_from_slice(&bytes);
+                InFlight::Buffer {
+                    buf,
+                    start: 0,
+                    end: bytes.len(),
+                }
+            }
+        };
+        pump
     }
 }
 

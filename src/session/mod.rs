@@ -11,6 +11,8 @@
 //! flight inside the pumps) so that it could one day be handed to another process intact.
 
 pub mod events;
+#[allow(dead_code)] // wired into the worker with the handover (issue #12)
+pub mod pack;
 pub mod state;
 
 use std::io::{self, ErrorKind};

@@ -140,6 +140,21 @@ pub struct State {
     last_active: Instant,
 }
 
+#[allow(dead_code)] // used by session/pack.rs, wired with the handover (issue #12)
+/// What a relaying session's state is, with times as offsets (see [`State::relaying_parts`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayingParts {
+    pub index: usize,
+    pub attempts: u32,
+    pub first_eof: Option<Side>,
+    pub up: u64,
+    pub down: u64,
+    /// Since the last byte moved.
+    pub idle: Duration,
+    /// Since client bytes went unanswered (`--backend-timeout`).
+    pub unanswered: Option<Duration>,
+}
+
 impl State {
     /// A client just accepted: the worker places it next.
     pub fn new(now: Instant) -> State {
@@ -150,6 +165,53 @@ impl State {
             },
             attempts: 0,
             last_active: now,
+        }
+    }
+
+    #[allow(dead_code)] // used by session/pack.rs, wired with the handover (issue #12)
+    /// A relaying session's state as the live upgrade packs it (`None` in any other phase):
+    /// its times become offsets from `now`.
+    pub fn relaying_parts(&self, now: Instant) -> Option<RelayingParts> {
+        let Phase::Relaying {
+            index,
+            first_eof,
+            up,
+            down,
+            unanswered_since,
+            ..
+        } = self.phase
+        else {
+            return None;
+        };
+        Some(RelayingParts {
+            index,
+            attempts: self.attempts,
+            first_eof,
+            up,
+            down,
+            idle: now.saturating_duration_since(self.last_active),
+            unanswered: unanswered_since.map(|t| now.saturating_duration_since(t)),
+        })
+    }
+
+    #[allow(dead_code)] // used by session/pack.rs, wired with the handover (issue #12)
+    /// A relaying session handed over by another process, its offsets turned back into times
+    /// on this clock. No timer is armed yet (`backend_timer` is false): the worker arms the
+    /// idle and backend timers when it adopts the session.
+    pub fn resumed_relaying(parts: &RelayingParts, established: Instant, now: Instant) -> State {
+        let ago = |d: Duration| now.checked_sub(d).unwrap_or(now);
+        State {
+            phase: Phase::Relaying {
+                index: parts.index,
+                established,
+                first_eof: parts.first_eof,
+                up: parts.up,
+                down: parts.down,
+                unanswered_since: parts.unanswered.map(ago),
+                backend_timer: false,
+            },
+            attempts: parts.attempts,
+            last_active: ago(parts.idle),
         }
     }
 
