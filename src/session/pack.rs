@@ -173,7 +173,7 @@ impl Session {
         let mut session = Session::new(
             adopt.id,
             client,
-            (packed.client_addr, packed.local_addr),
+            packed.client_addr,
             adopt.listener,
             adopt.set,
             now,
@@ -212,15 +212,24 @@ fn socket(fd: OwnedFd) -> io::Result<TcpStream> {
 // The session's rarely used fields, read and written in these three places only.
 
 fn local_addr_of(session: &Session) -> SocketAddr {
-    session.local_addr
+    match session.extras.as_ref().and_then(|e| e.local_addr) {
+        Some(addr) => addr,
+        // Without --send-proxy nothing keeps it: the socket knows.
+        None => session
+            .client
+            .local_addr()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+    }
 }
 
 fn proxy_out_of(session: &Session) -> &[u8] {
-    &session.proxy_out
+    session.extras.as_ref().map_or(&[], |e| &e.proxy_out)
 }
 
 fn set_proxy_out(session: &mut Session, bytes: Vec<u8>) {
-    session.proxy_out = bytes;
+    if !bytes.is_empty() {
+        session.extras().proxy_out = bytes;
+    }
 }
 
 #[cfg(test)]
@@ -321,7 +330,8 @@ mod tests {
         let local_addr = client.local_addr().unwrap();
         let backend_addr = backend.peer_addr().unwrap();
         let now = Instant::now();
-        let mut old = Session::new(1, client, (client_addr, local_addr), 0, set(), now);
+        let mut old = Session::new(1, client, client_addr, 0, set(), now);
+        old.set_local_addr(local_addr);
         old.state
             .on(Event::ConnectStarted { index: 0 }, now, &rules());
         old.state.on(Event::Connected, now, &rules());
