@@ -382,3 +382,56 @@ fn max_conn_rate_per_ip_refuses_a_burst() {
     let mut other = client_from("127.0.0.10", lb_addr(&lb));
     round_trip(&mut other, b"ok");
 }
+
+/// `--tcp-user-timeout`: a backend that stops acknowledging while holdfast has bytes for it is
+/// given up after the timeout, and the client learns at once; without the flag the session
+/// hangs on in retransmission. The scenario runs in a network namespace of its own
+/// (`unshare -n`, which needs root), where the backend's address can leave the routes without
+/// touching anyone else's loopback: see `tests/it/scripts/unreachable-backend.sh`.
+#[test]
+fn tcp_user_timeout_drops_a_backend_that_stops_acknowledging() {
+    let namespaces = std::process::Command::new("unshare")
+        .args(["-n", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !namespaces {
+        eprintln!("SKIPPED: cannot make a network namespace (unshare -n needs root)");
+        return;
+    }
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/it/scripts/unreachable-backend.sh"
+    );
+    let run = |flags: &[&str]| -> String {
+        let out = std::process::Command::new("unshare")
+            .args(["-n", "bash", script])
+            .arg(env!("CARGO_BIN_EXE_holdfast"))
+            .arg(env!("CARGO_BIN_EXE_holdfast-load"))
+            .arg("4")
+            .args(flags)
+            .output()
+            .expect("run the namespace script");
+        assert!(
+            out.status.success(),
+            "the scenario failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let with = run(&["--tcp-user-timeout", "1s"]);
+    let ms: u64 = with
+        .strip_prefix("closed after ")
+        .and_then(|rest| rest.strip_suffix(" ms"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("with --tcp-user-timeout 1s: {with}"));
+    assert!(
+        (900..3500).contains(&ms),
+        "closed {ms} ms after the backend stopped acknowledging, want about 1 s"
+    );
+    let without = run(&[]);
+    assert!(
+        without.starts_with("still open after"),
+        "without --tcp-user-timeout: {without}"
+    );
+}
