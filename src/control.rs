@@ -72,6 +72,11 @@ impl Controller {
         }
     }
 
+    /// The workers' links, for the live upgrade's batches (`upgrade/local.rs`).
+    pub(crate) fn worker_links(&self) -> &[WorkerLink] {
+        &self.workers
+    }
+
     /// Global counters, read now.
     pub fn stats(&self) -> StatsSnapshot {
         self.counters.snapshot()

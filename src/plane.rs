@@ -7,13 +7,17 @@
 //!      │                                  Control: Backends, │      │ Command: Failing
 //!      │                                      CloseBackend   ▼      │
 //!      └──Control: Drain, Shutdown─────────────────────────► workers
+//!                                                            ▲
+//!  upgrade/local.rs ──Control: Freeze, Release, Resume,──────┘
+//!                     Rebuild, Adopt, Discard (live upgrade)
 //! ```
 //!
 //! - [`Command`] goes to the health thread, the one owner of backend state, over a
 //!   [`HealthLink`]: a new list, an operator's change, a worker's report of a failing backend,
 //!   shutdown. A command that changes the set carries a sender for the answer.
 //! - [`Control`] goes to a worker over a [`WorkerLink`]: the set to use from now on, a drain,
-//!   a drained backend's closes, shutdown.
+//!   a drained backend's closes, shutdown; and the live upgrade's batches (freeze, release
+//!   or resume on the old side; rebuild, adopt or discard on the new one: `upgrade/local.rs`).
 //! - [`Published`] is the set the health thread last sent, for readers off the data plane.
 //!
 //! Every sender is a channel plus a `mio::Waker`, so a message wakes its thread's poll at
@@ -21,6 +25,7 @@
 //! (`worker/`) and the handle (`control.rs`) all import it, and it imports none of them.
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +35,8 @@ use mio::Waker;
 use crate::backend::BackendSet;
 use crate::config::{BackendSpec, ConfigError, MAX_WEIGHT};
 use crate::sources::SourceError;
+use crate::upgrade::handover::Frozen;
+use crate::upgrade::wire::PackedSession;
 
 /// A change to one backend requested by an operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +99,30 @@ pub(crate) enum Control {
     CloseBackend { addr: SocketAddr, spread: Duration },
     /// Close everything and exit.
     Shutdown,
+    /// Live upgrade, old side: freeze relaying sessions as batch `id`, at most `max_fds`
+    /// descriptors' worth (deregistered from the poller first, then packed with duplicates of
+    /// their descriptors). The answer is the batch, empty when none is left to freeze.
+    Freeze {
+        id: u32,
+        max_fds: usize,
+        reply: Sender<Frozen>,
+    },
+    /// Batch `id` belongs to the new process: drop the old copies, uncounted here.
+    Release { id: u32 },
+    /// Batch `id` stays: register its sessions again and run them.
+    Resume { id: u32 },
+    /// Live upgrade, new side: rebuild batch `id` (not registered, nothing read), answering
+    /// whether it could.
+    Rebuild {
+        id: u32,
+        sessions: Vec<PackedSession>,
+        fds: Vec<OwnedFd>,
+        reply: Sender<Result<(), String>>,
+    },
+    /// Batch `id` is ours: count, register and run its sessions, arm their timers.
+    Adopt { id: u32 },
+    /// Batch `id` stays with the old process: close what was rebuilt.
+    Discard { id: u32 },
 }
 
 /// The set last published, shared by the health thread (which replaces it) and the handle

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
+use mio::{Interest, Registry};
 
 use super::Session;
 use super::state::{RelayingParts, State};
@@ -25,7 +26,7 @@ use crate::backend::BackendSet;
 use crate::config::RelayMode;
 use crate::relay::{self, HeldRef, Pools, Pump, Readiness, Stage};
 use crate::sys::Pipe;
-use crate::token::Side;
+use crate::token::{Side, Target};
 use crate::upgrade::wire::{Held, PackedPump, PackedSession, PumpStage, WirePhase, WireSide};
 
 /// Where a session to rebuild comes from on this side: its id, the listener it is counted
@@ -198,6 +199,45 @@ impl Session {
         session.pumps = Some([up, down]);
         set_proxy_out(&mut session, packed.proxy_out.clone());
         Ok(session)
+    }
+}
+
+impl Session {
+    /// Takes both sockets out of the poller (a frozen session hears nothing: the descriptors
+    /// sent are duplicates, and epoll would keep reporting them under this worker's token).
+    pub fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        registry.deregister(&mut self.client)?;
+        if let Some(backend) = &mut self.backend {
+            registry.deregister(backend)?;
+        }
+        Ok(())
+    }
+
+    /// Registers both sockets under slab key `key`, and marks them ready, so the next run
+    /// writes what the pumps hold and reads what arrived meanwhile.
+    pub fn register(&mut self, registry: &Registry, key: usize) -> io::Result<()> {
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        registry.register(
+            &mut self.client,
+            Target::Session(key, Side::Client).token(),
+            interest,
+        )?;
+        if let Some(backend) = &mut self.backend {
+            registry.register(
+                backend,
+                Target::Session(key, Side::Backend).token(),
+                interest,
+            )?;
+        }
+        let ready = Readiness {
+            readable: true,
+            writable: true,
+            hung_up: false,
+            error: false,
+        };
+        self.client_ready = ready;
+        self.backend_ready = ready;
+        Ok(())
     }
 }
 

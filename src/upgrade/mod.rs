@@ -6,4 +6,5 @@
 //! and only the owner reads or writes its sockets (see `docs/architecture.md`).
 
 pub mod handover;
+pub mod local;
 pub mod wire;

@@ -18,6 +18,9 @@ impl Worker {
     /// A readiness event for a session's socket: recorded in its readiness flags, then
     /// handed to its state.
     pub(super) fn handle_event(&mut self, key: usize, side: Side, event: &mio::event::Event) {
+        if self.batches.is_frozen(key) {
+            return; // deregistered in this turn: it is marked ready when resumed
+        }
         let Some(session) = self.sessions.get_mut(key) else {
             return; // an event for a session closed earlier in this turn
         };
@@ -207,7 +210,10 @@ impl Worker {
         for &key in &keys {
             if let Some(session) = self.sessions.get_mut(key) {
                 session.scheduled = false;
-                self.relay(key);
+                // A frozen session is run when resumed.
+                if !self.batches.is_frozen(key) {
+                    self.relay(key);
+                }
             }
         }
         // Reuse the allocation when nothing was queued meanwhile.
@@ -237,6 +243,10 @@ impl Worker {
             };
             if session.id != timer.id {
                 continue; // the session it was armed for is gone
+            }
+            if self.batches.is_frozen(timer.key) {
+                self.batches.hold(timer); // armed again if the session is resumed
+                continue;
             }
             if let TimerKind::Connect { attempt } = timer.kind
                 && session.state.connect_attempt() == Some(attempt)

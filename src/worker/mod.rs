@@ -20,7 +20,9 @@
 //! - `dispatch.rs`: events to sessions, their actions carried out, closing;
 //! - `accept.rs`: accepting, `--max-conns`, the descriptor held in reserve;
 //! - `place.rs`: picking a backend, connecting, retrying, the queue;
-//! - `drain.rs`: holdfast's graceful shutdown and a drained backend's spread-out closes.
+//! - `drain.rs`: holdfast's graceful shutdown and a drained backend's spread-out closes;
+//! - `upgrade.rs`: the live upgrade's batches (frozen and released or resumed; rebuilt and
+//!   adopted or discarded).
 //!
 //! Nothing here blocks, and nothing takes a lock: the backend set is an immutable snapshot
 //! swapped in by a control message, and the only shared writes are relaxed atomic counters.
@@ -29,6 +31,7 @@ mod accept;
 mod dispatch;
 mod drain;
 mod place;
+mod upgrade;
 
 use std::collections::VecDeque;
 use std::io;
@@ -104,6 +107,8 @@ pub struct Worker {
     next_sweep: Instant,
     /// PROXY header errors and refused clients, logged at most once a second.
     client_ip_log: LogLimiter,
+    /// The live upgrade's batches under way.
+    batches: upgrade::Batches,
 }
 
 impl Worker {
@@ -160,6 +165,7 @@ impl Worker {
             ip_limits,
             next_sweep: Instant::now() + IP_SWEEP_INTERVAL,
             client_ip_log: LogLimiter::default(),
+            batches: upgrade::Batches::default(),
         };
         Ok((worker, tx, waker))
     }
@@ -249,6 +255,30 @@ impl Worker {
                 }
                 Ok(Control::Drain { timeout, spread }) => self.start_drain(timeout, spread),
                 Ok(Control::CloseBackend { addr, spread }) => self.close_backend(addr, spread),
+                Ok(Control::Freeze { id, max_fds, reply }) => {
+                    let frozen = self.freeze(id, max_fds);
+                    if let Err(e) = reply.send(frozen) {
+                        // Nobody waits for it: the batch stays here.
+                        log::warn!("worker {}: frozen batch not taken; resuming it", self.id);
+                        drop(e);
+                        self.resume_frozen(id);
+                    }
+                }
+                Ok(Control::Release { id }) => self.release_frozen(id),
+                Ok(Control::Resume { id }) => self.resume_frozen(id),
+                Ok(Control::Rebuild {
+                    id,
+                    sessions,
+                    fds,
+                    reply,
+                }) => {
+                    let result = self.rebuild(id, sessions, fds);
+                    if reply.send(result).is_err() {
+                        self.discard(id);
+                    }
+                }
+                Ok(Control::Adopt { id }) => self.adopt(id),
+                Ok(Control::Discard { id }) => self.discard(id),
                 Ok(Control::Shutdown) | Err(TryRecvError::Disconnected) => return true,
                 Err(TryRecvError::Empty) => return false,
             }

@@ -1,0 +1,326 @@
+//! The handover's [`Giver`] and [`Taker`] over a running balancer's workers: each call is a
+//! control message to one worker (`plane::Control`), answered over a channel where an answer
+//! is needed.
+//!
+//! Wired so far: relaying sessions (frozen, released or resumed on the old side; rebuilt,
+//! adopted or discarded on the new one). Not yet: the listeners (the giver offers none and
+//! keeps accepting; the taker refuses any it is offered), queued and connecting sessions
+//! (they stay with the old process), backend state, and the process around it (signals,
+//! `--upgrade-socket`, `--take-over`, the pid file).
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use super::handover::{Frozen, Giver, Taker};
+use super::wire::{ListenerInfo, PackedSession};
+use crate::control::Controller;
+use crate::plane::Control;
+
+/// How long a worker may take to answer a freeze or a rebuild (it answers within one turn
+/// of its loop unless it is gone).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The old process's side, over its workers.
+pub struct LocalGiver {
+    control: Controller,
+    /// The worker asked first for the next batch (those before it had nothing left).
+    next: usize,
+    /// Which worker froze each batch.
+    batches: HashMap<u32, usize>,
+}
+
+impl LocalGiver {
+    pub fn new(control: Controller) -> LocalGiver {
+        LocalGiver {
+            control,
+            next: 0,
+            batches: HashMap::new(),
+        }
+    }
+
+    fn send(&self, id: u32, msg: impl FnOnce(u32) -> Control) {
+        if let Some(&worker) = self.batches.get(&id)
+            && let Some(link) = self.control.worker_links().get(worker)
+        {
+            link.send(msg(id));
+        }
+    }
+}
+
+impl Giver for LocalGiver {
+    /// None yet: the listeners stay with this process.
+    fn listeners(&mut self) -> io::Result<(Vec<ListenerInfo>, Vec<OwnedFd>)> {
+        Ok((Vec::new(), Vec::new()))
+    }
+
+    fn stop_accepting(&mut self) {}
+
+    fn resume_accepting(&mut self) {}
+
+    fn freeze(&mut self, id: u32, max_fds: usize) -> Option<Frozen> {
+        let links = self.control.worker_links();
+        while let Some(link) = links.get(self.next) {
+            let (reply, answer) = crossbeam_channel::bounded(1);
+            link.send(Control::Freeze { id, max_fds, reply });
+            match answer.recv_timeout(ANSWER_TIMEOUT) {
+                Ok(frozen) if !frozen.sessions.is_empty() => {
+                    self.batches.insert(id, self.next);
+                    return Some(frozen);
+                }
+                // Nothing left there. (A worker that answers too late finds nobody waiting
+                // and resumes what it froze.)
+                Ok(_) => {}
+                Err(_) => log::warn!("upgrade: worker {} did not freeze a batch", self.next),
+            }
+            self.next += 1;
+        }
+        None
+    }
+
+    fn commit(&mut self, id: u32) {
+        self.send(id, |id| Control::Release { id });
+        self.batches.remove(&id);
+    }
+
+    fn resume(&mut self, id: u32) {
+        self.send(id, |id| Control::Resume { id });
+        self.batches.remove(&id);
+    }
+}
+
+/// The new process's side, over its workers: batches go to them in turn.
+pub struct LocalTaker {
+    control: Controller,
+    next: usize,
+    /// Which worker rebuilt each batch.
+    batches: HashMap<u32, usize>,
+}
+
+impl LocalTaker {
+    pub fn new(control: Controller) -> LocalTaker {
+        LocalTaker {
+            control,
+            next: 0,
+            batches: HashMap::new(),
+        }
+    }
+
+    fn send(&mut self, id: u32, msg: impl FnOnce(u32) -> Control) {
+        if let Some(worker) = self.batches.remove(&id)
+            && let Some(link) = self.control.worker_links().get(worker)
+        {
+            link.send(msg(id));
+        }
+    }
+}
+
+impl Taker for LocalTaker {
+    fn hello(&mut self, _version: u16, _pid: u32) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn listeners(&mut self, infos: Vec<ListenerInfo>, fds: Vec<OwnedFd>) -> Result<(), String> {
+        if infos.is_empty() && fds.is_empty() {
+            Ok(())
+        } else {
+            Err("taking over listeners is not supported yet".into())
+        }
+    }
+
+    fn rebuild(
+        &mut self,
+        id: u32,
+        sessions: Vec<PackedSession>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), String> {
+        let links = self.control.worker_links();
+        if links.is_empty() {
+            return Err("no worker to take the sessions".into());
+        }
+        let worker = self.next % links.len();
+        self.next = self.next.wrapping_add(1);
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        links[worker].send(Control::Rebuild {
+            id,
+            sessions,
+            fds,
+            reply,
+        });
+        match answer.recv_timeout(ANSWER_TIMEOUT) {
+            Ok(Ok(())) => {
+                self.batches.insert(id, worker);
+                Ok(())
+            }
+            Ok(Err(reason)) => Err(reason),
+            // A late answer finds nobody waiting, and the worker discards the batch.
+            Err(_) => Err(format!("worker {worker} did not rebuild batch {id}")),
+        }
+    }
+
+    fn commit(&mut self, id: u32) {
+        self.send(id, |id| Control::Adopt { id });
+    }
+
+    fn abort(&mut self, id: u32) {
+        self.send(id, |id| Control::Discard { id });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::Holdfast;
+    use crate::config::{BackendSpec, Config, RelayMode};
+    use crate::upgrade::handover::{Channel, Taken, give, take};
+
+    const CLIENTS: usize = 24;
+    const WAIT: Duration = Duration::from_secs(30);
+
+    /// Polls `cond` until it holds, failing the test after `WAIT`.
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let give_up = Instant::now() + WAIT;
+        while !cond() {
+            assert!(Instant::now() < give_up, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A backend that echoes every byte on every connection until its client's EOF, then
+    /// ends its side.
+    fn echo_backend() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if conn.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = conn.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        addr
+    }
+
+    fn start(backend: SocketAddr, mode: RelayMode) -> Holdfast {
+        let mut config = Config::new(
+            vec!["127.0.0.1:0".parse().unwrap()],
+            vec![BackendSpec::new(backend)],
+        );
+        config.workers = 2;
+        config.relay = mode;
+        Holdfast::start(config).unwrap()
+    }
+
+    /// Message `n` of client `c`: distinct, of varying lengths.
+    fn message(c: usize, n: usize) -> Vec<u8> {
+        let len = 1 + (c * 7919 + n * 104_729) % 40_000;
+        (0..len).map(|i| (c * 31 + n * 17 + i) as u8).collect()
+    }
+
+    fn exchange(client: &mut TcpStream, c: usize, n: usize) {
+        let sent = message(c, n);
+        client.write_all(&sent).unwrap();
+        let mut got = vec![0u8; sent.len()];
+        client.read_exact(&mut got).unwrap();
+        assert!(got == sent, "client {c}: message {n} came back altered");
+    }
+
+    /// Clients relaying through a first balancer are handed, every one, to a second one
+    /// through `give` and `take` over a UNIX socket; each had a message in flight (sent,
+    /// its echo not yet read), and afterwards each gets exactly that echo and then keeps
+    /// exchanging messages both ways until it ends the session. The first balancer holds no
+    /// session once the handover is done, the second holds them all.
+    fn hands_every_relaying_session_over(mode: RelayMode) {
+        let backend = echo_backend();
+        let old = start(backend, mode);
+        let new = start(backend, mode);
+        let mut clients: Vec<TcpStream> = (0..CLIENTS)
+            .map(|_| TcpStream::connect(old.listen_addrs()[0]).unwrap())
+            .collect();
+        for (c, client) in clients.iter_mut().enumerate() {
+            client.set_read_timeout(Some(WAIT)).unwrap();
+            exchange(client, c, 0);
+        }
+        assert_eq!(old.stats().active, CLIENTS as u64);
+        // In flight across the handover: sent now, read back after it.
+        for (c, client) in clients.iter_mut().enumerate() {
+            client.write_all(&message(c, 1)).unwrap();
+        }
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let giver_control = old.controller().clone();
+        let giving = thread::spawn(move || {
+            let mut giver = LocalGiver::new(giver_control);
+            give(&mut Channel::new(a), &mut giver, 1, WAIT)
+        });
+        let taker_control = new.controller().clone();
+        let taking = thread::spawn(move || {
+            let mut taker = LocalTaker::new(taker_control);
+            take(&mut Channel::new(b), &mut taker)
+        });
+        let report = giving.join().unwrap().unwrap();
+        assert_eq!(taking.join().unwrap().unwrap(), Taken::Done);
+        assert_eq!(report.sessions, CLIENTS);
+
+        wait_until("the old balancer to let go", || old.stats().active == 0);
+        wait_until("the new balancer to count the sessions", || {
+            new.stats().active == CLIENTS as u64
+        });
+        assert_eq!(old.backend_stats()[0].active, 0);
+        assert_eq!(new.backend_stats()[0].active, CLIENTS as u64);
+
+        for (c, client) in clients.iter_mut().enumerate() {
+            let sent = message(c, 1);
+            let mut got = vec![0u8; sent.len()];
+            client.read_exact(&mut got).unwrap();
+            assert!(
+                got == sent,
+                "client {c}: the message in flight came back altered"
+            );
+        }
+        for n in 2..6 {
+            for (c, client) in clients.iter_mut().enumerate() {
+                exchange(client, c, n);
+            }
+        }
+        // Nothing more than was sent: each session ends with the backend's EOF after the
+        // client's.
+        for (c, client) in clients.iter_mut().enumerate() {
+            client.shutdown(Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty(), "client {c}: {} bytes too many", rest.len());
+        }
+        wait_until("the sessions to end", || new.stats().active == 0);
+        assert_eq!(old.stats().closed, 0, "the old balancer closed a session");
+    }
+
+    #[test]
+    fn every_relaying_session_moves_to_another_balancer_through_splice() {
+        hands_every_relaying_session_over(RelayMode::Splice);
+    }
+
+    #[test]
+    fn every_relaying_session_moves_to_another_balancer_through_copy() {
+        hands_every_relaying_session_over(RelayMode::Copy);
+    }
+}
