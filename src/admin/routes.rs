@@ -2,6 +2,7 @@
 //! request and says what it asks for (a pure function: no I/O, no [`Controller`], so it can be
 //! property-tested and fuzzed), then [`respond`] answers it through the [`Controller`] alone.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use http_body_util::Full;
@@ -16,6 +17,7 @@ use super::{MAX_BODY_BYTES, metrics};
 use crate::config::MAX_WEIGHT;
 use crate::control::Controller;
 use crate::plane::{BackendChange, ControlError};
+use crate::stats::StatsSnapshot;
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
@@ -101,6 +103,7 @@ const INDEX: &str = "holdfast admin endpoint
 GET  /metrics                 Prometheus metrics
 GET  /backends                backends as JSON
 GET  /backends/ADDR           one backend as JSON
+GET  /clients                 client addresses: refusals, PROXY header errors, the per-IP table
 POST /backends/ADDR/drain     no new sessions to ADDR; live ones continue
 POST /backends/ADDR/ready     ADDR back in rotation
 POST /backends/ADDR/weight    body: the new weight, 1 to 256
@@ -117,6 +120,9 @@ pub enum AdminRequest {
     Backends,
     /// `GET /backends/{addr}`.
     Backend(SocketAddr),
+    /// `GET /clients`: what was done with client addresses (the process-wide counters of
+    /// `--allow`/`--deny`, the per-IP limits and `--accept-proxy`).
+    Clients,
     /// `POST /backends/{addr}/{drain|ready|weight}`; a weight is within 1..=[`MAX_WEIGHT`].
     Change(SocketAddr, BackendChange),
 }
@@ -140,6 +146,7 @@ impl AdminRequest {
             AdminRequest::Metrics => ("GET", "/metrics".into(), Vec::new()),
             AdminRequest::Backends => ("GET", "/backends".into(), Vec::new()),
             AdminRequest::Backend(addr) => ("GET", path(addr, ""), Vec::new()),
+            AdminRequest::Clients => ("GET", "/clients".into(), Vec::new()),
             AdminRequest::Change(addr, BackendChange::Drain) => {
                 ("POST", path(addr, "/drain"), Vec::new())
             }
@@ -191,6 +198,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<AdminReque
         [""] => read_only().map(|()| AdminRequest::Index),
         ["metrics"] => read_only().map(|()| AdminRequest::Metrics),
         ["backends"] => read_only().map(|()| AdminRequest::Backends),
+        ["clients"] => read_only().map(|()| AdminRequest::Clients),
         ["backends", addr] => {
             read_only()?;
             Ok(AdminRequest::Backend(parse_addr(addr)?))
@@ -230,9 +238,32 @@ pub(super) fn respond(request: &AdminRequest, control: &Controller) -> Reply {
         AdminRequest::Backend(addr) => find(control, addr)
             .ok_or_else(|| unknown(addr))
             .map(|backend| Reply::json(&backend)),
+        AdminRequest::Clients => Ok(Reply::json(&ClientsView::from(&control.stats()))),
         AdminRequest::Change(addr, change) => apply(control, addr, change),
     };
     answer.unwrap_or_else(|e| e)
+}
+
+/// `GET /clients`: the client-address counters, by reason (the same numbers as the
+/// `holdfast_clients_refused_total`, `holdfast_proxy_header_errors_total` and
+/// `holdfast_ip_table_*` families of `/metrics`).
+#[derive(Serialize)]
+struct ClientsView {
+    refused: BTreeMap<&'static str, u64>,
+    proxy_header_errors: BTreeMap<&'static str, u64>,
+    ip_table_entries: u64,
+    ip_table_untracked: u64,
+}
+
+impl From<&StatsSnapshot> for ClientsView {
+    fn from(s: &StatsSnapshot) -> ClientsView {
+        ClientsView {
+            refused: s.clients_refused().into_iter().collect(),
+            proxy_header_errors: s.proxy_header_errors().into_iter().collect(),
+            ip_table_entries: s.ip_table_entries,
+            ip_table_untracked: s.ip_table_untracked,
+        }
+    }
 }
 
 /// `POST /backends/{addr}/{action}`.
@@ -504,6 +535,7 @@ mod tests {
                 Just(AdminRequest::Index),
                 Just(AdminRequest::Metrics),
                 Just(AdminRequest::Backends),
+                Just(AdminRequest::Clients),
                 addr().prop_map(AdminRequest::Backend),
                 (
                     addr(),

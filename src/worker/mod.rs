@@ -236,6 +236,12 @@ impl Worker {
         if !self.queue.is_empty() {
             timeout = Some(timeout.map_or(QUEUE_RECHECK, |t| t.min(QUEUE_RECHECK)));
         }
+        // Worker 0 sweeps the per-IP table on time even when it has nothing else to do (the
+        // table's entries belong to every worker's clients).
+        if self.id == 0 && self.ip_limits.is_some() {
+            let wait = self.next_sweep.saturating_duration_since(now);
+            timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+        }
         timeout
     }
 

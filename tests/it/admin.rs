@@ -1102,3 +1102,43 @@ impl Drop for LoggingToPipe {
         let _ = self.child.wait();
     }
 }
+
+/// `GET /clients` shows what was done with client addresses, by reason: here two clients
+/// refused by `--deny` and one by `--max-conns-per-ip`, and the per-IP table once swept.
+#[test]
+fn clients_json_counts_refusals_by_reason() {
+    let backend = EchoBackend::start();
+    let mut cfg = config(&[backend.addr()]);
+    cfg.admin = Some(localhost0());
+    cfg.client_ip.access.deny = vec!["127.0.0.2/32".parse().unwrap()];
+    cfg.client_ip.limits.max_conns = 1;
+    let lb = start_balancer(cfg);
+    let admin = lb.admin_addr().expect("admin endpoint configured");
+    for _ in 0..2 {
+        let mut denied = client_from("127.0.0.2", lb_addr(&lb));
+        expect_closed(&mut denied, IO_TIMEOUT);
+    }
+    let mut held = client_from("127.0.0.3", lb_addr(&lb));
+    round_trip(&mut held, b"mine");
+    let mut second = client_from("127.0.0.3", lb_addr(&lb));
+    expect_closed(&mut second, IO_TIMEOUT);
+    wait_until_ok(Duration::from_secs(15), || {
+        let clients = get(admin, "/clients").json();
+        let want = serde_json::json!({
+            "refused": {"deny": 2, "max_conns_per_ip": 1, "max_conn_rate_per_ip": 0},
+            "ip_table_entries": 1,
+            "ip_table_untracked": 0,
+        });
+        let same = ["refused", "ip_table_entries", "ip_table_untracked"]
+            .iter()
+            .all(|k| clients[k] == want[k]);
+        let no_header_errors = clients["proxy_header_errors"]
+            .as_object()
+            .is_some_and(|m| m.len() == 13 && m.values().all(|v| v == 0));
+        if same && no_header_errors {
+            Ok(())
+        } else {
+            Err(format!("GET /clients: {clients}"))
+        }
+    });
+}
