@@ -295,13 +295,7 @@ pub fn take(chan: &mut Channel, taker: &mut impl Taker) -> Result<Taken, Handove
                 taker.hello(version, pid)
             };
             if let Err(reason) = answer {
-                chan.send(
-                    &Message::Refuse {
-                        reason: reason.clone(),
-                    },
-                    &[],
-                )?;
-                return Err(HandoverError::Refused(reason));
+                return Err(refuse(chan, reason));
             }
             chan.send(&Message::Ready, &[])?;
         }
@@ -325,6 +319,19 @@ pub fn take(chan: &mut Channel, taker: &mut impl Taker) -> Result<Taken, Handove
     result
 }
 
+/// Tells the old process why this one refuses, and says the same to the caller.
+fn refuse(chan: &mut Channel, reason: String) -> HandoverError {
+    match chan.send(
+        &Message::Refuse {
+            reason: reason.clone(),
+        },
+        &[],
+    ) {
+        Ok(()) => HandoverError::Refused(reason),
+        Err(e) => e.into(),
+    }
+}
+
 fn take_rest(
     chan: &mut Channel,
     taker: &mut impl Taker,
@@ -339,25 +346,13 @@ fn take_rest(
         match msg {
             Message::Listeners(infos) => {
                 if let Err(reason) = taker.listeners(infos, fds) {
-                    chan.send(
-                        &Message::Refuse {
-                            reason: reason.clone(),
-                        },
-                        &[],
-                    )?;
-                    return Err(HandoverError::Refused(reason));
+                    return Err(refuse(chan, reason));
                 }
                 chan.send(&Message::Accepting, &[])?;
             }
             Message::Batch { id, sessions } => {
                 if let Err(reason) = taker.rebuild(id, sessions, fds) {
-                    chan.send(
-                        &Message::Refuse {
-                            reason: reason.clone(),
-                        },
-                        &[],
-                    )?;
-                    return Err(HandoverError::Refused(reason));
+                    return Err(refuse(chan, reason));
                 }
                 pending.push(id);
                 chan.send(&Message::Received { id }, &[])?;
