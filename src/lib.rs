@@ -93,6 +93,8 @@ pub use sys::bind_address_no_port;
 /// For the binary's signal thread: counts signal deliveries that signal-hook's iterator folds.
 #[doc(hidden)]
 pub use sys::count_deliveries;
+pub use upgrade::handover::{HandoverError, Report as UpgradeReport, Taken};
+pub use upgrade::local::{give_over, take_from};
 
 use health::Health;
 use plane::{Command, Control, HealthLink, WorkerLink};

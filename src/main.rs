@@ -5,6 +5,7 @@
 
 mod cli;
 
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +35,9 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(EXIT_USAGE, &e),
     };
+    let upgrade_socket = config.upgrade_socket.clone();
+    let take_over = config.take_over.clone();
+    let upgrade_timeout = config.upgrade_timeout;
     // Install the handlers before starting, so a signal that arrives during start-up is not
     // lost and does not kill the process the default way.
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
@@ -123,9 +127,81 @@ fn main() -> ExitCode {
             &format!("cannot start the signal thread: {e}"),
         );
     }
+    // Listening already: take the sessions over from the old process, which stops accepting
+    // only after that. A failed take leaves this process serving what it has.
+    if let Some(path) = take_over {
+        match UnixStream::connect(&path) {
+            Ok(sock) => match holdfast::take_from(sock, balancer.controller()) {
+                Ok(how) => log::info!("upgrade: took over from {} ({how:?})", path.display()),
+                Err(e) => log::error!("upgrade: take-over from {} failed: {e}", path.display()),
+            },
+            Err(e) => log::error!("upgrade: cannot connect to {}: {e}", path.display()),
+        }
+    }
+    if let Some(path) = upgrade_socket {
+        // A file left there by a process that is gone (or by the one just taken over from).
+        let _ = std::fs::remove_file(&path);
+        let listener = match UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                balancer.shutdown();
+                return fail(
+                    EXIT_RUNTIME,
+                    &format!("cannot listen on upgrade socket {}: {e}", path.display()),
+                );
+            }
+        };
+        let control = balancer.controller().clone();
+        let spawned = std::thread::Builder::new()
+            .name("holdfast-upgrade".into())
+            .spawn(move || serve_upgrades(&listener, &control, upgrade_timeout));
+        if let Err(e) = spawned {
+            balancer.shutdown();
+            return fail(
+                EXIT_RUNTIME,
+                &format!("cannot start the upgrade thread: {e}"),
+            );
+        }
+    }
     balancer.join();
     log::info!("holdfast stopped");
     ExitCode::SUCCESS
+}
+
+/// One upgrade at a time (the next connection waits until this one is over): a handover that
+/// fails leaves this process with everything it had not given and listening for the next;
+/// one that succeeds closes the listeners and drains what is left (sessions not relaying
+/// yet), and the process exits 0.
+fn serve_upgrades(
+    listener: &UnixListener,
+    control: &holdfast::Controller,
+    timeout: std::time::Duration,
+) {
+    for sock in listener.incoming() {
+        let sock = match sock {
+            Ok(sock) => sock,
+            Err(e) => {
+                log::warn!("upgrade socket: accept failed: {e}");
+                continue;
+            }
+        };
+        log::info!("upgrade: a new process connected; handing over");
+        match holdfast::give_over(sock, control, timeout) {
+            Ok(report) => {
+                log::info!(
+                    "upgrade: handed {} sessions over in {} batches (longest pause {:?}); \
+                     exiting",
+                    report.sessions,
+                    report.batches,
+                    report.longest_pause
+                );
+                // The socket file stays: the new process may be binding the same path now.
+                control.drain();
+                return;
+            }
+            Err(e) => log::error!("upgrade failed, keeping every session not handed over: {e}"),
+        }
+    }
 }
 
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {

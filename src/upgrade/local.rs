@@ -13,7 +13,9 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use super::handover::{Frozen, Giver, Taker};
+use std::os::unix::net::UnixStream;
+
+use super::handover::{Channel, Frozen, Giver, HandoverError, Report, Taken, Taker, give, take};
 use super::wire::{ListenerInfo, PackedSession};
 use crate::control::Controller;
 use crate::plane::Control;
@@ -168,18 +170,38 @@ impl Taker for LocalTaker {
     }
 }
 
+/// The old process's whole handover over `sock` (a connection to its upgrade socket): every
+/// relaying session goes to the process at the other end, or, on failure, stays here.
+pub fn give_over(
+    sock: UnixStream,
+    control: &Controller,
+    timeout: Duration,
+) -> Result<Report, HandoverError> {
+    let mut giver = LocalGiver::new(control.clone());
+    give(
+        &mut Channel::new(sock),
+        &mut giver,
+        std::process::id(),
+        timeout,
+    )
+}
+
+/// The new process's whole take over `sock` (connected to the old process's upgrade socket).
+pub fn take_from(sock: UnixStream, control: &Controller) -> Result<Taken, HandoverError> {
+    let mut taker = LocalTaker::new(control.clone());
+    take(&mut Channel::new(sock), &mut taker)
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
     use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-    use std::os::unix::net::UnixStream;
     use std::thread;
     use std::time::Instant;
 
     use super::*;
     use crate::Holdfast;
     use crate::config::{BackendSpec, Config, RelayMode};
-    use crate::upgrade::handover::{Channel, Taken, give, take};
 
     const CLIENTS: usize = 24;
     const WAIT: Duration = Duration::from_secs(30);
