@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::Parser;
 use crossbeam_channel::TrySendError;
-use holdfast::{ControlError, Holdfast, StartError};
+use holdfast::{ControlError, Holdfast, StartError, TakeOver};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -60,7 +60,44 @@ fn main() -> ExitCode {
             );
         }
     }
-    let balancer = match Holdfast::start(config) {
+    // With --take-over, the balancer starts on the old process's listeners (the same
+    // sockets), then takes its sessions; the old one stops accepting once this one accepts.
+    let started = match take_over {
+        Some(path) => match UnixStream::connect(&path) {
+            Ok(sock) => match holdfast::take_over(sock, config) {
+                TakeOver::Started(balancer, outcome) => {
+                    match outcome {
+                        Ok(how) => {
+                            log::info!("upgrade: took over from {} ({how:?})", path.display())
+                        }
+                        Err(e) => log::error!(
+                            "upgrade: take-over from {} failed part way, serving what was \
+                             taken: {e}",
+                            path.display()
+                        ),
+                    }
+                    Ok(balancer)
+                }
+                TakeOver::NotStarted(config, e) => {
+                    log::error!(
+                        "upgrade: take-over from {} failed ({e}); starting on new listeners",
+                        path.display()
+                    );
+                    Holdfast::start(*config)
+                }
+                TakeOver::Failed(e) => Err(e),
+            },
+            Err(e) => {
+                log::error!(
+                    "upgrade: cannot connect to {} ({e}); starting on new listeners",
+                    path.display()
+                );
+                Holdfast::start(config)
+            }
+        },
+        None => Holdfast::start(config),
+    };
+    let balancer = match started {
         Ok(b) => b,
         Err(e @ (StartError::Config(_) | StartError::Sources(_))) => return fail(EXIT_USAGE, &e),
         Err(e) => return fail(EXIT_RUNTIME, &e),
@@ -126,17 +163,6 @@ fn main() -> ExitCode {
             EXIT_RUNTIME,
             &format!("cannot start the signal thread: {e}"),
         );
-    }
-    // Listening already: take the sessions over from the old process, which stops accepting
-    // only after that. A failed take leaves this process serving what it has.
-    if let Some(path) = take_over {
-        match UnixStream::connect(&path) {
-            Ok(sock) => match holdfast::take_from(sock, balancer.controller()) {
-                Ok(how) => log::info!("upgrade: took over from {} ({how:?})", path.display()),
-                Err(e) => log::error!("upgrade: take-over from {} failed: {e}", path.display()),
-            },
-            Err(e) => log::error!("upgrade: cannot connect to {}: {e}", path.display()),
-        }
     }
     if let Some(path) = upgrade_socket {
         // A file left there by a process that is gone (or by the one just taken over from).

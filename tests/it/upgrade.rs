@@ -26,8 +26,9 @@ fn exchange(client: &mut TcpStream, c: usize, n: usize) {
 
 /// Clients relaying through a running holdfast, each with a message in flight, keep their
 /// sessions when a new holdfast started with `--take-over` takes them: the echo of the
-/// message in flight arrives once, later round trips work, the old process exits 0, and new
-/// clients on the same port are served (by the new process).
+/// message in flight arrives once, later round trips work, the new process listens on the
+/// old one's sockets, the old process exits 0, and new clients on the same port are served
+/// (by the new process).
 #[test]
 fn take_over_moves_every_relaying_session_to_a_new_process() {
     let backend = EchoBackend::start();
@@ -66,6 +67,13 @@ fn take_over_moves_every_relaying_session_to_a_new_process() {
         ],
     );
     new.wait_for_stderr("upgrade: took over", WAIT);
+    // The same sockets: one per old worker.
+    assert!(
+        new.stderr()
+            .contains("starting on the old process's 2 listeners"),
+        "new stderr:\n{}",
+        new.stderr()
+    );
     let status = old
         .wait_exit(WAIT)
         .expect("the old process exits after the handover");
