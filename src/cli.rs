@@ -234,6 +234,21 @@ pub struct Args {
           allow_hyphen_values = true)]
     pub tcp_user_timeout: Duration,
 
+    /// Live upgrade: listen on this UNIX socket for a new holdfast started with --take-over,
+    /// hand it every relaying session, then exit 0 [default: off]
+    #[arg(long, value_name = "PATH")]
+    pub upgrade_socket: Option<PathBuf>,
+
+    /// Live upgrade: once listening, take every relaying session over from the holdfast whose
+    /// --upgrade-socket is PATH [default: off]
+    #[arg(long, value_name = "PATH")]
+    pub take_over: Option<PathBuf>,
+
+    /// A handover not finished within DUR fails; the old process keeps what it still has
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration,
+          allow_hyphen_values = true)]
+    pub upgrade_timeout: Duration,
+
     /// off, error, warn, info, debug or trace (RUST_LOG, if set, refines it)
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: log::LevelFilter,
@@ -296,6 +311,9 @@ impl Args {
             },
         };
         config.tcp_user_timeout = nonzero(self.tcp_user_timeout);
+        config.upgrade_socket = self.upgrade_socket;
+        config.take_over = self.take_over;
+        config.upgrade_timeout = self.upgrade_timeout;
         config.validate()?;
         Ok(config)
     }

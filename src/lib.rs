@@ -93,6 +93,8 @@ pub use sys::bind_address_no_port;
 /// For the binary's signal thread: counts signal deliveries that signal-hook's iterator folds.
 #[doc(hidden)]
 pub use sys::count_deliveries;
+pub use upgrade::handover::{HandoverError, Report as UpgradeReport, Taken};
+pub use upgrade::local::{TakeOver, give_over, take_over};
 
 use health::Health;
 use plane::{Command, Control, HealthLink, WorkerLink};
@@ -118,7 +120,15 @@ impl Holdfast {
     /// health thread, the workers and, if configured, the DNS and admin threads. On error
     /// nothing is left running: a listener that cannot be bound fails the start before any
     /// thread does.
-    pub fn start(mut config: Config) -> Result<Holdfast, StartError> {
+    pub fn start(config: Config) -> Result<Holdfast, StartError> {
+        Holdfast::start_inheriting(config, Vec::new())
+    }
+
+    /// As [`Holdfast::start`], on `inherited` listeners first (a live upgrade's).
+    pub(crate) fn start_inheriting(
+        mut config: Config,
+        inherited: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
+    ) -> Result<Holdfast, StartError> {
         config.validate()?;
         for warning in config.warnings() {
             log::warn!("{warning}");
@@ -138,7 +148,7 @@ impl Holdfast {
         config.validate()?;
         let config = Arc::new(config);
         let counters = Arc::new(Counters::default());
-        let (listen_addrs, mut listeners) = listener::bind_all(&config)?;
+        let (listen_addrs, mut listeners) = listener::bind_or_inherit(&config, inherited)?;
         let (mut health, health_link, backends) =
             Health::new(Arc::clone(&config)).map_err(StartError::Health)?;
         let initial = Arc::clone(&backends.lock().unwrap_or_else(PoisonError::into_inner));

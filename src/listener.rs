@@ -5,6 +5,7 @@
 //! other worker binds that same port, so all of them share one address.
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 
 use mio::net::TcpListener;
 use std::time::Duration;
@@ -14,16 +15,44 @@ use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use crate::config::Config;
 use crate::error::StartError;
 
-/// Binds every listener. Returns the real addresses (one per `config.listen` entry) and, for
-/// each worker, its listeners in the same order.
-pub fn bind_all(config: &Config) -> Result<(Vec<SocketAddr>, Vec<Vec<TcpListener>>), StartError> {
+/// Binds every listener, first using `inherited` listeners (a live upgrade's: the old process's
+/// sockets, with their addresses). Those of a listen address are spread over the workers (a
+/// worker may get several); a worker that gets none binds its own with `SO_REUSEPORT` on the
+/// same address. Inherited listeners on an address this configuration does not list are
+/// closed. Returns the real addresses (one per `config.listen` entry) and, for each worker,
+/// its listeners in the same order.
+pub fn bind_or_inherit(
+    config: &Config,
+    inherited: Vec<(SocketAddr, OwnedFd)>,
+) -> Result<(Vec<SocketAddr>, Vec<Vec<TcpListener>>), StartError> {
     let mut per_worker: Vec<Vec<TcpListener>> = (0..config.workers)
         .map(|_| Vec::with_capacity(config.listen.len()))
         .collect();
+    let mut inherited: Vec<Option<(SocketAddr, OwnedFd)>> =
+        inherited.into_iter().map(Some).collect();
     let mut addrs = Vec::with_capacity(config.listen.len());
     for &requested in &config.listen {
         let mut addr = requested;
+        let mut given: Vec<TcpListener> = Vec::new();
+        for slot in inherited.iter_mut() {
+            let matches = slot.as_ref().is_some_and(|(at, _)| {
+                *at == requested || (requested.port() == 0 && at.ip() == requested.ip())
+            });
+            if matches && let Some((at, fd)) = slot.take() {
+                addr = at;
+                given.push(TcpListener::from_std(std::net::TcpListener::from(fd)));
+            }
+        }
+        for (k, listener) in given.into_iter().enumerate() {
+            per_worker[k % config.workers].push(listener);
+        }
         for listeners in per_worker.iter_mut() {
+            if listeners
+                .iter()
+                .any(|l| l.local_addr().is_ok_and(|a| a == addr))
+            {
+                continue;
+            }
             let listener =
                 bind_one(addr, config.backlog, config.tcp_keepalive).map_err(|source| {
                     StartError::Listen {

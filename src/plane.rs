@@ -123,6 +123,14 @@ pub(crate) enum Control {
     Adopt { id: u32 },
     /// Batch `id` stays with the old process: close what was rebuilt.
     Discard { id: u32 },
+    /// Live upgrade, old side: duplicates of this worker's open listeners, with their
+    /// addresses (the originals stay here).
+    Listeners {
+        reply: Sender<Vec<(SocketAddr, OwnedFd)>>,
+    },
+    /// Live upgrade, old side: `false` stops accepting (the listeners are deregistered and
+    /// left to the new process, which holds the same sockets); `true` accepts again.
+    Accepting(bool),
 }
 
 /// The set last published, shared by the health thread (which replaces it) and the handle

@@ -236,6 +236,14 @@ pub struct Config {
     pub client_ip: ClientIpConfig,
     /// TCP_USER_TIMEOUT on both sockets of a session. `None` disables.
     pub tcp_user_timeout: Option<Duration>,
+    /// Live upgrade (the binary's): listen on this UNIX socket for a new process that takes
+    /// the sessions over.
+    pub upgrade_socket: Option<PathBuf>,
+    /// Live upgrade (the binary's): take the sessions over from the process listening on
+    /// this UNIX socket once started.
+    pub take_over: Option<PathBuf>,
+    /// How long a handover may take before the old process keeps what it has not given.
+    pub upgrade_timeout: Duration,
 }
 
 impl Config {
@@ -267,6 +275,9 @@ impl Config {
             resolver: Resolver::system(),
             client_ip: ClientIpConfig::default(),
             tcp_user_timeout: None,
+            upgrade_socket: None,
+            take_over: None,
+            upgrade_timeout: Duration::from_secs(30),
         }
     }
 

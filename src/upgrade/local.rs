@@ -3,19 +3,25 @@
 //! is needed.
 //!
 //! Wired so far: relaying sessions (frozen, released or resumed on the old side; rebuilt,
-//! adopted or discarded on the new one). Not yet: the listeners (the giver offers none and
-//! keeps accepting; the taker refuses any it is offered), queued and connecting sessions
-//! (they stay with the old process), backend state, and the process around it (signals,
-//! `--upgrade-socket`, `--take-over`, the pid file).
+//! adopted or discarded on the new one) and, between two processes ([`give_over`],
+//! [`take_over`]), the listeners: the new process starts its balancer on them. Between two
+//! balancers in one process ([`LocalGiver::new`], [`LocalTaker`]) the listeners stay. Not
+//! yet: queued and connecting sessions (they stay with the old process), backend state,
+//! SIGUSR2 and the pid file.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use super::handover::{Frozen, Giver, Taker};
+use std::os::unix::net::UnixStream;
+
+use super::handover::{Channel, Frozen, Giver, HandoverError, Report, Taken, Taker, give, take};
 use super::wire::{ListenerInfo, PackedSession};
+use crate::Holdfast;
+use crate::config::Config;
 use crate::control::Controller;
+use crate::error::StartError;
 use crate::plane::Control;
 
 /// How long a worker may take to answer a freeze or a rebuild (it answers within one turn
@@ -29,14 +35,27 @@ pub struct LocalGiver {
     next: usize,
     /// Which worker froze each batch.
     batches: HashMap<u32, usize>,
+    /// Whether the listeners go too (to a new process; a balancer already running in the same
+    /// process keeps its own).
+    listeners: bool,
 }
 
 impl LocalGiver {
+    /// Gives the sessions only; the listeners stay.
     pub fn new(control: Controller) -> LocalGiver {
         LocalGiver {
             control,
             next: 0,
             batches: HashMap::new(),
+            listeners: false,
+        }
+    }
+
+    /// Gives the listeners, then the sessions.
+    pub fn with_listeners(control: Controller) -> LocalGiver {
+        LocalGiver {
+            listeners: true,
+            ..LocalGiver::new(control)
         }
     }
 
@@ -50,14 +69,51 @@ impl LocalGiver {
 }
 
 impl Giver for LocalGiver {
-    /// None yet: the listeners stay with this process.
+    /// Every worker's listeners, duplicated (the originals stay until this process exits);
+    /// none from [`LocalGiver::new`].
     fn listeners(&mut self) -> io::Result<(Vec<ListenerInfo>, Vec<OwnedFd>)> {
-        Ok((Vec::new(), Vec::new()))
+        let mut infos = Vec::new();
+        let mut fds = Vec::new();
+        if !self.listeners {
+            return Ok((infos, fds));
+        }
+        for (worker, link) in self.control.worker_links().iter().enumerate() {
+            let (reply, answer) = crossbeam_channel::bounded(1);
+            link.send(Control::Listeners { reply });
+            let copies = answer.recv_timeout(ANSWER_TIMEOUT).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("worker {worker} did not give its listeners"),
+                )
+            })?;
+            for (addr, fd) in copies {
+                infos.push(ListenerInfo {
+                    worker: u16::try_from(worker).unwrap_or(u16::MAX),
+                    addr,
+                });
+                fds.push(fd);
+            }
+        }
+        Ok((infos, fds))
     }
 
-    fn stop_accepting(&mut self) {}
+    fn stop_accepting(&mut self) {
+        if !self.listeners {
+            return;
+        }
+        for link in self.control.worker_links() {
+            link.send(Control::Accepting(false));
+        }
+    }
 
-    fn resume_accepting(&mut self) {}
+    fn resume_accepting(&mut self) {
+        if !self.listeners {
+            return;
+        }
+        for link in self.control.worker_links() {
+            link.send(Control::Accepting(true));
+        }
+    }
 
     fn freeze(&mut self, id: u32, max_fds: usize) -> Option<Frozen> {
         let links = self.control.worker_links();
@@ -168,18 +224,128 @@ impl Taker for LocalTaker {
     }
 }
 
+/// The old process's whole handover over `sock` (a connection to its upgrade socket): every
+/// relaying session goes to the process at the other end, or, on failure, stays here.
+pub fn give_over(
+    sock: UnixStream,
+    control: &Controller,
+    timeout: Duration,
+) -> Result<Report, HandoverError> {
+    let mut giver = LocalGiver::with_listeners(control.clone());
+    give(
+        &mut Channel::new(sock),
+        &mut giver,
+        std::process::id(),
+        timeout,
+    )
+}
+
+/// How [`take_over`] ended.
+pub enum TakeOver {
+    /// Started on the old process's listeners; how the rest of the handover went (on
+    /// failure, what was committed is this process's and the rest stayed with the old one).
+    Started(Holdfast, Result<Taken, HandoverError>),
+    /// The handover ended before the listeners came: nothing started; the configuration back.
+    NotStarted(Box<Config>, HandoverError),
+    /// The balancer could not start on the listeners (the old process keeps them).
+    Failed(StartError),
+}
+
+/// The new process's whole take over `sock` (connected to the old process's upgrade
+/// socket): the balancer starts on the listeners it receives, then takes the sessions.
+pub fn take_over(sock: UnixStream, config: Config) -> TakeOver {
+    let mut taker = ProcessTaker {
+        config: Some(config),
+        started: None,
+        failed: None,
+    };
+    let outcome = take(&mut Channel::new(sock), &mut taker);
+    match (taker.started, taker.failed, taker.config) {
+        (Some((balancer, _)), _, _) => TakeOver::Started(balancer, outcome),
+        (None, Some(e), _) => TakeOver::Failed(e),
+        (None, None, Some(config)) => TakeOver::NotStarted(
+            Box::new(config),
+            outcome
+                .err()
+                .unwrap_or(HandoverError::Unexpected("no listeners")),
+        ),
+        (None, None, None) => TakeOver::NotStarted(
+            Box::new(Config::new(Vec::new(), Vec::new())),
+            HandoverError::Unexpected("no configuration"),
+        ),
+    }
+}
+
+/// The new process: starts its balancer when the listeners arrive, then hands the batches to
+/// its workers.
+struct ProcessTaker {
+    config: Option<Config>,
+    started: Option<(Holdfast, LocalTaker)>,
+    failed: Option<StartError>,
+}
+
+impl Taker for ProcessTaker {
+    fn hello(&mut self, _version: u16, _pid: u32) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn listeners(&mut self, infos: Vec<ListenerInfo>, fds: Vec<OwnedFd>) -> Result<(), String> {
+        let Some(config) = self.config.take() else {
+            return Err("listeners sent twice".into());
+        };
+        log::info!(
+            "upgrade: starting on the old process's {} listeners",
+            fds.len()
+        );
+        let inherited = infos.into_iter().map(|i| i.addr).zip(fds).collect();
+        match Holdfast::start_inheriting(config, inherited) {
+            Ok(balancer) => {
+                let taker = LocalTaker::new(balancer.controller().clone());
+                self.started = Some((balancer, taker));
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("the new process cannot start: {e}");
+                self.failed = Some(e);
+                Err(reason)
+            }
+        }
+    }
+
+    fn rebuild(
+        &mut self,
+        id: u32,
+        sessions: Vec<PackedSession>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), String> {
+        match &mut self.started {
+            Some((_, taker)) => taker.rebuild(id, sessions, fds),
+            None => Err("sessions before listeners".into()),
+        }
+    }
+
+    fn commit(&mut self, id: u32) {
+        if let Some((_, taker)) = &mut self.started {
+            taker.commit(id);
+        }
+    }
+
+    fn abort(&mut self, id: u32) {
+        if let Some((_, taker)) = &mut self.started {
+            taker.abort(id);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
     use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-    use std::os::unix::net::UnixStream;
     use std::thread;
     use std::time::Instant;
 
     use super::*;
-    use crate::Holdfast;
-    use crate::config::{BackendSpec, Config, RelayMode};
-    use crate::upgrade::handover::{Channel, Taken, give, take};
+    use crate::config::{BackendSpec, RelayMode};
 
     const CLIENTS: usize = 24;
     const WAIT: Duration = Duration::from_secs(30);

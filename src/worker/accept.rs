@@ -50,6 +50,14 @@ impl Worker {
     }
 
     pub(super) fn accept_all(&mut self) {
+        if self.listeners_given {
+            // The new process accepts from these sockets: nothing to take here (and a drain
+            // closes them at once).
+            for ready in &mut self.listener_ready {
+                *ready = false;
+            }
+            return;
+        }
         if let Some(until) = self.accept_paused_until {
             if self.now < until {
                 return;

@@ -109,6 +109,9 @@ pub struct Worker {
     client_ip_log: LogLimiter,
     /// The live upgrade's batches under way.
     batches: upgrade::Batches,
+    /// Live upgrade: the listeners were given to a new process, which accepts now; this
+    /// worker does not (until the handover fails).
+    listeners_given: bool,
 }
 
 impl Worker {
@@ -166,6 +169,7 @@ impl Worker {
             next_sweep: Instant::now() + IP_SWEEP_INTERVAL,
             client_ip_log: LogLimiter::default(),
             batches: upgrade::Batches::default(),
+            listeners_given: false,
         };
         Ok((worker, tx, waker))
     }
@@ -285,6 +289,10 @@ impl Worker {
                 }
                 Ok(Control::Adopt { id }) => self.adopt(id),
                 Ok(Control::Discard { id }) => self.discard(id),
+                Ok(Control::Listeners { reply }) => {
+                    let _ = reply.send(self.listener_copies());
+                }
+                Ok(Control::Accepting(on)) => self.set_accepting(on),
                 Ok(Control::Shutdown) | Err(TryRecvError::Disconnected) => return true,
                 Err(TryRecvError::Empty) => return false,
             }

@@ -17,7 +17,11 @@
 //! under the per-IP limits.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+
+use mio::Interest;
 use std::time::Instant;
 
 use super::Worker;
@@ -27,6 +31,7 @@ use crate::session::pack::Adopt;
 use crate::session::{CloseReason, Session, Tag};
 use crate::stats::Counters;
 use crate::timer::{Timer, TimerKind};
+use crate::token::Target;
 use crate::upgrade::handover::Frozen;
 use crate::upgrade::wire::PackedSession;
 
@@ -279,6 +284,52 @@ impl Worker {
                 // Duplicates: closing them sends nothing; the old process keeps the sessions.
                 session.release(&mut self.pools);
             }
+        }
+    }
+}
+
+impl Worker {
+    /// Duplicates of the open listeners, with their addresses: the same sockets, for the new
+    /// process.
+    pub(super) fn listener_copies(&self) -> Vec<(SocketAddr, OwnedFd)> {
+        let mut copies = Vec::new();
+        for (listener, addr) in self.listeners.iter().zip(&self.listen_addrs) {
+            let Some(listener) = listener else { continue };
+            match listener.as_fd().try_clone_to_owned() {
+                Ok(fd) => copies.push((*addr, fd)),
+                Err(e) => log::warn!("worker {}: cannot duplicate a listener: {e}", self.id),
+            }
+        }
+        copies
+    }
+
+    /// Stops accepting (the new process accepts from the same sockets) or starts again.
+    pub(super) fn set_accepting(&mut self, on: bool) {
+        if self.listeners_given != on {
+            return;
+        }
+        self.listeners_given = !on;
+        for (i, listener) in self.listeners.iter_mut().enumerate() {
+            let Some(listener) = listener else { continue };
+            let result = if on {
+                self.poll.registry().register(
+                    listener,
+                    Target::Listener(i).token(),
+                    Interest::READABLE,
+                )
+            } else {
+                self.poll.registry().deregister(listener)
+            };
+            if let Err(e) = result {
+                log::warn!("worker {}: listener {i}: {e}", self.id);
+            }
+        }
+        if on {
+            // Whatever queued meanwhile is taken at once.
+            for ready in &mut self.listener_ready {
+                *ready = true;
+            }
+            self.accept_all();
         }
     }
 }

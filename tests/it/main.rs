@@ -20,4 +20,5 @@ mod relay;
 mod reliability;
 mod reload;
 mod retry;
+mod upgrade;
 mod websocket;

@@ -136,6 +136,23 @@ impl Child {
         me
     }
 
+    /// Starts `holdfast --listen <addr> <args>` on an address another process may hold too
+    /// (SO_REUSEPORT, as a live upgrade does), and waits until it logs that it listens.
+    #[track_caller]
+    pub fn spawn_on(addr: SocketAddr, args: &[&str]) -> Child {
+        let mut me = Child::start(addr, None, args, None);
+        wait_until_ok(IO_TIMEOUT, || {
+            me.exited_at_start(args);
+            let log = me.stderr();
+            if log.contains("listening on ") {
+                Ok(())
+            } else {
+                Err(format!("not listening yet:\n{log}"))
+            }
+        });
+        me
+    }
+
     /// A start that makes no connection to the child: see [`QuietStart`].
     pub fn quiet() -> QuietStart {
         QuietStart { nofile: None }
