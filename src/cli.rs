@@ -235,7 +235,8 @@ pub struct Args {
     pub tcp_user_timeout: Duration,
 
     /// Live upgrade: listen on this UNIX socket for a new holdfast started with --take-over,
-    /// hand it every relaying session, then exit 0 [default: off]
+    /// hand it every relaying session, then exit 0; SIGUSR2 starts that new holdfast (this
+    /// binary, these arguments) [default: off]
     #[arg(long, value_name = "PATH")]
     pub upgrade_socket: Option<PathBuf>,
 
@@ -243,6 +244,12 @@ pub struct Args {
     /// --upgrade-socket is PATH [default: off]
     #[arg(long, value_name = "PATH")]
     pub take_over: Option<PathBuf>,
+
+    /// Write this process's pid to PATH (atomically) at start, and again in a process started
+    /// with --take-over once it has taken over; removed at exit if it still names this process
+    /// [default: off]
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
 
     /// A handover not finished within DUR fails; the old process keeps what it still has
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration,

@@ -5,15 +5,17 @@
 
 mod cli;
 
+use std::ffi::OsString;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use clap::Parser;
 use crossbeam_channel::TrySendError;
 use holdfast::{ControlError, Holdfast, StartError, TakeOver};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use cli::Args;
@@ -24,7 +26,12 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_RUNTIME: u8 = 1;
 
 fn main() -> ExitCode {
+    // Taken now, before an upgrade could replace the file: SIGUSR2 starts the binary found at
+    // this path then (the new build), with these arguments.
+    let exe = std::env::current_exe();
+    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     let args = Args::parse();
+    let pid_file = args.pid_file.clone();
     env_logger::Builder::new()
         .filter_level(args.log_level)
         .parse_default_env()
@@ -40,7 +47,11 @@ fn main() -> ExitCode {
     let upgrade_timeout = config.upgrade_timeout;
     // Install the handlers before starting, so a signal that arrives during start-up is not
     // lost and does not kill the process the default way.
-    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+    let mut wanted = vec![SIGTERM, SIGINT, SIGHUP];
+    if upgrade_socket.is_some() {
+        wanted.push(SIGUSR2);
+    }
+    let mut signals = match Signals::new(wanted) {
         Ok(s) => s,
         Err(e) => {
             return fail(
@@ -62,6 +73,7 @@ fn main() -> ExitCode {
     }
     // With --take-over, the balancer starts on the old process's listeners (the same
     // sockets), then takes its sessions; the old one stops accepting once this one accepts.
+    let took_over = take_over.is_some();
     let started = match take_over {
         Some(path) => match UnixStream::connect(&path) {
             Ok(sock) => match holdfast::take_over(sock, config) {
@@ -102,6 +114,23 @@ fn main() -> ExitCode {
         Err(e @ (StartError::Config(_) | StartError::Sources(_))) => return fail(EXIT_USAGE, &e),
         Err(e) => return fail(EXIT_RUNTIME, &e),
     };
+    // Written once this process serves: after a take-over, it names the new process.
+    if let Some(path) = &pid_file
+        && let Err(e) = write_pid_file(path)
+    {
+        let e = format!("cannot write pid file {}: {e}", path.display());
+        if took_over {
+            // The sessions are here now; losing them over a pid file would be worse.
+            log::error!("{e}");
+        } else {
+            balancer.shutdown();
+            return fail(EXIT_RUNTIME, &e);
+        }
+    }
+    // Set once a handover succeeded: the pid file is the new process's from then on.
+    let handed_over = Arc::new(AtomicBool::new(false));
+    // Set while a new process started by SIGUSR2 has not exited (or taken over).
+    let upgrading = Arc::new(AtomicBool::new(false));
     // SIGHUP reloads on a thread of its own, so that a reload that takes long (a large file,
     // a slow host-name lookup) never delays SIGTERM. SIGHUPs that arrive while a reload is
     // pending are folded into it: the pending reload reads the file as it is by then.
@@ -131,11 +160,25 @@ fn main() -> ExitCode {
     // until --drain-timeout, the rest are closed spread over --close-spread. A second one
     // closes everything now.
     let control = balancer.controller().clone();
+    let upgrade = upgrade_socket.clone().map(|socket| Reexec {
+        exe,
+        args: reexec_args(&argv, &socket),
+        upgrading: Arc::clone(&upgrading),
+        handed_over: Arc::clone(&handed_over),
+    });
     let spawned = std::thread::Builder::new()
         .name("holdfast-signals".into())
         .spawn(move || {
             let mut draining = false;
             for signal in signals.forever() {
+                if signal == SIGUSR2 {
+                    match &upgrade {
+                        Some(upgrade) if !draining => upgrade.start(),
+                        Some(_) => log::warn!("SIGUSR2: draining; no upgrade"),
+                        None => {}
+                    }
+                    continue;
+                }
                 if signal == SIGHUP {
                     // Full: a reload is pending already and will see the file as it is now.
                     if let Err(TrySendError::Disconnected(())) = reload_tx.try_send(()) {
@@ -178,9 +221,10 @@ fn main() -> ExitCode {
             }
         };
         let control = balancer.controller().clone();
+        let handed_over = Arc::clone(&handed_over);
         let spawned = std::thread::Builder::new()
             .name("holdfast-upgrade".into())
-            .spawn(move || serve_upgrades(&listener, &control, upgrade_timeout));
+            .spawn(move || serve_upgrades(&listener, &control, upgrade_timeout, &handed_over));
         if let Err(e) = spawned {
             balancer.shutdown();
             return fail(
@@ -190,6 +234,11 @@ fn main() -> ExitCode {
         }
     }
     balancer.join();
+    if let Some(path) = &pid_file
+        && !handed_over.load(Ordering::SeqCst)
+    {
+        remove_pid_file(path);
+    }
     log::info!("holdfast stopped");
     ExitCode::SUCCESS
 }
@@ -202,6 +251,7 @@ fn serve_upgrades(
     listener: &UnixListener,
     control: &holdfast::Controller,
     timeout: std::time::Duration,
+    handed_over: &AtomicBool,
 ) {
     for sock in listener.incoming() {
         let sock = match sock {
@@ -221,12 +271,131 @@ fn serve_upgrades(
                     report.batches,
                     report.longest_pause
                 );
+                handed_over.store(true, Ordering::SeqCst);
                 // The socket file stays: the new process may be binding the same path now.
                 control.drain();
                 return;
             }
             Err(e) => log::error!("upgrade failed, keeping every session not handed over: {e}"),
         }
+    }
+}
+
+/// What SIGUSR2 starts: this binary with this process's arguments, taking over from it.
+struct Reexec {
+    exe: std::io::Result<PathBuf>,
+    args: Vec<OsString>,
+    upgrading: Arc<AtomicBool>,
+    handed_over: Arc<AtomicBool>,
+}
+
+impl Reexec {
+    /// Starts the new process, unless one is under way already; a thread waits for it, so
+    /// that one which exits before taking over is reported and the next SIGUSR2 is accepted.
+    fn start(&self) {
+        if self.upgrading.swap(true, Ordering::SeqCst) {
+            log::warn!("SIGUSR2: an upgrade is under way already; refused");
+            return;
+        }
+        let exe = match &self.exe {
+            Ok(exe) => exe,
+            Err(e) => {
+                log::error!(
+                    "SIGUSR2: upgrade failed, still serving: path of this binary unknown ({e})"
+                );
+                self.upgrading.store(false, Ordering::SeqCst);
+                return;
+            }
+        };
+        let spawned = Command::new(exe)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                log::error!(
+                    "SIGUSR2: upgrade failed, still serving: cannot start {}: {e}",
+                    exe.display()
+                );
+                self.upgrading.store(false, Ordering::SeqCst);
+                return;
+            }
+        };
+        let pid = child.id();
+        log::info!(
+            "SIGUSR2: started {} to take over (pid {pid})",
+            exe.display()
+        );
+        let upgrading = Arc::clone(&self.upgrading);
+        let handed_over = Arc::clone(&self.handed_over);
+        let waiter = std::thread::Builder::new()
+            .name("holdfast-upgrade-child".into())
+            .spawn(move || {
+                let status = child.wait();
+                if handed_over.load(Ordering::SeqCst) {
+                    return;
+                }
+                match status {
+                    Ok(status) => log::error!(
+                        "upgrade failed, still serving: the new process (pid {pid}) exited \
+                         ({status}) before taking over"
+                    ),
+                    Err(e) => log::error!(
+                        "upgrade failed, still serving: cannot wait for the new process \
+                         (pid {pid}): {e}"
+                    ),
+                }
+                upgrading.store(false, Ordering::SeqCst);
+            });
+        if let Err(e) = waiter {
+            // The upgrade goes on; only its failure would not be noticed.
+            log::warn!("SIGUSR2: cannot watch the new process (pid {pid}): {e}");
+        }
+    }
+}
+
+/// This process's arguments without any `--take-over X` of its own, plus `--take-over
+/// <socket>`.
+fn reexec_args(argv: &[OsString], socket: &Path) -> Vec<OsString> {
+    let mut args = Vec::with_capacity(argv.len() + 2);
+    let mut skip_next = false;
+    for arg in argv {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        if arg == "--take-over" {
+            skip_next = true;
+            continue;
+        }
+        if arg.as_encoded_bytes().starts_with(b"--take-over=") {
+            continue;
+        }
+        args.push(arg.clone());
+    }
+    args.push("--take-over".into());
+    args.push(socket.as_os_str().to_owned());
+    args
+}
+
+/// Writes this process's pid to `path` atomically: to `path.tmp-<pid>`, then renamed.
+fn write_pid_file(path: &Path) -> std::io::Result<()> {
+    let pid = std::process::id();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{pid}"));
+    std::fs::write(&tmp, format!("{pid}\n"))?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Removes the pid file if it still names this process (a new one may have written its own).
+fn remove_pid_file(path: &Path) {
+    let ours = std::fs::read_to_string(path)
+        .is_ok_and(|text| text.trim() == std::process::id().to_string());
+    if ours && let Err(e) = std::fs::remove_file(path) {
+        log::warn!("cannot remove pid file {}: {e}", path.display());
     }
 }
 

@@ -115,3 +115,184 @@ fn take_over_moves_every_relaying_session_to_a_new_process() {
     }
     assert!(new.is_running(), "new stderr:\n{}", new.stderr());
 }
+
+/// A process that is not the test's child (the one SIGUSR2 started), killed on drop.
+struct Orphan(u32);
+
+impl Drop for Orphan {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(self.0.to_string())
+            .status();
+    }
+}
+
+fn read_pid(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// `--pid-file` names the running process, and is gone once it has exited cleanly.
+#[test]
+fn pid_file_names_the_process_and_goes_at_exit() {
+    let backend = EchoBackend::start();
+    let pid_file = TempFile::new("pid", "");
+    let mut hf = Child::spawn(&[
+        "--backend",
+        &backend.addr().to_string(),
+        "--pid-file",
+        pid_file.path().to_str().unwrap(),
+    ]);
+    assert_eq!(read_pid(pid_file.path()), Some(hf.pid()));
+    let status = hf.signal_and_wait(libc::SIGTERM, WAIT);
+    assert!(status.success(), "stderr:\n{}", hf.stderr());
+    assert!(!pid_file.path().exists(), "the pid file is left behind");
+}
+
+/// `kill -USR2` on a holdfast with `--upgrade-socket` starts the same binary with the same
+/// arguments, which takes every session over: the old process exits 0, every session keeps
+/// working (a message in flight arrives once), the pid file names the new process.
+#[test]
+fn sigusr2_starts_the_same_binary_which_takes_over() {
+    let backend = EchoBackend::start();
+    let socket = TempFile::new("upgrade-sock", "");
+    let pid_file = TempFile::new("pid", "");
+    let backend_arg = backend.addr().to_string();
+    let mut old = Child::spawn(&[
+        "--backend",
+        &backend_arg,
+        "--workers",
+        "2",
+        "--upgrade-socket",
+        socket.path().to_str().unwrap(),
+        "--pid-file",
+        pid_file.path().to_str().unwrap(),
+    ]);
+    assert_eq!(read_pid(pid_file.path()), Some(old.pid()));
+    let addr = old.addr();
+    let mut clients: Vec<TcpStream> = (0..SESSIONS).map(|_| client(addr)).collect();
+    for (c, cl) in clients.iter_mut().enumerate() {
+        exchange(cl, c, 0);
+    }
+    for (c, cl) in clients.iter_mut().enumerate() {
+        cl.write_all(&message(c, 1)).unwrap();
+    }
+
+    old.signal(libc::SIGUSR2);
+    let status = old
+        .wait_exit(WAIT)
+        .expect("the old process exits after the handover");
+    // The new process logs to the same stderr.
+    let log = old.stderr();
+    assert!(status.success(), "old process: {status}; stderr:\n{log}");
+    assert!(log.contains("upgrade: took over"), "stderr:\n{log}");
+    assert!(
+        log.contains(&format!("handed {SESSIONS} sessions over")),
+        "stderr:\n{log}"
+    );
+    let new_pid = read_pid(pid_file.path()).expect("the pid file is there");
+    let _new = Orphan(new_pid);
+    assert_ne!(
+        new_pid,
+        old.pid(),
+        "the pid file still names the old process"
+    );
+    assert!(
+        std::path::Path::new(&format!("/proc/{new_pid}")).exists(),
+        "the pid file names no running process"
+    );
+
+    for (c, cl) in clients.iter_mut().enumerate() {
+        let sent = message(c, 1);
+        let mut got = vec![0u8; sent.len()];
+        cl.read_exact(&mut got).unwrap();
+        assert!(
+            got == sent,
+            "client {c}: the message in flight came back altered"
+        );
+    }
+    for n in 2..4 {
+        for (c, cl) in clients.iter_mut().enumerate() {
+            exchange(cl, c, n);
+        }
+    }
+    let mut fresh = client(addr);
+    exchange(&mut fresh, SESSIONS, 0);
+}
+
+/// Waits for `needle` followed by a pid in the log; returns the pid.
+fn pid_after(hf: &Child, needle: &str) -> u32 {
+    let mut pid = None;
+    wait_until_ok(WAIT, || {
+        let log = hf.stderr();
+        pid = log
+            .split(needle)
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .and_then(|n| n.trim().parse().ok());
+        pid.map(|_| ())
+            .ok_or(format!("no {needle:?} on stderr:\n{log}"))
+    });
+    pid.expect("set when the wait succeeded")
+}
+
+/// SIGUSR2 starts the binary at the path this process was started from: when that is a
+/// program that never takes over, a second SIGUSR2 is refused while it runs; when it exits,
+/// and when nothing can be started there at all, the running holdfast says why and keeps
+/// serving its sessions and new ones.
+#[test]
+fn sigusr2_upgrade_that_cannot_happen_keeps_serving() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("usr2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("holdfast");
+    let _ = std::fs::remove_file(&exe);
+    // A link, not a copy: no file open for writing that a parallel fork could hold (ETXTBSY).
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_holdfast"), &exe).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_holdfast"), &exe).unwrap();
+    }
+    let backend = EchoBackend::start();
+    let socket = TempFile::new("upgrade-sock", "");
+    let mut old = Child::spawn_exe(
+        &exe,
+        &[
+            "--backend",
+            &backend.addr().to_string(),
+            "--upgrade-socket",
+            socket.path().to_str().unwrap(),
+        ],
+    );
+    let mut cl = client(old.addr());
+    exchange(&mut cl, 0, 0);
+
+    // The "new build": a program that never connects.
+    let script = dir.join("holdfast.new");
+    std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&script, &exe).unwrap();
+
+    old.signal(libc::SIGUSR2);
+    let sleeper = pid_after(&old, "to take over (pid ");
+    let guard = Orphan(sleeper);
+    old.signal(libc::SIGUSR2);
+    old.wait_for_stderr("an upgrade is under way already; refused", WAIT);
+    exchange(&mut cl, 0, 1);
+    drop(guard);
+    old.wait_for_stderr("exited (signal: 9", WAIT);
+    assert!(
+        old.stderr().contains("before taking over"),
+        "stderr:\n{}",
+        old.stderr()
+    );
+    exchange(&mut cl, 0, 2);
+
+    // Nothing at that path: the next SIGUSR2 is accepted, and fails at once.
+    std::fs::remove_file(&exe).unwrap();
+    old.signal(libc::SIGUSR2);
+    old.wait_for_stderr("upgrade failed, still serving: cannot start", WAIT);
+    exchange(&mut cl, 0, 3);
+    let mut fresh = client(old.addr());
+    exchange(&mut fresh, 1, 0);
+    assert!(old.is_running(), "stderr:\n{}", old.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
+}

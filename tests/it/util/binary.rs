@@ -122,7 +122,32 @@ impl Child {
         reservation.set_reuse_port(true).unwrap();
         reservation.bind(&SockAddr::from(localhost0())).unwrap();
         let addr = reservation.local_addr().unwrap().as_socket().unwrap();
-        let mut me = Child::start(addr, None, args, Some(reservation));
+        Child::spawn_reserved(
+            env!("CARGO_BIN_EXE_holdfast").as_ref(),
+            addr,
+            reservation,
+            args,
+        )
+    }
+
+    /// [`Child::spawn`] of the binary at `exe` (a copy of holdfast, to replace under it).
+    #[track_caller]
+    pub fn spawn_exe(exe: &std::path::Path, args: &[&str]) -> Child {
+        let reservation = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        reservation.set_reuse_port(true).unwrap();
+        reservation.bind(&SockAddr::from(localhost0())).unwrap();
+        let addr = reservation.local_addr().unwrap().as_socket().unwrap();
+        Child::spawn_reserved(exe.as_os_str(), addr, reservation, args)
+    }
+
+    #[track_caller]
+    fn spawn_reserved(
+        exe: &std::ffi::OsStr,
+        addr: SocketAddr,
+        reservation: Socket,
+        args: &[&str],
+    ) -> Child {
+        let mut me = Child::start_exe(exe, addr, None, args, Some(reservation));
         wait_until_ok(IO_TIMEOUT, || {
             me.exited_at_start(args);
             match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
@@ -166,15 +191,27 @@ impl Child {
         args: &[&str],
         reservation: Option<Socket>,
     ) -> Child {
+        let exe: &std::ffi::OsStr = env!("CARGO_BIN_EXE_holdfast").as_ref();
+        Child::start_exe(exe, listen, nofile, args, reservation)
+    }
+
+    #[track_caller]
+    fn start_exe(
+        exe: &std::ffi::OsStr,
+        listen: SocketAddr,
+        nofile: Option<u32>,
+        args: &[&str],
+        reservation: Option<Socket>,
+    ) -> Child {
         let stdout = temp_path("stdout");
         let stderr = temp_path("stderr");
         let mut command = match nofile {
-            None => Command::new(env!("CARGO_BIN_EXE_holdfast")),
+            None => Command::new(exe),
             Some(n) => {
                 let mut sh = Command::new("sh");
                 sh.arg("-c")
                     .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
-                    .arg(env!("CARGO_BIN_EXE_holdfast"));
+                    .arg(exe);
                 sh
             }
         };
