@@ -5,9 +5,9 @@
 //! Wired so far: relaying sessions (frozen, released or resumed on the old side; rebuilt,
 //! adopted or discarded on the new one) and, between two processes ([`give_over`],
 //! [`take_over`]), the listeners: the new process starts its balancer on them. Between two
-//! balancers in one process ([`LocalGiver::new`], [`LocalTaker`]) the listeners stay. Not
-//! yet: queued and connecting sessions (they stay with the old process), backend state,
-//! SIGUSR2 and the pid file.
+//! balancers in one process ([`LocalGiver::new`], [`LocalTaker`]) the listeners stay. (The
+//! binary drives [`give_over`] from `--upgrade-socket` and SIGUSR2.) Not yet: queued and
+//! connecting sessions (they stay with the old process) and backend state.
 
 use std::collections::HashMap;
 use std::io;
