@@ -24,6 +24,33 @@ fn exchange(client: &mut TcpStream, c: usize, n: usize) {
     assert!(got == sent, "client {c}: message {n} came back altered");
 }
 
+/// After an upgrade: each client's echo of its message `in_flight` (sent before the
+/// upgrade, not read yet) arrives whole and once; round trips `more` then work on every
+/// session; and a new client on `addr` is served.
+fn expect_sessions_kept(
+    clients: &mut [TcpStream],
+    in_flight: usize,
+    more: std::ops::Range<usize>,
+    addr: std::net::SocketAddr,
+) {
+    for (c, cl) in clients.iter_mut().enumerate() {
+        let sent = message(c, in_flight);
+        let mut got = vec![0u8; sent.len()];
+        cl.read_exact(&mut got).unwrap();
+        assert!(
+            got == sent,
+            "client {c}: the message in flight came back altered"
+        );
+    }
+    for n in more {
+        for (c, cl) in clients.iter_mut().enumerate() {
+            exchange(cl, c, n);
+        }
+    }
+    let mut fresh = client(addr);
+    exchange(&mut fresh, clients.len(), 0);
+}
+
 /// Clients relaying through a running holdfast, each with a message in flight, keep their
 /// sessions when a new holdfast started with `--take-over` takes them: the echo of the
 /// message in flight arrives once, later round trips work, the new process listens on the
@@ -89,23 +116,8 @@ fn take_over_moves_every_relaying_session_to_a_new_process() {
         old.stderr()
     );
 
-    for (c, cl) in clients.iter_mut().enumerate() {
-        let sent = message(c, 2);
-        let mut got = vec![0u8; sent.len()];
-        cl.read_exact(&mut got).unwrap();
-        assert!(
-            got == sent,
-            "client {c}: the message in flight came back altered"
-        );
-    }
-    for n in 3..6 {
-        for (c, cl) in clients.iter_mut().enumerate() {
-            exchange(cl, c, n);
-        }
-    }
     // The old process is gone: a new client on the same port is served by the new one.
-    let mut fresh = client(addr);
-    exchange(&mut fresh, SESSIONS, 0);
+    expect_sessions_kept(&mut clients, 2, 3..6, addr);
     // Nothing more than was sent.
     for (c, cl) in clients.iter_mut().enumerate() {
         cl.shutdown(std::net::Shutdown::Write).unwrap();
@@ -202,22 +214,7 @@ fn sigusr2_starts_the_same_binary_which_takes_over() {
         "the pid file names no running process"
     );
 
-    for (c, cl) in clients.iter_mut().enumerate() {
-        let sent = message(c, 1);
-        let mut got = vec![0u8; sent.len()];
-        cl.read_exact(&mut got).unwrap();
-        assert!(
-            got == sent,
-            "client {c}: the message in flight came back altered"
-        );
-    }
-    for n in 2..4 {
-        for (c, cl) in clients.iter_mut().enumerate() {
-            exchange(cl, c, n);
-        }
-    }
-    let mut fresh = client(addr);
-    exchange(&mut fresh, SESSIONS, 0);
+    expect_sessions_kept(&mut clients, 1, 2..4, addr);
 }
 
 /// Waits for `needle` followed by a pid in the log; returns the pid.
