@@ -144,6 +144,19 @@ fn read_pid(path: &std::path::Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// Waits until the pid file names a process for which `wanted` holds; returns that pid.
+/// The file is written once the process serves, which may be just after its port accepts.
+fn wait_for_pid(path: &std::path::Path, wanted: impl Fn(u32) -> bool) -> u32 {
+    let mut found = None;
+    wait_until_ok(WAIT, || {
+        found = read_pid(path).filter(|&pid| wanted(pid));
+        found
+            .map(|_| ())
+            .ok_or(format!("the pid file says {:?}", read_pid(path)))
+    });
+    found.expect("set when the wait succeeded")
+}
+
 /// `--pid-file` names the running process, and is gone once it has exited cleanly.
 #[test]
 fn pid_file_names_the_process_and_goes_at_exit() {
@@ -155,7 +168,8 @@ fn pid_file_names_the_process_and_goes_at_exit() {
         "--pid-file",
         pid_file.path().to_str().unwrap(),
     ]);
-    assert_eq!(read_pid(pid_file.path()), Some(hf.pid()));
+    let pid = hf.pid();
+    wait_for_pid(pid_file.path(), |p| p == pid);
     let status = hf.signal_and_wait(libc::SIGTERM, WAIT);
     assert!(status.success(), "stderr:\n{}", hf.stderr());
     assert!(!pid_file.path().exists(), "the pid file is left behind");
@@ -180,7 +194,8 @@ fn sigusr2_starts_the_same_binary_which_takes_over() {
         "--pid-file",
         pid_file.path().to_str().unwrap(),
     ]);
-    assert_eq!(read_pid(pid_file.path()), Some(old.pid()));
+    let old_pid = old.pid();
+    wait_for_pid(pid_file.path(), |p| p == old_pid);
     let addr = old.addr();
     let mut clients: Vec<TcpStream> = (0..SESSIONS).map(|_| client(addr)).collect();
     for (c, cl) in clients.iter_mut().enumerate() {
@@ -202,13 +217,9 @@ fn sigusr2_starts_the_same_binary_which_takes_over() {
         log.contains(&format!("handed {SESSIONS} sessions over")),
         "stderr:\n{log}"
     );
-    let new_pid = read_pid(pid_file.path()).expect("the pid file is there");
+    // The new process writes it once it serves, which may be just after the old one left.
+    let new_pid = wait_for_pid(pid_file.path(), |p| p != old_pid);
     let _new = Orphan(new_pid);
-    assert_ne!(
-        new_pid,
-        old.pid(),
-        "the pid file still names the old process"
-    );
     assert!(
         std::path::Path::new(&format!("/proc/{new_pid}")).exists(),
         "the pid file names no running process"
