@@ -25,8 +25,14 @@ use holdfast::{
 #[derive(Debug, Parser)]
 #[command(name = "holdfast", version, max_term_width = 100)]
 pub struct Args {
+    /// Read the settings from this TOML file (keys are these flags' names with _ for -,
+    /// docs/operations.md "Config file"); no other flag may be given with it; re-read on SIGHUP
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Address to accept on, IPv4 or IPv6 (repeatable)
-    #[arg(short, long = "listen", value_name = "ADDR", required = true, value_parser = parse_addr)]
+    #[arg(short, long = "listen", value_name = "ADDR", required_unless_present = "config",
+          value_parser = parse_addr)]
     pub listen: Vec<SocketAddr>,
 
     /// A backend, optionally weighted 1..=256 (repeatable; at least one --backend,

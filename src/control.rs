@@ -145,6 +145,30 @@ impl Controller {
         result
     }
 
+    /// The settings in which `config` differs from the running one, besides backends (see
+    /// [`Config::differences`]).
+    pub fn config_differences(&self, config: &Config) -> Vec<&'static str> {
+        self.config.differences(config)
+    }
+
+    /// A configuration file's reload: `fixed` replaces the backends the configuration lists
+    /// itself (the `--backend` flags' part, or a `--config` file's `backend` key), the
+    /// backends file is re-read if there is one, and the union is applied as
+    /// [`Controller::set_backends`] applies a list. Anything refused changes nothing.
+    pub fn reload_with(&self, fixed: Vec<BackendSpec>) -> Result<(), ControlError> {
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = (sources.fixed.clone(), sources.file_specs.clone());
+        if sources.file.is_some() {
+            sources.reload_file()?;
+        }
+        sources.fixed = fixed;
+        let result = self.set_backends(sources.backends());
+        if let Err(ControlError::Invalid(_)) = result {
+            (sources.fixed, sources.file_specs) = previous;
+        }
+        result
+    }
+
     /// Resolves the `--backend-dns` names again and applies any change. Names that fail to
     /// resolve keep their last answer; their errors ([`ControlError::Source`]) are returned,
     /// with the error of applying the new list, if any.

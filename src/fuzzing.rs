@@ -10,6 +10,8 @@ use crate::config::BackendSpec;
 
 /// The admin endpoint's request parser.
 pub use crate::admin::routes::{AdminRequest, Reply, parse_request};
+/// The `--config` file's reader (its shape; values are the flags' parsers').
+pub use crate::config::file::parse as parse_config_file;
 /// The `--health-check` value's escapes, and a duration flag's value (`500ms`, `2s`,
 /// `1h 30m`, `0`).
 pub use crate::config::{escape, parse_duration, unescape};

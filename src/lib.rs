@@ -78,6 +78,8 @@ use crossbeam_channel::Sender;
 pub use admin::AdminServer;
 pub use backend::{BackendState, BackendStatsSnapshot, WEIGHT_SCALE};
 pub use client_ip::{AccessList, Cidr, IpLimitsConfig};
+/// A `--config` file's shape, read into flag-shaped entries (the binary parses the values).
+pub use config::file as config_file;
 pub use config::{
     Algorithm, BackendSpec, ClientIpConfig, Config, ConfigError, DnsName, HealthCheck,
     HealthConfig, LimitsConfig, MAX_WEIGHT, ProxyVersion, RelayMode, Resolver, SendExpect,

@@ -4,6 +4,7 @@
 //! public API, like any other program that embeds holdfast.
 
 mod cli;
+mod config_file;
 
 use std::ffi::OsString;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,7 +13,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use crossbeam_channel::TrySendError;
 use holdfast::{ControlError, Holdfast, StartError, TakeOver};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
@@ -30,18 +31,37 @@ fn main() -> ExitCode {
     // this path then (the new build), with these arguments.
     let exe = std::env::current_exe();
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let args = Args::parse();
-    let pid_file = args.pid_file.clone();
+    let (args, matches) = parse_args();
+    let config_path = args.config.clone();
+    let read = match &config_path {
+        None => {
+            let (pid_file, log_level) = (args.pid_file.clone(), args.log_level);
+            match args.into_config() {
+                Ok(config) => Settings {
+                    config,
+                    pid_file,
+                    log_level,
+                    service: None,
+                },
+                Err(e) => return fail(EXIT_USAGE, &e),
+            }
+        }
+        Some(path) => match from_file(path, &args, &matches) {
+            Ok(read) => read,
+            Err(e) => return fail(EXIT_USAGE, &e),
+        },
+    };
     env_logger::Builder::new()
-        .filter_level(args.log_level)
+        .filter_level(read.log_level)
         .parse_default_env()
         .format_target(false)
         .init();
-
-    let config = match args.into_config() {
-        Ok(config) => config,
-        Err(e) => return fail(EXIT_USAGE, &e),
-    };
+    if let (Some(path), Some(name)) = (&config_path, &read.service) {
+        log::info!("service '{name}' from {}", path.display());
+    }
+    let Settings {
+        config, pid_file, ..
+    } = read;
     let upgrade_socket = config.upgrade_socket.clone();
     let take_over = config.take_over.clone();
     let upgrade_timeout = config.upgrade_timeout;
@@ -140,7 +160,11 @@ fn main() -> ExitCode {
         .name("holdfast-reload".into())
         .spawn(move || {
             for () in reload_rx {
-                match control.reload() {
+                let reloaded = match &config_path {
+                    Some(path) => reload_file(path, &control),
+                    None => control.reload(),
+                };
+                match reloaded {
                     Ok(()) => log::info!("SIGHUP: backends reloaded"),
                     Err(e @ ControlError::Timeout) => {
                         log::warn!("SIGHUP: {e}; the reloaded backends will still be applied")
@@ -397,6 +421,80 @@ fn remove_pid_file(path: &Path) {
     if ours && let Err(e) = std::fs::remove_file(path) {
         log::warn!("cannot remove pid file {}: {e}", path.display());
     }
+}
+
+/// The flags, as clap reads them (exit 2 with clap's message on a bad one).
+fn parse_args() -> (Args, clap::ArgMatches) {
+    let matches = Args::command().get_matches();
+    match Args::from_arg_matches(&matches) {
+        Ok(args) => (args, matches),
+        Err(e) => e.exit(),
+    }
+}
+
+/// What the process runs with, from the flags or a `--config` file.
+struct Settings {
+    config: holdfast::Config,
+    pid_file: Option<PathBuf>,
+    log_level: log::LevelFilter,
+    /// The file's service name.
+    service: Option<String>,
+}
+
+/// `--config FILE`: the file's one service, its pid file and log level. Besides `--config`,
+/// only `--take-over` (which SIGUSR2 adds) may be on the command line.
+fn from_file(path: &Path, args: &Args, matches: &clap::ArgMatches) -> Result<Settings, String> {
+    let command = Args::command();
+    let given = command.get_arguments().find(|arg| {
+        let id = arg.get_id().as_str();
+        !["config", "take_over"].contains(&id)
+            && matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    });
+    if let Some(arg) = given {
+        return Err(format!(
+            "--{} cannot be given with --config: set it in {}",
+            arg.get_long().unwrap_or(arg.get_id().as_str()),
+            path.display()
+        ));
+    }
+    let loaded = config_file::load(path)?;
+    let mut services = loaded.services;
+    if services.len() != 1 {
+        return Err(format!(
+            "{}: {} services declared; this version runs one service per process",
+            path.display(),
+            services.len()
+        ));
+    }
+    let service = services.remove(0);
+    let mut config = service.config;
+    config.take_over = args.take_over.clone();
+    Ok(Settings {
+        config,
+        pid_file: loaded.pid_file,
+        log_level: loaded.log_level,
+        service: Some(service.name),
+    })
+}
+
+/// SIGHUP with `--config`: the file is read again; its backends (and the backends file's)
+/// are applied. Other changes wait for the next upgrade or restart, and the log says which.
+fn reload_file(path: &Path, control: &holdfast::Controller) -> Result<(), ControlError> {
+    let loaded = config_file::load(path)
+        .map_err(|e| ControlError::Invalid(holdfast::ConfigError::Invalid(e)))?;
+    let Some(service) = loaded.services.into_iter().next() else {
+        return Ok(());
+    };
+    let changed = control.config_differences(&service.config);
+    if !changed.is_empty() {
+        log::warn!(
+            "SIGHUP: {} changed in {}; that takes effect at the next upgrade (SIGUSR2) or \
+             restart, the backends now",
+            changed.join(", "),
+            path.display()
+        );
+    }
+    control.reload_with(service.config.backends)
 }
 
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {

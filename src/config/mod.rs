@@ -11,6 +11,7 @@
 //!   what [`Config::validate`] checks across fields.
 
 mod backend;
+pub mod file;
 mod health_check;
 
 use std::collections::HashSet;
@@ -376,6 +377,47 @@ impl Config {
 }
 
 impl Config {
+    /// The settings (by their `--config` key) in which `other` differs from `self`, besides
+    /// the backend list: what a reload of the file cannot apply to a running balancer.
+    pub fn differences(&self, other: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        macro_rules! compare {
+            ($($field:ident $(. $sub:ident)?),* $(,)?) => {$(
+                if format!("{:?}", self.$field $(.$sub)?) != format!("{:?}", other.$field $(.$sub)?) {
+                    keys.push(stringify!($field $(. $sub)?));
+                }
+            )*};
+        }
+        compare!(
+            listen,
+            algorithm,
+            workers,
+            relay,
+            connect_timeout,
+            retries,
+            idle_timeout,
+            backend_timeout,
+            tcp_keepalive,
+            max_conns,
+            backlog,
+            health,
+            limits,
+            drain_timeout,
+            close_spread,
+            backend_drain_timeout,
+            log_sessions,
+            admin,
+            backends_file,
+            backend_dns,
+            dns_interval,
+            client_ip,
+            tcp_user_timeout,
+            upgrade_socket,
+            upgrade_timeout,
+        );
+        keys
+    }
+
     /// What is allowed but probably a mistake, one line each, for the log at start.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();

@@ -9,6 +9,7 @@ mod admin;
 mod algorithms;
 mod cli;
 mod client_ip;
+mod config_file;
 mod faults;
 mod haproxy;
 mod health;

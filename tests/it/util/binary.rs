@@ -394,3 +394,40 @@ impl Drop for TempFile {
         let _ = fs::remove_file(&self.path);
     }
 }
+
+impl Child {
+    /// Starts `holdfast --config <file>` on a reserved port: `{listen}` in `text` becomes the
+    /// reserved address. Waits until the port accepts. The file stays as long as the child.
+    #[track_caller]
+    pub fn spawn_config(text: &str) -> (Child, TempFile) {
+        let reservation = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        reservation.set_reuse_port(true).unwrap();
+        reservation.bind(&SockAddr::from(localhost0())).unwrap();
+        let addr = reservation.local_addr().unwrap().as_socket().unwrap();
+        let file = TempFile::new("config.toml", &text.replace("{listen}", &addr.to_string()));
+        let stdout = temp_path("stdout");
+        let stderr = temp_path("stderr");
+        let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .arg("--config")
+            .arg(file.path())
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).unwrap())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn holdfast");
+        let mut me = Child {
+            child,
+            addr,
+            stdout,
+            stderr,
+            _reservation: Some(reservation),
+        };
+        wait_until_ok(IO_TIMEOUT, || {
+            me.exited_at_start(&["--config"]);
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .map(|_| ())
+                .map_err(|e| format!("no accept on {addr} ({e}); stderr:\n{}", me.stderr()))
+        });
+        (me, file)
+    }
+}

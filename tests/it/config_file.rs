@@ -1,0 +1,117 @@
+//! `--config FILE` (issue #14): a service read from a TOML file, with the real binary.
+
+use std::time::Duration;
+
+use crate::util::*;
+
+const WITHIN: Duration = Duration::from_secs(10);
+
+fn service(backends: &[&TaggedBackend], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("\"{} weight=1\"", b.addr()))
+        .collect();
+    format!(
+        "workers = 1\n\n[[service]]\nname = \"ws\"\nlisten = \"{{listen}}\"\n\
+         algorithm = \"round-robin\"\nbackends = [{}]\n{extra}",
+        list.join(", ")
+    )
+}
+
+/// A file's service is served as its flags would be: the backends it lists take turns, and
+/// the log names the service.
+#[test]
+fn a_service_from_a_file_is_served() {
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let (hf, _file) = Child::spawn_config(&service(&[&a, &b], "idle_timeout = \"2m\"\n"));
+    let tags = tags_of_new_clients(hf.addr(), 4);
+    assert_eq!(count_tag(&tags, "a"), 2, "{tags:?}");
+    assert_eq!(count_tag(&tags, "b"), 2, "{tags:?}");
+    hf.wait_for_stderr("service 'ws' from ", WITHIN);
+}
+
+/// SIGHUP re-reads the file: a backend added there gets clients, a removed one none; a
+/// setting that cannot change live is named in the log, and nothing else changes.
+#[test]
+fn sighup_applies_the_files_new_backends_and_names_what_waits() {
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let (hf, file) = Child::spawn_config(&service(&[&a], ""));
+    assert_eq!(tags_of_new_clients(hf.addr(), 3), vec!["a"; 3]);
+    let text = std::fs::read_to_string(file.path()).unwrap();
+    let backend_line = format!("backends = [\"{} weight=1\"]", a.addr());
+    assert!(text.contains(&backend_line), "{text}");
+    file.write(
+        &text
+            .replace(&backend_line, &format!("backends = [\"{}\"]", b.addr()))
+            .replace("workers = 1", "workers = 2"),
+    );
+    hf.signal(libc::SIGHUP);
+    hf.wait_for_stderr("SIGHUP: backends reloaded", WITHIN);
+    let log = hf.stderr();
+    assert!(
+        log.contains("SIGHUP: workers changed in "),
+        "the change that waits is not named:\n{log}"
+    );
+    assert_eq!(tags_of_new_clients(hf.addr(), 3), vec!["b"; 3]);
+
+    // An invalid file changes nothing and says why, with the line.
+    file.write(&format!(
+        "[[service]]\nname = \"ws\"\nlisten = \"{}\"\nretries = \"many\"\n",
+        hf.addr()
+    ));
+    hf.signal(libc::SIGHUP);
+    hf.wait_for_stderr("SIGHUP: reload failed, backends unchanged", WITHIN);
+    assert!(
+        hf.stderr()
+            .contains("line 4: retries: invalid value 'many'"),
+        "{}",
+        hf.stderr()
+    );
+    assert_eq!(tags_of_new_clients(hf.addr(), 2), vec!["b"; 2]);
+}
+
+/// A bad file, a flag beside --config, or several services: one line, exit 2, nothing
+/// started.
+#[test]
+fn bad_files_and_mixed_flags_exit_2_with_one_line() {
+    let good = "[[service]]\nname = \"ws\"\nlisten = \"127.0.0.1:1\"\nbackend = \"127.0.0.1:2\"\n";
+    let cases: Vec<(String, Vec<&str>, &str)> = vec![
+        (
+            format!("{good}colour = \"blue\"\n"),
+            vec![],
+            "service 'ws': line 5: colour: unknown key",
+        ),
+        (
+            good.to_string(),
+            vec!["--backend", "127.0.0.1:3"],
+            "--backend cannot be given with --config",
+        ),
+        (
+            format!(
+                "{good}[[service]]\nname = \"two\"\nlisten = \"127.0.0.1:3\"\nbackend = \"127.0.0.1:2\"\n"
+            ),
+            vec![],
+            "2 services declared",
+        ),
+        (
+            "workers = \"x\"\n[[service]]\nname = \"ws\"\n".to_string(),
+            vec![],
+            "line 1: workers: invalid value 'x'",
+        ),
+    ];
+    for (text, extra, want) in cases {
+        let file = TempFile::new("config.toml", &text);
+        let mut args = vec!["--config", file.path().to_str().unwrap()];
+        args.extend(extra);
+        let out = run_binary(&args, WITHIN);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{args:?}: want {want:?}, got:\n{stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "not one line:\n{stderr}");
+    }
+}
