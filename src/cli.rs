@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
 
 use holdfast::{
     AccessList, Algorithm, BackendSpec, Cidr, ClientIpConfig, Config, ConfigError, DnsName,
@@ -23,8 +24,14 @@ use holdfast::{
 /// Every connection to a --listen address is handed, untouched, to one backend until either
 /// side closes it. Durations accept units: 500ms, 2s, 5m, 1h.
 #[derive(Debug, Parser)]
-#[command(name = "holdfast", version, max_term_width = 100)]
+#[command(name = "holdfast", version, max_term_width = 100,
+          // `holdfast man` needs no --listen; `holdfast --listen ...` runs as it always has.
+          args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
+    /// Print something about holdfast instead of running it
+    #[command(subcommand)]
+    pub command: Option<Tool>,
+
     /// Address to accept on, IPv4 or IPv6 (repeatable)
     #[arg(short, long = "listen", value_name = "ADDR", required = true, value_parser = parse_addr)]
     pub listen: Vec<SocketAddr>,
@@ -259,6 +266,33 @@ pub struct Args {
     /// off, error, warn, info, debug or trace (RUST_LOG, if set, refines it)
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: log::LevelFilter,
+}
+
+/// What `holdfast <COMMAND>` prints, built from the same definitions as `--help`.
+#[derive(Debug, Subcommand)]
+pub enum Tool {
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish or powershell) to stdout
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: Shell,
+    },
+    /// Print the man page (roff) to stdout: `holdfast man > holdfast.1`
+    Man,
+}
+
+impl Tool {
+    /// The text the tool prints.
+    pub fn render(&self) -> std::io::Result<Vec<u8>> {
+        let mut command = Args::command();
+        let mut out = Vec::new();
+        match self {
+            Tool::Completions { shell } => {
+                clap_complete::generate(*shell, &mut command, "holdfast", &mut out)
+            }
+            Tool::Man => clap_mangen::Man::new(command).render(&mut out)?,
+        }
+        Ok(out)
+    }
 }
 
 impl Args {

@@ -30,7 +30,10 @@ fn main() -> ExitCode {
     // this path then (the new build), with these arguments.
     let exe = std::env::current_exe();
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(tool) = args.command.take() {
+        return print_tool(&tool);
+    }
     let pid_file = args.pid_file.clone();
     env_logger::Builder::new()
         .filter_level(args.log_level)
@@ -396,6 +399,17 @@ fn remove_pid_file(path: &Path) {
         .is_ok_and(|text| text.trim() == std::process::id().to_string());
     if ours && let Err(e) = std::fs::remove_file(path) {
         log::warn!("cannot remove pid file {}: {e}", path.display());
+    }
+}
+
+/// `holdfast completions SHELL` or `holdfast man`: the text on stdout, nothing started.
+fn print_tool(tool: &cli::Tool) -> ExitCode {
+    let written = tool
+        .render()
+        .and_then(|text| std::io::Write::write_all(&mut std::io::stdout().lock(), &text));
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EXIT_RUNTIME, &format!("cannot write to stdout: {e}")),
     }
 }
 
