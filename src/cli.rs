@@ -14,6 +14,8 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 
+use crate::logging::LogFormat;
+
 use holdfast::{
     AccessList, Algorithm, BackendSpec, Cidr, ClientIpConfig, Config, ConfigError, DnsName,
     HealthCheck, HealthConfig, IpLimitsConfig, LimitsConfig, ProxyVersion, RelayMode, resolve_addr,
@@ -266,6 +268,11 @@ pub struct Args {
     /// off, error, warn, info, debug or trace (RUST_LOG, if set, refines it)
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: log::LevelFilter,
+
+    /// text, or json: one object per line (ts, level, target, msg; session lines' key=value
+    /// pairs also as fields)
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 /// What `holdfast <COMMAND>` prints, built from the same definitions as `--help`.

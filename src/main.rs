@@ -4,6 +4,7 @@
 //! public API, like any other program that embeds holdfast.
 
 mod cli;
+mod logging;
 
 use std::ffi::OsString;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -35,11 +36,7 @@ fn main() -> ExitCode {
         return print_tool(&tool);
     }
     let pid_file = args.pid_file.clone();
-    env_logger::Builder::new()
-        .filter_level(args.log_level)
-        .parse_default_env()
-        .format_target(false)
-        .init();
+    logging::init(args.log_level, args.log_format);
 
     let config = match args.into_config() {
         Ok(config) => config,
@@ -414,6 +411,6 @@ fn print_tool(tool: &cli::Tool) -> ExitCode {
 }
 
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("error: {e}");
+    eprintln!("{}", logging::error_line(e));
     ExitCode::from(code)
 }

@@ -88,3 +88,105 @@ fn a_subcommand_does_not_mix_with_flags() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).starts_with("error:"));
 }
+
+/// Every stderr line, parsed as a JSON object with the four keys every line has.
+#[track_caller]
+fn json_lines(stderr: &str) -> Vec<serde_json::Value> {
+    stderr
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}\nstderr:\n{stderr}"));
+            for key in ["ts", "level", "target", "msg"] {
+                assert!(v[key].is_string(), "no string {key:?} in {line}");
+            }
+            let ts = v["ts"].as_str().unwrap_or_default();
+            assert!(
+                humantime::parse_rfc3339(ts).is_ok() && ts.ends_with('Z') && ts.len() == 24,
+                "ts is not RFC 3339 UTC with milliseconds: {ts}"
+            );
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let echo = EchoBackend::start();
+    let b = echo.addr().to_string();
+    let mut child = Child::spawn(&["-b", &b, "--log-format", "json", "--log-sessions"]);
+    let mut c = client(child.addr());
+    round_trip(&mut c, b"logged");
+    drop(c);
+    // (Child::spawn's own probe connection logs a session with no bytes first.)
+    child.wait_for_stderr("bytes_client_to_backend=6 ", RUN_TIMEOUT);
+    let status = child.signal_and_wait(libc::SIGTERM, RUN_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{}", child.stderr());
+    let lines = json_lines(&child.stderr());
+    assert!(
+        lines.iter().any(|v| v["msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("holdfast listening on"))),
+        "no start-up line: {lines:?}"
+    );
+    // The session line keeps its text and carries its pairs as fields.
+    let session = lines
+        .iter()
+        .find(|v| {
+            v["target"] == "holdfast::session" && v["fields"]["bytes_client_to_backend"] == "6"
+        })
+        .unwrap_or_else(|| panic!("no session line: {lines:?}"));
+    assert_eq!(session["level"], "INFO");
+    assert_eq!(session["fields"]["backend"], b.as_str());
+    assert_eq!(session["fields"]["end"], "client-close");
+    assert!(
+        session["msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("session client="))
+    );
+}
+
+#[test]
+fn json_logs_carry_the_final_error_too() {
+    let out = run_binary(
+        &[
+            "-l",
+            "127.0.0.1:0",
+            "-b",
+            "127.0.0.1:1",
+            "--log-format",
+            "json",
+            "--workers",
+            "0",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let lines = json_lines(&text(&out.stderr));
+    let last = lines.last().expect("an error line");
+    assert_eq!(last["level"], "ERROR");
+    assert!(
+        last["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("--workers")),
+        "{last}"
+    );
+}
+
+#[test]
+fn a_bad_log_format_is_a_usage_error() {
+    let out = run_binary(
+        &[
+            "-l",
+            "127.0.0.1:0",
+            "-b",
+            "127.0.0.1:1",
+            "--log-format",
+            "xml",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.starts_with("error:") && err.contains("xml"), "{err}");
+}
