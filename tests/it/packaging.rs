@@ -190,3 +190,60 @@ fn a_bad_log_format_is_a_usage_error() {
     let err = text(&out.stderr);
     assert!(err.starts_with("error:") && err.contains("xml"), "{err}");
 }
+
+/// The admin address a running binary logged.
+#[track_caller]
+fn admin_addr(child: &Child) -> std::net::SocketAddr {
+    child.wait_for_stderr("admin endpoint on http://", RUN_TIMEOUT);
+    let log = child.stderr();
+    log.split("admin endpoint on http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no admin address in the log:\n{log}"))
+}
+
+/// `GET path` on `addr`: the status code and the body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    set_timeouts(&s);
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line: {raw:?}")))?;
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    Ok((status, body))
+}
+
+#[test]
+fn healthz_is_200_while_serving_and_503_once_draining() {
+    let echo = EchoBackend::start();
+    let b = echo.addr().to_string();
+    let mut child = Child::spawn(&["-b", &b, "--admin", "127.0.0.1:0", "--drain-timeout", "1m"]);
+    let admin = admin_addr(&child);
+    let (status, body) = http_get(admin, "/healthz").expect("GET /healthz");
+    assert_eq!((status, body.trim()), (200, "ok"));
+    // A live session keeps the draining process (and its admin endpoint) up.
+    let mut c = client(child.addr());
+    round_trip(&mut c, b"held");
+    child.signal(libc::SIGTERM);
+    wait_until_ok(RUN_TIMEOUT, || match http_get(admin, "/healthz") {
+        Ok((503, body)) if body.trim() == "draining" => Ok(()),
+        other => Err(format!("GET /healthz: {other:?}")),
+    });
+    // Draining, not gone: the session still relays.
+    round_trip(&mut c, b"still here");
+    drop(c);
+    let status = child
+        .wait_exit(RUN_TIMEOUT)
+        .expect("exits once the session ends");
+    assert_eq!(status.code(), Some(0), "{}", child.stderr());
+}
