@@ -273,6 +273,11 @@ pub struct Args {
     /// pairs also as fields)
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Validate the flags (read the backends file, resolve the names), print the effective
+    /// configuration and exit 0, or 2 with the error; binds and starts nothing
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// What `holdfast <COMMAND>` prints, built from the same definitions as `--help`.

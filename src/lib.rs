@@ -102,6 +102,29 @@ use sources::Sources;
 use stats::Counters;
 use worker::Worker;
 
+/// Validates `config` (logging its warnings), reads the backends file and resolves the names;
+/// `config.backends` becomes the union.
+fn load_sources(config: &mut Config) -> Result<Sources, StartError> {
+    config.validate()?;
+    for warning in config.warnings() {
+        log::warn!("{warning}");
+    }
+    let sources = Sources::load(
+        config.backends.clone(),
+        config.backends_file.clone(),
+        config.backend_dns.clone(),
+        config.resolver.clone(),
+    )?;
+    config.backends = sources.backends();
+    if config.backends.is_empty() {
+        return Err(
+            ConfigError::Invalid("no backends: the file and names gave none".into()).into(),
+        );
+    }
+    config.validate()?;
+    Ok(sources)
+}
+
 /// A running balancer. It derefs to its [`Controller`], so `lb.stats()`, `lb.drain()` and
 /// the rest are the controller's; what is its own is starting, the admin address, and
 /// waiting for the threads. Dropping it shuts the balancer down and waits for the threads.
@@ -129,23 +152,7 @@ impl Holdfast {
         mut config: Config,
         inherited: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
     ) -> Result<Holdfast, StartError> {
-        config.validate()?;
-        for warning in config.warnings() {
-            log::warn!("{warning}");
-        }
-        let sources = Sources::load(
-            config.backends.clone(),
-            config.backends_file.clone(),
-            config.backend_dns.clone(),
-            config.resolver.clone(),
-        )?;
-        config.backends = sources.backends();
-        if config.backends.is_empty() {
-            return Err(
-                ConfigError::Invalid("no backends: the file and names gave none".into()).into(),
-            );
-        }
-        config.validate()?;
+        let sources = load_sources(&mut config)?;
         let config = Arc::new(config);
         let counters = Arc::new(Counters::default());
         let (listen_addrs, mut listeners) = listener::bind_or_inherit(&config, inherited)?;
@@ -264,6 +271,15 @@ impl Holdfast {
             balancer.admin = Some(admin);
         }
         Ok(balancer)
+    }
+
+    /// What [`Holdfast::start`] checks before it binds or starts anything: `config` is
+    /// validated, the backends file read and the names resolved. Returns the configuration
+    /// as a start would run it (its backends the union of all three sources); nothing is
+    /// bound, nothing started (`holdfast --check`).
+    pub fn check(mut config: Config) -> Result<Config, StartError> {
+        load_sources(&mut config)?;
+        Ok(config)
     }
 
     /// Where the admin endpoint listens, if [`Config::admin`] was set.

@@ -3,6 +3,7 @@
 //! Flag parsing (`cli.rs`) is the binary's own; everything else goes through the library's
 //! public API, like any other program that embeds holdfast.
 
+mod check;
 mod cli;
 mod logging;
 
@@ -36,12 +37,27 @@ fn main() -> ExitCode {
         return print_tool(&tool);
     }
     let pid_file = args.pid_file.clone();
+    let check = args.check.then(|| check::BinarySettings {
+        log_level: args.log_level,
+        log_format: args.log_format,
+        pid_file: pid_file.clone(),
+    });
     logging::init(args.log_level, args.log_format);
 
     let config = match args.into_config() {
         Ok(config) => config,
         Err(e) => return fail(EXIT_USAGE, &e),
     };
+    if let Some(binary) = check {
+        // Validates what a start would before binding: the backends file, the names.
+        return match Holdfast::check(config) {
+            Ok(config) => {
+                print!("{}", check::describe(&config, &binary));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_USAGE, &e),
+        };
+    }
     let upgrade_socket = config.upgrade_socket.clone();
     let take_over = config.take_over.clone();
     let upgrade_timeout = config.upgrade_timeout;

@@ -247,3 +247,115 @@ fn healthz_is_200_while_serving_and_503_once_draining() {
         .expect("exits once the session ends");
     assert_eq!(status.code(), Some(0), "{}", child.stderr());
 }
+
+#[test]
+fn check_prints_the_effective_configuration_and_binds_nothing() {
+    // Held without SO_REUSEPORT: a real start on this address fails, so --check must not
+    // try to bind it.
+    let held = std::net::TcpListener::bind(localhost0()).expect("bind");
+    let addr = held.local_addr().expect("local_addr").to_string();
+    let file = TempFile::new("backends", "# pool\n127.0.0.1:7001,weight=4\n");
+    let path = file.path().to_str().expect("utf-8 path");
+    let out = run_binary(
+        &[
+            "--check",
+            "-l",
+            &addr,
+            "-b",
+            "127.0.0.1:7000",
+            "--backends-file",
+            path,
+            "--idle-timeout",
+            "2m",
+        ],
+        RUN_TIMEOUT,
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        text(&out.stderr)
+    );
+    for expected in [
+        format!("listen = {addr}"),
+        "backend = 127.0.0.1:7000".to_string(),
+        "backend = 127.0.0.1:7001,weight=4".to_string(),
+        format!("backends-file = {path}"),
+        "idle-timeout = 2m".to_string(),
+        // Defaults filled in.
+        "algorithm = least-conn".to_string(),
+        "drain-timeout = 30s".to_string(),
+        "log-format = text".to_string(),
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == expected),
+            "no line {expected:?} in:\n{stdout}"
+        );
+    }
+    // The same flags give the same text: the order is stable.
+    let again = run_binary(
+        &[
+            "--check",
+            "-l",
+            &addr,
+            "-b",
+            "127.0.0.1:7000",
+            "--backends-file",
+            path,
+            "--idle-timeout",
+            "2m",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(text(&again.stdout), stdout);
+    // Exit 0 while `held` has the port proves that nothing tried to bind it: a start fails.
+    let start = run_binary(&["-l", &addr, "-b", "127.0.0.1:7000"], RUN_TIMEOUT);
+    assert_eq!(start.status.code(), Some(1), "{}", text(&start.stderr));
+    drop(held);
+}
+
+#[test]
+fn check_fails_with_exit_2_naming_the_error() {
+    let file = TempFile::new("backends", "127.0.0.1:7001\nnot-an-address\n");
+    let path = file.path().to_str().expect("utf-8 path");
+    let out = run_binary(
+        &[
+            "--check",
+            "-l",
+            "127.0.0.1:0",
+            "-b",
+            "127.0.0.1:7000",
+            "--backends-file",
+            path,
+        ],
+        RUN_TIMEOUT,
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("error:"), "{err}");
+    assert!(
+        err.contains(path) && err.contains("not-an-address"),
+        "the error names neither the file nor the line:\n{err}"
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "",
+        "a failed check prints no configuration"
+    );
+    // A flag error is one too.
+    let out = run_binary(
+        &[
+            "--check",
+            "-l",
+            "127.0.0.1:0",
+            "-b",
+            "127.0.0.1:7000",
+            "--workers",
+            "0",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--workers"));
+}
