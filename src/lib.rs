@@ -42,11 +42,12 @@
 //! See `docs/architecture.md` for the threads, the module map, the life of one connection,
 //! and what is shared.
 
+#[doc(hidden)]
+mod activation;
 mod admin;
 mod backend;
 #[doc(hidden)]
 pub mod balance; // public only for benches/balance.rs: not an API
-#[doc(hidden)]
 pub mod client_ip; // public only for benches/client_ip.rs: not an API
 mod config;
 mod control;
@@ -75,6 +76,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
 
+pub use activation::{ActivatedListener, listen_fds_from_systemd};
 pub use admin::AdminServer;
 pub use backend::{BackendState, BackendStatsSnapshot, WEIGHT_SCALE};
 pub use client_ip::{AccessList, Cidr, IpLimitsConfig};
@@ -145,6 +147,20 @@ impl Holdfast {
     /// thread does.
     pub fn start(config: Config) -> Result<Holdfast, StartError> {
         Holdfast::start_inheriting(config, Vec::new())
+    }
+
+    /// As [`Holdfast::start`], serving on the sockets systemd passed (from
+    /// [`listen_fds_from_systemd`]) for the `--listen` addresses they are bound to; every
+    /// worker shares each of them (a duplicate of the descriptor each). Listen addresses none
+    /// was passed for are bound as usual. A passed socket whose address no listen address
+    /// names is an error ([`StartError::Config`]).
+    pub fn start_activated(
+        config: Config,
+        passed: Vec<ActivatedListener>,
+    ) -> Result<Holdfast, StartError> {
+        config.validate()?;
+        let inherited = activation::assign(&config, passed)?;
+        Holdfast::start_inheriting(config, inherited)
     }
 
     /// As [`Holdfast::start`], on `inherited` listeners first (a live upgrade's).

@@ -31,6 +31,10 @@ fn main() -> ExitCode {
     // Taken now, before an upgrade could replace the file: SIGUSR2 starts the binary found at
     // this path then (the new build), with these arguments.
     let exe = std::env::current_exe();
+    // First, while this is the only thread: the sockets systemd passed, if any (socket
+    // activation), with LISTEN_* unset so that a new process started by SIGUSR2 does not
+    // take them for its own.
+    let activated = holdfast::listen_fds_from_systemd();
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     let mut args = Args::parse();
     if let Some(tool) = args.command.take() {
@@ -58,6 +62,10 @@ fn main() -> ExitCode {
             Err(e) => fail(EXIT_USAGE, &e),
         };
     }
+    let activated = match activated {
+        Ok(activated) => activated,
+        Err(e) => return fail(EXIT_USAGE, &e),
+    };
     let upgrade_socket = config.upgrade_socket.clone();
     let take_over = config.take_over.clone();
     let upgrade_timeout = config.upgrade_timeout;
@@ -123,7 +131,8 @@ fn main() -> ExitCode {
                 Holdfast::start(config)
             }
         },
-        None => Holdfast::start(config),
+        None if activated.is_empty() => Holdfast::start(config),
+        None => Holdfast::start_activated(config, activated),
     };
     let balancer = match started {
         Ok(b) => b,

@@ -47,6 +47,10 @@ mod fds;
 #[allow(unused_imports)] // used by upgrade/ from its next commit
 pub use fds::*;
 
+// systemd socket activation: the passed listening sockets (`take_listen_fds`).
+mod activation;
+pub use activation::{is_listening, take_listen_fds};
+
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -359,3 +359,146 @@ fn check_fails_with_exit_2_naming_the_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--workers"));
 }
+
+/// holdfast started the way systemd starts a socket-activated service: `listener` (bound and
+/// listening, without SO_REUSEPORT) as descriptor 3, `LISTEN_FDS=1`, and `LISTEN_PID` the
+/// process's own pid (a shell sets both, moves the socket to 3, then execs holdfast). Killed
+/// on drop.
+struct Activated {
+    child: std::process::Child,
+    stderr: TempFile,
+}
+
+impl Activated {
+    #[track_caller]
+    fn spawn(listener: &socket2::Socket, args: &[&str]) -> Activated {
+        use std::os::fd::AsRawFd;
+        let stderr = TempFile::new("activated-stderr", "");
+        let n = listener.as_raw_fd();
+        let to_3 = if n == 3 {
+            String::new()
+        } else {
+            format!("exec 3<&{n} {n}<&-; ")
+        };
+        let script = format!("{to_3}LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"");
+        // Inheritable only while the shell is spawned: other tests' children must not get it.
+        listener.set_cloexec(false).expect("clear FD_CLOEXEC");
+        let spawned = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(env!("CARGO_BIN_EXE_holdfast"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(stderr.path()).expect("stderr file"))
+            .spawn();
+        listener.set_cloexec(true).expect("set FD_CLOEXEC");
+        Activated {
+            child: spawned.expect("spawn sh"),
+            stderr,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Activated {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A listening socket on 127.0.0.1:0 as systemd makes one by default: no SO_REUSEPORT, so
+/// nothing else can bind its address while it is open.
+fn systemd_socket() -> (socket2::Socket, std::net::SocketAddr) {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    socket.bind(&localhost0().into()).expect("bind");
+    socket.listen(128).expect("listen");
+    let addr = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("an inet address");
+    (socket, addr)
+}
+
+#[test]
+fn socket_activation_serves_on_the_passed_socket() {
+    let echo = EchoBackend::start();
+    let b = echo.addr().to_string();
+    let (socket, addr) = systemd_socket();
+    let a = addr.to_string();
+    let mut lb = Activated::spawn(&socket, &["-l", &a, "-b", &b, "--workers", "2"]);
+    // The socket is ours until holdfast takes it: a client may connect (and wait in its
+    // queue) before holdfast runs. holdfast cannot have bound the address itself.
+    let mut clients: Vec<_> = (0..4).map(|_| client(addr)).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        round_trip(c, format!("through the passed socket {i}").as_bytes());
+    }
+    let log = lb.stderr();
+    assert!(
+        log.contains(&format!("socket activation: serving {a} from descriptor 3")),
+        "{log}"
+    );
+    drop(clients);
+    // And it drains and exits as usual.
+    let pid = lb.child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    let mut status = None;
+    wait_until_ok(RUN_TIMEOUT, || {
+        status = lb.child.try_wait().ok().flatten();
+        status.map(|_| ()).ok_or("still running".to_string())
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", lb.stderr());
+}
+
+#[test]
+fn a_passed_socket_no_listen_names_is_an_error() {
+    let (socket, addr) = systemd_socket();
+    let mut lb = Activated::spawn(&socket, &["-l", "127.0.0.1:0", "-b", "127.0.0.1:1"]);
+    let mut status = None;
+    wait_until_ok(RUN_TIMEOUT, || {
+        status = lb.child.try_wait().ok().flatten();
+        status.map(|_| ()).ok_or("still running".to_string())
+    });
+    let err = lb.stderr();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{err}");
+    assert!(
+        err.starts_with("error:")
+            && err.contains("descriptor 3")
+            && err.contains(&addr.to_string()),
+        "the error does not name the descriptor and its address:\n{err}"
+    );
+}
+
+#[test]
+fn malformed_activation_variables_are_a_usage_error() {
+    let mut out = Command::new("sh")
+        .arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=many exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["-l", "127.0.0.1:0", "-b", "127.0.0.1:1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sh");
+    // Bounded: a holdfast that ignored the variables would run until killed.
+    let mut exited = false;
+    wait_until_ok(RUN_TIMEOUT, || {
+        exited = !matches!(out.try_wait(), Ok(None));
+        exited.then_some(()).ok_or("still running".to_string())
+    });
+    let out = out.wait_with_output().expect("wait for holdfast");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("error:") && err.contains("LISTEN_FDS"),
+        "{err}"
+    );
+}
