@@ -11,7 +11,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
+
+use crate::logging::LogFormat;
 
 use holdfast::{
     AccessList, Algorithm, BackendSpec, Cidr, ClientIpConfig, Config, ConfigError, DnsName,
@@ -23,12 +26,18 @@ use holdfast::{
 /// Every connection to a --listen address is handed, untouched, to one backend until either
 /// side closes it. Durations accept units: 500ms, 2s, 5m, 1h.
 #[derive(Debug, Parser)]
-#[command(name = "holdfast", version, max_term_width = 100)]
+#[command(name = "holdfast", version, max_term_width = 100,
+          // `holdfast man` needs no --listen; `holdfast --listen ...` runs as it always has.
+          args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
     /// Read the settings from this TOML file (keys are these flags' names with _ for -,
     /// docs/operations.md "Config file"); no other flag may be given with it; re-read on SIGHUP
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// Print something about holdfast instead of running it
+    #[command(subcommand)]
+    pub command: Option<Tool>,
 
     /// Address to accept on, IPv4 or IPv6 (repeatable)
     #[arg(short, long = "listen", value_name = "ADDR", required_unless_present = "config",
@@ -265,6 +274,43 @@ pub struct Args {
     /// off, error, warn, info, debug or trace (RUST_LOG, if set, refines it)
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: log::LevelFilter,
+
+    /// text, or json: one object per line (ts, level, target, msg; session lines' key=value
+    /// pairs also as fields)
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Validate the flags (read the backends file, resolve the names), print the effective
+    /// configuration and exit 0, or 2 with the error; binds and starts nothing
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// What `holdfast <COMMAND>` prints, built from the same definitions as `--help`.
+#[derive(Debug, Subcommand)]
+pub enum Tool {
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish or powershell) to stdout
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: Shell,
+    },
+    /// Print the man page (roff) to stdout: `holdfast man > holdfast.1`
+    Man,
+}
+
+impl Tool {
+    /// The text the tool prints.
+    pub fn render(&self) -> std::io::Result<Vec<u8>> {
+        let mut command = Args::command();
+        let mut out = Vec::new();
+        match self {
+            Tool::Completions { shell } => {
+                clap_complete::generate(*shell, &mut command, "holdfast", &mut out)
+            }
+            Tool::Man => clap_mangen::Man::new(command).render(&mut out)?,
+        }
+        Ok(out)
+    }
 }
 
 impl Args {

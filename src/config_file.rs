@@ -18,6 +18,7 @@ use holdfast::Config;
 use holdfast::config_file::{self as file, Entry, EntryValue};
 
 use crate::cli::Args;
+use crate::logging::LogFormat;
 
 /// The largest file read (a config of a few hundred services fits in far less).
 const MAX_FILE_BYTES: u64 = 1 << 20;
@@ -39,6 +40,7 @@ pub struct Loaded {
     pub services: Vec<Service>,
     pub pid_file: Option<PathBuf>,
     pub log_level: log::LevelFilter,
+    pub log_format: LogFormat,
 }
 
 /// Reads and checks `path`; an error is one line naming the file, and the line and key
@@ -52,6 +54,7 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
     let mut services = Vec::with_capacity(entries.services.len());
     let mut pid_file = None;
     let mut log_level = log::LevelFilter::Info;
+    let mut log_format = LogFormat::Text;
     let mut listening: HashMap<SocketAddr, String> = HashMap::new();
     for service in &entries.services {
         let at = |e: String| format!("{shown}: service '{}': {e}", service.name);
@@ -79,6 +82,7 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
         }
         pid_file = args.pid_file.clone();
         log_level = args.log_level;
+        log_format = args.log_format;
         let config = args
             .into_config()
             .map_err(|e| at(locate(&e.to_string(), &both, service.line)))?;
@@ -91,6 +95,7 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
         services,
         pid_file,
         log_level,
+        log_format,
     })
 }
 

@@ -8,6 +8,7 @@
 //! health thread waits at most a bounded time and then returns [`ControlError::Timeout`].
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -48,6 +49,8 @@ pub struct Controller {
     listen_addrs: Arc<[SocketAddr]>,
     config: Arc<Config>,
     sources: Arc<Mutex<Sources>>,
+    /// Set by the first [`Controller::drain`] or [`Controller::shutdown`]; never cleared.
+    draining: Arc<AtomicBool>,
 }
 
 impl Controller {
@@ -69,6 +72,7 @@ impl Controller {
             listen_addrs: listen_addrs.into(),
             config,
             sources: Arc::new(Mutex::new(sources)),
+            draining: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -210,6 +214,7 @@ impl Controller {
     /// rest spread evenly over `--close-spread`. The workers exit when their last session ends.
     /// Returns at once.
     pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
         let timeout = self.config.drain_timeout;
         let spread = self.config.close_spread;
         for w in self.workers.iter() {
@@ -219,10 +224,17 @@ impl Controller {
 
     /// Immediate shutdown: listeners and every session are closed now. Returns at once.
     pub fn shutdown(&self) {
+        self.draining.store(true, Ordering::SeqCst);
         self.health.send(Command::Shutdown);
         for w in self.workers.iter() {
             w.send(Control::Shutdown);
         }
+    }
+
+    /// Whether a drain or shutdown has begun: this instance no longer takes new clients
+    /// (`GET /healthz` answers 503).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// How long a drain may take at most before every session is closed (and its sockets'

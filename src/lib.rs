@@ -42,11 +42,12 @@
 //! See `docs/architecture.md` for the threads, the module map, the life of one connection,
 //! and what is shared.
 
+#[doc(hidden)]
+mod activation;
 mod admin;
 mod backend;
 #[doc(hidden)]
 pub mod balance; // public only for benches/balance.rs: not an API
-#[doc(hidden)]
 pub mod client_ip; // public only for benches/client_ip.rs: not an API
 mod config;
 mod control;
@@ -75,6 +76,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
 
+pub use activation::{ActivatedListener, listen_fds_from_systemd};
 pub use admin::AdminServer;
 pub use backend::{BackendState, BackendStatsSnapshot, WEIGHT_SCALE};
 pub use client_ip::{AccessList, Cidr, IpLimitsConfig};
@@ -104,6 +106,29 @@ use sources::Sources;
 use stats::Counters;
 use worker::Worker;
 
+/// Validates `config` (logging its warnings), reads the backends file and resolves the names;
+/// `config.backends` becomes the union.
+fn load_sources(config: &mut Config) -> Result<Sources, StartError> {
+    config.validate()?;
+    for warning in config.warnings() {
+        log::warn!("{warning}");
+    }
+    let sources = Sources::load(
+        config.backends.clone(),
+        config.backends_file.clone(),
+        config.backend_dns.clone(),
+        config.resolver.clone(),
+    )?;
+    config.backends = sources.backends();
+    if config.backends.is_empty() {
+        return Err(
+            ConfigError::Invalid("no backends: the file and names gave none".into()).into(),
+        );
+    }
+    config.validate()?;
+    Ok(sources)
+}
+
 /// A running balancer. It derefs to its [`Controller`], so `lb.stats()`, `lb.drain()` and
 /// the rest are the controller's; what is its own is starting, the admin address, and
 /// waiting for the threads. Dropping it shuts the balancer down and waits for the threads.
@@ -126,28 +151,26 @@ impl Holdfast {
         Holdfast::start_inheriting(config, Vec::new())
     }
 
+    /// As [`Holdfast::start`], serving on the sockets systemd passed (from
+    /// [`listen_fds_from_systemd`]) for the `--listen` addresses they are bound to; every
+    /// worker shares each of them (a duplicate of the descriptor each). Listen addresses none
+    /// was passed for are bound as usual. A passed socket whose address no listen address
+    /// names is an error ([`StartError::Config`]).
+    pub fn start_activated(
+        config: Config,
+        passed: Vec<ActivatedListener>,
+    ) -> Result<Holdfast, StartError> {
+        config.validate()?;
+        let inherited = activation::assign(&config, passed)?;
+        Holdfast::start_inheriting(config, inherited)
+    }
+
     /// As [`Holdfast::start`], on `inherited` listeners first (a live upgrade's).
     pub(crate) fn start_inheriting(
         mut config: Config,
         inherited: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
     ) -> Result<Holdfast, StartError> {
-        config.validate()?;
-        for warning in config.warnings() {
-            log::warn!("{warning}");
-        }
-        let sources = Sources::load(
-            config.backends.clone(),
-            config.backends_file.clone(),
-            config.backend_dns.clone(),
-            config.resolver.clone(),
-        )?;
-        config.backends = sources.backends();
-        if config.backends.is_empty() {
-            return Err(
-                ConfigError::Invalid("no backends: the file and names gave none".into()).into(),
-            );
-        }
-        config.validate()?;
+        let sources = load_sources(&mut config)?;
         let config = Arc::new(config);
         let counters = Arc::new(Counters::default());
         let (listen_addrs, mut listeners) = listener::bind_or_inherit(&config, inherited)?;
@@ -266,6 +289,15 @@ impl Holdfast {
             balancer.admin = Some(admin);
         }
         Ok(balancer)
+    }
+
+    /// What [`Holdfast::start`] checks before it binds or starts anything: `config` is
+    /// validated, the backends file read and the names resolved. Returns the configuration
+    /// as a start would run it (its backends the union of all three sources); nothing is
+    /// bound, nothing started (`holdfast --check`).
+    pub fn check(mut config: Config) -> Result<Config, StartError> {
+        load_sources(&mut config)?;
+        Ok(config)
     }
 
     /// Where the admin endpoint listens, if [`Config::admin`] was set.

@@ -3,8 +3,10 @@
 //! Flag parsing (`cli.rs`) is the binary's own; everything else goes through the library's
 //! public API, like any other program that embeds holdfast.
 
+mod check;
 mod cli;
 mod config_file;
+mod logging;
 
 use std::ffi::OsString;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -30,38 +32,66 @@ fn main() -> ExitCode {
     // Taken now, before an upgrade could replace the file: SIGUSR2 starts the binary found at
     // this path then (the new build), with these arguments.
     let exe = std::env::current_exe();
+    // First, while this is the only thread: the sockets systemd passed, if any (socket
+    // activation), with LISTEN_* unset so that a new process started by SIGUSR2 does not
+    // take them for its own.
+    let activated = holdfast::listen_fds_from_systemd();
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let (args, matches) = parse_args();
+    let (mut args, matches) = parse_args();
+    if let Some(tool) = args.command.take() {
+        return print_tool(&tool);
+    }
+    let check = args.check;
     let config_path = args.config.clone();
     let read = match &config_path {
         None => {
-            let (pid_file, log_level) = (args.pid_file.clone(), args.log_level);
+            logging::init(args.log_level, args.log_format);
+            let (pid_file, log_level, log_format) =
+                (args.pid_file.clone(), args.log_level, args.log_format);
             match args.into_config() {
                 Ok(config) => Settings {
                     config,
                     pid_file,
                     log_level,
+                    log_format,
                     service: None,
                 },
                 Err(e) => return fail(EXIT_USAGE, &e),
             }
         }
         Some(path) => match from_file(path, &args, &matches) {
-            Ok(read) => read,
+            Ok(read) => {
+                logging::init(read.log_level, read.log_format);
+                read
+            }
             Err(e) => return fail(EXIT_USAGE, &e),
         },
     };
-    env_logger::Builder::new()
-        .filter_level(read.log_level)
-        .parse_default_env()
-        .format_target(false)
-        .init();
+    if check {
+        let binary = check::BinarySettings {
+            log_level: read.log_level,
+            log_format: read.log_format,
+            pid_file: read.pid_file.clone(),
+        };
+        // Validates what a start would before binding: the backends file, the names.
+        return match Holdfast::check(read.config) {
+            Ok(config) => {
+                print!("{}", check::describe(&config, &binary));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_USAGE, &e),
+        };
+    }
     if let (Some(path), Some(name)) = (&config_path, &read.service) {
         log::info!("service '{name}' from {}", path.display());
     }
     let Settings {
         config, pid_file, ..
     } = read;
+    let activated = match activated {
+        Ok(activated) => activated,
+        Err(e) => return fail(EXIT_USAGE, &e),
+    };
     let upgrade_socket = config.upgrade_socket.clone();
     let take_over = config.take_over.clone();
     let upgrade_timeout = config.upgrade_timeout;
@@ -127,7 +157,8 @@ fn main() -> ExitCode {
                 Holdfast::start(config)
             }
         },
-        None => Holdfast::start(config),
+        None if activated.is_empty() => Holdfast::start(config),
+        None => Holdfast::start_activated(config, activated),
     };
     let balancer = match started {
         Ok(b) => b,
@@ -437,17 +468,19 @@ struct Settings {
     config: holdfast::Config,
     pid_file: Option<PathBuf>,
     log_level: log::LevelFilter,
+    log_format: logging::LogFormat,
     /// The file's service name.
     service: Option<String>,
 }
 
-/// `--config FILE`: the file's one service, its pid file and log level. Besides `--config`,
-/// only `--take-over` (which SIGUSR2 adds) may be on the command line.
+/// `--config FILE`: the file's one service, its pid file and log settings. Besides
+/// `--config`, only `--check` and `--take-over` (which SIGUSR2 adds) may be on the command
+/// line.
 fn from_file(path: &Path, args: &Args, matches: &clap::ArgMatches) -> Result<Settings, String> {
     let command = Args::command();
     let given = command.get_arguments().find(|arg| {
         let id = arg.get_id().as_str();
-        !["config", "take_over"].contains(&id)
+        !["config", "take_over", "check"].contains(&id)
             && matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
     });
     if let Some(arg) = given {
@@ -473,6 +506,7 @@ fn from_file(path: &Path, args: &Args, matches: &clap::ArgMatches) -> Result<Set
         config,
         pid_file: loaded.pid_file,
         log_level: loaded.log_level,
+        log_format: loaded.log_format,
         service: Some(service.name),
     })
 }
@@ -497,7 +531,18 @@ fn reload_file(path: &Path, control: &holdfast::Controller) -> Result<(), Contro
     control.reload_with(service.config.backends)
 }
 
+/// `holdfast completions SHELL` or `holdfast man`: the text on stdout, nothing started.
+fn print_tool(tool: &cli::Tool) -> ExitCode {
+    let written = tool
+        .render()
+        .and_then(|text| std::io::Write::write_all(&mut std::io::stdout().lock(), &text));
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EXIT_RUNTIME, &format!("cannot write to stdout: {e}")),
+    }
+}
+
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("error: {e}");
+    eprintln!("{}", logging::error_line(e));
     ExitCode::from(code)
 }

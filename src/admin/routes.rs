@@ -104,6 +104,7 @@ GET  /metrics                 Prometheus metrics
 GET  /backends                backends as JSON
 GET  /backends/ADDR           one backend as JSON
 GET  /clients                 client addresses: refusals, PROXY header errors, the per-IP table
+GET  /healthz                 200 while serving, 503 once draining (for a readiness probe)
 POST /backends/ADDR/drain     no new sessions to ADDR; live ones continue
 POST /backends/ADDR/ready     ADDR back in rotation
 POST /backends/ADDR/weight    body: the new weight, 1 to 256
@@ -123,6 +124,8 @@ pub enum AdminRequest {
     /// `GET /clients`: what was done with client addresses (the process-wide counters of
     /// `--allow`/`--deny`, the per-IP limits and `--accept-proxy`).
     Clients,
+    /// `GET /healthz`: 200 while holdfast serves, 503 once it drains (or shuts down).
+    Healthz,
     /// `POST /backends/{addr}/{drain|ready|weight}`; a weight is within 1..=[`MAX_WEIGHT`].
     Change(SocketAddr, BackendChange),
 }
@@ -147,6 +150,7 @@ impl AdminRequest {
             AdminRequest::Backends => ("GET", "/backends".into(), Vec::new()),
             AdminRequest::Backend(addr) => ("GET", path(addr, ""), Vec::new()),
             AdminRequest::Clients => ("GET", "/clients".into(), Vec::new()),
+            AdminRequest::Healthz => ("GET", "/healthz".into(), Vec::new()),
             AdminRequest::Change(addr, BackendChange::Drain) => {
                 ("POST", path(addr, "/drain"), Vec::new())
             }
@@ -199,6 +203,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<AdminReque
         ["metrics"] => read_only().map(|()| AdminRequest::Metrics),
         ["backends"] => read_only().map(|()| AdminRequest::Backends),
         ["clients"] => read_only().map(|()| AdminRequest::Clients),
+        ["healthz"] => read_only().map(|()| AdminRequest::Healthz),
         ["backends", addr] => {
             read_only()?;
             Ok(AdminRequest::Backend(parse_addr(addr)?))
@@ -239,6 +244,10 @@ pub(super) fn respond(request: &AdminRequest, control: &Controller) -> Reply {
             .ok_or_else(|| unknown(addr))
             .map(|backend| Reply::json(&backend)),
         AdminRequest::Clients => Ok(Reply::json(&ClientsView::from(&control.stats()))),
+        AdminRequest::Healthz => Ok(match control.is_draining() {
+            false => Reply::text(StatusCode::OK, "ok"),
+            true => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        }),
         AdminRequest::Change(addr, change) => apply(control, addr, change),
     };
     answer.unwrap_or_else(|e| e)
@@ -413,6 +422,7 @@ mod tests {
         assert_eq!(ok("GET", "/", b""), AdminRequest::Index);
         assert_eq!(ok("HEAD", "/metrics", b""), AdminRequest::Metrics);
         assert_eq!(ok("GET", "/backends", b""), AdminRequest::Backends);
+        assert_eq!(ok("GET", "/healthz", b""), AdminRequest::Healthz);
         assert_eq!(
             ok("GET", "/backends/10.0.0.1:80", b""),
             AdminRequest::Backend(a)
@@ -536,6 +546,7 @@ mod tests {
                 Just(AdminRequest::Metrics),
                 Just(AdminRequest::Backends),
                 Just(AdminRequest::Clients),
+                Just(AdminRequest::Healthz),
                 addr().prop_map(AdminRequest::Backend),
                 (
                     addr(),

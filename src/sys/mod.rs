@@ -30,7 +30,8 @@
 //! copying through the same code path they use when splice fails at run time on Linux.
 //!
 //! Two items are the same on every platform and live here: [`count_deliveries`] and
-//! [`is_resource_exhaustion`].
+//! [`is_resource_exhaustion`]. Socket activation's (`take_listen_fds`, `is_listening`) are
+//! the same on every Unix and live in `activation.rs`.
 
 #[cfg_attr(target_os = "linux", path = "linux.rs")]
 #[cfg_attr(not(target_os = "linux"), path = "portable.rs")]
@@ -46,6 +47,10 @@ pub use platform::*;
 mod fds;
 #[allow(unused_imports)] // used by upgrade/ from its next commit
 pub use fds::*;
+
+// systemd socket activation: the passed listening sockets (`take_listen_fds`).
+mod activation;
+pub use activation::{is_listening, take_listen_fds};
 
 use std::io;
 use std::sync::Arc;

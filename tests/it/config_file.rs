@@ -115,3 +115,35 @@ fn bad_files_and_mixed_flags_exit_2_with_one_line() {
         assert_eq!(stderr.trim().lines().count(), 1, "not one line:\n{stderr}");
     }
 }
+
+/// The example in contrib/ is a valid file: `--check` prints its settings and exits 0, and
+/// `--check` names what is wrong in a bad one.
+#[test]
+fn the_example_config_passes_check() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/holdfast.toml");
+    let out = run_binary(&["--check", "--config", example], WITHIN);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("127.0.0.1:8080"), "{stdout}");
+    assert!(stdout.contains("websocket:/healthz"), "{stdout}");
+
+    let bad = TempFile::new(
+        "config.toml",
+        "[[service]]\nname = \"ws\"\nlisten = \"127.0.0.1:1\"\nbackend = \"127.0.0.1:2\"\nrise = 0\n",
+    );
+    let out = run_binary(
+        &["--check", "--config", bad.path().to_str().unwrap()],
+        WITHIN,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 5: rise: --rise and --fall must be at least 1"),
+        "{stderr}"
+    );
+}

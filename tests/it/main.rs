@@ -17,6 +17,7 @@ mod idle;
 mod lifecycle;
 mod limits;
 mod pacing;
+mod packaging;
 mod relay;
 mod reliability;
 mod reload;
