@@ -21,4 +21,5 @@ mod reliability;
 mod reload;
 mod retry;
 mod upgrade;
+mod upgrade_proof;
 mod websocket;
