@@ -23,4 +23,5 @@ mod reliability;
 mod reload;
 mod retry;
 mod upgrade;
+mod upgrade_proof;
 mod websocket;
