@@ -47,6 +47,10 @@ mod fds;
 #[allow(unused_imports)] // used by upgrade/ from its next commit
 pub use fds::*;
 
+// The in-kernel relay of issue #16 (exploratory; not used by the sessions yet).
+#[cfg(target_os = "linux")]
+pub mod sockmap;
+
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
