@@ -337,3 +337,45 @@ fn after_removal_bytes_stay_on_their_socket_for_user_space() {
     assert_eq!(read_n(&mut s.a, 4), b"mine", "the proxy reads it itself");
     assert_eq!(arrives_within_quiet(&mut s.server), None, "not relayed");
 }
+
+/// Without CAP_BPF and CAP_NET_ADMIN the relay is an error that says what is missing, never a
+/// panic. The test runs itself again with every capability dropped (`setpriv`, util-linux);
+/// where that tool is missing or the test already runs unprivileged, it says so and passes.
+#[test]
+fn without_privileges_the_relay_is_an_error_that_names_them() {
+    const CHILD: &str = "HOLDFAST_SOCKMAP_UNPRIVILEGED_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let err = SockRelay::new().expect_err("unprivileged, the relay cannot be had");
+        println!("CHILD-ERROR: {err}");
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all", "--"])
+        .arg(exe)
+        .args([
+            "--exact",
+            "without_privileges_the_relay_is_an_error_that_names_them",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .output();
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot run setpriv to drop capabilities: {e}");
+            return;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the unprivileged run failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("CHILD-ERROR: "))
+        .expect("the child reports its error");
+    assert!(line.contains("CAP_BPF"), "{line}");
+}

@@ -358,10 +358,9 @@ fn load(insns: &[Insn]) -> io::Result<OwnedFd> {
     attr.prog_name[..name.len()].copy_from_slice(name);
     match bpf(BPF_PROG_LOAD, &mut attr).and_then(owned) {
         Ok(fd) => Ok(fd),
-        Err(first) if first.raw_os_error() == Some(libc::EPERM) => Err(context(
-            first,
-            "loading the sk_skb program (needs CAP_BPF and CAP_NET_ADMIN, or root)",
-        )),
+        Err(first) if first.raw_os_error() == Some(libc::EPERM) => {
+            Err(context(first, "loading the sk_skb program"))
+        }
         Err(first) => {
             let mut log = vec![0u8; 64 * 1024];
             attr.log_level = 1;
@@ -384,8 +383,16 @@ fn load(insns: &[Insn]) -> io::Result<OwnedFd> {
     }
 }
 
+/// `e` with what was being done; a refusal for want of privilege says which are needed.
 fn context(e: io::Error, what: &str) -> io::Error {
-    io::Error::new(e.kind(), format!("{what}: {e}"))
+    if e.raw_os_error() == Some(libc::EPERM) {
+        io::Error::new(
+            e.kind(),
+            format!("{what}: {e} (the in-kernel relay needs CAP_BPF and CAP_NET_ADMIN, or root)"),
+        )
+    } else {
+        io::Error::new(e.kind(), format!("{what}: {e}"))
+    }
 }
 
 #[cfg(test)]
@@ -398,6 +405,24 @@ mod tests {
         let i = insn(MOV64_X, 6, 1, 0, 0);
         if cfg!(target_endian = "little") {
             assert_eq!(i.regs, 0x16);
+        }
+    }
+
+    /// A program the verifier refuses (it does not end in `exit`) comes back as an error that
+    /// carries the verifier's log. Needs the privilege to load programs; skipped without it.
+    #[test]
+    fn a_refused_program_reports_the_verifier_log() {
+        let bad = [insn(MOV64_K, 0, 0, 0, SK_PASS)];
+        match load(&bad) {
+            Ok(_) => panic!("the verifier accepted a program without exit"),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("SKIPPED: no privilege to load BPF programs: {e}")
+            }
+            Err(e) => {
+                let text = e.to_string();
+                assert!(text.contains("verifier log:"), "{text}");
+                assert!(text.lines().count() > 1, "the log itself is there: {text}");
+            }
         }
     }
 }
