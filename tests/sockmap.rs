@@ -379,3 +379,70 @@ fn without_privileges_the_relay_is_an_error_that_names_them() {
         .expect("the child reports its error");
     assert!(line.contains("CAP_BPF"), "{line}");
 }
+
+/// A backend that does not read, and the finding that blocks shipping this as is: the relay
+/// does not push back. With the egress redirect, bytes the peer's send buffer cannot take
+/// queue in the kernel (the peer's psock backlog) without limit and the client's writes never
+/// stop: 64 MiB, far beyond any socket buffer here (tcp_rmem/tcp_wmem max: 6 and 4 MiB), go
+/// in with nobody reading. (Seen with both attachments on Linux 6.18: 256 MiB in one try.)
+/// What still holds: another pair on the same map keeps relaying, and once the backend reads,
+/// every byte arrives, in order. If a kernel adds backpressure this test fails: then update
+/// docs/sockmap.md.
+#[test]
+fn a_backend_that_does_not_read_does_not_push_back_on_its_client() {
+    for attach in [Attach::StreamVerdict, Attach::Verdict] {
+        let Some(relay) = relay(attach) else { return };
+        not_reading(&relay);
+    }
+}
+
+fn not_reading(relay: &SockRelay) {
+    const UNBOUNDED: usize = 64 * 1024 * 1024;
+    let attach = relay.attach();
+    let mut slow = session().expect("loopback session");
+    let mut other = session().expect("loopback session");
+    relay.insert_pair(&slow.a, &slow.b).expect("insert");
+    relay.insert_pair(&other.a, &other.b).expect("insert");
+
+    // Write until a write makes no progress for QUIET (backpressure) or UNBOUNDED is in.
+    slow.client.set_write_timeout(Some(QUIET)).expect("timeout");
+    let mut data = Stream(3);
+    let mut hash = Sha256::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut sent = 0usize;
+    while sent < UNBOUNDED {
+        data.fill(&mut chunk);
+        match slow.client.write(&chunk) {
+            Ok(n) => {
+                hash.update(&chunk[..n]);
+                sent += n;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    assert!(
+        sent >= UNBOUNDED,
+        "{attach:?}: the client was pushed back after {sent} bytes: the relay has backpressure now"
+    );
+
+    for i in 0..10u8 {
+        other.client.write_all(&[i; 100]).expect("write");
+        assert_eq!(
+            read_n(&mut other.server, 100),
+            [i; 100],
+            "{attach:?}: the other pair relays"
+        );
+    }
+
+    let expected: [u8; 32] = hash.finalize().into();
+    let got = receive(slow.server.try_clone().expect("clone"), sent);
+    assert_eq!(got, expected, "{attach:?}: every byte arrived, in order");
+}
