@@ -446,3 +446,65 @@ fn not_reading(relay: &SockRelay) {
     let got = receive(slow.server.try_clone().expect("clone"), sent);
     assert_eq!(got, expected, "{attach:?}: every byte arrived, in order");
 }
+
+/// What the proxy process is woken for once a pair relays: not for the relayed bytes (epoll
+/// reports nothing readable on either socket however many pass), but for a FIN, which is the
+/// proxy's to pass on.
+#[test]
+fn the_proxy_is_woken_for_a_fin_but_not_for_relayed_bytes() {
+    use mio::{Events, Interest, Poll, Token};
+    let Some(relay) = relay(Attach::StreamVerdict) else {
+        return;
+    };
+    let mut s = session().expect("loopback session");
+    let pair = relay.insert_pair(&s.a, &s.b).expect("insert the pair");
+    let mut poll = Poll::new().expect("poll");
+    let fd_a = std::os::fd::AsRawFd::as_raw_fd(&s.a);
+    let fd_b = std::os::fd::AsRawFd::as_raw_fd(&s.b);
+    let mut src_a = mio::unix::SourceFd(&fd_a);
+    let mut src_b = mio::unix::SourceFd(&fd_b);
+    poll.registry()
+        .register(&mut src_a, Token(1), Interest::READABLE)
+        .expect("register a");
+    poll.registry()
+        .register(&mut src_b, Token(2), Interest::READABLE)
+        .expect("register b");
+    let mut events = Events::with_capacity(8);
+
+    for i in 0..50u8 {
+        s.client.write_all(&[i; 64]).expect("write");
+        assert_eq!(read_n(&mut s.server, 64), [i; 64]);
+        s.server.write_all(&[i; 64]).expect("write");
+        assert_eq!(read_n(&mut s.client, 64), [i; 64]);
+    }
+    poll.poll(&mut events, Some(Duration::ZERO)).expect("poll");
+    let woken: Vec<usize> = events.iter().map(|e| e.token().0).collect();
+    assert!(woken.is_empty(), "woken for relayed bytes: {woken:?}");
+
+    s.client.shutdown(Shutdown::Write).expect("half-close");
+    let deadline = Instant::now() + PATIENCE;
+    let mut a_woken = false;
+    while !a_woken {
+        assert!(Instant::now() < deadline, "never woken for the FIN");
+        poll.poll(&mut events, Some(PATIENCE)).expect("poll");
+        a_woken = events
+            .iter()
+            .any(|e| e.token() == Token(1) && (e.is_readable() || e.is_read_closed()));
+    }
+    let mut buf = [0u8; 8];
+    assert_eq!(s.a.read(&mut buf).expect("read a"), 0, "and a reads EOF");
+
+    // The same registration does report bytes once the pair is gone: the quiet above was
+    // the relay's doing, not a deaf poll.
+    relay.remove_pair(pair).expect("remove the pair");
+    s.server.write_all(b"to the proxy").expect("write");
+    let deadline = Instant::now() + PATIENCE;
+    let mut b_woken = false;
+    while !b_woken {
+        assert!(Instant::now() < deadline, "never woken for bytes on b");
+        poll.poll(&mut events, Some(PATIENCE)).expect("poll");
+        b_woken = events
+            .iter()
+            .any(|e| e.token() == Token(2) && e.is_readable());
+    }
+}
