@@ -3,7 +3,7 @@
 //! ```text
 //! cargo build --release --bin holdfast --example sockmap_bench
 //! target/release/examples/sockmap_bench --holdfast target/release/holdfast [--sessions 1000]
-//!     [--round-trips 20000] [--size 64] [--bulk-mib 1024] [--rounds 5]
+//!     [--round-trips 20000] [--size 64] [--bulk-mib 1024] [--rounds 5] [--proxy-sndbuf BYTES]
 //! ```
 //! (`scripts/bench-sockmap.sh` does both.) Needs root (CAP_BPF + CAP_NET_ADMIN) for the
 //! sockmap variants; without it they are reported as unavailable and the rest still runs.
@@ -50,6 +50,8 @@ struct Opts {
     size: usize,
     bulk_mib: usize,
     rounds: usize,
+    /// SO_SNDBUF for the in-process relay's two sockets (0: the kernel's autotuning).
+    proxy_sndbuf: usize,
 }
 
 fn opts() -> Result<Opts, String> {
@@ -60,6 +62,7 @@ fn opts() -> Result<Opts, String> {
         size: 64,
         bulk_mib: 1024,
         rounds: 5,
+        proxy_sndbuf: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -81,6 +84,7 @@ fn opts() -> Result<Opts, String> {
             "--size" => o.size = num()?.min(64 * 1024),
             "--bulk-mib" => o.bulk_mib = num()?,
             "--rounds" => o.rounds = num()?,
+            "--proxy-sndbuf" => o.proxy_sndbuf = num()?,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -376,7 +380,12 @@ impl Variant {
 
     /// One session: with the in-process relay, a client of `proxy`'s, whose accepted socket
     /// is paired with a new connection to `target`; otherwise a plain connection to `target`.
-    fn open(&mut self, target: SocketAddr, proxy: &TcpListener) -> io::Result<TcpStream> {
+    fn open(
+        &mut self,
+        target: SocketAddr,
+        proxy: &TcpListener,
+        sndbuf: usize,
+    ) -> io::Result<TcpStream> {
         let Some(relay) = &self.relay else {
             return connect(target);
         };
@@ -384,6 +393,10 @@ impl Variant {
         let (a, _) = proxy.accept()?;
         a.set_nodelay(true)?;
         let b = connect(target)?;
+        if sndbuf > 0 {
+            socket2::SockRef::from(&a).set_send_buffer_size(sndbuf)?;
+            socket2::SockRef::from(&b).set_send_buffer_size(sndbuf)?;
+        }
         let t = Instant::now();
         let h = relay.insert_pair(&a, &b)?;
         self.insert_us.push(t.elapsed().as_secs_f64() * 1e6);
@@ -394,14 +407,14 @@ impl Variant {
     fn setup(&mut self, o: &Opts) -> io::Result<()> {
         let proxy = TcpListener::bind("127.0.0.1:0")?;
         for _ in 0..o.sessions {
-            let mut s = self.open(self.echo_target, &proxy)?;
+            let mut s = self.open(self.echo_target, &proxy, o.proxy_sndbuf)?;
             // Prove the session with one round trip.
             s.write_all(&[7u8])?;
             let mut b = [0u8; 1];
             s.read_exact(&mut b)?;
             self.sessions.push(s);
         }
-        self.bulk = Some(self.open(self.sink_target, &proxy)?);
+        self.bulk = Some(self.open(self.sink_target, &proxy, o.proxy_sndbuf)?);
         Ok(())
     }
 
