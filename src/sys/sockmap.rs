@@ -73,9 +73,9 @@ impl Attach {
     }
 }
 
-/// One BPF instruction (`struct bpf_insn`): opcode, dst and src registers in one byte (dst in
-/// the low nibble on little- and big-endian alike as the kernel reads it through bitfields on
-/// little-endian; holdfast builds for little-endian targets), offset, immediate.
+/// One BPF instruction (`struct bpf_insn`): opcode, the dst and src registers in one byte (the
+/// kernel's bitfields put dst in the low nibble on little-endian, the high one on big-endian),
+/// offset, immediate.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Insn {
