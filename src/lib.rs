@@ -63,6 +63,9 @@ mod session;
 mod sources;
 mod stats;
 mod sys;
+#[cfg(target_os = "linux")]
+#[doc(hidden)]
+pub use sys::sockmap; // public only for tests/sockmap.rs and examples/sockmap_bench.rs: not an API
 mod timer;
 mod token;
 #[allow(dead_code)] // wired into the worker and main in later commits (issue #12)

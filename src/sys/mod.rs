@@ -52,6 +52,10 @@ pub use fds::*;
 mod activation;
 pub use activation::{is_listening, take_listen_fds};
 
+// The in-kernel relay of issue #16 (exploratory; not used by the sessions yet).
+#[cfg(target_os = "linux")]
+pub mod sockmap;
+
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,0 +1,526 @@
+//! The in-kernel relay of issue #16 (`holdfast::sockmap`), over real loopback sockets.
+//!
+//! Each test builds the proxy's view of one session by hand: a client connected to a listener
+//! whose accepted socket is the proxy's client side `a`, and the proxy's backend side `b`
+//! connected to a listener whose accepted socket is the backend `server`. Once `a` and `b` are
+//! inserted as a pair, the test never reads or writes `a` or `b` for the bytes: whatever the
+//! client and the backend receive, the kernel carried.
+//!
+//! Loading the program needs CAP_BPF and CAP_NET_ADMIN (root here). Without them, or on a
+//! kernel that refuses it, each test prints why and passes without checking anything.
+
+#![cfg(target_os = "linux")]
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use holdfast::sockmap::{Attach, SockRelay, unread_bytes};
+use sha2::{Digest, Sha256};
+
+/// Long enough for a loaded machine; every wait ends as soon as its condition holds.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// How long the absence of something is watched for before it is called absent.
+const QUIET: Duration = Duration::from_millis(300);
+
+struct Session {
+    client: TcpStream,
+    a: TcpStream,
+    b: TcpStream,
+    server: TcpStream,
+}
+
+fn session() -> io::Result<Session> {
+    let front = TcpListener::bind("127.0.0.1:0")?;
+    let back = TcpListener::bind("127.0.0.1:0")?;
+    let client = TcpStream::connect(front.local_addr()?)?;
+    let (a, _) = front.accept()?;
+    let b = TcpStream::connect(back.local_addr()?)?;
+    let (server, _) = back.accept()?;
+    for s in [&client, &a, &b, &server] {
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(PATIENCE))?;
+        s.set_write_timeout(Some(PATIENCE))?;
+    }
+    Ok(Session {
+        client,
+        a,
+        b,
+        server,
+    })
+}
+
+/// The relay, or `None` after saying why it cannot be had here.
+fn relay(attach: Attach) -> Option<SockRelay> {
+    match SockRelay::with(attach, 64) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("SKIPPED: the in-kernel relay is not available here: {e}");
+            None
+        }
+    }
+}
+
+fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0; n];
+    s.read_exact(&mut buf).expect("read the expected bytes");
+    buf
+}
+
+/// Nothing arrives on `s` for [`QUIET`]: `Ok(None)`; else what did (`Some(0)` is EOF).
+fn arrives_within_quiet(s: &mut TcpStream) -> Option<usize> {
+    s.set_read_timeout(Some(QUIET)).expect("set timeout");
+    let mut buf = [0u8; 4096];
+    let r = match s.read(&mut buf) {
+        Ok(n) => Some(n),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            None
+        }
+        Err(e) => panic!("read failed: {e}"),
+    };
+    s.set_read_timeout(Some(PATIENCE)).expect("set timeout");
+    r
+}
+
+/// Bytes waiting in a socket's receive queue (peek, non-blocking).
+fn queued(s: &TcpStream) -> usize {
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 65536];
+    let n = match s.peek(&mut buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => panic!("peek failed: {e}"),
+    };
+    s.set_nonblocking(false).expect("blocking");
+    n
+}
+
+fn small_messages(attach: Attach) {
+    let Some(relay) = relay(attach) else { return };
+    let mut s = session().expect("loopback session");
+    relay.insert_pair(&s.a, &s.b).expect("insert the pair");
+    for i in 0..100u32 {
+        let msg = format!("message {i} from the client");
+        s.client.write_all(msg.as_bytes()).expect("client write");
+        let got = read_n(&mut s.server, msg.len());
+        assert_eq!(got, msg.as_bytes(), "the backend got the client's bytes");
+        let reply = format!("reply {i} from the backend");
+        s.server.write_all(reply.as_bytes()).expect("server write");
+        let got = read_n(&mut s.client, reply.len());
+        assert_eq!(got, reply.as_bytes(), "the client got the backend's bytes");
+    }
+    assert_eq!(
+        queued(&s.a),
+        0,
+        "nothing was left for user space on the client side"
+    );
+    assert_eq!(
+        queued(&s.b),
+        0,
+        "nothing was left for user space on the backend side"
+    );
+}
+
+#[test]
+fn small_messages_go_both_ways_without_the_process_reading_the_proxy_sockets() {
+    small_messages(Attach::StreamVerdict);
+}
+
+#[test]
+fn small_messages_go_both_ways_with_the_verdict_only_attachment() {
+    small_messages(Attach::Verdict);
+}
+
+/// A deterministic pseudo-random byte stream (xorshift64*), so a failure can be replayed.
+struct Stream(u64);
+
+impl Stream {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `total` pseudo-random bytes in random chunks (1 B .. 256 KiB); returns their hash.
+fn send_random(mut to: TcpStream, seed: u64, total: usize) -> [u8; 32] {
+    let mut data = Stream(seed);
+    let mut sizes = Stream(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut hash = Sha256::new();
+    let mut left = total;
+    while left > 0 {
+        let n = ((sizes.next() % (256 * 1024)) as usize + 1).min(left);
+        data.fill(&mut buf[..n]);
+        to.write_all(&buf[..n]).expect("write");
+        hash.update(&buf[..n]);
+        left -= n;
+    }
+    to.shutdown(Shutdown::Write).expect("shutdown");
+    hash.finalize().into()
+}
+
+/// Reads exactly `total` bytes; returns their hash.
+fn receive(mut from: TcpStream, total: usize) -> [u8; 32] {
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut hash = Sha256::new();
+    let mut got = 0;
+    while got < total {
+        let want = buf.len().min(total - got);
+        let n = from.read(&mut buf[..want]).expect("read");
+        assert!(n > 0, "EOF after {got} of {total} bytes");
+        hash.update(&buf[..n]);
+        got += n;
+    }
+    hash.finalize().into()
+}
+
+#[test]
+fn sixty_four_mib_each_way_arrive_intact() {
+    let Some(relay) = relay(Attach::StreamVerdict) else {
+        return;
+    };
+    const TOTAL: usize = 64 * 1024 * 1024;
+    let s = session().expect("loopback session");
+    let _pair = relay.insert_pair(&s.a, &s.b).expect("insert the pair");
+    let up_sent = {
+        let c = s.client.try_clone().expect("clone");
+        thread::spawn(move || send_random(c, 1, TOTAL))
+    };
+    let down_sent = {
+        let srv = s.server.try_clone().expect("clone");
+        thread::spawn(move || send_random(srv, 2, TOTAL))
+    };
+    let up_got = {
+        let srv = s.server.try_clone().expect("clone");
+        thread::spawn(move || receive(srv, TOTAL))
+    };
+    let down_got = receive(s.client.try_clone().expect("clone"), TOTAL);
+    assert_eq!(
+        up_got.join().expect("receiver"),
+        up_sent.join().expect("sender"),
+        "client → backend: the backend's sha256 is the client's"
+    );
+    assert_eq!(
+        down_got,
+        down_sent.join().expect("sender"),
+        "backend → client: the client's sha256 is the backend's"
+    );
+}
+
+/// A FIN is not redirected: the verdict program sees data, not the end of the stream. The
+/// client's half-close reaches the proxy's socket `a` (its read returns 0 once the relayed
+/// bytes are gone), never the backend; user space has to pass it on with `shutdown(b, WR)`.
+#[test]
+fn a_half_close_stops_at_the_proxy_until_user_space_passes_it_on() {
+    let Some(relay) = relay(Attach::StreamVerdict) else {
+        return;
+    };
+    let mut s = session().expect("loopback session");
+    relay.insert_pair(&s.a, &s.b).expect("insert the pair");
+    s.client.write_all(b"last words").expect("write");
+    s.client.shutdown(Shutdown::Write).expect("half-close");
+    assert_eq!(read_n(&mut s.server, 10), b"last words");
+
+    // The proxy's side sees the FIN: a read returns 0 (it waits for it, however loaded).
+    let mut buf = [0u8; 16];
+    assert_eq!(s.a.read(&mut buf).expect("read a"), 0, "a reads EOF");
+    // ... and the backend does not.
+    assert_eq!(
+        arrives_within_quiet(&mut s.server),
+        None,
+        "no FIN at the backend"
+    );
+
+    // The other direction still relays after the half-close.
+    s.server.write_all(b"still here").expect("write");
+    assert_eq!(read_n(&mut s.client, 10), b"still here");
+
+    // Passing it on by hand reaches the backend.
+    s.b.shutdown(Shutdown::Write).expect("shutdown b");
+    assert_eq!(
+        s.server.read(&mut buf).expect("read"),
+        0,
+        "the backend reads EOF"
+    );
+}
+
+/// Sends `early` from the client and waits until it is in `a`'s receive queue.
+fn queue_early_bytes(s: &mut Session) {
+    s.client.write_all(b"early").expect("write");
+    let deadline = Instant::now() + PATIENCE;
+    while unread_bytes(&s.a).expect("SIOCINQ") < 5 {
+        assert!(Instant::now() < deadline, "the early bytes never arrived");
+        thread::yield_now();
+    }
+}
+
+/// Bytes that arrived on `a` before the pair was inserted are taken by the insertion: from
+/// then on user space cannot read them (SIOCINQ says 0, read says EAGAIN). They reach the
+/// backend ahead of anything sent later, but as a rule only when the next bytes arrive on `a`:
+/// in a one-off trial on Linux 6.18 they waited 2 s in 20 of 20 tries with each attachment
+/// (once, with the other tests running, they went within 300 ms). A request alone in the
+/// queue at the switch is stranded. This test asserts only what always held.
+#[test]
+fn bytes_queued_before_insertion_are_hidden_from_user_space_and_relayed_in_order() {
+    for attach in [Attach::StreamVerdict, Attach::Verdict] {
+        let Some(relay) = relay(attach) else { return };
+        let mut s = session().expect("loopback session");
+        queue_early_bytes(&mut s);
+        relay.insert_pair(&s.a, &s.b).expect("insert the pair");
+
+        assert_eq!(
+            unread_bytes(&s.a).expect("SIOCINQ"),
+            0,
+            "{attach:?}: hidden"
+        );
+        s.a.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 16];
+        let err = s.a.read(&mut buf).expect_err("nothing to read on a");
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{attach:?}");
+        // Whether they are relayed by themselves is a matter of timing (both seen here);
+        // whichever happens, the backend gets them before anything sent later.
+        s.client.write_all(b"late").expect("write");
+        assert_eq!(
+            read_n(&mut s.server, 9),
+            b"earlylate",
+            "{attach:?}: the next bytes carry them along, in order"
+        );
+    }
+}
+
+/// The switch that loses nothing in the common case: user space moves what it has read
+/// before inserting. (Bytes arriving between that read and the insertion fall under the test
+/// above.)
+#[test]
+fn bytes_moved_by_user_space_before_insertion_arrive_in_order() {
+    let Some(relay) = relay(Attach::StreamVerdict) else {
+        return;
+    };
+    let mut s = session().expect("loopback session");
+    queue_early_bytes(&mut s);
+    let early = read_n(&mut s.a, 5);
+    s.b.write_all(&early).expect("write b");
+    relay.insert_pair(&s.a, &s.b).expect("insert the pair");
+    s.client.write_all(b"late").expect("write");
+    assert_eq!(read_n(&mut s.server, 9), b"earlylate");
+}
+
+/// Removing a pair flushes what the relay holds and hands later bytes back to user space.
+#[test]
+fn after_removal_bytes_stay_on_their_socket_for_user_space() {
+    let Some(relay) = relay(Attach::StreamVerdict) else {
+        return;
+    };
+    let mut s = session().expect("loopback session");
+    let pair = relay.insert_pair(&s.a, &s.b).expect("insert the pair");
+    s.client.write_all(b"relayed").expect("write");
+    assert_eq!(read_n(&mut s.server, 7), b"relayed");
+    relay.remove_pair(pair).expect("remove the pair");
+    relay
+        .remove_pair(pair)
+        .expect("removing twice is not an error");
+    s.client.write_all(b"mine").expect("write");
+    assert_eq!(read_n(&mut s.a, 4), b"mine", "the proxy reads it itself");
+    assert_eq!(arrives_within_quiet(&mut s.server), None, "not relayed");
+}
+
+/// Without CAP_BPF and CAP_NET_ADMIN the relay is an error that says what is missing, never a
+/// panic. The test runs itself again with every capability dropped (`setpriv`, util-linux);
+/// where that tool is missing or the test already runs unprivileged, it says so and passes.
+#[test]
+fn without_privileges_the_relay_is_an_error_that_names_them() {
+    const CHILD: &str = "HOLDFAST_SOCKMAP_UNPRIVILEGED_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let err = SockRelay::new().expect_err("unprivileged, the relay cannot be had");
+        println!("CHILD-ERROR: {err}");
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all", "--"])
+        .arg(exe)
+        .args([
+            "--exact",
+            "without_privileges_the_relay_is_an_error_that_names_them",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .output();
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot run setpriv to drop capabilities: {e}");
+            return;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the unprivileged run failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("CHILD-ERROR: "))
+        .expect("the child reports its error");
+    assert!(line.contains("CAP_BPF"), "{line}");
+}
+
+/// A backend that does not read, and the finding that blocks shipping this as is: the relay
+/// does not push back. With the egress redirect, bytes the peer's send buffer cannot take
+/// queue in the kernel (the peer's psock backlog) without limit and the client's writes never
+/// stop: with the four socket buffers on the path set to 256 KiB (the kernel doubles that: 2 MiB
+/// in all), 16 MiB go in with nobody reading. (Seen with both attachments on Linux 6.18; with
+/// default buffers, 256 MiB in one try.)
+/// What still holds: another pair on the same map keeps relaying, and once the backend reads,
+/// every byte arrives, in order. If a kernel adds backpressure this test fails: then update
+/// docs/sockmap.md.
+#[test]
+fn a_backend_that_does_not_read_does_not_push_back_on_its_client() {
+    for attach in [Attach::StreamVerdict, Attach::Verdict] {
+        let Some(relay) = relay(attach) else { return };
+        not_reading(&relay);
+    }
+}
+
+fn not_reading(relay: &SockRelay) {
+    const UNBOUNDED: usize = 16 * 1024 * 1024;
+    const BUFFER: usize = 256 * 1024;
+    let attach = relay.attach();
+    let mut slow = session().expect("loopback session");
+    let mut other = session().expect("loopback session");
+    let sock = socket2::SockRef::from;
+    sock(&slow.client)
+        .set_send_buffer_size(BUFFER)
+        .expect("SO_SNDBUF");
+    sock(&slow.a)
+        .set_recv_buffer_size(BUFFER)
+        .expect("SO_RCVBUF");
+    sock(&slow.b)
+        .set_send_buffer_size(BUFFER)
+        .expect("SO_SNDBUF");
+    sock(&slow.server)
+        .set_recv_buffer_size(BUFFER)
+        .expect("SO_RCVBUF");
+    relay.insert_pair(&slow.a, &slow.b).expect("insert");
+    relay.insert_pair(&other.a, &other.b).expect("insert");
+
+    // Write until a write makes no progress for QUIET (backpressure) or UNBOUNDED is in.
+    slow.client.set_write_timeout(Some(QUIET)).expect("timeout");
+    let mut data = Stream(3);
+    let mut hash = Sha256::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut sent = 0usize;
+    while sent < UNBOUNDED {
+        data.fill(&mut chunk);
+        match slow.client.write(&chunk) {
+            Ok(n) => {
+                hash.update(&chunk[..n]);
+                sent += n;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    assert!(
+        sent >= UNBOUNDED,
+        "{attach:?}: the client was pushed back after {sent} bytes: the relay has backpressure now"
+    );
+
+    for i in 0..10u8 {
+        other.client.write_all(&[i; 100]).expect("write");
+        assert_eq!(
+            read_n(&mut other.server, 100),
+            [i; 100],
+            "{attach:?}: the other pair relays"
+        );
+    }
+
+    let expected: [u8; 32] = hash.finalize().into();
+    let got = receive(slow.server.try_clone().expect("clone"), sent);
+    assert_eq!(got, expected, "{attach:?}: every byte arrived, in order");
+}
+
+/// What the proxy process is woken for once a pair relays: not for the relayed bytes (epoll
+/// reports nothing readable on either socket however many pass), but for a FIN, which is the
+/// proxy's to pass on.
+#[test]
+fn the_proxy_is_woken_for_a_fin_but_not_for_relayed_bytes() {
+    use mio::{Events, Interest, Poll, Token};
+    let Some(relay) = relay(Attach::StreamVerdict) else {
+        return;
+    };
+    let mut s = session().expect("loopback session");
+    let pair = relay.insert_pair(&s.a, &s.b).expect("insert the pair");
+    let mut poll = Poll::new().expect("poll");
+    let fd_a = std::os::fd::AsRawFd::as_raw_fd(&s.a);
+    let fd_b = std::os::fd::AsRawFd::as_raw_fd(&s.b);
+    let mut src_a = mio::unix::SourceFd(&fd_a);
+    let mut src_b = mio::unix::SourceFd(&fd_b);
+    poll.registry()
+        .register(&mut src_a, Token(1), Interest::READABLE)
+        .expect("register a");
+    poll.registry()
+        .register(&mut src_b, Token(2), Interest::READABLE)
+        .expect("register b");
+    let mut events = Events::with_capacity(8);
+
+    for i in 0..50u8 {
+        s.client.write_all(&[i; 64]).expect("write");
+        assert_eq!(read_n(&mut s.server, 64), [i; 64]);
+        s.server.write_all(&[i; 64]).expect("write");
+        assert_eq!(read_n(&mut s.client, 64), [i; 64]);
+    }
+    poll.poll(&mut events, Some(Duration::ZERO)).expect("poll");
+    let woken: Vec<usize> = events.iter().map(|e| e.token().0).collect();
+    assert!(woken.is_empty(), "woken for relayed bytes: {woken:?}");
+
+    s.client.shutdown(Shutdown::Write).expect("half-close");
+    let deadline = Instant::now() + PATIENCE;
+    let mut a_woken = false;
+    while !a_woken {
+        assert!(Instant::now() < deadline, "never woken for the FIN");
+        poll.poll(&mut events, Some(PATIENCE)).expect("poll");
+        a_woken = events
+            .iter()
+            .any(|e| e.token() == Token(1) && (e.is_readable() || e.is_read_closed()));
+    }
+    let mut buf = [0u8; 8];
+    assert_eq!(s.a.read(&mut buf).expect("read a"), 0, "and a reads EOF");
+
+    // The same registration does report bytes once the pair is gone: the quiet above was
+    // the relay's doing, not a deaf poll.
+    relay.remove_pair(pair).expect("remove the pair");
+    s.server.write_all(b"to the proxy").expect("write");
+    let deadline = Instant::now() + PATIENCE;
+    let mut b_woken = false;
+    while !b_woken {
+        assert!(Instant::now() < deadline, "never woken for bytes on b");
+        poll.poll(&mut events, Some(PATIENCE)).expect("poll");
+        b_woken = events
+            .iter()
+            .any(|e| e.token() == Token(2) && e.is_readable());
+    }
+}
