@@ -256,20 +256,18 @@ fn check_prints_the_effective_configuration_and_binds_nothing() {
     let addr = held.local_addr().expect("local_addr").to_string();
     let file = TempFile::new("backends", "# pool\n127.0.0.1:7001,weight=4\n");
     let path = file.path().to_str().expect("utf-8 path");
-    let out = run_binary(
-        &[
-            "--check",
-            "-l",
-            &addr,
-            "-b",
-            "127.0.0.1:7000",
-            "--backends-file",
-            path,
-            "--idle-timeout",
-            "2m",
-        ],
-        RUN_TIMEOUT,
-    );
+    let args = [
+        "--check",
+        "-l",
+        &addr,
+        "-b",
+        "127.0.0.1:7000",
+        "--backends-file",
+        path,
+        "--idle-timeout",
+        "2m",
+    ];
+    let out = run_binary(&args, RUN_TIMEOUT);
     let stdout = text(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -294,20 +292,7 @@ fn check_prints_the_effective_configuration_and_binds_nothing() {
         );
     }
     // The same flags give the same text: the order is stable.
-    let again = run_binary(
-        &[
-            "--check",
-            "-l",
-            &addr,
-            "-b",
-            "127.0.0.1:7000",
-            "--backends-file",
-            path,
-            "--idle-timeout",
-            "2m",
-        ],
-        RUN_TIMEOUT,
-    );
+    let again = run_binary(&args, RUN_TIMEOUT);
     assert_eq!(text(&again.stdout), stdout);
     // Exit 0 while `held` has the port proves that nothing tried to bind it: a start fails.
     let start = run_binary(&["-l", &addr, "-b", "127.0.0.1:7000"], RUN_TIMEOUT);
