@@ -220,6 +220,14 @@ pub struct Config {
     /// A drained backend's remaining sessions are closed (spread) after this long; `None`:
     /// they may live on until they end.
     pub backend_drain_timeout: Option<Duration>,
+    /// When a backend joins or comes back up, close sessions on over-loaded backends over
+    /// this window until every backend holds its weighted share; `None`: never.
+    pub rebalance_on_join: Option<Duration>,
+    /// Most sessions a rebalance closes per second, all workers together (at least 1).
+    pub rebalance_max_rate: u32,
+    /// Close a session (gently) once it is this old, each with its own ±10% jitter; `None`:
+    /// never.
+    pub max_session_age: Option<Duration>,
     /// One log line per session at close.
     pub log_sessions: bool,
     /// Where to serve the admin endpoint (metrics, backends, runtime API); `None`: nowhere.
@@ -267,6 +275,9 @@ impl Config {
             drain_timeout: Duration::from_secs(30),
             close_spread: Duration::from_secs(10),
             backend_drain_timeout: None,
+            rebalance_on_join: None,
+            rebalance_max_rate: 100,
+            max_session_age: None,
             log_sessions: false,
             admin: None,
             backends_file: None,
@@ -302,6 +313,11 @@ impl Config {
         if !self.backend_dns.is_empty() && self.dns_interval.is_zero() {
             return Err(ConfigError::Invalid(
                 "--dns-interval must be greater than 0".into(),
+            ));
+        }
+        if self.rebalance_max_rate == 0 {
+            return Err(ConfigError::Invalid(
+                "--rebalance-max-rate must be at least 1".into(),
             ));
         }
         if self.workers == 0 || self.workers > 1024 {

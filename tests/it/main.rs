@@ -16,6 +16,7 @@ mod idle;
 mod lifecycle;
 mod limits;
 mod pacing;
+mod rebalance;
 mod relay;
 mod reliability;
 mod reload;
