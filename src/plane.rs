@@ -34,7 +34,7 @@ use crossbeam_channel::Sender;
 use mio::Waker;
 
 use crate::backend::BackendSet;
-use crate::config::{BackendSpec, ConfigError, MAX_WEIGHT};
+use crate::config::{BackendSpec, ConfigError, MAX_REBALANCE_WINDOW, MAX_WEIGHT};
 use crate::sources::SourceError;
 use crate::upgrade::handover::Frozen;
 use crate::upgrade::wire::PackedSession;
@@ -148,14 +148,14 @@ pub(crate) struct RebalanceStart {
 }
 
 impl RebalanceStart {
-    /// A new rebalance, from now over `window`.
+    /// A new rebalance, from now over `window` (at most [`MAX_REBALANCE_WINDOW`]).
     pub(crate) fn new(window: Duration) -> RebalanceStart {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let started = Instant::now();
         RebalanceStart {
             generation: NEXT.fetch_add(1, Relaxed),
             started,
-            deadline: started + window,
+            deadline: started + window.min(MAX_REBALANCE_WINDOW),
         }
     }
 }

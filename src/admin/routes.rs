@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::view::{BackendView, views};
 use super::{MAX_BODY_BYTES, metrics};
-use crate::config::{MAX_WEIGHT, parse_duration};
+use crate::config::{MAX_REBALANCE_WINDOW, MAX_WEIGHT, parse_duration};
 use crate::control::Controller;
 use crate::plane::{BackendChange, ControlError};
 use crate::stats::{RebalanceSnapshot, StatsSnapshot};
@@ -165,7 +165,7 @@ impl AdminRequest {
             }
             AdminRequest::Rebalance(window) => (
                 "POST",
-                format!("/rebalance?window={}ms", window.as_millis()),
+                format!("/rebalance?window={}ns", window.as_nanos()),
                 Vec::new(),
             ),
             AdminRequest::RebalanceStatus => ("GET", "/rebalance".into(), Vec::new()),
@@ -283,8 +283,8 @@ fn parse_window(query: &str) -> Result<Duration, Reply> {
             Some(("window", value)) => {
                 let value = percent_decode_str(value).decode_utf8_lossy();
                 window = parse_duration(&value).map_err(|e| bad(e.to_string()))?;
-                if window.is_zero() {
-                    return Err(bad("window must be greater than 0".into()));
+                if window.is_zero() || window > MAX_REBALANCE_WINDOW {
+                    return Err(bad("window must be greater than 0 and at most 24h".into()));
                 }
             }
             _ => return Err(bad(format!("unknown parameter {}", shown(pair)))),
@@ -577,6 +577,40 @@ mod tests {
         assert!(e.body.len() < 200, "{} bytes: {}", e.body.len(), e.body);
     }
 
+    #[test]
+    fn rebalance_takes_a_window_in_its_query() {
+        let parse = |method, path| parse_request(method, path, b"");
+        assert_eq!(
+            parse("POST", "/rebalance").unwrap(),
+            AdminRequest::Rebalance(DEFAULT_REBALANCE_WINDOW)
+        );
+        assert_eq!(
+            parse("POST", "/rebalance?window=90s").unwrap(),
+            AdminRequest::Rebalance(Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse("GET", "/rebalance?window=90s").unwrap(),
+            AdminRequest::RebalanceStatus
+        );
+        assert_eq!(
+            parse("GET", "/metrics?x=1").unwrap(),
+            AdminRequest::Metrics,
+            "other queries are ignored"
+        );
+        for bad in [
+            "/rebalance?window=0",
+            "/rebalance?window=25h",
+            "/rebalance?window=-1s",
+            "/rebalance?window=soon",
+            "/rebalance?windows=1s",
+        ] {
+            let e = parse("POST", bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}: {}", e.body);
+        }
+        let e = parse("DELETE", "/rebalance").unwrap_err();
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
     mod properties {
         use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
@@ -616,6 +650,9 @@ mod tests {
                     ]
                 )
                     .prop_map(|(addr, change)| AdminRequest::Change(addr, change)),
+                Just(AdminRequest::RebalanceStatus),
+                (1..=MAX_REBALANCE_WINDOW.as_nanos() as u64)
+                    .prop_map(|ns| AdminRequest::Rebalance(Duration::from_nanos(ns))),
             ]
         }
 
@@ -634,6 +671,7 @@ mod tests {
             prop_oneof![
                 "(/(backends|metrics|drain|ready|weight|[0-9a-f.:\\[\\]%]{0,12})){0,4}",
                 "/backends/.*",
+                "/rebalance(\\?(window|w)=[0-9]{1,6}(ns|us|ms|s|m|h|d|y|x)?(&.{0,4})?)?",
                 any::<String>(),
             ]
         }

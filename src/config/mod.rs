@@ -315,6 +315,19 @@ impl Config {
                 "--dns-interval must be greater than 0".into(),
             ));
         }
+        if self
+            .rebalance_on_join
+            .is_some_and(|w| w > MAX_REBALANCE_WINDOW)
+        {
+            return Err(ConfigError::Invalid(
+                "--rebalance-on-join must be at most 24h".into(),
+            ));
+        }
+        if self.max_session_age.is_some_and(|a| a > MAX_SESSION_AGE) {
+            return Err(ConfigError::Invalid(
+                "--max-session-age must be at most 365d".into(),
+            ));
+        }
         if self.rebalance_max_rate == 0 {
             return Err(ConfigError::Invalid(
                 "--rebalance-max-rate must be at least 1".into(),
@@ -504,6 +517,12 @@ impl ClientIpConfig {
 /// Most backends source-hash takes: one fewer than its Maglev table has slots.
 pub const MAX_SOURCE_HASH_BACKENDS: usize = crate::balance::maglev::DEFAULT_TABLE_SIZE - 1;
 
+/// The longest rebalance window (`--rebalance-on-join`, `POST /rebalance`).
+pub const MAX_REBALANCE_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest `--max-session-age`.
+pub const MAX_SESSION_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// More workers than this many per core are warned about.
 const WORKERS_PER_CORE_WARNING: usize = 2;
 
@@ -556,6 +575,26 @@ mod tests {
         c.backends = vec![BackendSpec::new("127.0.0.1:0".parse().unwrap())];
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("port 0"), "{err}");
+    }
+
+    #[test]
+    fn rebalancing_values_are_bounded() {
+        let backend = BackendSpec::new("127.0.0.1:1".parse().unwrap());
+        let mut c = Config::new(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
+        c.rebalance_on_join = Some(MAX_REBALANCE_WINDOW);
+        c.max_session_age = Some(MAX_SESSION_AGE);
+        assert!(c.validate().is_ok());
+        c.rebalance_max_rate = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--rebalance-max-rate"), "{err}");
+        c.rebalance_max_rate = 1;
+        c.rebalance_on_join = Some(MAX_REBALANCE_WINDOW + Duration::from_secs(1));
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--rebalance-on-join"), "{err}");
+        c.rebalance_on_join = None;
+        c.max_session_age = Some(MAX_SESSION_AGE * 2);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--max-session-age"), "{err}");
     }
 
     #[test]

@@ -252,13 +252,14 @@ impl Worker {
         if let Some(age) = self.config.max_session_age {
             // The clock now, not the turn's: a turn that accepts hundreds of clients takes
             // long enough that a session would otherwise close before its age.
-            let at = Instant::now() + jittered(age, self.rebalance_rng.next());
-            self.timers.push(Timer {
-                at,
-                key,
-                id,
-                kind: TimerKind::MaxAge,
-            });
+            if let Some(at) = Instant::now().checked_add(jittered(age, self.rebalance_rng.next())) {
+                self.timers.push(Timer {
+                    at,
+                    key,
+                    id,
+                    kind: TimerKind::MaxAge,
+                });
+            }
         }
     }
 }
