@@ -584,6 +584,28 @@ fn max_session_age_closes_sessions_around_the_age_spread_out_and_they_reconnect(
     assert!(lb.stats().sessions_closed_by_age >= N as u64);
 }
 
+#[test]
+fn a_drain_stops_a_rebalance_under_way() {
+    const N: usize = 200;
+    let (a, b) = (HoldBackend::start("a"), HoldBackend::start("b"));
+    let mut config = config(&[a.addr]);
+    config.workers = 2;
+    config.rebalance_on_join = Some(Duration::from_secs(60));
+    let lb = start_balancer(config);
+    let clients = Clients::start(lb_addr(&lb), addresses(N, None));
+    clients.wait_all_connected(Duration::from_secs(30));
+    lb.set_backends([a.addr, b.addr].map(BackendSpec::new).to_vec())
+        .expect("set_backends");
+    // 100 to move over 54 s: a couple a second.
+    wait_until(SETTLE, || lb.rebalance_status().closed >= 1);
+    assert!(lb.rebalance_status().running);
+
+    lb.drain();
+    wait_until(SETTLE, || !lb.rebalance_status().running);
+    let closed = lb.rebalance_status().closed;
+    assert!(closed < 50, "{closed} closed: the rebalance went on");
+}
+
 /// One request to the admin endpoint; the status and the body.
 fn admin(addr: SocketAddr, method: &str, target: &str) -> (u16, String) {
     let mut s = StdStream::connect(addr).expect("admin connect");
