@@ -73,6 +73,8 @@ pub struct BackendStats {
     /// The rate limiter's "theoretical arrival time" (GCRA), in nanoseconds since `epoch`.
     next_connect_at: AtomicU64,
     epoch: Instant,
+    /// Sessions closed by a rebalance to make room.
+    rebalance_closed: AtomicU64,
 }
 
 impl Default for BackendStats {
@@ -88,6 +90,7 @@ impl Default for BackendStats {
             connect_latency: Mutex::new(None),
             next_connect_at: AtomicU64::new(0),
             epoch: Instant::now(),
+            rebalance_closed: AtomicU64::new(0),
         }
     }
 }
@@ -149,6 +152,11 @@ impl BackendStats {
         if down > 0 {
             self.bytes_backend_to_client.fetch_add(down, Relaxed);
         }
+    }
+
+    /// A rebalance closed one of this backend's sessions.
+    pub fn record_rebalance_close(&self) {
+        self.rebalance_closed.fetch_add(1, Relaxed);
     }
 
     fn record_connect_latency(&self, latency: Duration) {
@@ -298,6 +306,8 @@ pub struct BackendStatsSnapshot {
     pub connect_latency_p50_us: u64,
     pub connect_latency_p99_us: u64,
     pub connect_latency_max_us: u64,
+    /// Sessions closed by a rebalance to make room.
+    pub rebalance_closed: u64,
 }
 
 /// An immutable set of backends plus what the algorithms precompute from it.
@@ -419,6 +429,7 @@ impl BackendSet {
                     connect_latency_p50_us: p50,
                     connect_latency_p99_us: p99,
                     connect_latency_max_us: max,
+                    rebalance_closed: b.stats.rebalance_closed.load(Relaxed),
                 }
             })
             .collect()

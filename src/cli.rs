@@ -187,6 +187,20 @@ pub struct Args {
           allow_hyphen_values = true)]
     pub backend_drain_timeout: Option<Duration>,
 
+    /// When a backend joins or comes back up, close sessions on over-loaded backends (gently,
+    /// spread over DUR) until each holds its weighted share [default: off]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub rebalance_on_join: Option<Duration>,
+
+    /// Most sessions a rebalance closes per second, all workers together
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub rebalance_max_rate: u32,
+
+    /// Close a session gently once it is DUR old, each with its own jitter of up to 10% either way
+    /// [default: off]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub max_session_age: Option<Duration>,
+
     /// Log one line per session when it closes (client, listener, backend, duration, bytes,
     /// how it ended)
     #[arg(long)]
@@ -347,6 +361,9 @@ impl Args {
         config.drain_timeout = self.drain_timeout;
         config.close_spread = self.close_spread;
         config.backend_drain_timeout = self.backend_drain_timeout;
+        config.rebalance_on_join = self.rebalance_on_join.and_then(nonzero);
+        config.rebalance_max_rate = self.rebalance_max_rate;
+        config.max_session_age = self.max_session_age.and_then(nonzero);
         config.log_sessions = self.log_sessions;
         config.admin = self.admin;
         config.backends_file = self.backends_file;

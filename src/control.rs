@@ -10,17 +10,18 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::backend::{BackendSet, BackendStatsSnapshot};
 use crate::config::{BackendSpec, Config, MAX_WEIGHT};
 use crate::plane::{
-    BackendChange, Command, Control, ControlError, HealthLink, Published, WorkerLink,
+    BackendChange, Command, Control, ControlError, HealthLink, Published, RebalanceStart,
+    WorkerLink,
 };
 use crate::sources::Sources;
-use crate::stats::{Counters, StatsSnapshot};
+use crate::stats::{Counters, RebalanceSnapshot, StatsSnapshot};
 
 /// How long an operator's request waits for the health thread to apply it. The health thread
 /// never blocks, so this only guards a caller (the admin endpoint) against a stalled one.
@@ -220,6 +221,30 @@ impl Controller {
         for w in self.workers.iter() {
             w.send(Control::Drain { timeout, spread });
         }
+    }
+
+    /// Moves sessions off over-loaded backends until every backend holds its weighted share,
+    /// spread over `window` (and never faster than `--rebalance-max-rate`), as
+    /// `--rebalance-on-join` does when a backend joins. Replaces a rebalance under way.
+    /// Returns at once; [`Controller::rebalance_status`] follows it.
+    pub fn rebalance(&self, window: Duration) {
+        let start = RebalanceStart::new(window);
+        // Begun here too, so that a status asked for at once shows it.
+        let by_source = self.config.algorithm == crate::config::Algorithm::SourceHash;
+        self.counters.rebalance.begin(
+            start.generation,
+            start.deadline,
+            by_source,
+            self.config.workers,
+        );
+        for w in self.workers.iter() {
+            w.send(Control::Rebalance(start));
+        }
+    }
+
+    /// The rebalance under way, or the last one.
+    pub fn rebalance_status(&self) -> RebalanceSnapshot {
+        self.counters.rebalance.snapshot(Instant::now())
     }
 
     /// Immediate shutdown: listeners and every session are closed now. Returns at once.

@@ -94,7 +94,7 @@ pub use control::Controller;
 pub use error::StartError;
 pub use plane::{BackendChange, ControlError};
 pub use sources::SourceError;
-pub use stats::StatsSnapshot;
+pub use stats::{RebalanceSnapshot, StatsSnapshot};
 /// For clients that bind many sockets to 127.0.0.x: choose the local port at connect time.
 pub use sys::bind_address_no_port;
 /// For the binary's signal thread: counts signal deliveries that signal-hook's iterator folds.

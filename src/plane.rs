@@ -5,8 +5,8 @@
 //!  Controller ──Command: SetBackends, Backend, Shutdown──► health thread
 //!      │                                                     │      ▲
 //!      │                                  Control: Backends, │      │ Command: Failing
-//!      │                                      CloseBackend   ▼      │
-//!      └──Control: Drain, Shutdown─────────────────────────► workers
+//!      │                           CloseBackend, Rebalance   ▼      │
+//!      └──Control: Drain, Rebalance, Shutdown──────────────► workers
 //!                                                            ▲
 //!  upgrade/local.rs ──Control: Freeze, Release, Resume,──────┘
 //!                     Rebuild, Adopt, Discard (live upgrade)
@@ -26,14 +26,15 @@
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use mio::Waker;
 
 use crate::backend::BackendSet;
-use crate::config::{BackendSpec, ConfigError, MAX_WEIGHT};
+use crate::config::{BackendSpec, ConfigError, MAX_REBALANCE_WINDOW, MAX_WEIGHT};
 use crate::sources::SourceError;
 use crate::upgrade::handover::Frozen;
 use crate::upgrade::wire::PackedSession;
@@ -97,6 +98,8 @@ pub(crate) enum Control {
     Drain { timeout: Duration, spread: Duration },
     /// A drained backend's drain timeout passed: close its sessions evenly over `spread`.
     CloseBackend { addr: SocketAddr, spread: Duration },
+    /// Start this rebalance, replacing any older one.
+    Rebalance(RebalanceStart),
     /// Close everything and exit.
     Shutdown,
     /// Live upgrade, old side: freeze relaying sessions as batch `id`, at most `max_fds`
@@ -131,6 +134,30 @@ pub(crate) enum Control {
     /// Live upgrade, old side: `false` stops accepting (the listeners are deregistered and
     /// left to the new process, which holds the same sockets); `true` accepts again.
     Accepting(bool),
+}
+
+/// A rebalance to start (see `worker/rebalance.rs`): until `deadline`, close sessions that
+/// were relaying at `started` on over-loaded backends. Its generation is unique in the
+/// process and increasing, whichever thread starts it (the health thread on a join, the
+/// handle on request), so a worker can tell which of two is newer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RebalanceStart {
+    pub(crate) generation: u64,
+    pub(crate) started: Instant,
+    pub(crate) deadline: Instant,
+}
+
+impl RebalanceStart {
+    /// A new rebalance, from now over `window` (at most [`MAX_REBALANCE_WINDOW`]).
+    pub(crate) fn new(window: Duration) -> RebalanceStart {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let started = Instant::now();
+        RebalanceStart {
+            generation: NEXT.fetch_add(1, Relaxed),
+            started,
+            deadline: started + window.min(MAX_REBALANCE_WINDOW),
+        }
+    }
 }
 
 /// The set last published, shared by the health thread (which replaces it) and the handle

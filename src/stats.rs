@@ -3,7 +3,8 @@
 //! Relaxed ordering is enough: each counter is independent, and a reader only needs a value
 //! that was true at some recent instant, never a consistent cut across counters.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
@@ -11,6 +12,8 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct Counters {
             $($(#[$doc])* pub $name: AtomicU64,)*
+            /// The rebalance under way or last run (not a counter: see [`RebalanceStatus`]).
+            pub rebalance: RebalanceStatus,
         }
 
         /// The counters, read at one moment.
@@ -98,6 +101,8 @@ counters! {
     proxy_header_timeout,
     /// PROXY header errors: the client closed or reset before its header was complete.
     proxy_header_closed,
+    /// Sessions closed because they reached `--max-session-age` (with their jitter).
+    sessions_closed_by_age,
     /// Clients closed at once by `--deny` / `--allow`.
     refused_deny,
     /// Clients closed at once by `--max-conns-per-ip`.
@@ -169,5 +174,234 @@ impl StatsSnapshot {
             ("max_conns_per_ip", self.refused_max_conns_per_ip),
             ("max_conn_rate_per_ip", self.refused_max_conn_rate_per_ip),
         ]
+    }
+}
+
+/// Most workers whose share of a rebalance is kept apart (`--workers` is at most 1024).
+const MAX_WORKERS: usize = 1024;
+
+/// A worker's slot before its first look at a rebalance: not known yet.
+const UNPLANNED: u64 = u64::MAX;
+
+/// The rebalance under way (or the last one), shared by the workers that carry it out and
+/// the handle that reports it (`GET /rebalance`). Each rebalance has a generation, unique in
+/// the process and increasing; the first worker to see a new one resets what is counted per
+/// rebalance. Relaxed atomics like every counter here: a reader gets values that were true at
+/// some recent instant.
+#[derive(Debug)]
+pub struct RebalanceStatus {
+    epoch: Instant,
+    generation: AtomicU64,
+    /// Milliseconds since `epoch` at which the window ends.
+    deadline_ms: AtomicU64,
+    /// Source-hash: each worker's count of sessions to move is its own; otherwise every
+    /// worker computes the same global count from the shared per-backend counters.
+    by_source: AtomicBool,
+    /// Stopped before its window ended (SIGTERM), or found nothing left to move.
+    ended: AtomicBool,
+    closed: AtomicU64,
+    /// Each worker's view of what is left (`UNPLANNED` until it looked).
+    left: Box<[AtomicU64]>,
+    /// The close-rate limiter shared by every worker (a GCRA: the "theoretical arrival time"
+    /// of the next close, in nanoseconds since `epoch`).
+    next_close_at: AtomicU64,
+}
+
+impl Default for RebalanceStatus {
+    fn default() -> RebalanceStatus {
+        RebalanceStatus {
+            epoch: Instant::now(),
+            generation: AtomicU64::new(0),
+            deadline_ms: AtomicU64::new(0),
+            by_source: AtomicBool::new(false),
+            ended: AtomicBool::new(true),
+            closed: AtomicU64::new(0),
+            left: (0..MAX_WORKERS).map(|_| AtomicU64::new(0)).collect(),
+            next_close_at: AtomicU64::new(0),
+        }
+    }
+}
+
+/// `GET /rebalance`: the rebalance under way, or the last one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RebalanceSnapshot {
+    /// Whether one is under way.
+    pub running: bool,
+    /// Sessions it has closed so far (the last one's, once it ended).
+    pub closed: u64,
+    /// Sessions still to move; `None` while the workers have not all looked yet.
+    pub left: Option<u64>,
+    /// Time left in its window.
+    pub window_left: Duration,
+}
+
+impl RebalanceStatus {
+    /// A worker (or the handle) was told of rebalance `generation`, whose window ends at
+    /// `deadline`, carried out by `workers` workers. The first to see it resets the counts;
+    /// returns whether this call did.
+    pub fn begin(
+        &self,
+        generation: u64,
+        deadline: Instant,
+        by_source: bool,
+        workers: usize,
+    ) -> bool {
+        if self.generation.fetch_max(generation, Relaxed) >= generation {
+            return false;
+        }
+        self.closed.store(0, Relaxed);
+        for (i, slot) in self.left.iter().enumerate() {
+            slot.store(if i < workers { UNPLANNED } else { 0 }, Relaxed);
+        }
+        self.by_source.store(by_source, Relaxed);
+        self.deadline_ms.store(self.millis(deadline), Relaxed);
+        self.ended.store(false, Relaxed);
+        true
+    }
+
+    /// Whether `generation` is the latest.
+    pub fn is_current(&self, generation: u64) -> bool {
+        self.generation.load(Relaxed) == generation
+    }
+
+    /// Worker `worker` sees `left` sessions still to move (its own with source-hash, the
+    /// global count otherwise). Returns the total over every worker, or `None` while one has
+    /// not looked yet.
+    pub fn set_left(&self, worker: usize, left: u64) -> Option<u64> {
+        if let Some(slot) = self.left.get(worker) {
+            slot.store(left, Relaxed);
+        }
+        self.left()
+    }
+
+    fn left(&self) -> Option<u64> {
+        let by_source = self.by_source.load(Relaxed);
+        let mut total = 0u64;
+        for slot in self.left.iter() {
+            match slot.load(Relaxed) {
+                UNPLANNED => return None,
+                n if by_source => total = total.saturating_add(n),
+                n => total = total.max(n),
+            }
+        }
+        Some(total)
+    }
+
+    /// The rebalance is over (nothing left to move, or holdfast is draining).
+    pub fn end(&self) {
+        self.ended.store(true, Relaxed);
+    }
+
+    /// One more session closed by the rebalance.
+    pub fn count_close(&self) {
+        self.closed.fetch_add(1, Relaxed);
+    }
+
+    /// May a rebalance close one more session now, at `per_second` closes a second for all
+    /// workers together (bursts of at most `burst`' worth)? A GCRA in one atomic, as the
+    /// backends' connect-rate limiter.
+    pub fn try_close(&self, now: Instant, per_second: f64, burst: Duration) -> bool {
+        if per_second <= 0.0 {
+            return false;
+        }
+        let interval = (1e9 / per_second) as u64;
+        let burst = burst.as_nanos() as u64;
+        let now = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let mut tat = self.next_close_at.load(Relaxed);
+        loop {
+            let base = tat.max(now);
+            if base - now > burst {
+                return false;
+            }
+            match self.next_close_at.compare_exchange_weak(
+                tat,
+                base.saturating_add(interval),
+                Relaxed,
+                Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(current) => tat = current,
+            }
+        }
+    }
+
+    pub fn snapshot(&self, now: Instant) -> RebalanceSnapshot {
+        let deadline = Duration::from_millis(self.deadline_ms.load(Relaxed));
+        let window_left = deadline.saturating_sub(now.saturating_duration_since(self.epoch));
+        let left = self.left();
+        RebalanceSnapshot {
+            running: !self.ended.load(Relaxed) && !window_left.is_zero() && left != Some(0),
+            closed: self.closed.load(Relaxed),
+            left,
+            window_left,
+        }
+    }
+
+    fn millis(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_rebalance_resets_the_counts_once() {
+        let status = RebalanceStatus::default();
+        let now = Instant::now();
+        assert!(!status.snapshot(now).running);
+        assert!(status.begin(1, now + Duration::from_secs(10), false, 3));
+        assert!(
+            !status.begin(1, now + Duration::from_secs(10), false, 3),
+            "seen"
+        );
+        let snapshot = status.snapshot(now);
+        assert!(snapshot.running && snapshot.left.is_none());
+        status.count_close();
+        status.set_left(0, 7);
+        status.set_left(1, 7);
+        assert_eq!(status.snapshot(now).left, None, "worker 2 has not looked");
+        status.set_left(2, 7);
+        assert_eq!(status.snapshot(now).left, Some(7), "the global count, once");
+        assert_eq!(status.snapshot(now).closed, 1);
+        assert!(status.begin(2, now + Duration::from_secs(10), true, 3));
+        assert_eq!(status.snapshot(now).closed, 0);
+        assert!(
+            !status.begin(1, now, false, 3),
+            "an older one is not started again"
+        );
+        for worker in 0..3 {
+            status.set_left(worker, 1);
+        }
+        assert_eq!(
+            status.snapshot(now).left,
+            Some(3),
+            "each worker's own, summed"
+        );
+        for worker in 0..3 {
+            status.set_left(worker, 0);
+        }
+        assert!(!status.snapshot(now).running, "nothing left");
+    }
+
+    #[test]
+    fn closes_are_paced_for_all_callers_together() {
+        let status = RebalanceStatus::default();
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let burst = Duration::from_millis(50);
+        // 100 a second with a 50 ms burst: 6 at once (the first, and 5 within the burst).
+        let allowed = (0..50)
+            .filter(|_| status.try_close(t0, 100.0, burst))
+            .count();
+        assert_eq!(allowed, 6);
+        let mut admitted = 0;
+        for ms in 1..=1000u64 {
+            while status.try_close(t0 + Duration::from_millis(ms), 100.0, burst) {
+                admitted += 1;
+            }
+        }
+        assert!((99..=101).contains(&admitted), "{admitted} in one second");
+        assert!(!status.try_close(t0, 0.0, burst));
     }
 }

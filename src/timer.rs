@@ -39,6 +39,11 @@ pub enum TimerKind {
     DrainDeadline,
     /// Close this session as part of a spread-out drain.
     DrainClose,
+    /// The session reached `--max-session-age` (with its jitter): close it gently.
+    MaxAge,
+    /// The worker's next look at the rebalance under way (not a session's timer: its id is
+    /// the rebalance's generation).
+    RebalanceTick,
     /// Look again whether a lingering session's sockets can be closed.
     Linger,
     /// The client's PROXY header has taken `--proxy-header-timeout`.

@@ -120,6 +120,12 @@ const GLOBAL: &[Global] = &[
         |s| s.closed_by_drain,
     ),
     (
+        "holdfast_sessions_closed_by_age_total",
+        Kind::Counter,
+        "Sessions closed because they reached --max-session-age (with their jitter).",
+        |s| s.sessions_closed_by_age,
+    ),
+    (
         "holdfast_idle_timeouts_total",
         Kind::Counter,
         "Sessions closed by the idle timeout.",
@@ -241,6 +247,12 @@ const PER_BACKEND: &[PerBackend] = &[
         Kind::Counter,
         "Sessions the backend ended without answering a byte, soon after they began.",
         |b| Value::Int(b.passive_failures),
+    ),
+    (
+        "holdfast_rebalance_closed_total",
+        Kind::Counter,
+        "Sessions of the backend closed by a rebalance to make room on it.",
+        |b| Value::Int(b.rebalance_closed),
     ),
     (
         "holdfast_backend_bytes_client_to_backend_total",
@@ -394,6 +406,7 @@ mod tests {
             connect_latency_p50_us: 120,
             connect_latency_p99_us: 1_500,
             connect_latency_max_us: 2_000_000,
+            rebalance_closed: 0,
         }
     }
 

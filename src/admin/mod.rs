@@ -8,9 +8,11 @@
 //! | `POST /backends/{addr}/drain` | no new sessions for it; live ones continue |
 //! | `POST /backends/{addr}/ready` | back in rotation after a drain |
 //! | `POST /backends/{addr}/weight` | body: the new weight, `1`..=`256`, as plain text |
+//! | `POST /rebalance[?window=DUR]` | move sessions off over-loaded backends over DUR (60s) |
+//! | `GET /rebalance` | the rebalance under way or the last one: running, closed, left |
 //!
 //! `{addr}` is `IP:PORT`, `[IPv6]:PORT`, either one percent-encoded or not. A query string is
-//! ignored. A change answers 200 with the backend's JSON object as it is once the workers have
+//! ignored, except `window` on `POST /rebalance`. A change answers 200 with the backend's JSON object as it is once the workers have
 //! been sent the change. Errors answer 4xx (5xx while shutting down, or when the health thread
 //! does not answer within 5 s) with a one-line reason as plain text.
 //!
@@ -320,7 +322,8 @@ async fn handle(
     } else {
         Bytes::new()
     };
-    let reply = match routes::parse_request(head.method.as_str(), head.uri.path(), &body) {
+    let reply = match routes::parse_request(head.method.as_str(), path_and_query(&head.uri), &body)
+    {
         Ok(request) => {
             let _busy = tracker.busy();
             answer(request, control, &changes).await
@@ -333,6 +336,11 @@ async fn handle(
 /// Answers a checked request: a read at once, a change on the blocking pool (it waits for
 /// the health thread), at most [`MAX_CONNECTIONS`] of them at a time. A change whose client
 /// has gone is still made.
+/// The request target without the scheme and authority: the path, and the query if any.
+fn path_and_query(uri: &hyper::Uri) -> &str {
+    uri.path_and_query().map_or("/", |p| p.as_str())
+}
+
 async fn answer(request: AdminRequest, control: Controller, changes: &Arc<Semaphore>) -> Reply {
     if !request.is_change() {
         return routes::respond(&request, &control);

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -12,12 +13,12 @@ use hyper::{Response, StatusCode};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use serde::Serialize;
 
-use super::view::BackendView;
+use super::view::{BackendView, views};
 use super::{MAX_BODY_BYTES, metrics};
-use crate::config::MAX_WEIGHT;
+use crate::config::{MAX_REBALANCE_WINDOW, MAX_WEIGHT, parse_duration};
 use crate::control::Controller;
 use crate::plane::{BackendChange, ControlError};
-use crate::stats::StatsSnapshot;
+use crate::stats::{RebalanceSnapshot, StatsSnapshot};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
@@ -108,6 +109,8 @@ GET  /healthz                 200 while serving, 503 once draining (for a readin
 POST /backends/ADDR/drain     no new sessions to ADDR; live ones continue
 POST /backends/ADDR/ready     ADDR back in rotation
 POST /backends/ADDR/weight    body: the new weight, 1 to 256
+POST /rebalance[?window=DUR]  move sessions off over-loaded backends over DUR (default 60s)
+GET  /rebalance               the rebalance under way or the last one
 ";
 
 /// What a client asked for, once its method, path and body have been checked.
@@ -128,6 +131,10 @@ pub enum AdminRequest {
     Healthz,
     /// `POST /backends/{addr}/{drain|ready|weight}`; a weight is within 1..=[`MAX_WEIGHT`].
     Change(SocketAddr, BackendChange),
+    /// `POST /rebalance[?window=DUR]`: start one over the window (default 60 s, not 0).
+    Rebalance(Duration),
+    /// `GET /rebalance`: the one under way, or the last one.
+    RebalanceStatus,
 }
 
 impl AdminRequest {
@@ -160,6 +167,12 @@ impl AdminRequest {
             AdminRequest::Change(addr, BackendChange::Weight(w)) => {
                 ("POST", path(addr, "/weight"), w.to_string().into_bytes())
             }
+            AdminRequest::Rebalance(window) => (
+                "POST",
+                format!("/rebalance?window={}ns", window.as_nanos()),
+                Vec::new(),
+            ),
+            AdminRequest::RebalanceStatus => ("GET", "/rebalance".into(), Vec::new()),
         }
     }
 }
@@ -170,7 +183,8 @@ const ADDR_ENCODE: &AsciiSet = &CONTROLS.add(b'%').add(b'/').add(b'?').add(b'#')
 
 /// Checks a request and says what it asks for, or answers it with an error: no I/O, no
 /// [`Controller`]. `method` is case-sensitive (HTTP's methods are); `path` is the request
-/// target's path, without the query (which the endpoint ignores); `body` is what a POST
+/// target's path, with its query if any (ignored, but for `window` on `POST /rebalance`);
+/// `body` is what a POST
 /// carried (the server reads no other), at most `MAX_BODY_BYTES` (a longer one is answered
 /// 413). `HEAD` is answered like `GET`. Errors are 4xx with a one-line reason, quoting the
 /// client's text escaped and cut short.
@@ -194,6 +208,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<AdminReque
             format!("no such path: {} (GET / lists them)", shown(path)),
         )
     };
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let Some(rest) = path.strip_prefix('/') else {
         return Err(not_found());
     };
@@ -220,6 +235,11 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<AdminReque
             };
             Ok(AdminRequest::Change(addr, change))
         }
+        ["rebalance"] => match method {
+            "POST" => parse_window(query).map(AdminRequest::Rebalance),
+            "GET" | "HEAD" => Ok(AdminRequest::RebalanceStatus),
+            _ => Err(Reply::method_not_allowed(method, path, "GET, HEAD, POST")),
+        },
         _ => Err(not_found()),
     }
 }
@@ -236,10 +256,7 @@ pub(super) fn respond(request: &AdminRequest, control: &Controller) -> Reply {
             &control.stats(),
             &control.backend_stats(),
         ))),
-        AdminRequest::Backends => {
-            let all: Vec<BackendView> = control.backend_stats().iter().map(Into::into).collect();
-            Ok(Reply::json(&all))
-        }
+        AdminRequest::Backends => Ok(Reply::json(&views(&control.backend_stats()))),
         AdminRequest::Backend(addr) => find(control, addr)
             .ok_or_else(|| unknown(addr))
             .map(|backend| Reply::json(&backend)),
@@ -249,8 +266,63 @@ pub(super) fn respond(request: &AdminRequest, control: &Controller) -> Reply {
             true => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
         }),
         AdminRequest::Change(addr, change) => apply(control, addr, change),
+        AdminRequest::Rebalance(window) => {
+            control.rebalance(window);
+            Ok(Reply::json(&RebalanceView::from(
+                control.rebalance_status(),
+            )))
+        }
+        AdminRequest::RebalanceStatus => Ok(Reply::json(&RebalanceView::from(
+            control.rebalance_status(),
+        ))),
     };
     answer.unwrap_or_else(|e| e)
+}
+
+/// A rebalance's window when `POST /rebalance` names none.
+pub const DEFAULT_REBALANCE_WINDOW: Duration = Duration::from_secs(60);
+
+/// `window=DUR` of `POST /rebalance` (a duration with units, above 0); no query is the default
+/// window. Any other parameter is an error, so a typo is not silently ignored.
+fn parse_window(query: &str) -> Result<Duration, Reply> {
+    let mut window = DEFAULT_REBALANCE_WINDOW;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let bad = |why: String| Reply::text(StatusCode::BAD_REQUEST, why);
+        match pair.split_once('=') {
+            Some(("window", value)) => {
+                let value = percent_decode_str(value).decode_utf8_lossy();
+                window = parse_duration(&value).map_err(|e| bad(e.to_string()))?;
+                if window.is_zero() || window > MAX_REBALANCE_WINDOW {
+                    return Err(bad("window must be greater than 0 and at most 24h".into()));
+                }
+            }
+            _ => return Err(bad(format!("unknown parameter {}", shown(pair)))),
+        }
+    }
+    Ok(window)
+}
+
+/// `GET /rebalance` (and the answer to `POST /rebalance`).
+#[derive(Serialize)]
+struct RebalanceView {
+    running: bool,
+    /// Sessions it closed so far.
+    closed: u64,
+    /// Sessions still to move (`null` until every worker has looked).
+    left: Option<u64>,
+    /// Seconds left in its window.
+    window_left_seconds: f64,
+}
+
+impl From<RebalanceSnapshot> for RebalanceView {
+    fn from(s: RebalanceSnapshot) -> RebalanceView {
+        RebalanceView {
+            running: s.running,
+            closed: s.closed,
+            left: s.left,
+            window_left_seconds: s.window_left.as_secs_f64(),
+        }
+    }
 }
 
 /// `GET /clients`: the client-address counters, by reason (the same numbers as the
@@ -297,11 +369,9 @@ fn apply(control: &Controller, addr: SocketAddr, change: BackendChange) -> Resul
 }
 
 fn find(control: &Controller, addr: SocketAddr) -> Option<BackendView> {
-    control
-        .backend_stats()
-        .iter()
+    views(&control.backend_stats())
+        .into_iter()
         .find(|b| b.addr == addr)
-        .map(Into::into)
 }
 
 fn unknown(addr: SocketAddr) -> Reply {
@@ -517,6 +587,40 @@ mod tests {
         assert!(e.body.len() < 200, "{} bytes: {}", e.body.len(), e.body);
     }
 
+    #[test]
+    fn rebalance_takes_a_window_in_its_query() {
+        let parse = |method, path| parse_request(method, path, b"");
+        assert_eq!(
+            parse("POST", "/rebalance").unwrap(),
+            AdminRequest::Rebalance(DEFAULT_REBALANCE_WINDOW)
+        );
+        assert_eq!(
+            parse("POST", "/rebalance?window=90s").unwrap(),
+            AdminRequest::Rebalance(Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse("GET", "/rebalance?window=90s").unwrap(),
+            AdminRequest::RebalanceStatus
+        );
+        assert_eq!(
+            parse("GET", "/metrics?x=1").unwrap(),
+            AdminRequest::Metrics,
+            "other queries are ignored"
+        );
+        for bad in [
+            "/rebalance?window=0",
+            "/rebalance?window=25h",
+            "/rebalance?window=-1s",
+            "/rebalance?window=soon",
+            "/rebalance?windows=1s",
+        ] {
+            let e = parse("POST", bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}: {}", e.body);
+        }
+        let e = parse("DELETE", "/rebalance").unwrap_err();
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
     mod properties {
         use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
@@ -557,6 +661,9 @@ mod tests {
                     ]
                 )
                     .prop_map(|(addr, change)| AdminRequest::Change(addr, change)),
+                Just(AdminRequest::RebalanceStatus),
+                (1..=MAX_REBALANCE_WINDOW.as_nanos() as u64)
+                    .prop_map(|ns| AdminRequest::Rebalance(Duration::from_nanos(ns))),
             ]
         }
 
@@ -575,6 +682,7 @@ mod tests {
             prop_oneof![
                 "(/(backends|metrics|drain|ready|weight|[0-9a-f.:\\[\\]%]{0,12})){0,4}",
                 "/backends/.*",
+                "/rebalance(\\?(window|w)=[0-9]{1,6}(ns|us|ms|s|m|h|d|y|x)?(&.{0,4})?)?",
                 any::<String>(),
             ]
         }

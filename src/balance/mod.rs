@@ -23,6 +23,9 @@
 //!   default when connections are alike: exact weight proportions with no
 //!   bursts.
 //!
+//! * [`rebalance`]: how many sessions each backend must shed after a scale-out (the
+//!   weighted shares), and source-hash's rule (those whose client IP maps elsewhere).
+//!
 //! * `Picker`: the algorithm chosen by `--algorithm`, over one backend set.
 //!
 //! A backend that must not be picked (down, drained, already tried for this
@@ -35,6 +38,7 @@ pub mod hash;
 pub mod least_conn;
 pub mod maglev;
 mod picker;
+pub mod rebalance;
 pub mod round_robin;
 
 pub use least_conn::{Load, least_conn};

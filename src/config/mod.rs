@@ -221,6 +221,14 @@ pub struct Config {
     /// A drained backend's remaining sessions are closed (spread) after this long; `None`:
     /// they may live on until they end.
     pub backend_drain_timeout: Option<Duration>,
+    /// When a backend joins or comes back up, close sessions on over-loaded backends over
+    /// this window until every backend holds its weighted share; `None`: never.
+    pub rebalance_on_join: Option<Duration>,
+    /// Most sessions a rebalance closes per second, all workers together (at least 1).
+    pub rebalance_max_rate: u32,
+    /// Close a session (gently) once it is this old, each with its own ±10% jitter; `None`:
+    /// never.
+    pub max_session_age: Option<Duration>,
     /// One log line per session at close.
     pub log_sessions: bool,
     /// Where to serve the admin endpoint (metrics, backends, runtime API); `None`: nowhere.
@@ -268,6 +276,9 @@ impl Config {
             drain_timeout: Duration::from_secs(30),
             close_spread: Duration::from_secs(10),
             backend_drain_timeout: None,
+            rebalance_on_join: None,
+            rebalance_max_rate: 100,
+            max_session_age: None,
             log_sessions: false,
             admin: None,
             backends_file: None,
@@ -303,6 +314,24 @@ impl Config {
         if !self.backend_dns.is_empty() && self.dns_interval.is_zero() {
             return Err(ConfigError::Invalid(
                 "--dns-interval must be greater than 0".into(),
+            ));
+        }
+        if self
+            .rebalance_on_join
+            .is_some_and(|w| w > MAX_REBALANCE_WINDOW)
+        {
+            return Err(ConfigError::Invalid(
+                "--rebalance-on-join must be at most 24h".into(),
+            ));
+        }
+        if self.max_session_age.is_some_and(|a| a > MAX_SESSION_AGE) {
+            return Err(ConfigError::Invalid(
+                "--max-session-age must be at most 365d".into(),
+            ));
+        }
+        if self.rebalance_max_rate == 0 {
+            return Err(ConfigError::Invalid(
+                "--rebalance-max-rate must be at least 1".into(),
             ));
         }
         if self.workers == 0 || self.workers > 1024 {
@@ -380,11 +409,45 @@ impl Config {
     /// The settings (by their `--config` key) in which `other` differs from `self`, besides
     /// the backend list: what a reload of the file cannot apply to a running balancer.
     pub fn differences(&self, other: &Config) -> Vec<&'static str> {
+        // Every field named: a new one does not compile until it is compared or skipped here.
+        let Config {
+            listen,
+            backends: _,
+            algorithm,
+            workers,
+            relay,
+            connect_timeout,
+            retries,
+            idle_timeout,
+            backend_timeout,
+            tcp_keepalive,
+            max_conns,
+            backlog,
+            health,
+            limits,
+            drain_timeout,
+            close_spread,
+            backend_drain_timeout,
+            rebalance_on_join,
+            rebalance_max_rate,
+            max_session_age,
+            log_sessions,
+            admin,
+            backends_file,
+            backend_dns,
+            dns_interval,
+            resolver: _,
+            client_ip,
+            tcp_user_timeout,
+            upgrade_socket,
+            take_over: _,
+            upgrade_timeout,
+        } = self;
         let mut keys = Vec::new();
         macro_rules! compare {
-            ($($field:ident $(. $sub:ident)?),* $(,)?) => {$(
-                if format!("{:?}", self.$field $(.$sub)?) != format!("{:?}", other.$field $(.$sub)?) {
-                    keys.push(stringify!($field $(. $sub)?));
+            ($($field:ident),* $(,)?) => {$(
+                if format!("{:?}", $field) != format!("{:?}", other.$field) {
+                    keys.push(stringify!($field));
                 }
             )*};
         }
@@ -405,6 +468,9 @@ impl Config {
             drain_timeout,
             close_spread,
             backend_drain_timeout,
+            rebalance_on_join,
+            rebalance_max_rate,
+            max_session_age,
             log_sessions,
             admin,
             backends_file,
@@ -530,6 +596,12 @@ impl ClientIpConfig {
 /// Most backends source-hash takes: one fewer than its Maglev table has slots.
 pub const MAX_SOURCE_HASH_BACKENDS: usize = crate::balance::maglev::DEFAULT_TABLE_SIZE - 1;
 
+/// The longest rebalance window (`--rebalance-on-join`, `POST /rebalance`).
+pub const MAX_REBALANCE_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest `--max-session-age`.
+pub const MAX_SESSION_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// More workers than this many per core are warned about.
 const WORKERS_PER_CORE_WARNING: usize = 2;
 
@@ -582,6 +654,26 @@ mod tests {
         c.backends = vec![BackendSpec::new("127.0.0.1:0".parse().unwrap())];
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("port 0"), "{err}");
+    }
+
+    #[test]
+    fn rebalancing_values_are_bounded() {
+        let backend = BackendSpec::new("127.0.0.1:1".parse().unwrap());
+        let mut c = Config::new(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
+        c.rebalance_on_join = Some(MAX_REBALANCE_WINDOW);
+        c.max_session_age = Some(MAX_SESSION_AGE);
+        assert!(c.validate().is_ok());
+        c.rebalance_max_rate = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--rebalance-max-rate"), "{err}");
+        c.rebalance_max_rate = 1;
+        c.rebalance_on_join = Some(MAX_REBALANCE_WINDOW + Duration::from_secs(1));
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--rebalance-on-join"), "{err}");
+        c.rebalance_on_join = None;
+        c.max_session_age = Some(MAX_SESSION_AGE * 2);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--max-session-age"), "{err}");
     }
 
     #[test]

@@ -43,7 +43,8 @@ use slab::Slab;
 use crate::backend::{Backend, BackendSet, BackendState};
 use crate::config::{BackendSpec, Config, HealthCheck};
 use crate::plane::{
-    BackendChange, Command, Control, ControlError, HealthLink, Published, WorkerLink,
+    BackendChange, Command, Control, ControlError, HealthLink, Published, RebalanceStart,
+    WorkerLink,
 };
 use crate::sys::is_resource_exhaustion;
 use probe::{Probe, ProbeStep};
@@ -653,6 +654,17 @@ impl Health {
         for w in &self.workers {
             w.send(Control::Backends(Arc::clone(&set)));
         }
+        // `--rebalance-on-join`: a backend joined, or came back up (probes, or an operator's
+        // `ready`): the workers move sessions off over-loaded backends over the window.
+        if let Some(window) = self.config.rebalance_on_join
+            && joined(&previous, &set)
+        {
+            log::info!("a backend joined: rebalancing over {window:?}");
+            let start = RebalanceStart::new(window);
+            for w in &self.workers {
+                w.send(Control::Rebalance(start));
+            }
+        }
         self.dirty = false;
         self.last_publish = now;
         self.next_ramp_publish = match (ramping, slow_start) {
@@ -870,6 +882,17 @@ fn ramp_weight(full: u32, elapsed: Duration, window: Duration) -> Option<u32> {
     let floor = (full / SLOW_START_FLOOR).max(1);
     let progress = elapsed.as_secs_f64() / window.as_secs_f64();
     Some(floor + ((full - floor) as f64 * progress) as u32)
+}
+
+/// Whether `set` has a backend up that was not up in `previous` (absent, down or drained).
+fn joined(previous: &BackendSet, set: &BackendSet) -> bool {
+    let before = previous.by_addr();
+    set.backends.iter().any(|b| {
+        b.state == BackendState::Up
+            && before
+                .get(&b.spec.addr)
+                .is_none_or(|p| p.state != BackendState::Up)
+    })
 }
 
 #[cfg(test)]

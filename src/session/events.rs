@@ -59,6 +59,10 @@ pub enum CloseReason {
     Exhausted,
     /// Closed by a drain (holdfast's own, or a backend's drain timeout).
     Drain,
+    /// Closed by a rebalance, to make room on an over-loaded backend.
+    Rebalance,
+    /// Reached `--max-session-age` (with its jitter).
+    MaxAge,
     /// The worker is shutting down.
     Shutdown,
     /// The client's PROXY header was invalid, or it closed before sending all of it.
@@ -75,7 +79,11 @@ impl CloseReason {
     pub fn ends_with_fin(self) -> bool {
         matches!(
             self,
-            CloseReason::Drain | CloseReason::IdleTimeout | CloseReason::BackendTimeout
+            CloseReason::Drain
+                | CloseReason::Rebalance
+                | CloseReason::MaxAge
+                | CloseReason::IdleTimeout
+                | CloseReason::BackendTimeout
         )
     }
 }

@@ -427,10 +427,12 @@ impl Session {
     /// EOF whatever follows) or has ended its own stream, or until [`LINGER_TIMEOUT`]. Only
     /// then are they closed.
     pub fn shutdown_writes(&self) {
-        let _ = self.client.shutdown(Shutdown::Write);
+        // The backend first: it learns that the session ends, and can finish what it was
+        // sending, before the client sees its FIN.
         if let Some(socket) = &self.backend {
             let _ = socket.shutdown(Shutdown::Write);
         }
+        let _ = self.client.shutdown(Shutdown::Write);
     }
 
     /// A lingering session's sockets (those asked for): discards what arrived, and says

@@ -278,6 +278,8 @@ impl State {
             CloseReason::QueueTimeout => "queue-timeout",
             CloseReason::Exhausted => "out-of-resources",
             CloseReason::Drain => "drain",
+            CloseReason::Rebalance => "rebalance",
+            CloseReason::MaxAge => "max-age",
             CloseReason::Shutdown => "shutdown",
             CloseReason::BadHeader => "proxy-header-error",
             CloseReason::HeaderTimeout => "proxy-header-timeout",
@@ -646,6 +648,8 @@ impl State {
             }
             (TimerKind::DrainClose, Phase::Lingering { .. } | Phase::Closed) => {}
             (TimerKind::DrainClose, _) => out.push(Action::Close(CloseReason::Drain)),
+            (TimerKind::MaxAge, Phase::Lingering { .. } | Phase::Closed) => {}
+            (TimerKind::MaxAge, _) => out.push(Action::Close(CloseReason::MaxAge)),
             (
                 TimerKind::Linger,
                 Phase::Lingering {

@@ -218,6 +218,7 @@ impl Worker {
         }
         let session = entry.insert(session);
         let actions = session.state.on(Event::Accepted, self.now, &self.rules);
+        self.arm_max_age(key, id);
         self.apply(key, actions);
     }
 

@@ -229,13 +229,17 @@ impl Worker {
             // its entries; ones armed for an earlier attempt are few and expire soon.
             let sessions = &self.sessions;
             self.timers.compact(|t| {
-                t.kind == TimerKind::DrainDeadline
+                matches!(t.kind, TimerKind::DrainDeadline | TimerKind::RebalanceTick)
                     || sessions.get(t.key).is_some_and(|s| s.id == t.id)
             });
         }
         while let Some(timer) = self.timers.pop_expired(self.now) {
             if timer.kind == TimerKind::DrainDeadline {
                 self.drain_deadline();
+                continue;
+            }
+            if timer.kind == TimerKind::RebalanceTick {
+                self.rebalance_tick(timer.id);
                 continue;
             }
             let Some(session) = self.sessions.get_mut(timer.key) else {
@@ -289,6 +293,7 @@ impl Worker {
                 CloseReason::BackendTimeout => Some(&self.counters.backend_timeouts),
                 CloseReason::QueueTimeout => Some(&self.counters.queue_timeouts),
                 CloseReason::Drain => Some(&self.counters.closed_by_drain),
+                CloseReason::MaxAge => Some(&self.counters.sessions_closed_by_age),
                 _ => None,
             };
             if let Some(counter) = counter {

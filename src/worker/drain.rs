@@ -24,6 +24,7 @@ impl Worker {
         }
         self.draining = true;
         self.close_spread = spread;
+        self.stop_rebalance();
         for ready in &mut self.listener_ready {
             *ready = true;
         }

@@ -21,6 +21,8 @@
 //! - `accept.rs`: accepting, `--max-conns`, the descriptor held in reserve;
 //! - `place.rs`: picking a backend, connecting, retrying, the queue;
 //! - `drain.rs`: holdfast's graceful shutdown and a drained backend's spread-out closes;
+//! - `rebalance.rs`: moving sessions off over-loaded backends after a scale-out, and
+//!   `--max-session-age`;
 //! - `upgrade.rs`: the live upgrade's batches (frozen and released or resumed; rebuilt and
 //!   adopted or discarded).
 //!
@@ -31,6 +33,7 @@ mod accept;
 mod dispatch;
 mod drain;
 mod place;
+mod rebalance;
 mod upgrade;
 
 use std::collections::VecDeque;
@@ -112,6 +115,10 @@ pub struct Worker {
     /// Live upgrade: the listeners were given to a new process, which accepts now; this
     /// worker does not (until the handover fails).
     listeners_given: bool,
+    /// This worker's part of the rebalance under way, if one is.
+    rebalance: Option<rebalance::Rebalancing>,
+    /// Chooses a rebalance's victims and each session's age jitter.
+    rebalance_rng: rebalance::Rng,
 }
 
 impl Worker {
@@ -170,6 +177,8 @@ impl Worker {
             client_ip_log: LogLimiter::default(),
             batches: upgrade::Batches::default(),
             listeners_given: false,
+            rebalance: None,
+            rebalance_rng: rebalance::Rng::new(rebalance::seed(id)),
         };
         Ok((worker, tx, waker))
     }
@@ -265,6 +274,7 @@ impl Worker {
                 }
                 Ok(Control::Drain { timeout, spread }) => self.start_drain(timeout, spread),
                 Ok(Control::CloseBackend { addr, spread }) => self.close_backend(addr, spread),
+                Ok(Control::Rebalance(start)) => self.start_rebalance(start),
                 Ok(Control::Freeze { id, max_fds, reply }) => {
                     let frozen = self.freeze(id, max_fds);
                     if let Err(e) = reply.send(frozen) {

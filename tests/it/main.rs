@@ -18,6 +18,7 @@ mod lifecycle;
 mod limits;
 mod pacing;
 mod packaging;
+mod rebalance;
 mod relay;
 mod reliability;
 mod reload;

@@ -743,6 +743,55 @@ fn transitions() {
                 },
             ],
         },
+        // ---- rebalance and --max-session-age ----
+        Case {
+            name: "a rebalance closes a relaying session with a FIN: it lingers",
+            from: state(relaying(t(10), 5, 5), 1, t(10)),
+            event: Event::Close(CloseReason::Rebalance),
+            now: t(50),
+            to: state(lingering(t(50) + LINGER_TIMEOUT, false, false), 1, t(10)),
+            actions: vec![
+                ReleaseSlot(1),
+                ShutdownWrites,
+                linger_from(t(50)),
+                Linger {
+                    client: true,
+                    backend: true,
+                },
+            ],
+        },
+        Case {
+            name: "the max-age timer closes a relaying session",
+            from: state(relaying(t(10), 5, 5), 1, t(10)),
+            event: timer(TimerKind::MaxAge, t(50)),
+            now: t(50),
+            to: state(relaying(t(10), 5, 5), 1, t(10)),
+            actions: vec![Close(CloseReason::MaxAge)],
+        },
+        Case {
+            name: "the max-age timer of a session lingering already: nothing",
+            from: state(lingering(t(900), false, false), 1, t(10)),
+            event: timer(TimerKind::MaxAge, t(50)),
+            now: t(50),
+            to: state(lingering(t(900), false, false), 1, t(10)),
+            actions: vec![],
+        },
+        Case {
+            name: "max age closes a relaying session with a FIN: it lingers",
+            from: state(relaying(t(10), 5, 5), 1, t(10)),
+            event: Event::Close(CloseReason::MaxAge),
+            now: t(50),
+            to: state(lingering(t(50) + LINGER_TIMEOUT, false, false), 1, t(10)),
+            actions: vec![
+                ReleaseSlot(1),
+                ShutdownWrites,
+                linger_from(t(50)),
+                Linger {
+                    client: true,
+                    backend: true,
+                },
+            ],
+        },
         // ---- lingering ----
         Case {
             name: "linger timer: look at the sockets not finished, look again soon",
