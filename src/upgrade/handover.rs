@@ -394,6 +394,8 @@ mod tests {
             local_addr: addr,
             backend: None,
             attempts: 0,
+            tried: Vec::new(),
+            connect_started_ms: None,
             age_ms: 5,
             idle_ms: 5,
             deadline_in_ms: Some(1000),

@@ -2,12 +2,11 @@
 //! control message to one worker (`plane::Control`), answered over a channel where an answer
 //! is needed.
 //!
-//! Wired so far: relaying sessions (frozen, released or resumed on the old side; rebuilt,
-//! adopted or discarded on the new one) and, between two processes ([`give_over`],
+//! Wired so far: queued, connecting and relaying sessions (frozen, released or resumed on the
+//! old side; rebuilt, adopted or discarded on the new one) and, between two processes ([`give_over`],
 //! [`take_over`]), the listeners: the new process starts its balancer on them. Between two
 //! balancers in one process ([`LocalGiver::new`], [`LocalTaker`]) the listeners stay. (The
-//! binary drives [`give_over`] from `--upgrade-socket` and SIGUSR2.) Not yet: queued and
-//! connecting sessions (they stay with the old process) and backend state.
+//! binary drives [`give_over`] from `--upgrade-socket` and SIGUSR2.) Not yet: backend state.
 
 use std::collections::HashMap;
 use std::io;

@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 /// Eight bytes at the start of a hello, so that a stranger on the socket is refused at once.
 pub const MAGIC: [u8; 8] = *b"HFUPGRD\0";
 /// This format's version.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 9;
 /// Largest body accepted: a batch of sessions each holding up to two 64 KiB partial writes.
@@ -111,6 +111,12 @@ pub struct PackedSession {
     pub backend: Option<SocketAddr>,
     /// Connect attempts made so far.
     pub attempts: u32,
+    /// Queued, connecting: the backends that already failed for this client (by address:
+    /// the new process's set may list them elsewhere, or not at all), counted against
+    /// `--retries`.
+    pub tried: Vec<SocketAddr>,
+    /// Connecting: milliseconds since this attempt's connect started.
+    pub connect_started_ms: Option<u64>,
     /// Milliseconds since the session started, since its last activity.
     pub age_ms: u64,
     pub idle_ms: u64,
@@ -399,6 +405,11 @@ impl Writer {
             }
         }
         self.u32(s.attempts);
+        self.u32(s.tried.len() as u32);
+        for a in &s.tried {
+            self.addr(*a);
+        }
+        self.opt_u64(s.connect_started_ms);
         self.u64(s.age_ms);
         self.u64(s.idle_ms);
         self.opt_u64(s.deadline_in_ms);
@@ -523,6 +534,12 @@ impl<'a> Reader<'a> {
             _ => return Err(WireError::BadValue("backend")),
         };
         let attempts = self.u32()?;
+        let n = self.count(7)?;
+        let mut tried = Vec::with_capacity(n);
+        for _ in 0..n {
+            tried.push(self.addr()?);
+        }
+        let connect_started_ms = self.opt_u64("connect started")?;
         let age_ms = self.u64()?;
         let idle_ms = self.u64()?;
         let deadline_in_ms = self.opt_u64("deadline")?;
@@ -556,6 +573,8 @@ impl<'a> Reader<'a> {
             local_addr,
             backend,
             attempts,
+            tried,
+            connect_started_ms,
             age_ms,
             idle_ms,
             deadline_in_ms,
@@ -628,6 +647,10 @@ mod tests {
         (
             (phase, addr(), addr(), addr(), any::<u32>()),
             (
+                proptest::collection::vec(addr(), 0..4),
+                any::<Option<u64>>(),
+            ),
+            (
                 any::<u64>(),
                 any::<u64>(),
                 any::<Option<u64>>(),
@@ -639,6 +662,7 @@ mod tests {
             .prop_map(
                 |(
                     (phase, client_addr, local_addr, backend, attempts),
+                    (tried, connect_started_ms),
                     (age_ms, idle_ms, deadline_in_ms, unanswered_ms),
                     (up, down, first_eof, p0, p1),
                     proxy_out,
@@ -648,6 +672,8 @@ mod tests {
                     local_addr,
                     backend: (phase != WirePhase::Queued).then_some(backend),
                     attempts,
+                    tried,
+                    connect_started_ms,
                     age_ms,
                     idle_ms,
                     deadline_in_ms,
@@ -760,6 +786,8 @@ mod tests {
             local_addr: "127.0.0.1:2".parse().unwrap(),
             backend: Some("127.0.0.1:3".parse().unwrap()),
             attempts: 1,
+            tried: vec![],
+            connect_started_ms: None,
             age_ms: 0,
             idle_ms: 0,
             deadline_in_ms: None,
