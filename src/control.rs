@@ -181,6 +181,14 @@ impl Controller {
         answer(&done_rx, ANSWER_TIMEOUT)?
     }
 
+    /// The listed backends' running state (live upgrade: the old process sends it to the
+    /// new one). Empty if the health thread does not answer in time.
+    pub(crate) fn backend_snapshot(&self) -> Vec<crate::upgrade::wire::BackendInfo> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.health.send(Command::Snapshot(tx));
+        rx.recv_timeout(ANSWER_TIMEOUT).unwrap_or_default()
+    }
+
     /// Graceful shutdown: stop accepting at once (listeners close, so new connections go to
     /// another instance), let sessions end on their own for `--drain-timeout`, then close the
     /// rest spread evenly over `--close-spread`. The workers exit when their last session ends.

@@ -36,7 +36,7 @@ use crate::backend::BackendSet;
 use crate::config::{BackendSpec, ConfigError, MAX_WEIGHT};
 use crate::sources::SourceError;
 use crate::upgrade::handover::Frozen;
-use crate::upgrade::wire::PackedSession;
+use crate::upgrade::wire::{BackendInfo, PackedSession};
 
 /// A change to one backend requested by an operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +85,8 @@ pub(crate) enum Command {
     Failing(SocketAddr),
     /// An operator's change to one backend; the sender is told the outcome once published.
     Backend(SocketAddr, BackendChange, Sender<Result<(), ControlError>>),
+    /// Live upgrade: the listed backends' running state, for the new process.
+    Snapshot(Sender<Vec<BackendInfo>>),
     Shutdown,
 }
 

@@ -6,6 +6,7 @@
 //! old (give)                                  new (take)
 //!  hello(version, pid) ─────────────────────► version understood, configuration valid?
 //!  ◄───────────────────────────── ready | refuse(why)     (refuse: old keeps everything)
+//!  backends(state) ─────────────────────────► kept for its balancer's first set
 //!  listeners + fds ─────────────────────────► registers them, accepts from now on
 //!  ◄──────────────────────────────────── accepting        old stops accepting
 //!  per batch: freeze, pack
@@ -26,7 +27,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use super::wire::{self, ListenerInfo, Message, PackedSession, WireError};
+use super::wire::{self, BackendInfo, ListenerInfo, Message, PackedSession, WireError};
 use crate::sys;
 
 /// Why a handover did not complete.
@@ -148,6 +149,10 @@ pub struct Frozen {
 
 /// The old process's side: what it hands over, and what it takes back on failure.
 pub trait Giver {
+    /// The backends' running state (health, drains, operators' weights, slow start).
+    fn backends(&mut self) -> Vec<BackendInfo> {
+        Vec::new()
+    }
     /// The listening sockets (duplicates: the originals stay until the process exits).
     fn listeners(&mut self) -> io::Result<(Vec<ListenerInfo>, Vec<OwnedFd>)>;
     /// The new process accepts now: stop accepting (keep the sockets open).
@@ -168,6 +173,9 @@ pub trait Taker {
     /// The old process said hello: is its version understood, and is this process's own
     /// configuration valid? `Err`: the reason for refusing.
     fn hello(&mut self, version: u16, pid: u32) -> Result<(), String>;
+    /// The old process's backend state, before the listeners: applied to the backends this
+    /// process's own configuration lists.
+    fn backends(&mut self, _backends: Vec<BackendInfo>) {}
     /// Registers the listeners (the same sockets as the old process's) and accepts.
     fn listeners(&mut self, infos: Vec<ListenerInfo>, fds: Vec<OwnedFd>) -> Result<(), String>;
     /// Rebuilds batch `id` without registering it or reading anything.
@@ -213,6 +221,7 @@ pub fn give(
         Message::Refuse { reason } => return Err(HandoverError::Refused(reason)),
         _ => return Err(HandoverError::Unexpected("expected ready")),
     }
+    chan.send(&Message::Backends(giver.backends()), &[])?;
     let (infos, fds) = giver.listeners()?;
     chan.send(&Message::Listeners(infos), &fds)?;
     drop(fds);
@@ -344,6 +353,7 @@ fn take_rest(
             Err(e) => return Err(e),
         };
         match msg {
+            Message::Backends(backends) => taker.backends(backends),
             Message::Listeners(infos) => {
                 if let Err(reason) = taker.listeners(infos, fds) {
                     return Err(refuse(chan, reason));
@@ -570,6 +580,7 @@ mod tests {
     fn new_process_that_stops_after_a_batch(mut new: Channel, then_close: bool) -> Channel {
         assert!(matches!(new.recv(None).unwrap().0, Message::Hello { .. }));
         new.send(&Message::Ready, &[]).unwrap();
+        assert!(matches!(new.recv(None).unwrap().0, Message::Backends(_)));
         assert!(matches!(new.recv(None).unwrap().0, Message::Listeners(_)));
         new.send(&Message::Accepting, &[]).unwrap();
         let (msg, fds) = new.recv(None).unwrap();

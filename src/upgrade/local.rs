@@ -6,7 +6,8 @@
 //! old side; rebuilt, adopted or discarded on the new one) and, between two processes ([`give_over`],
 //! [`take_over`]), the listeners: the new process starts its balancer on them. Between two
 //! balancers in one process ([`LocalGiver::new`], [`LocalTaker`]) the listeners stay. (The
-//! binary drives [`give_over`] from `--upgrade-socket` and SIGUSR2.) Not yet: backend state.
+//! binary drives [`give_over`] from `--upgrade-socket` and SIGUSR2.) Between two processes the
+//! backends' running state goes too, applied to the new balancer's first set.
 
 use std::collections::HashMap;
 use std::io;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use std::os::unix::net::UnixStream;
 
 use super::handover::{Channel, Frozen, Giver, HandoverError, Report, Taken, Taker, give, take};
-use super::wire::{ListenerInfo, PackedSession};
+use super::wire::{BackendInfo, ListenerInfo, PackedSession};
 use crate::Holdfast;
 use crate::config::Config;
 use crate::control::Controller;
@@ -68,6 +69,15 @@ impl LocalGiver {
 }
 
 impl Giver for LocalGiver {
+    /// The backends' state, to a new process (a balancer in the same process keeps its own).
+    fn backends(&mut self) -> Vec<BackendInfo> {
+        if self.listeners {
+            self.control.backend_snapshot()
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Every worker's listeners, duplicated (the originals stay until this process exits);
     /// none from [`LocalGiver::new`].
     fn listeners(&mut self) -> io::Result<(Vec<ListenerInfo>, Vec<OwnedFd>)> {
@@ -286,6 +296,13 @@ struct ProcessTaker {
 impl Taker for ProcessTaker {
     fn hello(&mut self, _version: u16, _pid: u32) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Kept for the first backend set of the balancer, started when the listeners come.
+    fn backends(&mut self, backends: Vec<BackendInfo>) {
+        if let Some(config) = &mut self.config {
+            config.inherited_backends = backends;
+        }
     }
 
     fn listeners(&mut self, infos: Vec<ListenerInfo>, fds: Vec<OwnedFd>) -> Result<(), String> {

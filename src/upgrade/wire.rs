@@ -53,6 +53,23 @@ pub struct ListenerInfo {
     pub addr: SocketAddr,
 }
 
+/// One backend's running state in the old process, for the new one to carry on with (it
+/// applies it to a backend its own configuration lists at the same address).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendInfo {
+    pub addr: SocketAddr,
+    /// Down (by probes or passive detection): it stays down until probed up.
+    pub down: bool,
+    /// Drained by an operator.
+    pub drained: bool,
+    /// The weight in the old process's configuration, and the operator's weight replacing it
+    /// (the new process keeps the operator's only while its own configured weight is the same).
+    pub configured_weight: u32,
+    pub operator_weight: Option<u32>,
+    /// Under slow start: milliseconds since its ramp began.
+    pub ramp_ms: Option<u64>,
+}
+
 /// A session's phase as it travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WirePhase {
@@ -160,6 +177,8 @@ pub enum Message {
     /// Either way: no handover (a version not understood, an invalid configuration); the old
     /// process keeps everything.
     Refuse { reason: String },
+    /// Old to new, after ready: the backends' running state.
+    Backends(Vec<BackendInfo>),
     /// Old to new: the listening sockets (one descriptor each, in order).
     Listeners(Vec<ListenerInfo>),
     /// New to old: the listeners are registered; the old process stops accepting.
@@ -192,6 +211,7 @@ impl Message {
             Message::Commit { .. } => 8,
             Message::Abort { .. } => 9,
             Message::Done => 10,
+            Message::Backends(_) => 11,
         }
     }
 
@@ -234,6 +254,16 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             }
         }
         Message::Received { id } | Message::Commit { id } => w.u32(*id),
+        Message::Backends(backends) => {
+            w.u32(backends.len() as u32);
+            for b in backends {
+                w.addr(b.addr);
+                w.u8(u8::from(b.down) | (u8::from(b.drained) << 1));
+                w.u32(b.configured_weight);
+                w.opt_u64(b.operator_weight.map(u64::from));
+                w.opt_u64(b.ramp_ms);
+            }
+        }
         Message::Abort { id, reason } => {
             w.u32(*id);
             w.text(reason);
@@ -261,7 +291,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
     if body_len > MAX_BODY {
         return Err(WireError::TooLarge(body_len));
     }
-    if !(1..=10).contains(&kind) {
+    if !(1..=11).contains(&kind) {
         return Err(WireError::UnknownKind(kind));
     }
     Ok(Header {
@@ -323,6 +353,33 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
             reason: r.text()?,
         },
         10 => Message::Done,
+        11 => {
+            let n = r.count(7 + 1 + 4 + 2)?;
+            let mut backends = Vec::with_capacity(n);
+            for _ in 0..n {
+                let addr = r.addr()?;
+                let flags = r.u8()?;
+                if flags > 3 {
+                    return Err(WireError::BadValue("backend flags"));
+                }
+                let configured_weight = r.u32()?;
+                let operator_weight = match r.opt_u64("operator weight")? {
+                    None => None,
+                    Some(w) => {
+                        Some(u32::try_from(w).map_err(|_| WireError::BadValue("operator weight"))?)
+                    }
+                };
+                backends.push(BackendInfo {
+                    addr,
+                    down: flags & 1 != 0,
+                    drained: flags & 2 != 0,
+                    configured_weight,
+                    operator_weight,
+                    ramp_ms: r.opt_u64("ramp")?,
+                });
+            }
+            Message::Backends(backends)
+        }
         k => return Err(WireError::UnknownKind(k)),
     };
     if !r.0.is_empty() {
@@ -708,6 +765,29 @@ mod tests {
             any::<u32>().prop_map(|id| Message::Commit { id }),
             (any::<u32>(), text()).prop_map(|(id, reason)| Message::Abort { id, reason }),
             Just(Message::Done),
+            proptest::collection::vec(
+                (
+                    addr(),
+                    any::<(bool, bool)>(),
+                    any::<u32>(),
+                    any::<Option<u32>>(),
+                    any::<Option<u64>>()
+                )
+                    .prop_map(
+                        |(addr, (down, drained), configured_weight, operator_weight, ramp_ms)| {
+                            BackendInfo {
+                                addr,
+                                down,
+                                drained,
+                                configured_weight,
+                                operator_weight,
+                                ramp_ms,
+                            }
+                        }
+                    ),
+                0..6
+            )
+            .prop_map(Message::Backends),
         ]
     }
 

@@ -505,3 +505,72 @@ fn a_connecting_session_completes_in_the_new_process() {
     assert_eq!(&got, b"sent while connecting");
     exchange(&mut cl, 2, 0);
 }
+
+/// The backends' running state moves with the sessions: a backend drained through the old
+/// process's admin API is still drained in the new one (no new client reaches it), one that
+/// probes marked down there is down in the new one right after the take-over (whose own
+/// first probe of it is twenty seconds away), and a weight set at run time is kept.
+#[test]
+fn backend_state_survives_the_upgrade() {
+    let drained = TaggedBackend::start("drained");
+    let serving = TaggedBackend::start("serving");
+    let down = closed_port();
+    let socket = TempFile::new("upgrade-sock", "");
+    let path = socket.path().to_str().unwrap().to_owned();
+    let (d, s, x) = (
+        drained.addr().to_string(),
+        serving.addr().to_string(),
+        down.addr().to_string(),
+    );
+    let backends = ["--backend", &d, "--backend", &x, "--backend", &s];
+    let mut old_args = backends.to_vec();
+    old_args.extend([
+        "--health-interval",
+        "50ms",
+        "--fall",
+        "1",
+        "--admin",
+        "127.0.0.1:0",
+        "--upgrade-socket",
+        &path,
+    ]);
+    let mut old = Child::quiet().spawn(&old_args);
+    let admin = admin_of(&old);
+    let (code, body) = admin_request(admin, "POST", &format!("/backends/{d}/drain"));
+    assert_eq!(code, 200, "{body}");
+    let mut s_weight = TcpStream::connect_timeout(&admin, IO_TIMEOUT).unwrap();
+    set_timeouts(&s_weight);
+    s_weight
+        .write_all(
+            format!(
+                "POST /backends/{s}/weight HTTP/1.1\r\nHost: admin\r\nContent-Length: 1\r\n\
+                 Connection: close\r\n\r\n7"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let mut answer = String::new();
+    s_weight.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let state = |addr: &str, state: &str| {
+        format!("holdfast_backend_state{{backend=\"{addr}\",state=\"{state}\"}}")
+    };
+    wait_for_sample(admin, &state(&x, "down"), 1.0);
+    wait_for_sample(admin, &state(&d, "drain"), 1.0);
+
+    let mut new_args = backends.to_vec();
+    new_args.extend(["--health-interval", "60s", "--admin", "127.0.0.1:0"]);
+    let new = take_over_from(&mut old, &path, &new_args, 0);
+    let new_admin = admin_of(&new);
+    assert_eq!(sample(new_admin, &state(&x, "down")), Some(1.0));
+    assert_eq!(sample(new_admin, &state(&d, "drain")), Some(1.0));
+    assert_eq!(
+        sample(
+            new_admin,
+            &format!("holdfast_backend_weight{{backend=\"{s}\"}}")
+        ),
+        Some(7.0)
+    );
+    let tags = tags_of_new_clients(old.addr(), 6);
+    assert_eq!(count_tag(&tags, "serving"), 6, "{tags:?}");
+}
