@@ -165,6 +165,7 @@ fn main() -> ExitCode {
         args: reexec_args(&argv, &socket),
         upgrading: Arc::clone(&upgrading),
         handed_over: Arc::clone(&handed_over),
+        control: control.clone(),
     });
     let spawned = std::thread::Builder::new()
         .name("holdfast-signals".into())
@@ -287,6 +288,7 @@ struct Reexec {
     args: Vec<OsString>,
     upgrading: Arc<AtomicBool>,
     handed_over: Arc<AtomicBool>,
+    control: holdfast::Controller,
 }
 
 impl Reexec {
@@ -303,6 +305,7 @@ impl Reexec {
                 log::error!(
                     "SIGUSR2: upgrade failed, still serving: path of this binary unknown ({e})"
                 );
+                self.control.count_failed_upgrade();
                 self.upgrading.store(false, Ordering::SeqCst);
                 return;
             }
@@ -318,6 +321,7 @@ impl Reexec {
                     "SIGUSR2: upgrade failed, still serving: cannot start {}: {e}",
                     exe.display()
                 );
+                self.control.count_failed_upgrade();
                 self.upgrading.store(false, Ordering::SeqCst);
                 return;
             }
@@ -329,6 +333,7 @@ impl Reexec {
         );
         let upgrading = Arc::clone(&self.upgrading);
         let handed_over = Arc::clone(&self.handed_over);
+        let control = self.control.clone();
         let waiter = std::thread::Builder::new()
             .name("holdfast-upgrade-child".into())
             .spawn(move || {
@@ -346,6 +351,7 @@ impl Reexec {
                          (pid {pid}): {e}"
                     ),
                 }
+                control.count_failed_upgrade();
                 upgrading.store(false, Ordering::SeqCst);
             });
         if let Err(e) = waiter {

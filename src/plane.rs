@@ -121,8 +121,12 @@ pub(crate) enum Control {
         fds: Vec<OwnedFd>,
         reply: Sender<Result<(), String>>,
     },
-    /// Batch `id` is ours: count, register and run its sessions, arm their timers.
-    Adopt { id: u32 },
+    /// Batch `id` is ours: count, register and run its sessions, arm their timers. Its
+    /// sessions have been paused since `paused_since` (the old process froze them then).
+    Adopt {
+        id: u32,
+        paused_since: std::time::Instant,
+    },
     /// Batch `id` stays with the old process: close what was rebuilt.
     Discard { id: u32 },
     /// Live upgrade, old side: duplicates of this worker's open listeners, with their

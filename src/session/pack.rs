@@ -516,6 +516,7 @@ mod tests {
         let mut receiver = Channel::new(b);
         let batch = Message::Batch {
             id: 1,
+            frozen_us: 0,
             sessions: vec![packed],
         };
         sender.send(&batch, &fds).unwrap();

@@ -179,9 +179,11 @@ pub trait Taker {
     /// Registers the listeners (the same sockets as the old process's) and accepts.
     fn listeners(&mut self, infos: Vec<ListenerInfo>, fds: Vec<OwnedFd>) -> Result<(), String>;
     /// Rebuilds batch `id` without registering it or reading anything.
+    /// Rebuilds batch `id`, whose sessions the old process froze `frozen` before sending it.
     fn rebuild(
         &mut self,
         id: u32,
+        frozen: Duration,
         sessions: Vec<PackedSession>,
         fds: Vec<OwnedFd>,
     ) -> Result<(), String>;
@@ -235,13 +237,15 @@ pub fn give(
     let mut id = 0u32;
     loop {
         id = id.wrapping_add(1);
+        // The pause starts when the freeze is asked for (the worker freezes at its next turn).
+        let frozen_at = Instant::now();
         let Some(frozen) = giver.freeze(id, sys::MAX_FDS_PER_MESSAGE) else {
             break;
         };
-        let frozen_at = Instant::now();
         let count = frozen.sessions.len();
         let msg = Message::Batch {
             id,
+            frozen_us: u64::try_from(frozen_at.elapsed().as_micros()).unwrap_or(u64::MAX),
             sessions: frozen.sessions,
         };
         let answer = chan
@@ -360,8 +364,13 @@ fn take_rest(
                 }
                 chan.send(&Message::Accepting, &[])?;
             }
-            Message::Batch { id, sessions } => {
-                if let Err(reason) = taker.rebuild(id, sessions, fds) {
+            Message::Batch {
+                id,
+                frozen_us,
+                sessions,
+            } => {
+                let frozen = Duration::from_micros(frozen_us);
+                if let Err(reason) = taker.rebuild(id, frozen, sessions, fds) {
                     return Err(refuse(chan, reason));
                 }
                 pending.push(id);
@@ -504,6 +513,7 @@ mod tests {
         fn rebuild(
             &mut self,
             id: u32,
+            _frozen: Duration,
             s: Vec<PackedSession>,
             fds: Vec<OwnedFd>,
         ) -> Result<(), String> {
@@ -650,6 +660,7 @@ mod tests {
         let fds: Vec<OwnedFd> = mine.into_iter().map(OwnedFd::from).collect();
         let batch = Message::Batch {
             id: 1,
+            frozen_us: 0,
             sessions: vec![queued(); n],
         };
         old.send(&batch, &fds).unwrap();

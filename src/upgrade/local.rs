@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::os::unix::net::UnixStream;
 
@@ -23,6 +23,8 @@ use crate::config::Config;
 use crate::control::Controller;
 use crate::error::StartError;
 use crate::plane::Control;
+use crate::stats::Counters;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// How long a worker may take to answer a freeze or a rebuild (it answers within one turn
 /// of its loop unless it is gone).
@@ -161,6 +163,8 @@ pub struct LocalTaker {
     next: usize,
     /// Which worker rebuilt each batch.
     batches: HashMap<u32, usize>,
+    /// Since when each batch's sessions have been paused (frozen in the old process).
+    paused_since: HashMap<u32, Instant>,
 }
 
 impl LocalTaker {
@@ -169,6 +173,7 @@ impl LocalTaker {
             control,
             next: 0,
             batches: HashMap::new(),
+            paused_since: HashMap::new(),
         }
     }
 
@@ -197,9 +202,13 @@ impl Taker for LocalTaker {
     fn rebuild(
         &mut self,
         id: u32,
+        frozen: Duration,
         sessions: Vec<PackedSession>,
         fds: Vec<OwnedFd>,
     ) -> Result<(), String> {
+        let now = Instant::now();
+        self.paused_since
+            .insert(id, now.checked_sub(frozen).unwrap_or(now));
         let links = self.control.worker_links();
         if links.is_empty() {
             return Err("no worker to take the sessions".into());
@@ -225,10 +234,12 @@ impl Taker for LocalTaker {
     }
 
     fn commit(&mut self, id: u32) {
-        self.send(id, |id| Control::Adopt { id });
+        let paused_since = self.paused_since.remove(&id).unwrap_or_else(Instant::now);
+        self.send(id, |id| Control::Adopt { id, paused_since });
     }
 
     fn abort(&mut self, id: u32) {
+        self.paused_since.remove(&id);
         self.send(id, |id| Control::Discard { id });
     }
 }
@@ -241,12 +252,25 @@ pub fn give_over(
     timeout: Duration,
 ) -> Result<Report, HandoverError> {
     let mut giver = LocalGiver::with_listeners(control.clone());
-    give(
+    let result = give(
         &mut Channel::new(sock),
         &mut giver,
         std::process::id(),
         timeout,
-    )
+    );
+    let counters = control.counters();
+    match &result {
+        Ok(report) => {
+            Counters::incr(&counters.upgrades_ok);
+            counters
+                .sessions_handed_over
+                .fetch_add(report.sessions as u64, Relaxed);
+            let pause = u64::try_from(report.longest_pause.as_micros()).unwrap_or(u64::MAX);
+            counters.upgrade_pause_max_us.store(pause, Relaxed);
+        }
+        Err(_) => Counters::incr(&counters.upgrades_failed),
+    }
+    result
 }
 
 /// How [`take_over`] ended.
@@ -270,7 +294,12 @@ pub fn take_over(sock: UnixStream, config: Config) -> TakeOver {
     };
     let outcome = take(&mut Channel::new(sock), &mut taker);
     match (taker.started, taker.failed, taker.config) {
-        (Some((balancer, _)), _, _) => TakeOver::Started(balancer, outcome),
+        (Some((balancer, _)), _, _) => {
+            if outcome.is_ok() {
+                Counters::incr(&balancer.controller().counters().upgrades_ok);
+            }
+            TakeOver::Started(balancer, outcome)
+        }
         (None, Some(e), _) => TakeOver::Failed(e),
         (None, None, Some(config)) => TakeOver::NotStarted(
             Box::new(config),
@@ -331,11 +360,12 @@ impl Taker for ProcessTaker {
     fn rebuild(
         &mut self,
         id: u32,
+        frozen: Duration,
         sessions: Vec<PackedSession>,
         fds: Vec<OwnedFd>,
     ) -> Result<(), String> {
         match &mut self.started {
-            Some((_, taker)) => taker.rebuild(id, sessions, fds),
+            Some((_, taker)) => taker.rebuild(id, frozen, sessions, fds),
             None => Err("sessions before listeners".into()),
         }
     }

@@ -183,9 +183,11 @@ pub enum Message {
     Listeners(Vec<ListenerInfo>),
     /// New to old: the listeners are registered; the old process stops accepting.
     Accepting,
-    /// Old to new: a batch of frozen sessions.
+    /// Old to new: a batch of frozen sessions, frozen `frozen_us` microseconds before it was
+    /// sent (the first part of their pause; the new process measures the rest).
     Batch {
         id: u32,
+        frozen_us: u64,
         sessions: Vec<PackedSession>,
     },
     /// New to old: batch `id` is rebuilt (not yet registered, nothing read).
@@ -246,8 +248,13 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 w.addr(l.addr);
             }
         }
-        Message::Batch { id, sessions } => {
+        Message::Batch {
+            id,
+            frozen_us,
+            sessions,
+        } => {
             w.u32(*id);
+            w.u64(*frozen_us);
             w.u32(sessions.len() as u32);
             for s in sessions {
                 w.session(s);
@@ -339,12 +346,17 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
         5 => Message::Accepting,
         6 => {
             let id = r.u32()?;
+            let frozen_us = r.u64()?;
             let n = r.count(40)?;
             let mut sessions = Vec::with_capacity(n);
             for _ in 0..n {
                 sessions.push(r.session()?);
             }
-            Message::Batch { id, sessions }
+            Message::Batch {
+                id,
+                frozen_us,
+                sessions,
+            }
         }
         7 => Message::Received { id: r.u32()? },
         8 => Message::Commit { id: r.u32()? },
@@ -759,8 +771,16 @@ mod tests {
             )
             .prop_map(Message::Listeners),
             Just(Message::Accepting),
-            (any::<u32>(), proptest::collection::vec(session(), 0..5))
-                .prop_map(|(id, sessions)| Message::Batch { id, sessions }),
+            (
+                any::<u32>(),
+                any::<u64>(),
+                proptest::collection::vec(session(), 0..5)
+            )
+                .prop_map(|(id, frozen_us, sessions)| Message::Batch {
+                    id,
+                    frozen_us,
+                    sessions
+                }),
             any::<u32>().prop_map(|id| Message::Received { id }),
             any::<u32>().prop_map(|id| Message::Commit { id }),
             (any::<u32>(), text()).prop_map(|(id, reason)| Message::Abort { id, reason }),
@@ -851,6 +871,7 @@ mod tests {
         // A batch that claims four billion sessions in twelve bytes.
         let mut frame = encode(&Message::Batch {
             id: 1,
+            frozen_us: 0,
             sessions: vec![],
         });
         let n = frame.len();
@@ -897,6 +918,7 @@ mod tests {
         assert_eq!(queued.fd_count(), 1);
         let msg = Message::Batch {
             id: 2,
+            frozen_us: 0,
             sessions: vec![relaying, queued],
         };
         assert_eq!(msg.fd_count(), 5);

@@ -287,7 +287,7 @@ impl Worker {
                         self.discard(id);
                     }
                 }
-                Ok(Control::Adopt { id }) => self.adopt(id),
+                Ok(Control::Adopt { id, paused_since }) => self.adopt(id, paused_since),
                 Ok(Control::Discard { id }) => self.discard(id),
                 Ok(Control::Listeners { reply }) => {
                     let _ = reply.send(self.listener_copies());

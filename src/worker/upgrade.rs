@@ -60,6 +60,8 @@ pub(super) struct Batches {
     /// New side: batches rebuilt and not yet adopted, each queued or connecting session with
     /// its queue or connect deadline.
     rebuilt: HashMap<u32, Vec<(Session, Instant)>>,
+    /// New side: sessions in the batch adopted last.
+    adopted_last: u64,
 }
 
 impl Batches {
@@ -291,10 +293,25 @@ impl Worker {
         (Arc::new(own), 0)
     }
 
-    pub(super) fn adopt(&mut self, id: u32) {
+    /// Also records the batch's pause (since `paused_since`, to its last session's first
+    /// run here) in `upgrade_pause_max_us` if it is the longest so far.
+    pub(super) fn adopt(&mut self, id: u32, paused_since: Instant) {
         let Some(sessions) = self.batches.rebuilt.remove(&id) else {
             return;
         };
+        self.adopt_sessions(sessions);
+        let pause = u64::try_from(paused_since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.counters
+            .upgrade_pause_max_us
+            .fetch_max(pause, std::sync::atomic::Ordering::Relaxed);
+        self.counters.sessions_handed_over.fetch_add(
+            self.batches.adopted_last,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn adopt_sessions(&mut self, sessions: Vec<(Session, Instant)>) {
+        self.batches.adopted_last = sessions.len() as u64;
         self.now = Instant::now();
         for (session, deadline) in sessions {
             Counters::incr(&self.counters.active);

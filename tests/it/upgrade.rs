@@ -447,6 +447,72 @@ fn a_queued_session_is_served_by_the_new_process_once_a_slot_frees() {
     assert!(got == sent, "the queued client's bytes came back altered");
     exchange(&mut waiting, 1, 1);
     assert_eq!(sample(new_admin, "holdfast_queue_length"), Some(0.0));
+
+    // The new process counts the take-over that started it and the sessions it received.
+    assert_eq!(
+        sample(new_admin, "holdfast_upgrades_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(new_admin, "holdfast_upgrades_total{result=\"failed\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(new_admin, "holdfast_sessions_handed_over_total"),
+        Some(2.0)
+    );
+    let pause = sample(new_admin, "holdfast_upgrade_pause_seconds_max").unwrap_or(0.0);
+    assert!(pause > 0.0 && pause < 30.0, "pause {pause}");
+    let started = sample(new_admin, "holdfast_start_time_seconds").unwrap_or(0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started > now - 600.0 && started <= now,
+        "start {started}, now {now}"
+    );
+    let version = format!(
+        "holdfast_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(new_admin, &version), Some(1.0));
+}
+
+/// A new process that hangs up in the middle of the handover fails the upgrade: the old
+/// process keeps serving, and counts it under `holdfast_upgrades_total{result="failed"}`.
+#[test]
+fn a_failed_upgrade_is_counted_by_the_old_process() {
+    let backend = EchoBackend::start();
+    let socket = TempFile::new("upgrade-sock", "");
+    let backend_arg = backend.addr().to_string();
+    let old = Child::quiet().spawn(&[
+        "--backend",
+        &backend_arg,
+        "--admin",
+        "127.0.0.1:0",
+        "--upgrade-socket",
+        socket.path().to_str().unwrap(),
+    ]);
+    let admin = admin_of(&old);
+    let mut cl = client(old.addr());
+    exchange(&mut cl, 0, 0);
+    // A stand-in new process: reads the hello, then hangs up without an answer.
+    let mut stand_in = std::os::unix::net::UnixStream::connect(socket.path()).unwrap();
+    stand_in.set_read_timeout(Some(WAIT)).unwrap();
+    let mut hello = [0u8; 9];
+    stand_in.read_exact(&mut hello).unwrap();
+    drop(stand_in);
+    wait_for_sample(admin, "holdfast_upgrades_total{result=\"failed\"}", 1.0);
+    assert_eq!(
+        sample(admin, "holdfast_upgrades_total{result=\"ok\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(admin, "holdfast_sessions_handed_over_total"),
+        Some(0.0)
+    );
+    exchange(&mut cl, 0, 1);
 }
 
 /// A client whose backend connect is under way (the backend's accept queue is full, so the
