@@ -535,4 +535,86 @@ mod tests {
     fn every_relaying_session_moves_to_another_balancer_through_copy() {
         hands_every_relaying_session_over(RelayMode::Copy);
     }
+
+    #[cfg(target_os = "linux")]
+    /// The inode of this process's TCP socket from `local` to `remote` (IPv4), from
+    /// /proc/net/tcp.
+    fn socket_inode(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+        let hex = |a: SocketAddr| match a {
+            SocketAddr::V4(v4) => format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(v4.ip().octets()),
+                v4.port()
+            ),
+            SocketAddr::V6(_) => String::new(),
+        };
+        let (local, remote) = (hex(local), hex(remote));
+        let table = std::fs::read_to_string("/proc/self/net/tcp").ok()?;
+        table.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.get(1) == Some(&local.as_str()) && f.get(2) == Some(&remote.as_str()))
+                .then(|| f.get(9)?.parse().ok())?
+        })
+    }
+
+    #[cfg(target_os = "linux")]
+    /// How many epoll instances of this process watch the socket with inode `inode`
+    /// (/proc/self/fdinfo lists each epoll's targets as `tfd: .. ino:HEX`).
+    fn epoll_watches(inode: u64) -> usize {
+        let needle = format!(" ino:{inode:x} ");
+        let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+            return 0;
+        };
+        dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .map(|info| {
+                info.lines()
+                    .filter(|l| l.starts_with("tfd:") && format!("{l} ").contains(&needle))
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Deregister before pack: once a session is handed over, only the new balancer's poller
+    /// watches its sockets. The old worker's copy of a descriptor is closed on commit, but a
+    /// registration lives as long as the socket does (the new process holds it), so a
+    /// frozen session left registered would keep waking the old worker with its events, under
+    /// a slab key that another session may take next.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_handed_over_session_is_watched_by_the_new_poller_alone() {
+        let backend = echo_backend();
+        let old = start(backend, RelayMode::Copy);
+        let new = start(backend, RelayMode::Copy);
+        let listen = old.listen_addrs()[0];
+        let mut client = TcpStream::connect(listen).unwrap();
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        exchange(&mut client, 0, 0);
+        let inode = socket_inode(listen, client.local_addr().unwrap())
+            .expect("the balancer's socket of the client in /proc/self/net/tcp");
+        assert_eq!(epoll_watches(inode), 1, "before: the old worker's poller");
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let giver_control = old.controller().clone();
+        let giving = thread::spawn(move || {
+            give(
+                &mut Channel::new(a),
+                &mut LocalGiver::new(giver_control),
+                1,
+                WAIT,
+            )
+        });
+        let taker_control = new.controller().clone();
+        let taken = take(&mut Channel::new(b), &mut LocalTaker::new(taker_control));
+        assert_eq!(giving.join().unwrap().unwrap().sessions, 1);
+        assert_eq!(taken.unwrap(), Taken::Done);
+        wait_until("the new balancer to adopt the session", || {
+            new.stats().active == 1 && old.stats().active == 0
+        });
+        exchange(&mut client, 0, 1);
+        assert_eq!(
+            epoll_watches(inode),
+            1,
+            "after: the new worker's poller alone"
+        );
+    }
 }
