@@ -640,3 +640,51 @@ fn backend_state_survives_the_upgrade() {
     let tags = tags_of_new_clients(old.addr(), 6);
     assert_eq!(count_tag(&tags, "serving"), 6, "{tags:?}");
 }
+
+/// A connect handed over and then refused (the backend went away meanwhile) is retried by
+/// the new process on another backend of its own configuration, and the client is served
+/// there with the bytes it sent before the upgrade.
+#[test]
+fn a_connecting_session_retries_on_another_backend_in_the_new_process() {
+    let (listener, fillers, hung) = hung_listener(localhost0());
+    let backend = EchoBackend::start();
+    let socket = TempFile::new("upgrade-sock", "");
+    let path = socket.path().to_str().unwrap().to_owned();
+    let (hung_arg, echo_arg) = (hung.to_string(), backend.addr().to_string());
+    let common = [
+        "--workers",
+        "2",
+        "--connect-timeout",
+        "60s",
+        "--health-check",
+        "none",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let mut old_args = vec!["--backend", &hung_arg];
+    old_args.extend(common);
+    old_args.extend(["--upgrade-socket", &path]);
+    let mut old = Child::quiet().spawn(&old_args);
+    let admin = admin_of(&old);
+    let mut cl = client(old.addr());
+    cl.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    cl.write_all(b"sent while connecting").unwrap();
+    let active = format!("holdfast_backend_sessions_active{{backend=\"{hung}\"}}");
+    wait_for_sample(admin, &active, 1.0);
+
+    let mut new_args = vec!["--backend", &hung_arg, "--backend", &echo_arg];
+    new_args.extend(common);
+    let new = take_over_from(&mut old, &path, &new_args, 1);
+    let new_admin = admin_of(&new);
+    assert_eq!(sample(new_admin, &active), Some(1.0));
+    // The backend goes away: its next SYN is refused.
+    drop((listener, fillers));
+    let mut got = [0u8; 21];
+    cl.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"sent while connecting");
+    exchange(&mut cl, 3, 0);
+    assert_eq!(
+        sample(new_admin, "holdfast_connect_failures_total"),
+        Some(1.0)
+    );
+}
