@@ -12,7 +12,9 @@
 //!
 //! The first message (old to new) is a [`Message::Hello`] carrying [`MAGIC`] and the
 //! sender's [`VERSION`]; a process that does not speak that version refuses, and the old one
-//! keeps everything. A new version of this format bumps [`VERSION`].
+//! keeps everything. A new version of this format bumps [`VERSION`]. Version 2 added the
+//! backends' state ([`Message::Backends`], after ready), queued and connecting sessions'
+//! tried backends and connect start, and each batch's freeze time.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
