@@ -104,9 +104,13 @@ pub(crate) enum Control {
     /// Live upgrade, old side: freeze relaying sessions as batch `id`, at most `max_fds`
     /// descriptors' worth (deregistered from the poller first, then packed with duplicates of
     /// their descriptors). The answer is the batch, empty when none is left to freeze.
+    /// `queued`: the queued sessions (handed over last, once every session holding a
+    /// backend slot has gone, so the new process does not give their slots away); otherwise
+    /// the connecting and relaying ones.
     Freeze {
         id: u32,
         max_fds: usize,
+        queued: bool,
         reply: Sender<Frozen>,
     },
     /// Batch `id` belongs to the new process: drop the old copies, uncounted here.

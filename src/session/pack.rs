@@ -387,7 +387,7 @@ mod tests {
     use super::*;
     use crate::backend::BackendSet;
     use crate::config::{Algorithm, BackendSpec};
-    use crate::session::{Event, Rules};
+    use crate::session::{Event, Rules, Tag};
     use crate::stats::Counters;
     use crate::upgrade::handover::Channel;
     use crate::upgrade::wire::Message;
@@ -566,6 +566,66 @@ mod tests {
         let mut back = Vec::new();
         client_peer.read_to_end(&mut back).unwrap();
         assert_eq!(back, b"backend said this");
+    }
+
+    /// A queued session travels as its client socket and its queue deadline; a connecting
+    /// one as both sockets, its attempt, the backends it tried and its connect's deadline;
+    /// each is rebuilt in the same phase.
+    #[test]
+    fn queued_and_connecting_sessions_are_packed_and_rebuilt_in_their_phase() {
+        let now = Instant::now();
+        let (client, _client_peer) = pair(false);
+        let addr = client.peer_addr().unwrap();
+        let mut queued = Session::new(1, client, addr, 0, set(), now);
+        queued.state.on(Event::Admitted, now, &rules());
+        let (packed, fds) = queued.pack(now, rules().connect_timeout).unwrap();
+        assert_eq!(packed.phase, WirePhase::Queued);
+        assert_eq!(packed.deadline_in_ms, Some(5000));
+        assert_eq!((packed.backend, fds.len()), (None, 1));
+        let adopt = |tried| Adopt {
+            id: 2,
+            listener: 0,
+            set: set(),
+            index: 0,
+            mode: RelayMode::Copy,
+            tried,
+        };
+        let mut pools = Pools::new(Arc::new(Counters::default()));
+        let rebuilt = Session::unpack(
+            &packed,
+            &mut fds.into_iter(),
+            adopt(vec![]),
+            &mut pools,
+            now,
+        )
+        .unwrap();
+        assert_eq!(rebuilt.state.tag(), Tag::Queued);
+
+        let (client, _client_peer) = pair(false);
+        let (backend, _backend_peer) = pair(false);
+        let mut connecting = Session::new(3, client, addr, 0, set(), now);
+        connecting
+            .state
+            .on(Event::ConnectStarted { index: 0 }, now, &rules());
+        connecting.attach_backend(backend);
+        let later = now + Duration::from_millis(1500);
+        let (packed, fds) = connecting.pack(later, rules().connect_timeout).unwrap();
+        assert_eq!(packed.phase, WirePhase::Connecting);
+        assert_eq!(packed.backend, Some("127.0.0.1:1".parse().unwrap()));
+        assert_eq!(packed.attempts, 1);
+        assert_eq!(packed.connect_started_ms, Some(1500));
+        assert_eq!(packed.deadline_in_ms, Some(3500));
+        assert_eq!(fds.len(), 2);
+        let rebuilt = Session::unpack(
+            &packed,
+            &mut fds.into_iter(),
+            adopt(vec![]),
+            &mut pools,
+            now,
+        )
+        .unwrap();
+        assert_eq!(rebuilt.state.tag(), Tag::Connecting);
+        assert_eq!(rebuilt.state.connect_attempt(), Some(1));
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct LocalGiver {
     control: Controller,
     /// The worker asked first for the next batch (those before it had nothing left).
     next: usize,
+    /// The second round: queued sessions, once every worker has given its connecting and
+    /// relaying ones (which hold backend slots the new process must count first).
+    queued_round: bool,
     /// Which worker froze each batch.
     batches: HashMap<u32, usize>,
     /// Whether the listeners go too (to a new process; a balancer already running in the same
@@ -48,6 +51,7 @@ impl LocalGiver {
         LocalGiver {
             control,
             next: 0,
+            queued_round: false,
             batches: HashMap::new(),
             listeners: false,
         }
@@ -128,9 +132,22 @@ impl Giver for LocalGiver {
 
     fn freeze(&mut self, id: u32, max_fds: usize) -> Option<Frozen> {
         let links = self.control.worker_links();
-        while let Some(link) = links.get(self.next) {
+        loop {
+            let Some(link) = links.get(self.next) else {
+                if self.queued_round {
+                    return None;
+                }
+                self.queued_round = true;
+                self.next = 0;
+                continue;
+            };
             let (reply, answer) = crossbeam_channel::bounded(1);
-            link.send(Control::Freeze { id, max_fds, reply });
+            link.send(Control::Freeze {
+                id,
+                max_fds,
+                queued: self.queued_round,
+                reply,
+            });
             match answer.recv_timeout(ANSWER_TIMEOUT) {
                 Ok(frozen) if !frozen.sessions.is_empty() => {
                     self.batches.insert(id, self.next);
@@ -143,7 +160,6 @@ impl Giver for LocalGiver {
             }
             self.next += 1;
         }
-        None
     }
 
     fn commit(&mut self, id: u32) {

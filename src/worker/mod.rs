@@ -265,8 +265,13 @@ impl Worker {
                 }
                 Ok(Control::Drain { timeout, spread }) => self.start_drain(timeout, spread),
                 Ok(Control::CloseBackend { addr, spread }) => self.close_backend(addr, spread),
-                Ok(Control::Freeze { id, max_fds, reply }) => {
-                    let frozen = self.freeze(id, max_fds);
+                Ok(Control::Freeze {
+                    id,
+                    max_fds,
+                    queued,
+                    reply,
+                }) => {
+                    let frozen = self.freeze(id, max_fds, queued);
                     if let Err(e) = reply.send(frozen) {
                         // Nobody waits for it: the batch stays here.
                         log::warn!("worker {}: frozen batch not taken; resuming it", self.id);

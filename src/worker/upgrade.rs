@@ -11,8 +11,13 @@
 //! queue. Sessions still reading a PROXY header (`--accept-proxy`) are not handed over: they
 //! finish here, during the drain.
 //!
-//! New side: `Rebuild` unpacks a batch (not registered, nothing read); `Adopt` counts each
-//! session (active, and a slot on its backend), registers it and carries on where it was: a
+//! Queued sessions go last (a second round over the workers), once every session that holds
+//! a backend slot has gone and been counted by the new process (at rebuild), so the new
+//! process never hands a queued client a slot that a session still on its way holds.
+//!
+//! New side: `Rebuild` unpacks a batch (not registered, nothing read) and counts the slots
+//! its sessions hold on their backends (given back if discarded); `Adopt` counts each
+//! session as active, registers it and carries on where it was: a
 //! relaying one gets its idle and backend timers and runs; a connecting one gets its connect
 //! timer (the deadline it had) and its connect is looked at, as if the backend socket had
 //! become writable (a failure retries on the next backend, its attempt count carried); a
@@ -77,7 +82,8 @@ impl Batches {
 }
 
 impl Worker {
-    pub(super) fn freeze(&mut self, id: u32, max_fds: usize) -> Frozen {
+    /// Freezes queued sessions (`queued`) or connecting and relaying ones.
+    pub(super) fn freeze(&mut self, id: u32, max_fds: usize, queued: bool) -> Frozen {
         let mut frozen = Frozen {
             sessions: Vec::new(),
             fds: Vec::new(),
@@ -86,8 +92,12 @@ impl Worker {
             .sessions
             .iter()
             .filter(|(key, s)| {
-                matches!(s.state.tag(), Tag::Relaying | Tag::Connecting | Tag::Queued)
-                    && !self.batches.is_frozen(*key)
+                let wanted = match s.state.tag() {
+                    Tag::Queued => queued,
+                    Tag::Relaying | Tag::Connecting => !queued,
+                    _ => false,
+                };
+                wanted && !self.batches.is_frozen(*key)
             })
             .map(|(key, _)| key)
             .collect();
@@ -271,6 +281,14 @@ impl Worker {
         if fds.next().is_some() {
             return Err("more descriptors than the sessions name".into());
         }
+        // Their backend slots are counted now, whatever the cap (the sessions exist already),
+        // not at adoption: a queued session of a later batch, adopted by another worker, must
+        // not be given a slot this batch's sessions hold.
+        for (session, _) in &sessions {
+            if let Some(index) = session.state.backend() {
+                session.set.backends[index].stats.try_acquire(0);
+            }
+        }
         self.batches.rebuilt.insert(id, sessions);
         Ok(())
     }
@@ -315,10 +333,6 @@ impl Worker {
         self.now = Instant::now();
         for (session, deadline) in sessions {
             Counters::incr(&self.counters.active);
-            if let Some(index) = session.state.backend() {
-                // Counted, whatever the cap: the session exists already.
-                session.set.backends[index].stats.try_acquire(0);
-            }
             let (sid, entry) = (session.id, self.sessions.vacant_entry());
             let key = entry.key();
             let session = entry.insert(session);
@@ -383,6 +397,9 @@ impl Worker {
             for (mut session, _) in sessions {
                 // Duplicates: closing them sends nothing; the old process keeps the sessions.
                 session.release(&mut self.pools);
+                if let Some(index) = session.state.backend() {
+                    session.set.backends[index].stats.release();
+                }
             }
         }
     }

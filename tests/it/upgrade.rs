@@ -428,7 +428,8 @@ fn a_queued_session_is_served_by_the_new_process_once_a_slot_frees() {
 
     let new = take_over_from(&mut old, &path, &args, 2);
     let new_admin = admin_of(&new);
-    assert_eq!(sample(new_admin, "holdfast_queue_length"), Some(1.0));
+    // Adopted by a worker of the new process just after the handover's last message.
+    wait_for_sample(new_admin, "holdfast_queue_length", 1.0);
     // Still waiting: the slot is the holder's, in the new process too.
     waiting.set_nonblocking(true).unwrap();
     let mut byte = [0u8; 1];
@@ -549,7 +550,7 @@ fn a_connecting_session_completes_in_the_new_process() {
     wait_for_sample(admin, &active, 1.0);
 
     let new = take_over_from(&mut old, &path, &args, 1);
-    assert_eq!(sample(admin_of(&new), &active), Some(1.0));
+    wait_for_sample(admin_of(&new), &active, 1.0);
     // Room in the backend's queue: the retransmitted SYN is answered, and served (the
     // fillers' connections too, echoed to nobody).
     std::thread::spawn(move || {
@@ -676,7 +677,7 @@ fn a_connecting_session_retries_on_another_backend_in_the_new_process() {
     new_args.extend(common);
     let new = take_over_from(&mut old, &path, &new_args, 1);
     let new_admin = admin_of(&new);
-    assert_eq!(sample(new_admin, &active), Some(1.0));
+    wait_for_sample(new_admin, &active, 1.0);
     // The backend goes away: its next SYN is refused.
     drop((listener, fillers));
     let mut got = [0u8; 21];
