@@ -101,12 +101,11 @@ pub(crate) enum Control {
     CloseBackend { addr: SocketAddr, spread: Duration },
     /// Close everything and exit.
     Shutdown,
-    /// Live upgrade, old side: freeze relaying sessions as batch `id`, at most `max_fds`
-    /// descriptors' worth (deregistered from the poller first, then packed with duplicates of
-    /// their descriptors). The answer is the batch, empty when none is left to freeze.
-    /// `queued`: the queued sessions (handed over last, once every session holding a
-    /// backend slot has gone, so the new process does not give their slots away); otherwise
-    /// the connecting and relaying ones.
+    /// Live upgrade, old side: freeze connecting and relaying sessions as batch `id`, at
+    /// most `max_fds` descriptors' worth (deregistered from the poller first, then packed
+    /// with duplicates of their descriptors). The answer is the batch, empty when none is
+    /// left to freeze. `queued`: queued sessions too (the last round, once every session
+    /// holding a backend slot has gone, so the new process does not give their slots away).
     Freeze {
         id: u32,
         max_fds: usize,

@@ -207,7 +207,11 @@ impl Worker {
                 self.close_drained_listeners();
             }
             self.run_again();
-            if !self.queue.is_empty() {
+            // While a handover to a new process is under way its queue waits: the slots its
+            // sessions free as they leave are the new process's (until it drains after a
+            // handover, or accepts again after a failed one).
+            let handing_over = self.listeners_given && !self.draining;
+            if !self.queue.is_empty() && !handing_over {
                 self.service_queue();
             }
             self.fire_timers();

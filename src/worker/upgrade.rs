@@ -82,7 +82,7 @@ impl Batches {
 }
 
 impl Worker {
-    /// Freezes queued sessions (`queued`) or connecting and relaying ones.
+    /// Freezes connecting and relaying sessions, and with `queued` queued ones too.
     pub(super) fn freeze(&mut self, id: u32, max_fds: usize, queued: bool) -> Frozen {
         let mut frozen = Frozen {
             sessions: Vec::new(),
@@ -92,9 +92,10 @@ impl Worker {
             .sessions
             .iter()
             .filter(|(key, s)| {
+                // The second round takes whatever is left, queued or not.
                 let wanted = match s.state.tag() {
                     Tag::Queued => queued,
-                    Tag::Relaying | Tag::Connecting => !queued,
+                    Tag::Relaying | Tag::Connecting => true,
                     _ => false,
                 };
                 wanted && !self.batches.is_frozen(*key)

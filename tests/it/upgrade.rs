@@ -372,9 +372,13 @@ fn take_over_from(old: &mut Child, path: &str, args: &[&str], sessions: usize) -
     all.extend(["--take-over", path]);
     let new = Child::spawn_on(old.addr(), &all);
     new.wait_for_stderr("upgrade: took over", WAIT);
-    let status = old
-        .wait_exit(WAIT)
-        .expect("the old process exits after the handover");
+    let Some(status) = old.wait_exit(WAIT) else {
+        panic!(
+            "the old process did not exit after the handover; stderr:\n{}\nnew stderr:\n{}",
+            old.stderr(),
+            new.stderr()
+        );
+    };
     assert!(
         status.success(),
         "old process: {status}; stderr:\n{}",
