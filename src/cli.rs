@@ -264,12 +264,12 @@ pub struct Args {
     pub tcp_user_timeout: Duration,
 
     /// Live upgrade: listen on this UNIX socket for a new holdfast started with --take-over,
-    /// hand it every relaying session, then exit 0; SIGUSR2 starts that new holdfast (this
+    /// hand it every session (queued, connecting or relaying), then exit 0; SIGUSR2 starts that new holdfast (this
     /// binary, these arguments) [default: off]
     #[arg(long, value_name = "PATH")]
     pub upgrade_socket: Option<PathBuf>,
 
-    /// Live upgrade: once listening, take every relaying session over from the holdfast whose
+    /// Live upgrade: once listening, take every session over from the holdfast whose
     /// --upgrade-socket is PATH [default: off]
     #[arg(long, value_name = "PATH")]
     pub take_over: Option<PathBuf>,

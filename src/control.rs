@@ -210,6 +210,25 @@ impl Controller {
         answer(&done_rx, ANSWER_TIMEOUT)?
     }
 
+    /// Counts a live upgrade that failed before any handover began: the new binary could not
+    /// be started, or it exited before taking over (`holdfast_upgrades_total{result="failed"}`).
+    pub fn count_failed_upgrade(&self) {
+        Counters::incr(&self.counters.upgrades_failed);
+    }
+
+    /// The live counters (the live upgrade counts itself in them).
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The listed backends' running state (live upgrade: the old process sends it to the
+    /// new one). Empty if the health thread does not answer in time.
+    pub(crate) fn backend_snapshot(&self) -> Vec<crate::upgrade::wire::BackendInfo> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.health.send(Command::Snapshot(tx));
+        rx.recv_timeout(ANSWER_TIMEOUT).unwrap_or_default()
+    }
+
     /// Graceful shutdown: stop accepting at once (listeners close, so new connections go to
     /// another instance), let sessions end on their own for `--drain-timeout`, then close the
     /// rest spread evenly over `--close-spread`. The workers exit when their last session ends.

@@ -176,6 +176,12 @@ impl Holdfast {
         let sources = load_sources(&mut config)?;
         let config = Arc::new(config);
         let counters = Arc::new(Counters::default());
+        counters.start_time_ms.store(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let (listen_addrs, mut listeners) = listener::bind_or_inherit(&config, inherited)?;
         let (mut health, health_link, backends) =
             Health::new(Arc::clone(&config)).map_err(StartError::Health)?;

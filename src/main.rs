@@ -220,6 +220,7 @@ fn main() -> ExitCode {
         args: reexec_args(&argv, &socket),
         upgrading: Arc::clone(&upgrading),
         handed_over: Arc::clone(&handed_over),
+        control: control.clone(),
     });
     let spawned = std::thread::Builder::new()
         .name("holdfast-signals".into())
@@ -342,6 +343,7 @@ struct Reexec {
     args: Vec<OsString>,
     upgrading: Arc<AtomicBool>,
     handed_over: Arc<AtomicBool>,
+    control: holdfast::Controller,
 }
 
 impl Reexec {
@@ -358,6 +360,7 @@ impl Reexec {
                 log::error!(
                     "SIGUSR2: upgrade failed, still serving: path of this binary unknown ({e})"
                 );
+                self.control.count_failed_upgrade();
                 self.upgrading.store(false, Ordering::SeqCst);
                 return;
             }
@@ -373,6 +376,7 @@ impl Reexec {
                     "SIGUSR2: upgrade failed, still serving: cannot start {}: {e}",
                     exe.display()
                 );
+                self.control.count_failed_upgrade();
                 self.upgrading.store(false, Ordering::SeqCst);
                 return;
             }
@@ -384,6 +388,7 @@ impl Reexec {
         );
         let upgrading = Arc::clone(&self.upgrading);
         let handed_over = Arc::clone(&self.handed_over);
+        let control = self.control.clone();
         let waiter = std::thread::Builder::new()
             .name("holdfast-upgrade-child".into())
             .spawn(move || {
@@ -401,6 +406,7 @@ impl Reexec {
                          (pid {pid}): {e}"
                     ),
                 }
+                control.count_failed_upgrade();
                 upgrading.store(false, Ordering::SeqCst);
             });
         if let Err(e) = waiter {

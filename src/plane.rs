@@ -37,7 +37,7 @@ use crate::backend::BackendSet;
 use crate::config::{BackendSpec, ConfigError, MAX_REBALANCE_WINDOW, MAX_WEIGHT};
 use crate::sources::SourceError;
 use crate::upgrade::handover::Frozen;
-use crate::upgrade::wire::PackedSession;
+use crate::upgrade::wire::{BackendInfo, PackedSession};
 
 /// A change to one backend requested by an operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +86,8 @@ pub(crate) enum Command {
     Failing(SocketAddr),
     /// An operator's change to one backend; the sender is told the outcome once published.
     Backend(SocketAddr, BackendChange, Sender<Result<(), ControlError>>),
+    /// Live upgrade: the listed backends' running state, for the new process.
+    Snapshot(Sender<Vec<BackendInfo>>),
     Shutdown,
 }
 
@@ -102,12 +104,15 @@ pub(crate) enum Control {
     Rebalance(RebalanceStart),
     /// Close everything and exit.
     Shutdown,
-    /// Live upgrade, old side: freeze relaying sessions as batch `id`, at most `max_fds`
-    /// descriptors' worth (deregistered from the poller first, then packed with duplicates of
-    /// their descriptors). The answer is the batch, empty when none is left to freeze.
+    /// Live upgrade, old side: freeze connecting and relaying sessions as batch `id`, at
+    /// most `max_fds` descriptors' worth (deregistered from the poller first, then packed
+    /// with duplicates of their descriptors). The answer is the batch, empty when none is
+    /// left to freeze. `queued`: queued sessions too (the last round, once every session
+    /// holding a backend slot has gone, so the new process does not give their slots away).
     Freeze {
         id: u32,
         max_fds: usize,
+        queued: bool,
         reply: Sender<Frozen>,
     },
     /// Batch `id` belongs to the new process: drop the old copies, uncounted here.
@@ -122,8 +127,12 @@ pub(crate) enum Control {
         fds: Vec<OwnedFd>,
         reply: Sender<Result<(), String>>,
     },
-    /// Batch `id` is ours: count, register and run its sessions, arm their timers.
-    Adopt { id: u32 },
+    /// Batch `id` is ours: count, register and run its sessions, arm their timers. Its
+    /// sessions have been paused since `paused_since` (the old process froze them then).
+    Adopt {
+        id: u32,
+        paused_since: std::time::Instant,
+    },
     /// Batch `id` stays with the old process: close what was rebuilt.
     Discard { id: u32 },
     /// Live upgrade, old side: duplicates of this worker's open listeners, with their

@@ -33,6 +33,18 @@ macro_rules! counters {
 counters! {
     /// Client connections accepted.
     accepted,
+    /// Live upgrades: given by this process (old side) or the one that started it (new
+    /// side), and ones that failed here (the old process kept its sessions).
+    upgrades_ok,
+    upgrades_failed,
+    /// Sessions handed over: given (old side) or received (new side).
+    sessions_handed_over,
+    /// The longest session pause of the last upgrade, in microseconds: from the old process's
+    /// freeze to the session's first run in the new one (new side), or to the commit (old
+    /// side).
+    upgrade_pause_max_us,
+    /// When this process started, in milliseconds since the Unix epoch.
+    start_time_ms,
     /// Sessions open now: accepted and not yet closed (waiting in the queue, connecting or
     /// relaying; one that holdfast closed with a FIN, waiting for the peers to take it, is
     /// closed already).

@@ -294,6 +294,55 @@ pub fn render(stats: &StatsSnapshot, backends: &[BackendStatsSnapshot]) -> Strin
     out
 }
 
+/// The process's start and the live upgrade's families.
+fn write_upgrade(out: &mut String, stats: &StatsSnapshot) -> fmt::Result {
+    family(
+        out,
+        "holdfast_start_time_seconds",
+        Kind::Gauge,
+        "When this process started, in seconds since the Unix epoch.",
+    )?;
+    let start = Value::Float(stats.start_time_ms as f64 / 1000.0);
+    writeln!(out, "holdfast_start_time_seconds {start}")?;
+    family(
+        out,
+        "holdfast_upgrades_total",
+        Kind::Counter,
+        "Live upgrades: ok (handed over by this process, or the take-over that started it) \
+         and failed (this process kept its sessions).",
+    )?;
+    writeln!(
+        out,
+        "holdfast_upgrades_total{{result=\"ok\"}} {}",
+        stats.upgrades_ok
+    )?;
+    writeln!(
+        out,
+        "holdfast_upgrades_total{{result=\"failed\"}} {}",
+        stats.upgrades_failed
+    )?;
+    family(
+        out,
+        "holdfast_sessions_handed_over_total",
+        Kind::Counter,
+        "Sessions handed over by a live upgrade: given by this process, or received by it.",
+    )?;
+    writeln!(
+        out,
+        "holdfast_sessions_handed_over_total {}",
+        stats.sessions_handed_over
+    )?;
+    family(
+        out,
+        "holdfast_upgrade_pause_seconds_max",
+        Kind::Gauge,
+        "The longest session pause of the last upgrade: from the old process's freeze to the \
+         session's first run in the new one.",
+    )?;
+    let pause = Value::Float(stats.upgrade_pause_max_us as f64 / 1e6);
+    writeln!(out, "holdfast_upgrade_pause_seconds_max {pause}")
+}
+
 fn write_all(
     out: &mut String,
     stats: &StatsSnapshot,
@@ -310,6 +359,7 @@ fn write_all(
         "holdfast_build_info{{version=\"{}\"}} 1",
         escape(env!("CARGO_PKG_VERSION"))
     )?;
+    write_upgrade(out, stats)?;
     for &(name, kind, help, value) in GLOBAL {
         family(out, name, kind, help)?;
         writeln!(out, "{name} {}", value(stats))?;

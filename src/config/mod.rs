@@ -253,6 +253,9 @@ pub struct Config {
     pub take_over: Option<PathBuf>,
     /// How long a handover may take before the old process keeps what it has not given.
     pub upgrade_timeout: Duration,
+    /// Live upgrade, new side: the old process's backend state, applied to the first set
+    /// (set by the handover, never by a flag).
+    pub inherited_backends: Vec<crate::upgrade::wire::BackendInfo>,
 }
 
 impl Config {
@@ -290,6 +293,7 @@ impl Config {
             upgrade_socket: None,
             take_over: None,
             upgrade_timeout: Duration::from_secs(30),
+            inherited_backends: Vec::new(),
         }
     }
 
@@ -441,6 +445,7 @@ impl Config {
             tcp_user_timeout,
             upgrade_socket,
             take_over: _,
+            inherited_backends: _,
             upgrade_timeout,
         } = self;
         let mut keys = Vec::new();

@@ -47,6 +47,7 @@ use crate::plane::{
     WorkerLink,
 };
 use crate::sys::is_resource_exhaustion;
+use crate::upgrade::wire::BackendInfo;
 use probe::{Probe, ProbeStep};
 
 const WAKER: Token = Token(0);
@@ -170,11 +171,69 @@ impl Health {
         for (addr, at) in due {
             health.queue_probe(addr, at);
         }
-        // Apply the boot ramp's starting weights before any worker sees the set.
-        if ramp_from.is_some() {
+        let inherited = health.inherit(now);
+        // Apply the boot ramp's starting weights (and what an old process handed over) before
+        // any worker sees the set.
+        if ramp_from.is_some() || inherited {
             health.publish(now);
         }
         Ok((health, HealthLink::new(tx, waker), current))
+    }
+
+    /// Live upgrade, old side: the running state of the listed backends.
+    fn snapshot(&self, now: Instant) -> Vec<BackendInfo> {
+        self.specs
+            .iter()
+            .filter_map(|spec| {
+                let t = self.tracked.get(&spec.addr)?;
+                Some(BackendInfo {
+                    addr: spec.addr,
+                    down: t.state == BackendState::Down,
+                    drained: t.drained,
+                    configured_weight: spec.weight,
+                    operator_weight: t.weight,
+                    ramp_ms: t.ramp_from.map(|from| {
+                        u64::try_from(now.saturating_duration_since(from).as_millis())
+                            .unwrap_or(u64::MAX)
+                    }),
+                })
+            })
+            .collect()
+    }
+
+    /// Live upgrade, new side: the old process's state of each backend this configuration
+    /// lists too (by address). A down backend stays down until probed up (`--rise` probes;
+    /// without probes, retried as one that failed just now); a drained one stays drained (its
+    /// `--backend-drain-timeout` starts again); an operator's weight stays while the
+    /// configured weight is the one it replaced; slow start carries on where it was (a backend
+    /// that had finished its ramp does not start one again). Says whether anything applied.
+    fn inherit(&mut self, now: Instant) -> bool {
+        let configured: HashMap<SocketAddr, u32> =
+            self.specs.iter().map(|s| (s.addr, s.weight)).collect();
+        let slow_start = self.config.health.slow_start.is_some();
+        let (fall, drain_timeout) = (self.config.health.fall, self.config.backend_drain_timeout);
+        let mut applied = false;
+        for info in &self.config.inherited_backends {
+            let Some(t) = self.tracked.get_mut(&info.addr) else {
+                continue;
+            };
+            applied = true;
+            if slow_start {
+                t.ramp_from = info
+                    .ramp_ms
+                    .and_then(|ms| now.checked_sub(Duration::from_millis(ms)));
+            }
+            if info.down {
+                t.mark_down(now, fall);
+            }
+            if info.drained {
+                t.start_drain(now, drain_timeout);
+            }
+            if configured.get(&info.addr) == Some(&info.configured_weight) {
+                t.weight = info.operator_weight;
+            }
+        }
+        applied
     }
 
     pub fn attach(&mut self, workers: Vec<WorkerLink>) {
@@ -234,6 +293,9 @@ impl Health {
                         self.publish(now);
                     }
                     let _ = done.send(result);
+                }
+                Ok(Command::Snapshot(reply)) => {
+                    let _ = reply.send(self.snapshot(now));
                 }
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return true,
                 Err(TryRecvError::Empty) => return false,

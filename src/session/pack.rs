@@ -37,6 +37,8 @@ pub struct Adopt {
     pub set: Arc<BackendSet>,
     pub index: usize,
     pub mode: RelayMode,
+    /// Queued, connecting: the backends of `set` that already failed for this client.
+    pub tried: Vec<usize>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -52,18 +54,77 @@ fn not_packable(why: &'static str) -> io::Error {
 }
 
 impl Session {
-    /// Packs this session (relaying only) as it stands at `now`, with duplicates of its
-    /// descriptors; `backend` is the address of the backend it is on. The caller has
-    /// deregistered it first, so nothing moves while it is frozen.
+    /// Packs this session (queued, connecting or relaying) as it stands at `now`, with
+    /// duplicates of its descriptors; a connect's deadline is where `connect_timeout` after
+    /// its start puts it. The caller has deregistered it first, so nothing moves while it is
+    /// frozen.
     pub fn pack(
         &self,
-        backend: SocketAddr,
         now: Instant,
+        connect_timeout: Duration,
     ) -> io::Result<(PackedSession, Vec<OwnedFd>)> {
-        let parts = self
-            .state
-            .relaying_parts(now)
-            .ok_or_else(|| not_packable("only a relaying session is packed"))?;
+        let addr_of = |index: usize| {
+            self.set
+                .backends
+                .get(index)
+                .map(|b| b.spec.addr)
+                .ok_or_else(|| not_packable("a backend index outside the set"))
+        };
+        let Some(parts) = self.state.relaying_parts(now) else {
+            let waiting = self
+                .state
+                .waiting_parts(now)
+                .ok_or_else(|| not_packable("only a queued, connecting or relaying session"))?;
+            let mut fds = vec![dup(&self.client)?];
+            let (phase, backend, deadline_in, connect_started) = match waiting.connecting {
+                Some((index, since)) => {
+                    let socket = self
+                        .backend
+                        .as_ref()
+                        .ok_or_else(|| not_packable("a connecting session without its socket"))?;
+                    fds.push(dup(socket)?);
+                    let left = connect_timeout.saturating_sub(since);
+                    let addr = addr_of(index)?;
+                    (
+                        WirePhase::Connecting,
+                        Some(addr),
+                        Some(ms(left)),
+                        Some(ms(since)),
+                    )
+                }
+                None => (
+                    WirePhase::Queued,
+                    None,
+                    waiting.queue_deadline_in.map(ms),
+                    None,
+                ),
+            };
+            let tried = waiting
+                .tried
+                .iter()
+                .filter_map(|&i| addr_of(i).ok())
+                .collect();
+            let session = PackedSession {
+                phase,
+                client_addr: self.client_addr,
+                local_addr: local_addr_of(self),
+                backend,
+                attempts: waiting.attempts,
+                tried,
+                connect_started_ms: connect_started,
+                age_ms: ms(now.saturating_duration_since(self.started)),
+                idle_ms: 0,
+                deadline_in_ms: deadline_in,
+                unanswered_ms: None,
+                up: 0,
+                down: 0,
+                first_eof: None,
+                pumps: None,
+                proxy_out: Vec::new(),
+            };
+            return Ok((session, fds));
+        };
+        let backend = addr_of(parts.index)?;
         let (Some(backend_socket), Some(pumps)) = (&self.backend, &self.pumps) else {
             return Err(not_packable("a relaying session without its sockets"));
         };
@@ -95,6 +156,8 @@ impl Session {
             local_addr: local_addr_of(self),
             backend: Some(backend),
             attempts: parts.attempts,
+            tried: Vec::new(),
+            connect_started_ms: None,
             age_ms: ms(now.saturating_duration_since(self.started)),
             idle_ms: ms(parts.idle),
             deadline_in_ms: None,
@@ -111,11 +174,11 @@ impl Session {
         Ok((session, fds))
     }
 
-    /// Rebuilds a relaying session from what another process packed, taking its descriptors
-    /// from the front of `fds` (in the order of `wire`). Not registered, nothing read: the
-    /// worker registers it and runs it (both sockets are marked ready, so the first run
-    /// writes what the pumps hold and reads what arrived meanwhile; a spurious EAGAIN costs
-    /// one call). Its timers are the worker's to arm.
+    /// Rebuilds a session from what another process packed, taking its descriptors from the
+    /// front of `fds` (in the order of `wire`). Not registered, nothing read: the worker
+    /// registers it and runs it (both sockets are marked ready, so the first run writes what
+    /// the pumps hold and reads what arrived meanwhile; a spurious EAGAIN costs one call).
+    /// Its timers (and, queued, its place in the queue) are the worker's to arm.
     pub fn unpack(
         packed: &PackedSession,
         fds: &mut impl Iterator<Item = OwnedFd>,
@@ -128,7 +191,7 @@ impl Session {
                 .ok_or_else(|| not_packable("descriptors missing"))
         };
         let (WirePhase::Relaying, Some(pumps)) = (packed.phase, &packed.pumps) else {
-            return Err(not_packable("only a relaying session is rebuilt"));
+            return unpack_waiting(packed, &mut next, adopt, now);
         };
         let client = socket(next()?)?;
         let backend = socket(next()?)?;
@@ -241,6 +304,46 @@ impl Session {
     }
 }
 
+/// A queued or connecting session rebuilt (see [`Session::unpack`]): the queue deadline and
+/// the connect deadline are the worker's, from `deadline_in_ms`.
+fn unpack_waiting(
+    packed: &PackedSession,
+    next: &mut impl FnMut() -> io::Result<OwnedFd>,
+    adopt: Adopt,
+    now: Instant,
+) -> io::Result<Session> {
+    let ago = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
+    let client = socket(next()?)?;
+    let mut session = Session::new(
+        adopt.id,
+        client,
+        packed.client_addr,
+        adopt.listener,
+        adopt.set,
+        now,
+    );
+    session.started = ago(packed.age_ms);
+    // The address the client connected to, if it is not the socket's own (a PROXY header
+    // named another): what --send-proxy passes on.
+    if session.client.local_addr().ok() != Some(packed.local_addr) {
+        session.set_local_addr(packed.local_addr);
+    }
+    match packed.phase {
+        WirePhase::Queued => {
+            let deadline = now + Duration::from_millis(packed.deadline_in_ms.unwrap_or(0));
+            session.state = State::resumed_queued(packed.attempts, adopt.tried, deadline, now);
+        }
+        WirePhase::Connecting => {
+            let started = ago(packed.connect_started_ms.unwrap_or(0));
+            session.state =
+                State::resumed_connecting(adopt.index, packed.attempts, adopt.tried, started, now);
+            session.attach_backend(socket(next()?)?);
+        }
+        WirePhase::Relaying => return Err(not_packable("a relaying session without pumps")),
+    }
+    Ok(session)
+}
+
 /// A received TCP socket, non-blocking (the flag is the open file's, shared with the sender,
 /// but a sender may have been anything).
 fn socket(fd: OwnedFd) -> io::Result<TcpStream> {
@@ -284,7 +387,7 @@ mod tests {
     use super::*;
     use crate::backend::BackendSet;
     use crate::config::{Algorithm, BackendSpec};
-    use crate::session::{Event, Rules};
+    use crate::session::{Event, Rules, Tag};
     use crate::stats::Counters;
     use crate::upgrade::handover::Channel;
     use crate::upgrade::wire::Message;
@@ -368,7 +471,6 @@ mod tests {
         let (backend, mut backend_peer) = pair(true);
         let client_addr = client.peer_addr().unwrap();
         let local_addr = client.local_addr().unwrap();
-        let backend_addr = backend.peer_addr().unwrap();
         let now = Instant::now();
         let mut old = Session::new(1, client, client_addr, 0, set(), now);
         old.set_local_addr(local_addr);
@@ -399,7 +501,7 @@ mod tests {
                 break;
             }
         }
-        let (packed, fds) = old.pack(backend_addr, Instant::now()).unwrap();
+        let (packed, fds) = old.pack(Instant::now(), rules().connect_timeout).unwrap();
         assert_eq!(packed.first_eof, Some(WireSide::Backend));
         let [up, down] = packed.pumps.as_ref().unwrap();
         assert_eq!(down.stage, PumpStage::Done);
@@ -414,6 +516,7 @@ mod tests {
         let mut receiver = Channel::new(b);
         let batch = Message::Batch {
             id: 1,
+            frozen_us: 0,
             sessions: vec![packed],
         };
         sender.send(&batch, &fds).unwrap();
@@ -431,6 +534,7 @@ mod tests {
             set: set(),
             index: 0,
             mode,
+            tried: Vec::new(),
         };
         let mut fds = fds.into_iter();
         let mut new = Session::unpack(
@@ -462,6 +566,66 @@ mod tests {
         let mut back = Vec::new();
         client_peer.read_to_end(&mut back).unwrap();
         assert_eq!(back, b"backend said this");
+    }
+
+    /// A queued session travels as its client socket and its queue deadline; a connecting
+    /// one as both sockets, its attempt, the backends it tried and its connect's deadline;
+    /// each is rebuilt in the same phase.
+    #[test]
+    fn queued_and_connecting_sessions_are_packed_and_rebuilt_in_their_phase() {
+        let now = Instant::now();
+        let (client, _client_peer) = pair(false);
+        let addr = client.peer_addr().unwrap();
+        let mut queued = Session::new(1, client, addr, 0, set(), now);
+        queued.state.on(Event::Admitted, now, &rules());
+        let (packed, fds) = queued.pack(now, rules().connect_timeout).unwrap();
+        assert_eq!(packed.phase, WirePhase::Queued);
+        assert_eq!(packed.deadline_in_ms, Some(5000));
+        assert_eq!((packed.backend, fds.len()), (None, 1));
+        let adopt = |tried| Adopt {
+            id: 2,
+            listener: 0,
+            set: set(),
+            index: 0,
+            mode: RelayMode::Copy,
+            tried,
+        };
+        let mut pools = Pools::new(Arc::new(Counters::default()));
+        let rebuilt = Session::unpack(
+            &packed,
+            &mut fds.into_iter(),
+            adopt(vec![]),
+            &mut pools,
+            now,
+        )
+        .unwrap();
+        assert_eq!(rebuilt.state.tag(), Tag::Queued);
+
+        let (client, _client_peer) = pair(false);
+        let (backend, _backend_peer) = pair(false);
+        let mut connecting = Session::new(3, client, addr, 0, set(), now);
+        connecting
+            .state
+            .on(Event::ConnectStarted { index: 0 }, now, &rules());
+        connecting.attach_backend(backend);
+        let later = now + Duration::from_millis(1500);
+        let (packed, fds) = connecting.pack(later, rules().connect_timeout).unwrap();
+        assert_eq!(packed.phase, WirePhase::Connecting);
+        assert_eq!(packed.backend, Some("127.0.0.1:1".parse().unwrap()));
+        assert_eq!(packed.attempts, 1);
+        assert_eq!(packed.connect_started_ms, Some(1500));
+        assert_eq!(packed.deadline_in_ms, Some(3500));
+        assert_eq!(fds.len(), 2);
+        let rebuilt = Session::unpack(
+            &packed,
+            &mut fds.into_iter(),
+            adopt(vec![]),
+            &mut pools,
+            now,
+        )
+        .unwrap();
+        assert_eq!(rebuilt.state.tag(), Tag::Connecting);
+        assert_eq!(rebuilt.state.connect_attempt(), Some(1));
     }
 
     #[test]

@@ -155,6 +155,19 @@ pub struct RelayingParts {
     pub unanswered: Option<Duration>,
 }
 
+/// What a queued or connecting session's state is, with times as offsets (see
+/// [`State::waiting_parts`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaitingParts {
+    pub attempts: u32,
+    /// Backends that already failed for this client.
+    pub tried: Vec<usize>,
+    /// Connecting: the backend, and how long ago this attempt's connect started.
+    pub connecting: Option<(usize, Duration)>,
+    /// Queued: until the queue timeout.
+    pub queue_deadline_in: Option<Duration>,
+}
+
 impl State {
     /// A client just accepted: the worker places it next.
     pub fn new(now: Instant) -> State {
@@ -212,6 +225,68 @@ impl State {
             },
             attempts: parts.attempts,
             last_active: ago(parts.idle),
+        }
+    }
+
+    /// A queued or connecting session's state as the live upgrade packs it (`None` in any
+    /// other phase), its times as offsets from `now`.
+    pub fn waiting_parts(&self, now: Instant) -> Option<WaitingParts> {
+        match &self.phase {
+            Phase::Queued { deadline, tried } => Some(WaitingParts {
+                attempts: self.attempts,
+                tried: tried.clone(),
+                connecting: None,
+                queue_deadline_in: Some(deadline.saturating_duration_since(now)),
+            }),
+            Phase::Connecting {
+                index,
+                tried,
+                started,
+                ..
+            } => Some(WaitingParts {
+                attempts: self.attempts,
+                tried: tried.clone(),
+                connecting: Some((*index, now.saturating_duration_since(*started))),
+                queue_deadline_in: None,
+            }),
+            _ => None,
+        }
+    }
+
+    /// A queued session handed over by another process: in the queue until `deadline` (the
+    /// worker arms its queue timer for exactly that instant and puts it in its queue).
+    pub fn resumed_queued(
+        attempts: u32,
+        tried: Vec<usize>,
+        deadline: Instant,
+        now: Instant,
+    ) -> State {
+        State {
+            phase: Phase::Queued { deadline, tried },
+            attempts,
+            last_active: now,
+        }
+    }
+
+    /// A connecting session handed over by another process: attempt number `attempts` to
+    /// backend `index`, started at `started` (the worker arms its connect timer for that
+    /// attempt and looks at the connect).
+    pub fn resumed_connecting(
+        index: usize,
+        attempts: u32,
+        tried: Vec<usize>,
+        started: Instant,
+        now: Instant,
+    ) -> State {
+        State {
+            phase: Phase::Connecting {
+                index,
+                attempt: attempts,
+                tried,
+                started,
+            },
+            attempts,
+            last_active: now,
         }
     }
 

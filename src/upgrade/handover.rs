@@ -6,6 +6,7 @@
 //! old (give)                                  new (take)
 //!  hello(version, pid) ─────────────────────► version understood, configuration valid?
 //!  ◄───────────────────────────── ready | refuse(why)     (refuse: old keeps everything)
+//!  backends(state) ─────────────────────────► kept for its balancer's first set
 //!  listeners + fds ─────────────────────────► registers them, accepts from now on
 //!  ◄──────────────────────────────────── accepting        old stops accepting
 //!  per batch: freeze, pack
@@ -26,7 +27,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use super::wire::{self, ListenerInfo, Message, PackedSession, WireError};
+use super::wire::{self, BackendInfo, ListenerInfo, Message, PackedSession, WireError};
 use crate::sys;
 
 /// Why a handover did not complete.
@@ -148,6 +149,10 @@ pub struct Frozen {
 
 /// The old process's side: what it hands over, and what it takes back on failure.
 pub trait Giver {
+    /// The backends' running state (health, drains, operators' weights, slow start).
+    fn backends(&mut self) -> Vec<BackendInfo> {
+        Vec::new()
+    }
     /// The listening sockets (duplicates: the originals stay until the process exits).
     fn listeners(&mut self) -> io::Result<(Vec<ListenerInfo>, Vec<OwnedFd>)>;
     /// The new process accepts now: stop accepting (keep the sockets open).
@@ -168,12 +173,17 @@ pub trait Taker {
     /// The old process said hello: is its version understood, and is this process's own
     /// configuration valid? `Err`: the reason for refusing.
     fn hello(&mut self, version: u16, pid: u32) -> Result<(), String>;
+    /// The old process's backend state, before the listeners: applied to the backends this
+    /// process's own configuration lists.
+    fn backends(&mut self, _backends: Vec<BackendInfo>) {}
     /// Registers the listeners (the same sockets as the old process's) and accepts.
     fn listeners(&mut self, infos: Vec<ListenerInfo>, fds: Vec<OwnedFd>) -> Result<(), String>;
     /// Rebuilds batch `id` without registering it or reading anything.
+    /// Rebuilds batch `id`, whose sessions the old process froze `frozen` before sending it.
     fn rebuild(
         &mut self,
         id: u32,
+        frozen: Duration,
         sessions: Vec<PackedSession>,
         fds: Vec<OwnedFd>,
     ) -> Result<(), String>;
@@ -213,6 +223,7 @@ pub fn give(
         Message::Refuse { reason } => return Err(HandoverError::Refused(reason)),
         _ => return Err(HandoverError::Unexpected("expected ready")),
     }
+    chan.send(&Message::Backends(giver.backends()), &[])?;
     let (infos, fds) = giver.listeners()?;
     chan.send(&Message::Listeners(infos), &fds)?;
     drop(fds);
@@ -226,13 +237,15 @@ pub fn give(
     let mut id = 0u32;
     loop {
         id = id.wrapping_add(1);
+        // The pause starts when the freeze is asked for (the worker freezes at its next turn).
+        let frozen_at = Instant::now();
         let Some(frozen) = giver.freeze(id, sys::MAX_FDS_PER_MESSAGE) else {
             break;
         };
-        let frozen_at = Instant::now();
         let count = frozen.sessions.len();
         let msg = Message::Batch {
             id,
+            frozen_us: u64::try_from(frozen_at.elapsed().as_micros()).unwrap_or(u64::MAX),
             sessions: frozen.sessions,
         };
         let answer = chan
@@ -344,14 +357,20 @@ fn take_rest(
             Err(e) => return Err(e),
         };
         match msg {
+            Message::Backends(backends) => taker.backends(backends),
             Message::Listeners(infos) => {
                 if let Err(reason) = taker.listeners(infos, fds) {
                     return Err(refuse(chan, reason));
                 }
                 chan.send(&Message::Accepting, &[])?;
             }
-            Message::Batch { id, sessions } => {
-                if let Err(reason) = taker.rebuild(id, sessions, fds) {
+            Message::Batch {
+                id,
+                frozen_us,
+                sessions,
+            } => {
+                let frozen = Duration::from_micros(frozen_us);
+                if let Err(reason) = taker.rebuild(id, frozen, sessions, fds) {
                     return Err(refuse(chan, reason));
                 }
                 pending.push(id);
@@ -394,6 +413,8 @@ mod tests {
             local_addr: addr,
             backend: None,
             attempts: 0,
+            tried: Vec::new(),
+            connect_started_ms: None,
             age_ms: 5,
             idle_ms: 5,
             deadline_in_ms: Some(1000),
@@ -492,6 +513,7 @@ mod tests {
         fn rebuild(
             &mut self,
             id: u32,
+            _frozen: Duration,
             s: Vec<PackedSession>,
             fds: Vec<OwnedFd>,
         ) -> Result<(), String> {
@@ -568,6 +590,7 @@ mod tests {
     fn new_process_that_stops_after_a_batch(mut new: Channel, then_close: bool) -> Channel {
         assert!(matches!(new.recv(None).unwrap().0, Message::Hello { .. }));
         new.send(&Message::Ready, &[]).unwrap();
+        assert!(matches!(new.recv(None).unwrap().0, Message::Backends(_)));
         assert!(matches!(new.recv(None).unwrap().0, Message::Listeners(_)));
         new.send(&Message::Accepting, &[]).unwrap();
         let (msg, fds) = new.recv(None).unwrap();
@@ -637,6 +660,7 @@ mod tests {
         let fds: Vec<OwnedFd> = mine.into_iter().map(OwnedFd::from).collect();
         let batch = Message::Batch {
             id: 1,
+            frozen_us: 0,
             sessions: vec![queued(); n],
         };
         old.send(&batch, &fds).unwrap();

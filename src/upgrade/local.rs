@@ -2,27 +2,29 @@
 //! control message to one worker (`plane::Control`), answered over a channel where an answer
 //! is needed.
 //!
-//! Wired so far: relaying sessions (frozen, released or resumed on the old side; rebuilt,
-//! adopted or discarded on the new one) and, between two processes ([`give_over`],
+//! Wired so far: queued, connecting and relaying sessions (frozen, released or resumed on the
+//! old side; rebuilt, adopted or discarded on the new one) and, between two processes ([`give_over`],
 //! [`take_over`]), the listeners: the new process starts its balancer on them. Between two
 //! balancers in one process ([`LocalGiver::new`], [`LocalTaker`]) the listeners stay. (The
-//! binary drives [`give_over`] from `--upgrade-socket` and SIGUSR2.) Not yet: queued and
-//! connecting sessions (they stay with the old process) and backend state.
+//! binary drives [`give_over`] from `--upgrade-socket` and SIGUSR2.) Between two processes the
+//! backends' running state goes too, applied to the new balancer's first set.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::os::unix::net::UnixStream;
 
 use super::handover::{Channel, Frozen, Giver, HandoverError, Report, Taken, Taker, give, take};
-use super::wire::{ListenerInfo, PackedSession};
+use super::wire::{BackendInfo, ListenerInfo, PackedSession};
 use crate::Holdfast;
 use crate::config::Config;
 use crate::control::Controller;
 use crate::error::StartError;
 use crate::plane::Control;
+use crate::stats::Counters;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// How long a worker may take to answer a freeze or a rebuild (it answers within one turn
 /// of its loop unless it is gone).
@@ -33,6 +35,9 @@ pub struct LocalGiver {
     control: Controller,
     /// The worker asked first for the next batch (those before it had nothing left).
     next: usize,
+    /// The second round: queued sessions, once every worker has given its connecting and
+    /// relaying ones (which hold backend slots the new process must count first).
+    queued_round: bool,
     /// Which worker froze each batch.
     batches: HashMap<u32, usize>,
     /// Whether the listeners go too (to a new process; a balancer already running in the same
@@ -46,6 +51,7 @@ impl LocalGiver {
         LocalGiver {
             control,
             next: 0,
+            queued_round: false,
             batches: HashMap::new(),
             listeners: false,
         }
@@ -69,6 +75,15 @@ impl LocalGiver {
 }
 
 impl Giver for LocalGiver {
+    /// The backends' state, to a new process (a balancer in the same process keeps its own).
+    fn backends(&mut self) -> Vec<BackendInfo> {
+        if self.listeners {
+            self.control.backend_snapshot()
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Every worker's listeners, duplicated (the originals stay until this process exits);
     /// none from [`LocalGiver::new`].
     fn listeners(&mut self) -> io::Result<(Vec<ListenerInfo>, Vec<OwnedFd>)> {
@@ -117,9 +132,22 @@ impl Giver for LocalGiver {
 
     fn freeze(&mut self, id: u32, max_fds: usize) -> Option<Frozen> {
         let links = self.control.worker_links();
-        while let Some(link) = links.get(self.next) {
+        loop {
+            let Some(link) = links.get(self.next) else {
+                if self.queued_round {
+                    return None;
+                }
+                self.queued_round = true;
+                self.next = 0;
+                continue;
+            };
             let (reply, answer) = crossbeam_channel::bounded(1);
-            link.send(Control::Freeze { id, max_fds, reply });
+            link.send(Control::Freeze {
+                id,
+                max_fds,
+                queued: self.queued_round,
+                reply,
+            });
             match answer.recv_timeout(ANSWER_TIMEOUT) {
                 Ok(frozen) if !frozen.sessions.is_empty() => {
                     self.batches.insert(id, self.next);
@@ -132,7 +160,6 @@ impl Giver for LocalGiver {
             }
             self.next += 1;
         }
-        None
     }
 
     fn commit(&mut self, id: u32) {
@@ -152,6 +179,8 @@ pub struct LocalTaker {
     next: usize,
     /// Which worker rebuilt each batch.
     batches: HashMap<u32, usize>,
+    /// Since when each batch's sessions have been paused (frozen in the old process).
+    paused_since: HashMap<u32, Instant>,
 }
 
 impl LocalTaker {
@@ -160,6 +189,7 @@ impl LocalTaker {
             control,
             next: 0,
             batches: HashMap::new(),
+            paused_since: HashMap::new(),
         }
     }
 
@@ -188,9 +218,13 @@ impl Taker for LocalTaker {
     fn rebuild(
         &mut self,
         id: u32,
+        frozen: Duration,
         sessions: Vec<PackedSession>,
         fds: Vec<OwnedFd>,
     ) -> Result<(), String> {
+        let now = Instant::now();
+        self.paused_since
+            .insert(id, now.checked_sub(frozen).unwrap_or(now));
         let links = self.control.worker_links();
         if links.is_empty() {
             return Err("no worker to take the sessions".into());
@@ -216,10 +250,12 @@ impl Taker for LocalTaker {
     }
 
     fn commit(&mut self, id: u32) {
-        self.send(id, |id| Control::Adopt { id });
+        let paused_since = self.paused_since.remove(&id).unwrap_or_else(Instant::now);
+        self.send(id, |id| Control::Adopt { id, paused_since });
     }
 
     fn abort(&mut self, id: u32) {
+        self.paused_since.remove(&id);
         self.send(id, |id| Control::Discard { id });
     }
 }
@@ -232,12 +268,25 @@ pub fn give_over(
     timeout: Duration,
 ) -> Result<Report, HandoverError> {
     let mut giver = LocalGiver::with_listeners(control.clone());
-    give(
+    let result = give(
         &mut Channel::new(sock),
         &mut giver,
         std::process::id(),
         timeout,
-    )
+    );
+    let counters = control.counters();
+    match &result {
+        Ok(report) => {
+            Counters::incr(&counters.upgrades_ok);
+            counters
+                .sessions_handed_over
+                .fetch_add(report.sessions as u64, Relaxed);
+            let pause = u64::try_from(report.longest_pause.as_micros()).unwrap_or(u64::MAX);
+            counters.upgrade_pause_max_us.store(pause, Relaxed);
+        }
+        Err(_) => Counters::incr(&counters.upgrades_failed),
+    }
+    result
 }
 
 /// How [`take_over`] ended.
@@ -261,7 +310,12 @@ pub fn take_over(sock: UnixStream, config: Config) -> TakeOver {
     };
     let outcome = take(&mut Channel::new(sock), &mut taker);
     match (taker.started, taker.failed, taker.config) {
-        (Some((balancer, _)), _, _) => TakeOver::Started(balancer, outcome),
+        (Some((balancer, _)), _, _) => {
+            if outcome.is_ok() {
+                Counters::incr(&balancer.controller().counters().upgrades_ok);
+            }
+            TakeOver::Started(balancer, outcome)
+        }
         (None, Some(e), _) => TakeOver::Failed(e),
         (None, None, Some(config)) => TakeOver::NotStarted(
             Box::new(config),
@@ -287,6 +341,13 @@ struct ProcessTaker {
 impl Taker for ProcessTaker {
     fn hello(&mut self, _version: u16, _pid: u32) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Kept for the first backend set of the balancer, started when the listeners come.
+    fn backends(&mut self, backends: Vec<BackendInfo>) {
+        if let Some(config) = &mut self.config {
+            config.inherited_backends = backends;
+        }
     }
 
     fn listeners(&mut self, infos: Vec<ListenerInfo>, fds: Vec<OwnedFd>) -> Result<(), String> {
@@ -315,11 +376,12 @@ impl Taker for ProcessTaker {
     fn rebuild(
         &mut self,
         id: u32,
+        frozen: Duration,
         sessions: Vec<PackedSession>,
         fds: Vec<OwnedFd>,
     ) -> Result<(), String> {
         match &mut self.started {
-            Some((_, taker)) => taker.rebuild(id, sessions, fds),
+            Some((_, taker)) => taker.rebuild(id, frozen, sessions, fds),
             None => Err("sessions before listeners".into()),
         }
     }
@@ -488,5 +550,87 @@ mod tests {
     #[test]
     fn every_relaying_session_moves_to_another_balancer_through_copy() {
         hands_every_relaying_session_over(RelayMode::Copy);
+    }
+
+    #[cfg(target_os = "linux")]
+    /// The inode of this process's TCP socket from `local` to `remote` (IPv4), from
+    /// /proc/net/tcp.
+    fn socket_inode(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+        let hex = |a: SocketAddr| match a {
+            SocketAddr::V4(v4) => format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(v4.ip().octets()),
+                v4.port()
+            ),
+            SocketAddr::V6(_) => String::new(),
+        };
+        let (local, remote) = (hex(local), hex(remote));
+        let table = std::fs::read_to_string("/proc/self/net/tcp").ok()?;
+        table.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.get(1) == Some(&local.as_str()) && f.get(2) == Some(&remote.as_str()))
+                .then(|| f.get(9)?.parse().ok())?
+        })
+    }
+
+    #[cfg(target_os = "linux")]
+    /// How many epoll instances of this process watch the socket with inode `inode`
+    /// (/proc/self/fdinfo lists each epoll's targets as `tfd: .. ino:HEX`).
+    fn epoll_watches(inode: u64) -> usize {
+        let needle = format!(" ino:{inode:x} ");
+        let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+            return 0;
+        };
+        dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .map(|info| {
+                info.lines()
+                    .filter(|l| l.starts_with("tfd:") && format!("{l} ").contains(&needle))
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Deregister before pack: once a session is handed over, only the new balancer's poller
+    /// watches its sockets. The old worker's copy of a descriptor is closed on commit, but a
+    /// registration lives as long as the socket does (the new process holds it), so a
+    /// frozen session left registered would keep waking the old worker with its events, under
+    /// a slab key that another session may take next.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_handed_over_session_is_watched_by_the_new_poller_alone() {
+        let backend = echo_backend();
+        let old = start(backend, RelayMode::Copy);
+        let new = start(backend, RelayMode::Copy);
+        let listen = old.listen_addrs()[0];
+        let mut client = TcpStream::connect(listen).unwrap();
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        exchange(&mut client, 0, 0);
+        let inode = socket_inode(listen, client.local_addr().unwrap())
+            .expect("the balancer's socket of the client in /proc/self/net/tcp");
+        assert_eq!(epoll_watches(inode), 1, "before: the old worker's poller");
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let giver_control = old.controller().clone();
+        let giving = thread::spawn(move || {
+            give(
+                &mut Channel::new(a),
+                &mut LocalGiver::new(giver_control),
+                1,
+                WAIT,
+            )
+        });
+        let taker_control = new.controller().clone();
+        let taken = take(&mut Channel::new(b), &mut LocalTaker::new(taker_control));
+        assert_eq!(giving.join().unwrap().unwrap().sessions, 1);
+        assert_eq!(taken.unwrap(), Taken::Done);
+        wait_until("the new balancer to adopt the session", || {
+            new.stats().active == 1 && old.stats().active == 0
+        });
+        exchange(&mut client, 0, 1);
+        assert_eq!(
+            epoll_watches(inode),
+            1,
+            "after: the new worker's poller alone"
+        );
     }
 }

@@ -12,14 +12,16 @@
 //!
 //! The first message (old to new) is a [`Message::Hello`] carrying [`MAGIC`] and the
 //! sender's [`VERSION`]; a process that does not speak that version refuses, and the old one
-//! keeps everything. A new version of this format bumps [`VERSION`].
+//! keeps everything. A new version of this format bumps [`VERSION`]. Version 2 added the
+//! backends' state ([`Message::Backends`], after ready), queued and connecting sessions'
+//! tried backends and connect start, and each batch's freeze time.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
 /// Eight bytes at the start of a hello, so that a stranger on the socket is refused at once.
 pub const MAGIC: [u8; 8] = *b"HFUPGRD\0";
 /// This format's version.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 9;
 /// Largest body accepted: a batch of sessions each holding up to two 64 KiB partial writes.
@@ -51,6 +53,23 @@ pub enum WireError {
 pub struct ListenerInfo {
     pub worker: u16,
     pub addr: SocketAddr,
+}
+
+/// One backend's running state in the old process, for the new one to carry on with (it
+/// applies it to a backend its own configuration lists at the same address).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendInfo {
+    pub addr: SocketAddr,
+    /// Down (by probes or passive detection): it stays down until probed up.
+    pub down: bool,
+    /// Drained by an operator.
+    pub drained: bool,
+    /// The weight in the old process's configuration, and the operator's weight replacing it
+    /// (the new process keeps the operator's only while its own configured weight is the same).
+    pub configured_weight: u32,
+    pub operator_weight: Option<u32>,
+    /// Under slow start: milliseconds since its ramp began.
+    pub ramp_ms: Option<u64>,
 }
 
 /// A session's phase as it travels.
@@ -111,6 +130,12 @@ pub struct PackedSession {
     pub backend: Option<SocketAddr>,
     /// Connect attempts made so far.
     pub attempts: u32,
+    /// Queued, connecting: the backends that already failed for this client (by address:
+    /// the new process's set may list them elsewhere, or not at all), counted against
+    /// `--retries`.
+    pub tried: Vec<SocketAddr>,
+    /// Connecting: milliseconds since this attempt's connect started.
+    pub connect_started_ms: Option<u64>,
     /// Milliseconds since the session started, since its last activity.
     pub age_ms: u64,
     pub idle_ms: u64,
@@ -154,13 +179,17 @@ pub enum Message {
     /// Either way: no handover (a version not understood, an invalid configuration); the old
     /// process keeps everything.
     Refuse { reason: String },
+    /// Old to new, after ready: the backends' running state.
+    Backends(Vec<BackendInfo>),
     /// Old to new: the listening sockets (one descriptor each, in order).
     Listeners(Vec<ListenerInfo>),
     /// New to old: the listeners are registered; the old process stops accepting.
     Accepting,
-    /// Old to new: a batch of frozen sessions.
+    /// Old to new: a batch of frozen sessions, frozen `frozen_us` microseconds before it was
+    /// sent (the first part of their pause; the new process measures the rest).
     Batch {
         id: u32,
+        frozen_us: u64,
         sessions: Vec<PackedSession>,
     },
     /// New to old: batch `id` is rebuilt (not yet registered, nothing read).
@@ -186,6 +215,7 @@ impl Message {
             Message::Commit { .. } => 8,
             Message::Abort { .. } => 9,
             Message::Done => 10,
+            Message::Backends(_) => 11,
         }
     }
 
@@ -220,14 +250,29 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 w.addr(l.addr);
             }
         }
-        Message::Batch { id, sessions } => {
+        Message::Batch {
+            id,
+            frozen_us,
+            sessions,
+        } => {
             w.u32(*id);
+            w.u64(*frozen_us);
             w.u32(sessions.len() as u32);
             for s in sessions {
                 w.session(s);
             }
         }
         Message::Received { id } | Message::Commit { id } => w.u32(*id),
+        Message::Backends(backends) => {
+            w.u32(backends.len() as u32);
+            for b in backends {
+                w.addr(b.addr);
+                w.u8(u8::from(b.down) | (u8::from(b.drained) << 1));
+                w.u32(b.configured_weight);
+                w.opt_u64(b.operator_weight.map(u64::from));
+                w.opt_u64(b.ramp_ms);
+            }
+        }
         Message::Abort { id, reason } => {
             w.u32(*id);
             w.text(reason);
@@ -255,7 +300,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
     if body_len > MAX_BODY {
         return Err(WireError::TooLarge(body_len));
     }
-    if !(1..=10).contains(&kind) {
+    if !(1..=11).contains(&kind) {
         return Err(WireError::UnknownKind(kind));
     }
     Ok(Header {
@@ -303,12 +348,17 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
         5 => Message::Accepting,
         6 => {
             let id = r.u32()?;
+            let frozen_us = r.u64()?;
             let n = r.count(40)?;
             let mut sessions = Vec::with_capacity(n);
             for _ in 0..n {
                 sessions.push(r.session()?);
             }
-            Message::Batch { id, sessions }
+            Message::Batch {
+                id,
+                frozen_us,
+                sessions,
+            }
         }
         7 => Message::Received { id: r.u32()? },
         8 => Message::Commit { id: r.u32()? },
@@ -317,6 +367,33 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
             reason: r.text()?,
         },
         10 => Message::Done,
+        11 => {
+            let n = r.count(7 + 1 + 4 + 2)?;
+            let mut backends = Vec::with_capacity(n);
+            for _ in 0..n {
+                let addr = r.addr()?;
+                let flags = r.u8()?;
+                if flags > 3 {
+                    return Err(WireError::BadValue("backend flags"));
+                }
+                let configured_weight = r.u32()?;
+                let operator_weight = match r.opt_u64("operator weight")? {
+                    None => None,
+                    Some(w) => {
+                        Some(u32::try_from(w).map_err(|_| WireError::BadValue("operator weight"))?)
+                    }
+                };
+                backends.push(BackendInfo {
+                    addr,
+                    down: flags & 1 != 0,
+                    drained: flags & 2 != 0,
+                    configured_weight,
+                    operator_weight,
+                    ramp_ms: r.opt_u64("ramp")?,
+                });
+            }
+            Message::Backends(backends)
+        }
         k => return Err(WireError::UnknownKind(k)),
     };
     if !r.0.is_empty() {
@@ -399,6 +476,11 @@ impl Writer {
             }
         }
         self.u32(s.attempts);
+        self.u32(s.tried.len() as u32);
+        for a in &s.tried {
+            self.addr(*a);
+        }
+        self.opt_u64(s.connect_started_ms);
         self.u64(s.age_ms);
         self.u64(s.idle_ms);
         self.opt_u64(s.deadline_in_ms);
@@ -523,6 +605,12 @@ impl<'a> Reader<'a> {
             _ => return Err(WireError::BadValue("backend")),
         };
         let attempts = self.u32()?;
+        let n = self.count(7)?;
+        let mut tried = Vec::with_capacity(n);
+        for _ in 0..n {
+            tried.push(self.addr()?);
+        }
+        let connect_started_ms = self.opt_u64("connect started")?;
         let age_ms = self.u64()?;
         let idle_ms = self.u64()?;
         let deadline_in_ms = self.opt_u64("deadline")?;
@@ -556,6 +644,8 @@ impl<'a> Reader<'a> {
             local_addr,
             backend,
             attempts,
+            tried,
+            connect_started_ms,
             age_ms,
             idle_ms,
             deadline_in_ms,
@@ -628,6 +718,10 @@ mod tests {
         (
             (phase, addr(), addr(), addr(), any::<u32>()),
             (
+                proptest::collection::vec(addr(), 0..4),
+                any::<Option<u64>>(),
+            ),
+            (
                 any::<u64>(),
                 any::<u64>(),
                 any::<Option<u64>>(),
@@ -639,6 +733,7 @@ mod tests {
             .prop_map(
                 |(
                     (phase, client_addr, local_addr, backend, attempts),
+                    (tried, connect_started_ms),
                     (age_ms, idle_ms, deadline_in_ms, unanswered_ms),
                     (up, down, first_eof, p0, p1),
                     proxy_out,
@@ -648,6 +743,8 @@ mod tests {
                     local_addr,
                     backend: (phase != WirePhase::Queued).then_some(backend),
                     attempts,
+                    tried,
+                    connect_started_ms,
                     age_ms,
                     idle_ms,
                     deadline_in_ms,
@@ -676,12 +773,43 @@ mod tests {
             )
             .prop_map(Message::Listeners),
             Just(Message::Accepting),
-            (any::<u32>(), proptest::collection::vec(session(), 0..5))
-                .prop_map(|(id, sessions)| Message::Batch { id, sessions }),
+            (
+                any::<u32>(),
+                any::<u64>(),
+                proptest::collection::vec(session(), 0..5)
+            )
+                .prop_map(|(id, frozen_us, sessions)| Message::Batch {
+                    id,
+                    frozen_us,
+                    sessions
+                }),
             any::<u32>().prop_map(|id| Message::Received { id }),
             any::<u32>().prop_map(|id| Message::Commit { id }),
             (any::<u32>(), text()).prop_map(|(id, reason)| Message::Abort { id, reason }),
             Just(Message::Done),
+            proptest::collection::vec(
+                (
+                    addr(),
+                    any::<(bool, bool)>(),
+                    any::<u32>(),
+                    any::<Option<u32>>(),
+                    any::<Option<u64>>()
+                )
+                    .prop_map(
+                        |(addr, (down, drained), configured_weight, operator_weight, ramp_ms)| {
+                            BackendInfo {
+                                addr,
+                                down,
+                                drained,
+                                configured_weight,
+                                operator_weight,
+                                ramp_ms,
+                            }
+                        }
+                    ),
+                0..6
+            )
+            .prop_map(Message::Backends),
         ]
     }
 
@@ -745,6 +873,7 @@ mod tests {
         // A batch that claims four billion sessions in twelve bytes.
         let mut frame = encode(&Message::Batch {
             id: 1,
+            frozen_us: 0,
             sessions: vec![],
         });
         let n = frame.len();
@@ -760,6 +889,8 @@ mod tests {
             local_addr: "127.0.0.1:2".parse().unwrap(),
             backend: Some("127.0.0.1:3".parse().unwrap()),
             attempts: 1,
+            tried: vec![],
+            connect_started_ms: None,
             age_ms: 0,
             idle_ms: 0,
             deadline_in_ms: None,
@@ -789,6 +920,7 @@ mod tests {
         assert_eq!(queued.fd_count(), 1);
         let msg = Message::Batch {
             id: 2,
+            frozen_us: 0,
             sessions: vec![relaying, queued],
         };
         assert_eq!(msg.fd_count(), 5);

@@ -216,7 +216,11 @@ impl Worker {
                 self.close_drained_listeners();
             }
             self.run_again();
-            if !self.queue.is_empty() {
+            // While a handover to a new process is under way its queue waits: the slots its
+            // sessions free as they leave are the new process's (until it drains after a
+            // handover, or accepts again after a failed one).
+            let handing_over = self.listeners_given && !self.draining;
+            if !self.queue.is_empty() && !handing_over {
                 self.service_queue();
             }
             self.fire_timers();
@@ -275,8 +279,13 @@ impl Worker {
                 Ok(Control::Drain { timeout, spread }) => self.start_drain(timeout, spread),
                 Ok(Control::CloseBackend { addr, spread }) => self.close_backend(addr, spread),
                 Ok(Control::Rebalance(start)) => self.start_rebalance(start),
-                Ok(Control::Freeze { id, max_fds, reply }) => {
-                    let frozen = self.freeze(id, max_fds);
+                Ok(Control::Freeze {
+                    id,
+                    max_fds,
+                    queued,
+                    reply,
+                }) => {
+                    let frozen = self.freeze(id, max_fds, queued);
                     if let Err(e) = reply.send(frozen) {
                         // Nobody waits for it: the batch stays here.
                         log::warn!("worker {}: frozen batch not taken; resuming it", self.id);
@@ -297,7 +306,7 @@ impl Worker {
                         self.discard(id);
                     }
                 }
-                Ok(Control::Adopt { id }) => self.adopt(id),
+                Ok(Control::Adopt { id, paused_since }) => self.adopt(id, paused_since),
                 Ok(Control::Discard { id }) => self.discard(id),
                 Ok(Control::Listeners { reply }) => {
                     let _ = reply.send(self.listener_copies());

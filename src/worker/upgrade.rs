@@ -1,15 +1,29 @@
 //! The live upgrade's batches in a worker (`upgrade/local.rs` drives them).
 //!
-//! Old side: `Freeze` deregisters relaying sessions (both sockets) and packs them with
-//! duplicates of their descriptors; they stay in the slab, whole but frozen: no event, run or
-//! timer touches them (a timer that fires meanwhile is held back). `Release` drops them once
-//! the new process owns them: their pipes are closed, never pooled, their backend slot and
-//! place under the per-IP limits given back, and they leave the active count without being
-//! counted as closed. `Resume` registers them again and runs them.
+//! Old side: `Freeze` deregisters queued, connecting and relaying sessions (their sockets)
+//! and packs them with duplicates of their descriptors; they stay in the slab, whole but
+//! frozen: no event, run, queue scan or timer touches them (a queued one leaves the queue; a
+//! timer that fires meanwhile is held back). `Release` drops them once the new process owns
+//! them: their pipes are closed, never pooled, their backend slot, place in the queue count
+//! and place under the per-IP limits given back, and they leave the active count without
+//! being counted as closed. `Resume` registers them again and carries on: a relaying one
+//! runs, a connecting one looks at its connect, a queued one goes back to the front of the
+//! queue. Sessions still reading a PROXY header (`--accept-proxy`) are not handed over: they
+//! finish here, during the drain.
 //!
-//! New side: `Rebuild` unpacks a batch (not registered, nothing read); `Adopt` counts each
-//! session (active, and a slot on its backend), registers it, arms its idle and backend
-//! timers and runs it; `Discard` drops what was rebuilt.
+//! Queued sessions go last (a second round over the workers), once every session that holds
+//! a backend slot has gone and been counted by the new process (at rebuild), so the new
+//! process never hands a queued client a slot that a session still on its way holds.
+//!
+//! New side: `Rebuild` unpacks a batch (not registered, nothing read) and counts the slots
+//! its sessions hold on their backends (given back if discarded); `Adopt` counts each
+//! session as active, registers it and carries on where it was: a
+//! relaying one gets its idle and backend timers and runs; a connecting one gets its connect
+//! timer (the deadline it had) and its connect is looked at, as if the backend socket had
+//! become writable (a failure retries on the next backend, its attempt count carried); a
+//! queued one joins this worker's queue, behind those waiting already, with its queue timer
+//! at the deadline it had (counted in the queue even beyond `--max-queue`: it was admitted
+//! already). `Discard` drops what was rebuilt.
 //!
 //! A session whose backend this worker's set does not list keeps relaying, on a set of its
 //! own holding that backend alone, drained: it is counted and seen nowhere (not in the
@@ -22,15 +36,16 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use mio::Interest;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::Worker;
 use crate::backend::{BackendSet, BackendState};
 use crate::config::BackendSpec;
 use crate::session::pack::Adopt;
-use crate::session::{CloseReason, Session, Tag};
+use crate::session::{CloseReason, Event, Session, Tag};
 use crate::stats::Counters;
 use crate::timer::{Timer, TimerKind};
+use crate::token::Side;
 use crate::token::Target;
 use crate::upgrade::handover::Frozen;
 use crate::upgrade::wire::PackedSession;
@@ -47,8 +62,11 @@ pub(super) struct Batches {
     frozen_keys: HashSet<usize>,
     /// Old side: timers of frozen sessions that fired, armed again on resume.
     held_timers: Vec<Timer>,
-    /// New side: batches rebuilt and not yet adopted.
-    rebuilt: HashMap<u32, Vec<Session>>,
+    /// New side: batches rebuilt and not yet adopted, each queued or connecting session with
+    /// its queue or connect deadline.
+    rebuilt: HashMap<u32, Vec<(Session, Instant)>>,
+    /// New side: sessions in the batch adopted last.
+    adopted_last: u64,
 }
 
 impl Batches {
@@ -64,7 +82,8 @@ impl Batches {
 }
 
 impl Worker {
-    pub(super) fn freeze(&mut self, id: u32, max_fds: usize) -> Frozen {
+    /// Freezes connecting and relaying sessions, and with `queued` queued ones too.
+    pub(super) fn freeze(&mut self, id: u32, max_fds: usize, queued: bool) -> Frozen {
         let mut frozen = Frozen {
             sessions: Vec::new(),
             fds: Vec::new(),
@@ -72,7 +91,15 @@ impl Worker {
         let candidates: Vec<usize> = self
             .sessions
             .iter()
-            .filter(|(key, s)| s.state.tag() == Tag::Relaying && !self.batches.is_frozen(*key))
+            .filter(|(key, s)| {
+                // The second round takes whatever is left, queued or not.
+                let wanted = match s.state.tag() {
+                    Tag::Queued => queued,
+                    Tag::Relaying | Tag::Connecting => true,
+                    _ => false,
+                };
+                wanted && !self.batches.is_frozen(*key)
+            })
             .map(|(key, _)| key)
             .collect();
         let mut keys = Vec::new();
@@ -84,14 +111,10 @@ impl Worker {
             let Some(session) = self.sessions.get_mut(key) else {
                 continue;
             };
-            let Some(index) = session.state.backend() else {
-                continue;
-            };
-            let backend = session.set.backends[index].spec.addr;
             let registry = self.poll.registry();
             let packed = session
                 .deregister(registry)
-                .and_then(|()| session.pack(backend, now));
+                .and_then(|()| session.pack(now, self.rules.connect_timeout));
             match packed {
                 Ok((packed, fds)) => {
                     frozen.sessions.push(packed);
@@ -108,15 +131,42 @@ impl Worker {
                         log::warn!("worker {}: cannot register a session again: {e}", self.id);
                         self.close(key, CloseReason::Exhausted);
                     } else {
-                        self.relay(key);
+                        self.carry_on(key);
                     }
                 }
             }
+        }
+        // Queued ones leave the queue: no scan may place a frozen session.
+        if !keys.is_empty() && !self.queue.is_empty() {
+            let frozen = &self.batches.frozen_keys;
+            self.queue.retain(|(key, _)| !frozen.contains(key));
         }
         if !keys.is_empty() {
             self.batches.frozen.insert(id, keys);
         }
         frozen
+    }
+
+    /// A session registered again (or adopted) carries on where it was: relaying, it runs;
+    /// connecting, its connect is looked at as if the backend socket were writable (a
+    /// spurious look costs one `SO_ERROR`; a connect not done yet waits for its event).
+    fn carry_on(&mut self, key: usize) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        match session.state.tag() {
+            Tag::Relaying => self.relay(key),
+            Tag::Connecting => {
+                let ready = Event::Ready {
+                    side: Side::Backend,
+                    hung_up: false,
+                    plain_writable: false,
+                };
+                let actions = session.state.on(ready, self.now, &self.rules);
+                self.apply(key, actions);
+            }
+            _ => {}
+        }
     }
 
     pub(super) fn release_frozen(&mut self, id: u32) {
@@ -128,6 +178,9 @@ impl Worker {
             let Some(mut session) = self.sessions.try_remove(*key) else {
                 continue;
             };
+            if session.state.tag() == Tag::Queued {
+                Counters::decr(&self.counters.queued);
+            }
             // Pipes with bytes are closed, never pooled (the new process has those bytes).
             session.release(&mut self.pools);
             if let Some(ticket) = session.take_ticket() {
@@ -153,6 +206,7 @@ impl Worker {
         let Some(keys) = self.batches.frozen.remove(&id) else {
             return;
         };
+        let mut requeue = Vec::new();
         for &key in &keys {
             self.batches.frozen_keys.remove(&key);
             let Some(session) = self.sessions.get_mut(key) else {
@@ -163,7 +217,15 @@ impl Worker {
                 self.close(key, CloseReason::Exhausted);
                 continue;
             }
-            self.relay(key);
+            if session.state.tag() == Tag::Queued {
+                requeue.push((key, session.id));
+            } else {
+                self.carry_on(key);
+            }
+        }
+        // Back at the front, in their order: they waited longer than those who came since.
+        for entry in requeue.into_iter().rev() {
+            self.queue.push_front(entry);
         }
         let held = std::mem::take(&mut self.batches.held_timers);
         for timer in held {
@@ -185,10 +247,15 @@ impl Worker {
         let mut sessions = Vec::with_capacity(packed.len());
         let now = Instant::now();
         for p in &packed {
-            let Some(backend) = p.backend else {
-                return Err("a relaying session without its backend".into());
+            let (set, index) = match p.backend {
+                Some(backend) => self.adoption_set(backend),
+                None => (Arc::clone(&self.backends), 0),
             };
-            let (set, index) = self.adoption_set(backend);
+            let tried = p
+                .tried
+                .iter()
+                .filter_map(|addr| set.backends.iter().position(|b| b.spec.addr == *addr))
+                .collect();
             let listener = self
                 .listen_addrs
                 .iter()
@@ -203,14 +270,25 @@ impl Worker {
                 set,
                 index,
                 mode: self.config.relay,
+                tried,
             };
             self.next_id += 1;
             let session = Session::unpack(p, &mut fds, adopt, &mut self.pools, now)
                 .map_err(|e| format!("session from {} not rebuilt: {e}", p.client_addr))?;
-            sessions.push(session);
+            // The same instant unpack gave a queued session, which its queue timer must match.
+            let deadline = now + Duration::from_millis(p.deadline_in_ms.unwrap_or(0));
+            sessions.push((session, deadline));
         }
         if fds.next().is_some() {
             return Err("more descriptors than the sessions name".into());
+        }
+        // Their backend slots are counted now, whatever the cap (the sessions exist already),
+        // not at adoption: a queued session of a later batch, adopted by another worker, must
+        // not be given a slot this batch's sessions hold.
+        for (session, _) in &sessions {
+            if let Some(index) = session.state.backend() {
+                session.set.backends[index].stats.try_acquire(0);
+            }
         }
         self.batches.rebuilt.insert(id, sessions);
         Ok(())
@@ -234,17 +312,28 @@ impl Worker {
         (Arc::new(own), 0)
     }
 
-    pub(super) fn adopt(&mut self, id: u32) {
+    /// Also records the batch's pause (since `paused_since`, to its last session's first
+    /// run here) in `upgrade_pause_max_us` if it is the longest so far.
+    pub(super) fn adopt(&mut self, id: u32, paused_since: Instant) {
         let Some(sessions) = self.batches.rebuilt.remove(&id) else {
             return;
         };
+        self.adopt_sessions(sessions);
+        let pause = u64::try_from(paused_since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.counters
+            .upgrade_pause_max_us
+            .fetch_max(pause, std::sync::atomic::Ordering::Relaxed);
+        self.counters.sessions_handed_over.fetch_add(
+            self.batches.adopted_last,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn adopt_sessions(&mut self, sessions: Vec<(Session, Instant)>) {
+        self.batches.adopted_last = sessions.len() as u64;
         self.now = Instant::now();
-        for session in sessions {
+        for (session, deadline) in sessions {
             Counters::incr(&self.counters.active);
-            if let Some(index) = session.state.backend() {
-                // Counted, whatever the cap: the session exists already.
-                session.set.backends[index].stats.try_acquire(0);
-            }
             let (sid, entry) = (session.id, self.sessions.vacant_entry());
             let key = entry.key();
             let session = entry.insert(session);
@@ -255,6 +344,32 @@ impl Worker {
                 );
                 self.close(key, CloseReason::Exhausted);
                 continue;
+            }
+            match session.state.tag() {
+                Tag::Relaying => {}
+                Tag::Connecting => {
+                    let attempt = session.state.connect_attempt().unwrap_or(0);
+                    self.timers.push(Timer {
+                        at: deadline,
+                        key,
+                        id: sid,
+                        kind: TimerKind::Connect { attempt },
+                    });
+                    self.carry_on(key);
+                    continue;
+                }
+                _ => {
+                    // Queued: behind those waiting here already, until the deadline it had.
+                    self.timers.push(Timer {
+                        at: deadline,
+                        key,
+                        id: sid,
+                        kind: TimerKind::Queue,
+                    });
+                    Counters::incr(&self.counters.queued);
+                    self.queue.push_back((key, sid));
+                    continue;
+                }
             }
             // Fired at once, each timer finds the deadline the session has by now (or closes
             // a session that was already past it).
@@ -280,9 +395,12 @@ impl Worker {
 
     pub(super) fn discard(&mut self, id: u32) {
         if let Some(sessions) = self.batches.rebuilt.remove(&id) {
-            for mut session in sessions {
+            for (mut session, _) in sessions {
                 // Duplicates: closing them sends nothing; the old process keeps the sessions.
                 session.release(&mut self.pools);
+                if let Some(index) = session.state.backend() {
+                    session.set.backends[index].stats.release();
+                }
             }
         }
     }

@@ -304,3 +304,392 @@ fn sigusr2_upgrade_that_cannot_happen_keeps_serving() {
     assert!(old.is_running(), "stderr:\n{}", old.stderr());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sessions not relaying yet, backend state and metrics across an upgrade
+// ---------------------------------------------------------------------------------------------
+
+/// The admin address a child started with `--admin 127.0.0.1:0` logged.
+fn admin_of(child: &Child) -> std::net::SocketAddr {
+    let mut addr = None;
+    wait_until_ok(WAIT, || {
+        let log = child.stderr();
+        addr = log
+            .split("admin endpoint on http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok());
+        addr.map(|_| ())
+            .ok_or_else(|| format!("no admin address logged yet:\n{log}"))
+    });
+    addr.expect("set once the wait succeeded")
+}
+
+/// One request to the admin endpoint: the status line's code and the body.
+fn admin_request(admin: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&admin, IO_TIMEOUT).unwrap();
+    set_timeouts(&s);
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// The value of the `/metrics` sample named exactly `sample` (labels included).
+fn sample(admin: std::net::SocketAddr, sample: &str) -> Option<f64> {
+    let (_, body) = admin_request(admin, "GET", "/metrics");
+    body.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == sample).then(|| value.trim().parse().ok())?
+    })
+}
+
+/// Waits until `/metrics` says `sample` is `value`.
+fn wait_for_sample(admin: std::net::SocketAddr, name: &str, value: f64) {
+    wait_until_ok(WAIT, || match sample(admin, name) {
+        Some(v) if v == value => Ok(()),
+        other => Err(format!("{name} is {other:?}, waiting for {value}")),
+    });
+}
+
+/// `--take-over` from `old` with `args`; waits until the old process has exited 0 and says
+/// it handed `sessions` over.
+fn take_over_from(old: &mut Child, path: &str, args: &[&str], sessions: usize) -> Child {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--take-over", path]);
+    let new = Child::spawn_on(old.addr(), &all);
+    new.wait_for_stderr("upgrade: took over", WAIT);
+    let Some(status) = old.wait_exit(WAIT) else {
+        panic!(
+            "the old process did not exit after the handover; stderr:\n{}\nnew stderr:\n{}",
+            old.stderr(),
+            new.stderr()
+        );
+    };
+    assert!(
+        status.success(),
+        "old process: {status}; stderr:\n{}",
+        old.stderr()
+    );
+    assert!(
+        old.stderr()
+            .contains(&format!("handed {sessions} sessions over")),
+        "old stderr:\n{}",
+        old.stderr()
+    );
+    new
+}
+
+/// A client waiting in the queue (`--max-conns-per-backend 1`, the one slot held by another
+/// client) when a new process takes over moves with it, its request bytes unread: the old
+/// process exits at once (it keeps nothing), the queued client is still waiting in the new
+/// process while the slot is held, and is served there, its bytes relayed once, as soon as
+/// the slot frees.
+#[test]
+fn a_queued_session_is_served_by_the_new_process_once_a_slot_frees() {
+    let backend = EchoBackend::start();
+    let socket = TempFile::new("upgrade-sock", "");
+    let path = socket.path().to_str().unwrap().to_owned();
+    let backend_arg = backend.addr().to_string();
+    let args = [
+        "--backend",
+        &backend_arg,
+        "--workers",
+        "2",
+        "--max-conns-per-backend",
+        "1",
+        "--max-queue",
+        "10",
+        "--queue-timeout",
+        "60s",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let mut old_args = args.to_vec();
+    old_args.extend(["--upgrade-socket", &path]);
+    // No readiness probe: its connection would be a session of its own.
+    let mut old = Child::quiet().spawn(&old_args);
+    let admin = admin_of(&old);
+    let addr = old.addr();
+    let mut holder = client(addr);
+    exchange(&mut holder, 0, 0);
+    let mut waiting = client(addr);
+    waiting.write_all(&message(1, 0)).unwrap();
+    wait_for_sample(admin, "holdfast_queue_length", 1.0);
+
+    let new = take_over_from(&mut old, &path, &args, 2);
+    let new_admin = admin_of(&new);
+    // Adopted by a worker of the new process just after the handover's last message.
+    wait_for_sample(new_admin, "holdfast_queue_length", 1.0);
+    // Still waiting: the slot is the holder's, in the new process too.
+    waiting.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let early = waiting.peek(&mut byte);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the queued client got {early:?} while the slot was held"
+    );
+    waiting.set_nonblocking(false).unwrap();
+    exchange(&mut holder, 0, 1);
+
+    drop(holder);
+    let sent = message(1, 0);
+    let mut got = vec![0u8; sent.len()];
+    waiting.read_exact(&mut got).unwrap();
+    assert!(got == sent, "the queued client's bytes came back altered");
+    exchange(&mut waiting, 1, 1);
+    assert_eq!(sample(new_admin, "holdfast_queue_length"), Some(0.0));
+
+    // The new process counts the take-over that started it and the sessions it received.
+    assert_eq!(
+        sample(new_admin, "holdfast_upgrades_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(new_admin, "holdfast_upgrades_total{result=\"failed\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(new_admin, "holdfast_sessions_handed_over_total"),
+        Some(2.0)
+    );
+    let pause = sample(new_admin, "holdfast_upgrade_pause_seconds_max").unwrap_or(0.0);
+    assert!(pause > 0.0 && pause < 30.0, "pause {pause}");
+    let started = sample(new_admin, "holdfast_start_time_seconds").unwrap_or(0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started > now - 600.0 && started <= now,
+        "start {started}, now {now}"
+    );
+    let version = format!(
+        "holdfast_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(new_admin, &version), Some(1.0));
+}
+
+/// A new process that hangs up in the middle of the handover fails the upgrade: the old
+/// process keeps serving, and counts it under `holdfast_upgrades_total{result="failed"}`.
+#[test]
+fn a_failed_upgrade_is_counted_by_the_old_process() {
+    let backend = EchoBackend::start();
+    let socket = TempFile::new("upgrade-sock", "");
+    let backend_arg = backend.addr().to_string();
+    let old = Child::quiet().spawn(&[
+        "--backend",
+        &backend_arg,
+        "--admin",
+        "127.0.0.1:0",
+        "--upgrade-socket",
+        socket.path().to_str().unwrap(),
+    ]);
+    let admin = admin_of(&old);
+    let mut cl = client(old.addr());
+    exchange(&mut cl, 0, 0);
+    // A stand-in new process: reads the hello, then hangs up without an answer.
+    let mut stand_in = std::os::unix::net::UnixStream::connect(socket.path()).unwrap();
+    stand_in.set_read_timeout(Some(WAIT)).unwrap();
+    let mut hello = [0u8; 9];
+    stand_in.read_exact(&mut hello).unwrap();
+    drop(stand_in);
+    wait_for_sample(admin, "holdfast_upgrades_total{result=\"failed\"}", 1.0);
+    assert_eq!(
+        sample(admin, "holdfast_upgrades_total{result=\"ok\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(admin, "holdfast_sessions_handed_over_total"),
+        Some(0.0)
+    );
+    exchange(&mut cl, 0, 1);
+}
+
+/// A client whose backend connect is under way (the backend's accept queue is full, so the
+/// SYN goes unanswered) when a new process takes over moves with both sockets: the old
+/// process exits at once, and once the backend has room the connect completes in the new
+/// process, which relays the bytes the client sent before the upgrade.
+#[test]
+fn a_connecting_session_completes_in_the_new_process() {
+    let (listener, fillers, backend_addr) = hung_listener(localhost0());
+    let socket = TempFile::new("upgrade-sock", "");
+    let path = socket.path().to_str().unwrap().to_owned();
+    let backend_arg = backend_addr.to_string();
+    let args = [
+        "--backend",
+        &backend_arg,
+        "--workers",
+        "2",
+        "--connect-timeout",
+        "60s",
+        "--health-check",
+        "none",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let mut old_args = args.to_vec();
+    old_args.extend(["--upgrade-socket", &path]);
+    // No readiness probe: its connection would be a session of its own.
+    let mut old = Child::quiet().spawn(&old_args);
+    let admin = admin_of(&old);
+    let mut cl = client(old.addr());
+    cl.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    cl.write_all(b"sent while connecting").unwrap();
+    let active = format!("holdfast_backend_sessions_active{{backend=\"{backend_addr}\"}}");
+    wait_for_sample(admin, &active, 1.0);
+
+    let new = take_over_from(&mut old, &path, &args, 1);
+    wait_for_sample(admin_of(&new), &active, 1.0);
+    // Room in the backend's queue: the retransmitted SYN is answered, and served (the
+    // fillers' connections too, echoed to nobody).
+    std::thread::spawn(move || {
+        let _fillers = fillers;
+        while let Ok((conn, _)) = listener.accept() {
+            let mut conn: TcpStream = conn.into();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut got = [0u8; 21];
+    cl.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"sent while connecting");
+    exchange(&mut cl, 2, 0);
+}
+
+/// The backends' running state moves with the sessions: a backend drained through the old
+/// process's admin API is still drained in the new one (no new client reaches it), one that
+/// probes marked down there is down in the new one right after the take-over (whose own
+/// first probe of it is twenty seconds away), and a weight set at run time is kept.
+#[test]
+fn backend_state_survives_the_upgrade() {
+    let drained = TaggedBackend::start("drained");
+    let serving = TaggedBackend::start("serving");
+    let down = closed_port();
+    let socket = TempFile::new("upgrade-sock", "");
+    let path = socket.path().to_str().unwrap().to_owned();
+    let (d, s, x) = (
+        drained.addr().to_string(),
+        serving.addr().to_string(),
+        down.addr().to_string(),
+    );
+    let backends = ["--backend", &d, "--backend", &x, "--backend", &s];
+    let mut old_args = backends.to_vec();
+    old_args.extend([
+        "--health-interval",
+        "50ms",
+        "--fall",
+        "1",
+        "--admin",
+        "127.0.0.1:0",
+        "--upgrade-socket",
+        &path,
+    ]);
+    let mut old = Child::quiet().spawn(&old_args);
+    let admin = admin_of(&old);
+    let (code, body) = admin_request(admin, "POST", &format!("/backends/{d}/drain"));
+    assert_eq!(code, 200, "{body}");
+    let mut s_weight = TcpStream::connect_timeout(&admin, IO_TIMEOUT).unwrap();
+    set_timeouts(&s_weight);
+    s_weight
+        .write_all(
+            format!(
+                "POST /backends/{s}/weight HTTP/1.1\r\nHost: admin\r\nContent-Length: 1\r\n\
+                 Connection: close\r\n\r\n7"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let mut answer = String::new();
+    s_weight.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let state = |addr: &str, state: &str| {
+        format!("holdfast_backend_state{{backend=\"{addr}\",state=\"{state}\"}}")
+    };
+    wait_for_sample(admin, &state(&x, "down"), 1.0);
+    wait_for_sample(admin, &state(&d, "drain"), 1.0);
+
+    let mut new_args = backends.to_vec();
+    new_args.extend(["--health-interval", "60s", "--admin", "127.0.0.1:0"]);
+    let new = take_over_from(&mut old, &path, &new_args, 0);
+    let new_admin = admin_of(&new);
+    assert_eq!(sample(new_admin, &state(&x, "down")), Some(1.0));
+    assert_eq!(sample(new_admin, &state(&d, "drain")), Some(1.0));
+    assert_eq!(
+        sample(
+            new_admin,
+            &format!("holdfast_backend_weight{{backend=\"{s}\"}}")
+        ),
+        Some(7.0)
+    );
+    let tags = tags_of_new_clients(old.addr(), 6);
+    assert_eq!(count_tag(&tags, "serving"), 6, "{tags:?}");
+}
+
+/// A connect handed over and then refused (the backend went away meanwhile) is retried by
+/// the new process on another backend of its own configuration, and the client is served
+/// there with the bytes it sent before the upgrade.
+#[test]
+fn a_connecting_session_retries_on_another_backend_in_the_new_process() {
+    let (listener, fillers, hung) = hung_listener(localhost0());
+    let backend = EchoBackend::start();
+    let socket = TempFile::new("upgrade-sock", "");
+    let path = socket.path().to_str().unwrap().to_owned();
+    let (hung_arg, echo_arg) = (hung.to_string(), backend.addr().to_string());
+    let common = [
+        "--workers",
+        "2",
+        "--connect-timeout",
+        "60s",
+        "--health-check",
+        "none",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let mut old_args = vec!["--backend", &hung_arg];
+    old_args.extend(common);
+    old_args.extend(["--upgrade-socket", &path]);
+    let mut old = Child::quiet().spawn(&old_args);
+    let admin = admin_of(&old);
+    let mut cl = client(old.addr());
+    cl.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    cl.write_all(b"sent while connecting").unwrap();
+    let active = format!("holdfast_backend_sessions_active{{backend=\"{hung}\"}}");
+    wait_for_sample(admin, &active, 1.0);
+
+    let mut new_args = vec!["--backend", &hung_arg, "--backend", &echo_arg];
+    new_args.extend(common);
+    let new = take_over_from(&mut old, &path, &new_args, 1);
+    let new_admin = admin_of(&new);
+    wait_for_sample(new_admin, &active, 1.0);
+    // The backend goes away: its next SYN is refused.
+    drop((listener, fillers));
+    let mut got = [0u8; 21];
+    cl.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"sent while connecting");
+    exchange(&mut cl, 3, 0);
+    assert_eq!(
+        sample(new_admin, "holdfast_connect_failures_total"),
+        Some(1.0)
+    );
+}
