@@ -3,12 +3,17 @@
 //! when a backend leaves.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use holdfast::balance::large::{DeadlineRoundRobin, LeastConnHeap};
 use holdfast::balance::maglev::DEFAULT_TABLE_SIZE;
 use holdfast::balance::{Load, Maglev, SmoothRoundRobin, least_conn};
+use std::cell::Cell;
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Instant;
 
 const SIZES: [usize; 2] = [10, 1000];
+/// Pool sizes for the linear scans against the heaps of `balance::large` (used past 64).
+const LARGE: [usize; 3] = [100, 1000, 10_000];
 
 fn pool(n: usize) -> Vec<(SocketAddr, u32)> {
     (0..n)
@@ -42,6 +47,72 @@ fn bench_least_conn(c: &mut Criterion) {
                 start = start.wrapping_add(1);
                 least_conn(loads.len(), black_box(start), |i| Some(loads[i]))
             });
+        });
+    }
+    g.finish();
+}
+
+/// Linear scan against heap, in a steady state: each pick takes a slot on the chosen backend
+/// and a session ends somewhere else, as on a busy balancer (the heap sees an ended session
+/// only at its next rebuild, at most every 50 ms, which this includes).
+fn bench_least_conn_large(c: &mut Criterion) {
+    let mut g = c.benchmark_group("least_conn_pick_large");
+    for &n in &LARGE {
+        let loads: Vec<Cell<Load>> = (0..n)
+            .map(|i| {
+                Cell::new(Load {
+                    active: 50 + (i as u64 * 7919) % 97,
+                    weight: 1 + (i % 3) as u32,
+                })
+            })
+            .collect();
+        let churn = |picked: usize, step: &mut u64| {
+            let l = &loads[picked];
+            l.set(Load {
+                active: l.get().active + 1,
+                ..l.get()
+            });
+            *step = step.wrapping_add(STEP);
+            let end = &loads[(*step % n as u64) as usize];
+            let e = end.get();
+            end.set(Load {
+                active: e.active.saturating_sub(1),
+                ..e
+            });
+        };
+        g.bench_function(BenchmarkId::new("scan", n), |b| {
+            let (mut start, mut step) = (0usize, 0u64);
+            b.iter(|| {
+                start = start.wrapping_add(1);
+                let i = least_conn(n, black_box(start), |i| Some(loads[i].get())).unwrap_or(0);
+                churn(i, &mut step);
+            });
+        });
+        g.bench_function(BenchmarkId::new("heap", n), |b| {
+            let mut heap = LeastConnHeap::new(1);
+            let mut step = 0u64;
+            b.iter(|| {
+                let i = heap
+                    .pick(n, 1, Instant::now(), |i| loads[i].get(), |_| true)
+                    .unwrap_or(0);
+                churn(black_box(i), &mut step);
+            });
+        });
+    }
+    g.finish();
+}
+
+fn bench_round_robin_large(c: &mut Criterion) {
+    let mut g = c.benchmark_group("round_robin_pick_large");
+    for &n in &LARGE {
+        let weights: Vec<u32> = (0..n).map(|i| 1 + (i % 3) as u32).collect();
+        g.bench_function(BenchmarkId::new("smooth", n), |b| {
+            let mut rr = SmoothRoundRobin::new(n);
+            b.iter(|| rr.pick(n, |i| Some(black_box(weights[i]))));
+        });
+        g.bench_function(BenchmarkId::new("deadline", n), |b| {
+            let mut rr = DeadlineRoundRobin::default();
+            b.iter(|| rr.pick(n, 1, |i| black_box(weights[i]), |_| true));
         });
     }
     g.finish();
@@ -141,6 +212,8 @@ criterion_group!(
     bench_least_conn,
     bench_maglev_pick,
     bench_round_robin,
+    bench_least_conn_large,
+    bench_round_robin_large,
     bench_maglev_build
 );
 criterion_main!(benches);

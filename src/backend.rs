@@ -320,9 +320,20 @@ pub struct BackendSet {
     /// clients come back. Shared with the previous set when only states or slow-start weights
     /// changed, since the table depends on addresses and configured weights alone.
     maglev: Option<Arc<Maglev>>,
+    /// Different for every set made in this process: how a picker that keeps state about a
+    /// set (the heaps of `balance::large`) knows it has a new one.
+    generation: u64,
 }
 
+/// The next [`BackendSet::generation`].
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl BackendSet {
+    /// Names this set among all sets made in this process (see the field).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Whether `other` lists the same backends (by address) in the same places, so that an
     /// index into one names the same backend in the other.
     pub fn same_places(&self, other: &BackendSet) -> bool {
@@ -360,7 +371,11 @@ impl BackendSet {
                 }
             }
         });
-        BackendSet { backends, maglev }
+        BackendSet {
+            backends,
+            maglev,
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// A set of `specs`, all up at full weight, with fresh counters except for backends

@@ -35,6 +35,7 @@
 //! input can make them divide by zero or favour a weightless backend.
 
 pub mod hash;
+pub mod large;
 pub mod least_conn;
 pub mod maglev;
 mod picker;

@@ -4,11 +4,17 @@
 //! (so it balances across every worker) and starts its scan at a random index drawn from
 //! the picker's own xorshift state, so ties do not send every worker to the same backend;
 //! source-hash looks the client IP up in the set's Maglev table; round-robin keeps its
-//! rotation here, per worker. No I/O, no allocation per pick.
+//! rotation here, per worker. Past `balance::large::LINEAR_MAX` backends, least-conn and
+//! round-robin keep a heap per worker instead of scanning every backend (O(log n) a pick;
+//! the heap is rebuilt, an allocation, when the set changes and, for least-conn, at most
+//! every 50 ms). No I/O; no allocation on other picks.
 
 use std::net::IpAddr;
 
+use std::time::Instant;
+
 use crate::backend::BackendSet;
+use crate::balance::large::{DeadlineRoundRobin, LINEAR_MAX, LeastConnHeap};
 use crate::balance::{Load, SmoothRoundRobin, least_conn};
 use crate::config::Algorithm;
 
@@ -17,6 +23,9 @@ use crate::config::Algorithm;
 pub struct Picker {
     algorithm: Algorithm,
     round_robin: SmoothRoundRobin,
+    /// Past [`LINEAR_MAX`] backends: O(log n) picks instead of a scan (`balance::large`).
+    least_conn_heap: LeastConnHeap,
+    deadline_round_robin: DeadlineRoundRobin,
     /// xorshift state: a random start for least-conn's scan, so ties do not send every worker
     /// to the same backend.
     rng: u64,
@@ -29,6 +38,8 @@ impl Picker {
         Picker {
             algorithm,
             round_robin: SmoothRoundRobin::default(),
+            least_conn_heap: LeastConnHeap::new(seed),
+            deadline_round_robin: DeadlineRoundRobin::default(),
             rng: seed | 1,
         }
     }
@@ -36,6 +47,7 @@ impl Picker {
     /// Starts the round-robin rotation afresh (the set moved backends to other places).
     pub fn reset(&mut self) {
         self.round_robin = SmoothRoundRobin::default();
+        self.deadline_round_robin.reset();
     }
 
     fn next_random(&mut self) -> u64 {
@@ -54,15 +66,24 @@ impl Picker {
     ) -> Option<usize> {
         let usable = |i: usize| set.is_eligible(i) && !skip(i);
         let n = set.len();
+        let load = |i: usize| Load {
+            active: set.backends[i].stats.active(),
+            weight: set.backends[i].effective_weight,
+        };
         match self.algorithm {
+            Algorithm::LeastConn if n > LINEAR_MAX => {
+                self.least_conn_heap
+                    .pick(n, set.generation(), Instant::now(), load, usable)
+            }
+            Algorithm::RoundRobin if n > LINEAR_MAX => self.deadline_round_robin.pick(
+                n,
+                set.generation(),
+                |i| set.backends[i].effective_weight,
+                usable,
+            ),
             Algorithm::LeastConn => {
                 let start = self.next_random() as usize;
-                least_conn(n, start, |i| {
-                    usable(i).then(|| Load {
-                        active: set.backends[i].stats.active(),
-                        weight: set.backends[i].effective_weight,
-                    })
-                })
+                least_conn(n, start, |i| usable(i).then(|| load(i)))
             }
             // Slow start does not apply: moving sticky clients around would defeat the point.
             Algorithm::SourceHash => set.pick_by_source(ip, skip),
@@ -79,7 +100,11 @@ mod tests {
     use crate::config::BackendSpec;
 
     fn set(algorithm: Algorithm) -> BackendSet {
-        let specs: Vec<BackendSpec> = (1..=3)
+        set_of(3, algorithm)
+    }
+
+    fn set_of(n: u16, algorithm: Algorithm) -> BackendSet {
+        let specs: Vec<BackendSpec> = (1..=n)
             .map(|port| BackendSpec::new(([127, 0, 0, 1], port).into()))
             .collect();
         BackendSet::build(&specs, None, algorithm)
@@ -126,5 +151,47 @@ mod tests {
         picker.pick(&set, ip, |_| false);
         picker.reset();
         assert_eq!(picker.pick(&set, ip, |_| false), Some(0));
+    }
+
+    /// Past LINEAR_MAX backends the heaps pick: least-conn still finds the least loaded
+    /// (and counts the slots taken), round-robin still gives every backend its turn.
+    #[test]
+    fn large_sets_pick_as_small_ones_do() {
+        let n = 3 * super::LINEAR_MAX as u16;
+        let ip = [10, 0, 0, 1].into();
+        let set = set_of(n, Algorithm::LeastConn);
+        for b in &set.backends {
+            assert!(b.stats.try_acquire(0));
+        }
+        let mut picker = Picker::new(Algorithm::LeastConn, 0);
+        // Every backend holds one session; 17 and 99 hold none once theirs end.
+        set.backends[17].stats.release();
+        set.backends[99].stats.release();
+        let fresh = BackendSet::build(
+            &set.backends
+                .iter()
+                .map(|b| b.spec.clone())
+                .collect::<Vec<_>>(),
+            Some(&set),
+            Algorithm::LeastConn,
+        );
+        let mut first = Vec::new();
+        for _ in 0..2 {
+            let i = picker.pick(&fresh, ip, |_| false).expect("a pick");
+            assert!(fresh.backends[i].stats.try_acquire(0));
+            first.push(i);
+        }
+        first.sort_unstable();
+        assert_eq!(first, [17, 99]);
+        assert_eq!(picker.pick(&fresh, ip, |i| i != 5), Some(5));
+
+        let set = set_of(n, Algorithm::RoundRobin);
+        let mut picker = Picker::new(Algorithm::RoundRobin, 0);
+        let mut seen = vec![0u32; usize::from(n)];
+        for _ in 0..2 * n {
+            seen[picker.pick(&set, ip, |_| false).expect("a pick")] += 1;
+        }
+        assert!(seen.iter().all(|&c| c == 2), "{seen:?}");
+        assert_eq!(picker.pick(&set, ip, |_| true), None);
     }
 }
