@@ -209,6 +209,16 @@ fn locate(message: &str, entries: &[&Entry], header: usize) -> String {
             })
         })
         .next();
+    // No flag named: the entry a value of which the message quotes (a backend listed twice).
+    let named = named.or_else(|| {
+        entries.iter().rev().find(|e| match &e.value {
+            EntryValue::Values(values) => values.iter().any(|v| {
+                let value = v.split([',', ' ']).next().unwrap_or_default();
+                !value.is_empty() && message.contains(value)
+            }),
+            EntryValue::Switch(_) => false,
+        })
+    });
     // A file has keys, not flags: say the key.
     match named {
         Some(e) => format!("line {}: {}: {message}", e.line, e.key),
@@ -294,7 +304,7 @@ log_sessions = true
             ("take_over = \"/x\"\n", "line 5: take_over: unknown key"),
             (
                 "backends = [\"127.0.0.1:8080\"]\n",
-                "backend 127.0.0.1:8080 is listed twice",
+                "line 5: backends: backend 127.0.0.1:8080 is listed twice",
             ),
             (
                 "health = { interval = \"0s\" }\n",
