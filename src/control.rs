@@ -40,16 +40,30 @@ fn answer<T>(rx: &Receiver<T>, timeout: Duration) -> Result<T, ControlError> {
     })
 }
 
+/// One service's part of the control plane: its health thread, the set it last published,
+/// its settings and its backend sources.
+pub(crate) struct ServiceControl {
+    pub(crate) name: String,
+    pub(crate) published: Published,
+    pub(crate) health: HealthLink,
+    pub(crate) listen_addrs: Vec<SocketAddr>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) sources: Mutex<Sources>,
+}
+
 /// A handle on a running balancer's control plane. Clone it freely.
+///
+/// A balancer runs one or more services ([`Holdfast::start_services`](crate::Holdfast::start_services));
+/// the handle's per-service calls (backends, reloads, listen addresses, rebalancing) act on
+/// one of them, the first unless the handle came from [`Controller::service`]. Counters,
+/// drains and shutdown are the process's.
 #[derive(Clone)]
 pub struct Controller {
     counters: Arc<Counters>,
-    published: Published,
-    health: HealthLink,
+    services: Arc<[ServiceControl]>,
+    /// The service this handle's per-service calls act on.
+    service: usize,
     workers: Arc<[WorkerLink]>,
-    listen_addrs: Arc<[SocketAddr]>,
-    config: Arc<Config>,
-    sources: Arc<Mutex<Sources>>,
     /// Set by the first [`Controller::drain`] or [`Controller::shutdown`]; never cleared.
     draining: Arc<AtomicBool>,
 }
@@ -58,23 +72,55 @@ impl Controller {
     /// A handle on threads that [`Holdfast::start`](crate::Holdfast::start) has started.
     pub(crate) fn new(
         counters: Arc<Counters>,
-        published: Published,
-        health: HealthLink,
+        services: Vec<ServiceControl>,
         workers: Vec<WorkerLink>,
-        listen_addrs: Vec<SocketAddr>,
-        config: Arc<Config>,
-        sources: Sources,
     ) -> Controller {
         Controller {
             counters,
-            published,
-            health,
+            services: services.into(),
+            service: 0,
             workers: workers.into(),
-            listen_addrs: listen_addrs.into(),
-            config,
-            sources: Arc::new(Mutex::new(sources)),
             draining: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    fn this(&self) -> &ServiceControl {
+        &self.services[self.service]
+    }
+
+    /// The services' names, in the order they were started.
+    pub fn service_names(&self) -> Vec<String> {
+        self.services.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// The name of the service this handle's per-service calls act on.
+    pub fn service_name(&self) -> &str {
+        &self.this().name
+    }
+
+    /// A handle whose per-service calls act on the service named `name` (`None`: no such
+    /// service).
+    pub fn service(&self, name: &str) -> Option<Controller> {
+        let service = self.services.iter().position(|s| s.name == name)?;
+        Some(Controller {
+            service,
+            ..self.clone()
+        })
+    }
+
+    /// One handle per service, in the order they were started.
+    pub fn services(&self) -> Vec<Controller> {
+        (0..self.services.len())
+            .map(|service| Controller {
+                service,
+                ..self.clone()
+            })
+            .collect()
+    }
+
+    /// The settings of this handle's service.
+    pub fn config(&self) -> &Config {
+        &self.this().config
     }
 
     /// The workers' links, for the live upgrade's batches (`upgrade/local.rs`).
@@ -96,6 +142,7 @@ impl Controller {
     pub(crate) fn current_backends(&self) -> Arc<BackendSet> {
         Arc::clone(
             &self
+                .this()
                 .published
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
@@ -104,7 +151,7 @@ impl Controller {
 
     /// The addresses the balancer accepts on.
     pub fn listen_addrs(&self) -> &[SocketAddr] {
-        &self.listen_addrs
+        &self.this().listen_addrs
     }
 
     /// Replaces the backend list. Backends that stay keep their state and counters; new ones
@@ -119,15 +166,16 @@ impl Controller {
     /// bounded (5 s, plus 100 µs per backend in the list): then [`ControlError::Timeout`],
     /// and the list is still applied.
     pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ControlError> {
-        let mut check = Config::new(self.listen_addrs.to_vec(), specs);
+        let mut check = Config::new(self.this().listen_addrs.clone(), specs);
         check.workers = 1;
-        check.algorithm = self.config.algorithm;
+        check.algorithm = self.this().config.algorithm;
         check.validate()?;
         let size = u32::try_from(check.backends.len()).unwrap_or(u32::MAX);
         let timeout =
             ANSWER_TIMEOUT.saturating_add(ANSWER_TIMEOUT_PER_BACKEND.saturating_mul(size));
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        self.health
+        self.this()
+            .health
             .send(Command::SetBackends(check.backends, done_tx));
         answer(&done_rx, timeout)
     }
@@ -137,7 +185,11 @@ impl Controller {
     /// the error ([`ControlError::Source`] or [`ControlError::Invalid`]) names the file and
     /// line. Without a backends file: [`SourceError::NoFile`](crate::SourceError::NoFile).
     pub fn reload(&self) -> Result<(), ControlError> {
-        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sources = self
+            .this()
+            .sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let previous = sources.file_specs.clone();
         sources.reload_file()?;
         let result = self.set_backends(sources.backends());
@@ -153,7 +205,7 @@ impl Controller {
     /// The settings in which `config` differs from the running one, besides backends (see
     /// [`Config::differences`]).
     pub fn config_differences(&self, config: &Config) -> Vec<&'static str> {
-        self.config.differences(config)
+        self.this().config.differences(config)
     }
 
     /// A configuration file's reload: `fixed` replaces the backends the configuration lists
@@ -161,7 +213,11 @@ impl Controller {
     /// backends file is re-read if there is one, and the union is applied as
     /// [`Controller::set_backends`] applies a list. Anything refused changes nothing.
     pub fn reload_with(&self, fixed: Vec<BackendSpec>) -> Result<(), ControlError> {
-        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sources = self
+            .this()
+            .sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let previous = (sources.fixed.clone(), sources.file_specs.clone());
         if sources.file.is_some() {
             sources.reload_file()?;
@@ -178,7 +234,11 @@ impl Controller {
     /// resolve keep their last answer; their errors ([`ControlError::Source`]) are returned,
     /// with the error of applying the new list, if any.
     pub fn refresh_dns(&self) -> Vec<ControlError> {
-        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sources = self
+            .this()
+            .sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let previous = sources.dns_specs.clone();
         let (changed, errors) = sources.refresh_dns();
         let mut errors: Vec<ControlError> = errors.into_iter().map(ControlError::from).collect();
@@ -206,7 +266,9 @@ impl Controller {
             return Err(ControlError::BadWeight(w));
         }
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        self.health.send(Command::Backend(addr, change, done_tx));
+        self.this()
+            .health
+            .send(Command::Backend(addr, change, done_tx));
         answer(&done_rx, ANSWER_TIMEOUT)?
     }
 
@@ -224,9 +286,13 @@ impl Controller {
     /// The listed backends' running state (live upgrade: the old process sends it to the
     /// new one). Empty if the health thread does not answer in time.
     pub(crate) fn backend_snapshot(&self) -> Vec<crate::upgrade::wire::BackendInfo> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.health.send(Command::Snapshot(tx));
-        rx.recv_timeout(ANSWER_TIMEOUT).unwrap_or_default()
+        let mut all = Vec::new();
+        for service in self.services.iter() {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            service.health.send(Command::Snapshot(tx));
+            all.extend(rx.recv_timeout(ANSWER_TIMEOUT).unwrap_or_default());
+        }
+        all
     }
 
     /// Graceful shutdown: stop accepting at once (listeners close, so new connections go to
@@ -235,8 +301,8 @@ impl Controller {
     /// Returns at once.
     pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        let timeout = self.config.drain_timeout;
-        let spread = self.config.close_spread;
+        let timeout = self.services[0].config.drain_timeout;
+        let spread = self.services[0].config.close_spread;
         for w in self.workers.iter() {
             w.send(Control::Drain { timeout, spread });
         }
@@ -249,15 +315,13 @@ impl Controller {
     pub fn rebalance(&self, window: Duration) {
         let start = RebalanceStart::new(window);
         // Begun here too, so that a status asked for at once shows it.
-        let by_source = self.config.algorithm == crate::config::Algorithm::SourceHash;
-        self.counters.rebalance.begin(
-            start.generation,
-            start.deadline,
-            by_source,
-            self.config.workers,
-        );
+        let config = &self.this().config;
+        let by_source = config.algorithm == crate::config::Algorithm::SourceHash;
+        self.counters
+            .rebalance
+            .begin(start.generation, start.deadline, by_source, config.workers);
         for w in self.workers.iter() {
-            w.send(Control::Rebalance(start));
+            w.send(Control::Rebalance(self.service, start));
         }
     }
 
@@ -269,7 +333,9 @@ impl Controller {
     /// Immediate shutdown: listeners and every session are closed now. Returns at once.
     pub fn shutdown(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        self.health.send(Command::Shutdown);
+        for service in self.services.iter() {
+            service.health.send(Command::Shutdown);
+        }
         for w in self.workers.iter() {
             w.send(Control::Shutdown);
         }
@@ -284,12 +350,15 @@ impl Controller {
     /// How long a drain may take at most before every session is closed (and its sockets'
     /// FIN taken or given up on).
     pub fn drain_budget(&self) -> Duration {
-        self.config.drain_timeout + self.config.close_spread + crate::session::LINGER_TIMEOUT
+        let config = &self.services[0].config;
+        config.drain_timeout + config.close_spread + crate::session::LINGER_TIMEOUT
     }
 
-    /// Stops the health thread (once the workers have exited).
+    /// Stops the health threads (once the workers have exited).
     pub(crate) fn stop_health(&self) {
-        self.health.send(Command::Shutdown);
+        for service in self.services.iter() {
+            service.health.send(Command::Shutdown);
+        }
     }
 }
 

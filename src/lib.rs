@@ -132,16 +132,92 @@ fn load_sources(config: &mut Config) -> Result<Sources, StartError> {
     Ok(sources)
 }
 
+/// One service of a balancer started with [`Holdfast::start_services`]: its name (unique
+/// within the balancer; `default` for [`Holdfast::start`]'s) and its settings (listen
+/// addresses, backends, algorithm, health checks, limits, timeouts, client-IP settings).
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub name: String,
+    pub config: Config,
+}
+
+impl Service {
+    pub fn new(name: impl Into<String>, config: Config) -> Service {
+        Service {
+            name: name.into(),
+            config,
+        }
+    }
+}
+
 /// A running balancer. It derefs to its [`Controller`], so `lb.stats()`, `lb.drain()` and
 /// the rest are the controller's; what is its own is starting, the admin address, and
 /// waiting for the threads. Dropping it shuts the balancer down and waits for the threads.
 pub struct Holdfast {
     control: Controller,
     workers: Vec<JoinHandle<()>>,
-    health: Option<JoinHandle<()>>,
+    /// One health thread per service.
+    health: Vec<JoinHandle<()>>,
     admin: Option<AdminServer>,
-    /// The DNS refresh thread and the sender whose drop stops it.
-    dns: Option<(Sender<()>, JoinHandle<()>)>,
+    /// The DNS refresh threads (one per service with names) and the senders whose drop
+    /// stops them.
+    dns: Vec<(Sender<()>, JoinHandle<()>)>,
+}
+
+/// A service validated and its sources read, before anything is bound.
+struct Prepared {
+    name: String,
+    config: Arc<Config>,
+    sources: Sources,
+}
+
+/// Whether an inherited listener on `at` serves the listen address `requested` (as
+/// `listener::bind_or_inherit` matches them).
+fn serves(requested: SocketAddr, at: SocketAddr) -> bool {
+    at == requested || (requested.port() == 0 && at.ip() == requested.ip())
+}
+
+/// Validates every service (names unique, listen addresses distinct across services),
+/// reads their sources; the process-wide settings are the first's.
+fn prepare(services: Vec<Service>) -> Result<Vec<Prepared>, StartError> {
+    let Some(workers) = services.first().map(|s| s.config.workers) else {
+        return Err(ConfigError::Invalid("no services".into()).into());
+    };
+    let mut prepared: Vec<Prepared> = Vec::with_capacity(services.len());
+    for Service { name, mut config } in services {
+        if name.is_empty() {
+            return Err(ConfigError::Invalid("a service needs a name".into()).into());
+        }
+        if prepared.iter().any(|p| p.name == name) {
+            return Err(ConfigError::Invalid(format!("two services are named '{name}'")).into());
+        }
+        for other in &prepared {
+            if let Some(addr) = config
+                .listen
+                .iter()
+                .find(|a| a.port() != 0 && other.config.listen.contains(a))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "services '{}' and '{name}' both listen on {addr}",
+                    other.name
+                ))
+                .into());
+            }
+        }
+        config.workers = workers;
+        let sources = load_sources(&mut config).map_err(|e| match e {
+            StartError::Config(e) if !prepared.is_empty() => {
+                StartError::Config(ConfigError::Invalid(format!("service '{name}': {e}")))
+            }
+            e => e,
+        })?;
+        prepared.push(Prepared {
+            name,
+            config: Arc::new(config),
+            sources,
+        });
+    }
+    Ok(prepared)
 }
 
 impl Holdfast {
@@ -149,9 +225,20 @@ impl Holdfast {
     /// every listener (one SO_REUSEPORT socket per worker and listen address), and starts the
     /// health thread, the workers and, if configured, the DNS and admin threads. On error
     /// nothing is left running: a listener that cannot be bound fails the start before any
-    /// thread does.
+    /// thread does. The one service is named `default`.
     pub fn start(config: Config) -> Result<Holdfast, StartError> {
         Holdfast::start_inheriting(config, Vec::new())
+    }
+
+    /// As [`Holdfast::start`], for several services in one process: each has its own
+    /// listeners, backend set, algorithm, health thread and state, limits, timeouts and
+    /// client-IP settings; the workers (one event loop per core) serve every service, so
+    /// more services add no worker threads. The process-wide settings are the first
+    /// service's: `workers`, `admin`, `max_conns`, the drain and the upgrade settings (the
+    /// others' are ignored). Names must be unique and listen addresses distinct across
+    /// services ([`StartError::Config`] otherwise).
+    pub fn start_services(services: Vec<Service>) -> Result<Holdfast, StartError> {
+        Holdfast::start_services_inheriting(services, Vec::new())
     }
 
     /// As [`Holdfast::start`], serving on the sockets systemd passed (from
@@ -163,18 +250,46 @@ impl Holdfast {
         config: Config,
         passed: Vec<ActivatedListener>,
     ) -> Result<Holdfast, StartError> {
-        config.validate()?;
-        let inherited = activation::assign(&config, passed)?;
-        Holdfast::start_inheriting(config, inherited)
+        Holdfast::start_services_activated(vec![Service::new("default", config)], passed)
+    }
+
+    /// [`Holdfast::start_activated`] for several services ([`Holdfast::start_services`]):
+    /// each passed socket serves the service that lists its address.
+    pub fn start_services_activated(
+        services: Vec<Service>,
+        passed: Vec<ActivatedListener>,
+    ) -> Result<Holdfast, StartError> {
+        let Some(first) = services.first() else {
+            return Err(ConfigError::Invalid("no services".into()).into());
+        };
+        let mut all = first.config.clone();
+        all.listen = services
+            .iter()
+            .flat_map(|s| s.config.listen.iter().copied())
+            .collect();
+        for service in &services {
+            service.config.validate()?;
+        }
+        let inherited = activation::assign(&all, passed)?;
+        Holdfast::start_services_inheriting(services, inherited)
     }
 
     /// As [`Holdfast::start`], on `inherited` listeners first (a live upgrade's).
     pub(crate) fn start_inheriting(
-        mut config: Config,
+        config: Config,
         inherited: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
     ) -> Result<Holdfast, StartError> {
-        let sources = load_sources(&mut config)?;
-        let config = Arc::new(config);
+        Holdfast::start_services_inheriting(vec![Service::new("default", config)], inherited)
+    }
+
+    /// As [`Holdfast::start_services`], on `inherited` listeners first (a live upgrade's, or
+    /// socket activation's), each given to the service that lists its address.
+    pub(crate) fn start_services_inheriting(
+        services: Vec<Service>,
+        inherited: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
+    ) -> Result<Holdfast, StartError> {
+        let prepared = prepare(services)?;
+        let first = Arc::clone(&prepared[0].config);
         let counters = Arc::new(Counters::default());
         counters.start_time_ms.store(
             std::time::SystemTime::now()
@@ -182,43 +297,72 @@ impl Holdfast {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             std::sync::atomic::Ordering::Relaxed,
         );
-        let (listen_addrs, mut listeners) = listener::bind_or_inherit(&config, inherited)?;
-        let (mut health, health_link, backends) =
-            Health::new(Arc::clone(&config)).map_err(StartError::Health)?;
-        let initial = Arc::clone(&backends.lock().unwrap_or_else(PoisonError::into_inner));
-        // One per-IP table for all workers: a client's connections land on every worker.
-        let ip_limits = match config.client_ip.limits_on() {
-            true => Some(
-                client_ip::IpLimits::new(config.client_ip.limits)
-                    .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?,
-            ),
-            false => None,
-        };
+        // Every service's listeners are bound before any thread starts.
+        let mut pool: Vec<Option<(SocketAddr, std::os::fd::OwnedFd)>> =
+            inherited.into_iter().map(Some).collect();
+        let mut bound = Vec::with_capacity(prepared.len());
+        for service in &prepared {
+            let mine: Vec<_> = pool
+                .iter_mut()
+                .filter(|slot| {
+                    slot.as_ref().is_some_and(|(at, _)| {
+                        service.config.listen.iter().any(|&l| serves(l, *at))
+                    })
+                })
+                .filter_map(Option::take)
+                .collect();
+            let (addrs, per_worker) = listener::bind_or_inherit(&service.config, mine)?;
+            bound.push((addrs, per_worker.into_iter()));
+        }
+        drop(pool); // inherited listeners no service lists are closed
+        // Each service's health thread and first set, and its per-IP table (one for all
+        // workers: a client's connections land on every worker).
+        let mut healths = Vec::with_capacity(prepared.len());
+        for service in &prepared {
+            let (health, link, published) =
+                Health::new(Arc::clone(&service.config)).map_err(StartError::Health)?;
+            let initial = Arc::clone(&published.lock().unwrap_or_else(PoisonError::into_inner));
+            let ip_limits = match service.config.client_ip.limits_on() {
+                true => Some(
+                    client_ip::IpLimits::new(service.config.client_ip.limits)
+                        .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?,
+                ),
+                false => None,
+            };
+            healths.push((health, link, published, initial, ip_limits));
+        }
+        let health_links: Vec<HealthLink> = healths.iter().map(|h| h.1.clone()).collect();
 
-        let mut workers = Vec::with_capacity(config.workers);
-        let mut for_health = Vec::with_capacity(config.workers);
-        let mut threads = Vec::with_capacity(config.workers + 1);
-        for (id, worker_listeners) in listeners.drain(..).enumerate() {
-            let made = Worker::new(
-                id,
-                Arc::clone(&config),
-                worker_listeners,
-                Arc::clone(&initial),
-                Arc::clone(&counters),
-                health_link.clone(),
-                ip_limits.clone(),
-            );
+        let mut workers = Vec::with_capacity(first.workers);
+        let mut for_health: Vec<Vec<WorkerLink>> = prepared.iter().map(|_| Vec::new()).collect();
+        let mut threads = Vec::with_capacity(first.workers);
+        for id in 0..first.workers {
+            let inits = prepared
+                .iter()
+                .zip(bound.iter_mut())
+                .zip(&healths)
+                .map(|((service, (_, per_worker)), health)| worker::ServiceInit {
+                    config: Arc::clone(&service.config),
+                    listeners: per_worker.next().unwrap_or_default(),
+                    backends: Arc::clone(&health.3),
+                    health: health.1.clone(),
+                    ip_limits: health.4.clone(),
+                })
+                .collect();
+            let made = Worker::new(id, Arc::clone(&first), inits, Arc::clone(&counters));
             let (worker, control, waker) = match made {
                 Ok(made) => made,
                 Err(e) => {
-                    stop_and_join(&workers, &health_link, threads);
+                    stop_and_join(&workers, &health_links, threads);
                     return Err(StartError::Worker(e));
                 }
             };
-            for_health.push(WorkerLink {
-                tx: control.clone(),
-                waker: Arc::clone(&waker),
-            });
+            for links in &mut for_health {
+                links.push(WorkerLink {
+                    tx: control.clone(),
+                    waker: Arc::clone(&waker),
+                });
+            }
             workers.push(WorkerLink { tx: control, waker });
             let spawned = std::thread::Builder::new()
                 .name(format!("holdfast-worker-{id}"))
@@ -226,55 +370,69 @@ impl Holdfast {
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    stop_and_join(&workers, &health_link, threads);
+                    stop_and_join(&workers, &health_links, threads);
                     return Err(StartError::Worker(e));
                 }
             }
         }
-        health.attach(for_health);
-        let health_thread = match std::thread::Builder::new()
-            .name("holdfast-health".into())
-            .spawn(move || health.run())
+        let mut health_threads = Vec::with_capacity(prepared.len());
+        let mut controls = Vec::with_capacity(prepared.len());
+        for (number, ((service, (addrs, _)), (mut health, link, published, _, _))) in
+            prepared.into_iter().zip(bound).zip(healths).enumerate()
         {
-            Ok(t) => t,
-            Err(e) => {
-                stop_and_join(&workers, &health_link, threads);
-                return Err(StartError::Health(e));
+            health.attach(number, std::mem::take(&mut for_health[number]));
+            match std::thread::Builder::new()
+                .name("holdfast-health".into())
+                .spawn(move || health.run())
+            {
+                Ok(t) => health_threads.push(t),
+                Err(e) => {
+                    stop_and_join(&workers, &health_links, threads);
+                    join_all(health_threads);
+                    return Err(StartError::Health(e));
+                }
             }
-        };
-        log::info!(
-            "holdfast listening on {} with {} worker(s), {} backend(s), algorithm {}, relay {}, \
-             health check {}",
-            listen_addrs
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            config.workers,
-            config.backends.len(),
-            config.algorithm,
-            config.relay,
-            config.health.check,
-        );
+            let config = &service.config;
+            let named = match number {
+                0 if service.name == "default" => String::new(),
+                _ => format!(" (service '{}')", service.name),
+            };
+            log::info!(
+                "holdfast listening on {} with {} worker(s), {} backend(s), algorithm {}, relay \
+                 {}, health check {}{named}",
+                addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                config.workers,
+                config.backends.len(),
+                config.algorithm,
+                config.relay,
+                config.health.check,
+            );
+            controls.push(control::ServiceControl {
+                name: service.name,
+                published,
+                health: link,
+                listen_addrs: addrs,
+                config: service.config,
+                sources: std::sync::Mutex::new(service.sources),
+            });
+        }
         let mut balancer = Holdfast {
-            control: Controller::new(
-                counters,
-                backends,
-                health_link,
-                workers,
-                listen_addrs,
-                Arc::clone(&config),
-                sources,
-            ),
+            control: Controller::new(counters, controls, workers),
             workers: threads,
-            health: Some(health_thread),
+            health: health_threads,
             admin: None,
-            dns: None,
+            dns: Vec::new(),
         };
-        if !config.backend_dns.is_empty() {
-            let control = balancer.control.clone();
+        for control in balancer.control.services() {
+            if control.config().backend_dns.is_empty() {
+                continue;
+            }
             let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-            let interval = config.dns_interval;
+            let interval = control.config().dns_interval;
             let thread = std::thread::Builder::new()
                 .name("holdfast-dns".into())
                 .spawn(move || {
@@ -288,9 +446,9 @@ impl Holdfast {
                     }
                 })
                 .map_err(StartError::Dns)?;
-            balancer.dns = Some((stop, thread));
+            balancer.dns.push((stop, thread));
         }
-        if let Some(addr) = config.admin {
+        if let Some(addr) = first.admin {
             // On failure, dropping `balancer` stops everything started so far.
             let admin = AdminServer::start(addr, balancer.control.clone())
                 .map_err(|source| StartError::Admin { addr, source })?;
@@ -332,12 +490,12 @@ impl Holdfast {
         if let Some(admin) = self.admin.take() {
             admin.stop();
         }
-        if let Some((stop, thread)) = self.dns.take() {
+        for (stop, thread) in std::mem::take(&mut self.dns) {
             drop(stop);
             join_all(vec![thread]);
         }
         self.control.stop_health();
-        join_all(self.health.take().into_iter().collect());
+        join_all(std::mem::take(&mut self.health));
     }
 }
 
@@ -351,15 +509,17 @@ impl Deref for Holdfast {
 
 impl Drop for Holdfast {
     fn drop(&mut self) {
-        if self.health.is_some() {
+        if !self.health.is_empty() {
             self.shutdown();
             self.join_threads();
         }
     }
 }
 
-fn stop_and_join(workers: &[WorkerLink], health: &HealthLink, threads: Vec<JoinHandle<()>>) {
-    health.send(Command::Shutdown);
+fn stop_and_join(workers: &[WorkerLink], health: &[HealthLink], threads: Vec<JoinHandle<()>>) {
+    for link in health {
+        link.send(Command::Shutdown);
+    }
     for w in workers {
         w.send(Control::Shutdown);
     }

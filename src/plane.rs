@@ -93,15 +93,20 @@ pub(crate) enum Command {
 
 /// Messages to a worker.
 pub(crate) enum Control {
-    /// Use this backend set for new connections from now on.
-    Backends(Arc<BackendSet>),
+    /// Use this backend set for new connections of this service (its number) from now on.
+    Backends(usize, Arc<BackendSet>),
     /// Graceful shutdown: close the listeners now, let sessions end on their own for
     /// `timeout`, then close the rest evenly over `spread`, and exit when none is left.
     Drain { timeout: Duration, spread: Duration },
-    /// A drained backend's drain timeout passed: close its sessions evenly over `spread`.
-    CloseBackend { addr: SocketAddr, spread: Duration },
-    /// Start this rebalance, replacing any older one.
-    Rebalance(RebalanceStart),
+    /// A drained backend's drain timeout passed: close its sessions (those of this service)
+    /// evenly over `spread`.
+    CloseBackend {
+        service: usize,
+        addr: SocketAddr,
+        spread: Duration,
+    },
+    /// Start this rebalance of this service, replacing any older one (of any service).
+    Rebalance(usize, RebalanceStart),
     /// Close everything and exit.
     Shutdown,
     /// Live upgrade, old side: freeze connecting and relaying sessions as batch `id`, at

@@ -19,7 +19,7 @@ use std::os::unix::net::UnixStream;
 use super::handover::{Channel, Frozen, Giver, HandoverError, Report, Taken, Taker, give, take};
 use super::wire::{BackendInfo, ListenerInfo, PackedSession};
 use crate::Holdfast;
-use crate::config::Config;
+use crate::Service;
 use crate::control::Controller;
 use crate::error::StartError;
 use crate::plane::Control;
@@ -294,17 +294,18 @@ pub enum TakeOver {
     /// Started on the old process's listeners; how the rest of the handover went (on
     /// failure, what was committed is this process's and the rest stayed with the old one).
     Started(Holdfast, Result<Taken, HandoverError>),
-    /// The handover ended before the listeners came: nothing started; the configuration back.
-    NotStarted(Box<Config>, HandoverError),
+    /// The handover ended before the listeners came: nothing started; the services back.
+    NotStarted(Vec<Service>, HandoverError),
     /// The balancer could not start on the listeners (the old process keeps them).
     Failed(StartError),
 }
 
 /// The new process's whole take over `sock` (connected to the old process's upgrade
-/// socket): the balancer starts on the listeners it receives, then takes the sessions.
-pub fn take_over(sock: UnixStream, config: Config) -> TakeOver {
+/// socket): the balancer starts on the listeners it receives (each given to the service that
+/// lists its address, as [`Holdfast::start_services`] would), then takes the sessions.
+pub fn take_over(sock: UnixStream, services: Vec<Service>) -> TakeOver {
     let mut taker = ProcessTaker {
-        config: Some(config),
+        config: Some(services),
         started: None,
         failed: None,
     };
@@ -317,23 +318,22 @@ pub fn take_over(sock: UnixStream, config: Config) -> TakeOver {
             TakeOver::Started(balancer, outcome)
         }
         (None, Some(e), _) => TakeOver::Failed(e),
-        (None, None, Some(config)) => TakeOver::NotStarted(
-            Box::new(config),
+        (None, None, Some(services)) => TakeOver::NotStarted(
+            services,
             outcome
                 .err()
                 .unwrap_or(HandoverError::Unexpected("no listeners")),
         ),
-        (None, None, None) => TakeOver::NotStarted(
-            Box::new(Config::new(Vec::new(), Vec::new())),
-            HandoverError::Unexpected("no configuration"),
-        ),
+        (None, None, None) => {
+            TakeOver::NotStarted(Vec::new(), HandoverError::Unexpected("no configuration"))
+        }
     }
 }
 
 /// The new process: starts its balancer when the listeners arrive, then hands the batches to
 /// its workers.
 struct ProcessTaker {
-    config: Option<Config>,
+    config: Option<Vec<Service>>,
     started: Option<(Holdfast, LocalTaker)>,
     failed: Option<StartError>,
 }
@@ -343,15 +343,16 @@ impl Taker for ProcessTaker {
         Ok(())
     }
 
-    /// Kept for the first backend set of the balancer, started when the listeners come.
+    /// Kept for the first backend set of the balancer, started when the listeners come
+    /// (each service's health thread takes the state of the backends it lists).
     fn backends(&mut self, backends: Vec<BackendInfo>) {
-        if let Some(config) = &mut self.config {
-            config.inherited_backends = backends;
+        for service in self.config.iter_mut().flatten() {
+            service.config.inherited_backends = backends.clone();
         }
     }
 
     fn listeners(&mut self, infos: Vec<ListenerInfo>, fds: Vec<OwnedFd>) -> Result<(), String> {
-        let Some(config) = self.config.take() else {
+        let Some(services) = self.config.take() else {
             return Err("listeners sent twice".into());
         };
         log::info!(
@@ -359,7 +360,7 @@ impl Taker for ProcessTaker {
             fds.len()
         );
         let inherited = infos.into_iter().map(|i| i.addr).zip(fds).collect();
-        match Holdfast::start_inheriting(config, inherited) {
+        match Holdfast::start_services_inheriting(services, inherited) {
             Ok(balancer) => {
                 let taker = LocalTaker::new(balancer.controller().clone());
                 self.started = Some((balancer, taker));
@@ -407,7 +408,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::config::{BackendSpec, RelayMode};
+    use crate::config::{BackendSpec, Config, RelayMode};
 
     const CLIENTS: usize = 24;
     const WAIT: Duration = Duration::from_secs(30);

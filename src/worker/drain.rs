@@ -75,14 +75,15 @@ impl Worker {
     }
 
     /// A drained backend's drain timeout passed: its sessions here are closed over `spread`.
-    pub(super) fn close_backend(&mut self, addr: SocketAddr, spread: Duration) {
+    pub(super) fn close_backend(&mut self, service: usize, addr: SocketAddr, spread: Duration) {
         let keys: Vec<usize> = self
             .sessions
             .iter()
             .filter(|(_, s)| {
-                s.state
-                    .backend()
-                    .is_some_and(|index| s.set.backends[index].spec.addr == addr)
+                usize::from(s.service) == service
+                    && s.state
+                        .backend()
+                        .is_some_and(|index| s.set.backends[index].spec.addr == addr)
             })
             .map(|(k, _)| k)
             .collect();

@@ -112,9 +112,10 @@ impl Worker {
                 continue;
             };
             let registry = self.poll.registry();
-            let packed = session
-                .deregister(registry)
-                .and_then(|()| session.pack(now, self.rules.connect_timeout));
+            let packed = session.deregister(registry).and_then(|()| {
+                let rules = &self.services[usize::from(session.service)].rules;
+                session.pack(now, rules.connect_timeout)
+            });
             match packed {
                 Ok((packed, fds)) => {
                     frozen.sessions.push(packed);
@@ -137,9 +138,11 @@ impl Worker {
             }
         }
         // Queued ones leave the queue: no scan may place a frozen session.
-        if !keys.is_empty() && !self.queue.is_empty() {
+        if !keys.is_empty() {
             let frozen = &self.batches.frozen_keys;
-            self.queue.retain(|(key, _)| !frozen.contains(key));
+            for served in &mut self.services {
+                served.queue.retain(|(key, _)| !frozen.contains(key));
+            }
         }
         if !keys.is_empty() {
             self.batches.frozen.insert(id, keys);
@@ -162,7 +165,11 @@ impl Worker {
                     hung_up: false,
                     plain_writable: false,
                 };
-                let actions = session.state.on(ready, self.now, &self.rules);
+                let actions = session.state.on(
+                    ready,
+                    self.now,
+                    &self.services[usize::from(session.service)].rules,
+                );
                 self.apply(key, actions);
             }
             _ => {}
@@ -218,14 +225,14 @@ impl Worker {
                 continue;
             }
             if session.state.tag() == Tag::Queued {
-                requeue.push((key, session.id));
+                requeue.push((usize::from(session.service), (key, session.id)));
             } else {
                 self.carry_on(key);
             }
         }
         // Back at the front, in their order: they waited longer than those who came since.
-        for entry in requeue.into_iter().rev() {
-            self.queue.push_front(entry);
+        for (service, entry) in requeue.into_iter().rev() {
+            self.services[service].queue.push_front(entry);
         }
         let held = std::mem::take(&mut self.batches.held_timers);
         for timer in held {
@@ -247,15 +254,6 @@ impl Worker {
         let mut sessions = Vec::with_capacity(packed.len());
         let now = Instant::now();
         for p in &packed {
-            let (set, index) = match p.backend {
-                Some(backend) => self.adoption_set(backend),
-                None => (Arc::clone(&self.backends), 0),
-            };
-            let tried = p
-                .tried
-                .iter()
-                .filter_map(|addr| set.backends.iter().position(|b| b.spec.addr == *addr))
-                .collect();
             let listener = self
                 .listen_addrs
                 .iter()
@@ -264,17 +262,29 @@ impl Worker {
                         && (l.ip() == p.local_addr.ip() || l.ip().is_unspecified())
                 })
                 .unwrap_or(0);
+            let service = self.listener_service.get(listener).copied().unwrap_or(0);
+            let s = usize::from(service);
+            let (set, index) = match p.backend {
+                Some(backend) => self.adoption_set(s, backend),
+                None => (Arc::clone(&self.services[s].backends), 0),
+            };
+            let tried = p
+                .tried
+                .iter()
+                .filter_map(|addr| set.backends.iter().position(|b| b.spec.addr == *addr))
+                .collect();
             let adopt = Adopt {
                 id: self.next_id,
                 listener,
                 set,
                 index,
-                mode: self.config.relay,
+                mode: self.services[s].config.relay,
                 tried,
             };
             self.next_id += 1;
-            let session = Session::unpack(p, &mut fds, adopt, &mut self.pools, now)
+            let mut session = Session::unpack(p, &mut fds, adopt, &mut self.pools, now)
                 .map_err(|e| format!("session from {} not rebuilt: {e}", p.client_addr))?;
+            session.service = service;
             // The same instant unpack gave a queued session, which its queue timer must match.
             let deadline = now + Duration::from_millis(p.deadline_in_ms.unwrap_or(0));
             sessions.push((session, deadline));
@@ -294,18 +304,24 @@ impl Worker {
         Ok(())
     }
 
-    /// The set and index an adopted session on `backend` is counted under: this worker's set
-    /// if it lists the backend, otherwise a set of that backend alone, drained.
-    fn adoption_set(&self, backend: std::net::SocketAddr) -> (Arc<BackendSet>, usize) {
-        if let Some(index) = self
+    /// The set and index an adopted session of `service` on `backend` is counted under: this
+    /// worker's set of the service if it lists the backend, otherwise a set of that backend alone, drained.
+    fn adoption_set(
+        &self,
+        service: usize,
+        backend: std::net::SocketAddr,
+    ) -> (Arc<BackendSet>, usize) {
+        let served = &self.services[service];
+        if let Some(index) = served
             .backends
             .backends
             .iter()
             .position(|b| b.spec.addr == backend)
         {
-            return (Arc::clone(&self.backends), index);
+            return (Arc::clone(&served.backends), index);
         }
-        let mut own = BackendSet::build(&[BackendSpec::new(backend)], None, self.config.algorithm);
+        let mut own =
+            BackendSet::build(&[BackendSpec::new(backend)], None, served.config.algorithm);
         for b in &mut own.backends {
             b.state = BackendState::Drain;
         }
@@ -367,13 +383,17 @@ impl Worker {
                         kind: TimerKind::Queue,
                     });
                     Counters::incr(&self.counters.queued);
-                    self.queue.push_back((key, sid));
+                    self.services[usize::from(session.service)]
+                        .queue
+                        .push_back((key, sid));
                     continue;
                 }
             }
             // Fired at once, each timer finds the deadline the session has by now (or closes
             // a session that was already past it).
-            if self.rules.idle_timeout.is_some() {
+            let rules = &self.services[usize::from(session.service)].rules;
+            let (idle, backend) = (rules.idle_timeout, rules.backend_timeout);
+            if idle.is_some() {
                 self.timers.push(Timer {
                     at: self.now,
                     key,
@@ -381,7 +401,7 @@ impl Worker {
                     kind: TimerKind::Idle,
                 });
             }
-            if self.rules.backend_timeout.is_some() {
+            if backend.is_some() {
                 self.timers.push(Timer {
                     at: self.now,
                     key,

@@ -72,8 +72,8 @@ fn sighup_applies_the_files_new_backends_and_names_what_waits() {
     assert_eq!(tags_of_new_clients(hf.addr(), 2), vec!["b"; 2]);
 }
 
-/// A bad file, a flag beside --config, or several services: one line, exit 2, nothing
-/// started.
+/// A bad file, a flag beside --config, or two services on one address: one line, exit 2,
+/// nothing started.
 #[test]
 fn bad_files_and_mixed_flags_exit_2_with_one_line() {
     let good = "[[service]]\nname = \"ws\"\nlisten = \"127.0.0.1:1\"\nbackend = \"127.0.0.1:2\"\n";
@@ -90,10 +90,10 @@ fn bad_files_and_mixed_flags_exit_2_with_one_line() {
         ),
         (
             format!(
-                "{good}[[service]]\nname = \"two\"\nlisten = \"127.0.0.1:3\"\nbackend = \"127.0.0.1:2\"\n"
+                "{good}[[service]]\nname = \"two\"\nlisten = \"127.0.0.1:1\"\nbackend = \"127.0.0.1:2\"\n"
             ),
             vec![],
-            "2 services declared",
+            "listen: 127.0.0.1:1 is also service 'ws''s",
         ),
         (
             "workers = \"x\"\n[[service]]\nname = \"ws\"\n".to_string(),
@@ -146,4 +146,44 @@ fn the_example_config_passes_check() {
         stderr.contains("line 5: rise: --rise and --fall must be at least 1"),
         "{stderr}"
     );
+}
+
+/// A port of 127.0.0.1 held with SO_REUSEPORT (never listening), for holdfast to bind beside
+/// it: the test knows the address before holdfast starts.
+fn reserved_port() -> (socket2::Socket, std::net::SocketAddr) {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    socket.set_reuse_port(true).unwrap();
+    socket.bind(&SockAddr::from(localhost0())).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (socket, addr)
+}
+
+/// Every [[service]] of a file runs in the one process: each on its own port, with its own
+/// backends and algorithm; the log names each service.
+#[test]
+fn every_service_of_a_file_is_served() {
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let c = TaggedBackend::start("c");
+    let (_held, second) = reserved_port();
+    let text = format!(
+        "workers = 1\n\n[[service]]\nname = \"ws\"\nlisten = \"{{listen}}\"\n\
+         algorithm = \"round-robin\"\nbackends = [\"{}\", \"{}\"]\n\n\
+         [[service]]\nname = \"cache\"\nlisten = \"{second}\"\nalgorithm = \"source-hash\"\n\
+         backends = [\"{}\"]\n",
+        a.addr(),
+        b.addr(),
+        c.addr()
+    );
+    let (hf, _file) = Child::spawn_config(&text);
+    let tags = tags_of_new_clients(hf.addr(), 4);
+    assert_eq!(count_tag(&tags, "a"), 2, "{tags:?}");
+    assert_eq!(count_tag(&tags, "b"), 2, "{tags:?}");
+    wait_until_ok(WITHIN, || {
+        visit_tagged("127.0.0.1", second, WITHIN).map(|_| ())
+    });
+    assert_eq!(tags_of_new_clients(second, 3), vec!["c"; 3]);
+    hf.wait_for_stderr("service 'cache' from ", WITHIN);
+    hf.wait_for_stderr("(service 'cache')", WITHIN);
 }
