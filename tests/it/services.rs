@@ -161,3 +161,154 @@ fn duplicate_names_and_shared_listen_addresses_are_refused() {
     assert!(e.to_string().contains("two services are named 'x'"), "{e}");
     assert!(Holdfast::start_services(Vec::new()).is_err());
 }
+
+/// One HTTP/1.1 request to the admin endpoint: its status and body.
+fn http(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = client(admin);
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a response head");
+    let status = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    (status, body.to_string())
+}
+
+fn json(admin: SocketAddr, path: &str) -> serde_json::Value {
+    let (status, body) = http(admin, "GET", path, "");
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body:?}"))
+}
+
+/// The admin endpoint of two services: `GET /services` lists them; each service's backends
+/// and changes are under `/services/NAME`; the metrics carry a `service` label; the routes
+/// without a service are refused, naming the ones to use, while several services run.
+#[test]
+fn the_admin_api_names_the_service() {
+    let shared = TaggedBackend::start("shared");
+    let other = TaggedBackend::start("other");
+    let mut first = service_config(&[shared.addr(), other.addr()], Algorithm::RoundRobin);
+    first.admin = Some(localhost0());
+    first.workers = 1;
+    let second = service_config(&[shared.addr()], Algorithm::LeastConn);
+    let lb = Holdfast::start_services(vec![Service::new("ws", first), Service::new("db", second)])
+        .expect("start");
+    let admin = lb.admin_addr().expect("an admin endpoint");
+    let db_addr = lb.service("db").unwrap().listen_addrs()[0];
+
+    let services = json(admin, "/services");
+    let services = services.as_array().expect("an array");
+    assert_eq!(services.len(), 2, "{services:?}");
+    assert_eq!(services[0]["name"], "ws");
+    assert_eq!(services[0]["backends"], 2);
+    assert_eq!(services[0]["algorithm"], "round-robin");
+    assert_eq!(
+        services[0]["listen"][0],
+        lb.service("ws").unwrap().listen_addrs()[0].to_string()
+    );
+    assert_eq!(services[1]["name"], "db");
+    assert_eq!(services[1]["backends"], 1);
+    assert_eq!(services[1]["listen"][0], db_addr.to_string());
+
+    let ws_backends = json(admin, "/services/ws/backends");
+    assert_eq!(
+        ws_backends.as_array().map(Vec::len),
+        Some(2),
+        "{ws_backends}"
+    );
+    let db_backends = json(admin, "/services/db/backends");
+    assert_eq!(
+        db_backends.as_array().map(Vec::len),
+        Some(1),
+        "{db_backends}"
+    );
+
+    // Draining the shared backend in ws leaves it up in db.
+    let (status, body) = http(
+        admin,
+        "POST",
+        &format!("/services/ws/backends/{}/drain", shared.addr()),
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    let in_ws = json(admin, &format!("/services/ws/backends/{}", shared.addr()));
+    assert_eq!(in_ws["state"], "drain", "{in_ws}");
+    let in_db = json(admin, &format!("/services/db/backends/{}", shared.addr()));
+    assert_eq!(in_db["state"], "up", "{in_db}");
+    assert_eq!(tags_of_new_clients(db_addr, 2), vec!["shared"; 2]);
+    let (status, body) = http(
+        admin,
+        "POST",
+        &format!("/services/ws/backends/{}/weight", other.addr()),
+        "5",
+    );
+    assert_eq!(status, 200, "{body}");
+
+    let (_, metrics) = http(admin, "GET", "/metrics", "");
+    for line in [
+        format!(
+            "holdfast_backend_state{{service=\"ws\",backend=\"{}\",state=\"drain\"}} 1",
+            shared.addr()
+        ),
+        format!(
+            "holdfast_backend_state{{service=\"db\",backend=\"{}\",state=\"up\"}} 1",
+            shared.addr()
+        ),
+        format!(
+            "holdfast_backend_weight{{service=\"ws\",backend=\"{}\"}} 5",
+            other.addr()
+        ),
+        "holdfast_service_backends{service=\"ws\",state=\"drain\"} 1".to_string(),
+        "holdfast_service_backends{service=\"db\",state=\"up\"} 1".to_string(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
+    }
+
+    // Without a service: refused while two run, naming the route to use.
+    let (status, body) = http(admin, "GET", "/backends", "");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("/services/NAME/backends"), "{body}");
+    let (status, body) = http(
+        admin,
+        "POST",
+        &format!("/backends/{}/ready", shared.addr()),
+        "",
+    );
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(state_in(&lb, "ws", shared.addr()), BackendState::Drain);
+    let (status, body) = http(admin, "GET", "/services/nope/backends", "");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no service"), "{body}");
+}
+
+/// With one service the routes without a service keep working, and `/services` lists it as
+/// `default`.
+#[test]
+fn one_service_keeps_the_plain_routes() {
+    let a = TaggedBackend::start("a");
+    let mut config = service_config(&[a.addr()], Algorithm::RoundRobin);
+    config.admin = Some(localhost0());
+    let lb = Holdfast::start(config).expect("start");
+    let admin = lb.admin_addr().expect("an admin endpoint");
+    assert_eq!(json(admin, "/services")[0]["name"], "default");
+    assert_eq!(json(admin, "/backends").as_array().map(Vec::len), Some(1));
+    let (status, body) = http(
+        admin,
+        "POST",
+        &format!("/services/default/backends/{}/drain", a.addr()),
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(admin, "/backends")[0]["state"], "drain");
+}

@@ -550,7 +550,9 @@ fn a_connecting_session_completes_in_the_new_process() {
     let mut cl = client(old.addr());
     cl.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
     cl.write_all(b"sent while connecting").unwrap();
-    let active = format!("holdfast_backend_sessions_active{{backend=\"{backend_addr}\"}}");
+    let active = format!(
+        "holdfast_backend_sessions_active{{service=\"default\",backend=\"{backend_addr}\"}}"
+    );
     wait_for_sample(admin, &active, 1.0);
 
     let new = take_over_from(&mut old, &path, &args, 1);
@@ -624,7 +626,9 @@ fn backend_state_survives_the_upgrade() {
     s_weight.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let state = |addr: &str, state: &str| {
-        format!("holdfast_backend_state{{backend=\"{addr}\",state=\"{state}\"}}")
+        format!(
+            "holdfast_backend_state{{service=\"default\",backend=\"{addr}\",state=\"{state}\"}}"
+        )
     };
     wait_for_sample(admin, &state(&x, "down"), 1.0);
     wait_for_sample(admin, &state(&d, "drain"), 1.0);
@@ -638,7 +642,7 @@ fn backend_state_survives_the_upgrade() {
     assert_eq!(
         sample(
             new_admin,
-            &format!("holdfast_backend_weight{{backend=\"{s}\"}}")
+            &format!("holdfast_backend_weight{{service=\"default\",backend=\"{s}\"}}")
         ),
         Some(7.0)
     );
@@ -674,7 +678,8 @@ fn a_connecting_session_retries_on_another_backend_in_the_new_process() {
     let mut cl = client(old.addr());
     cl.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
     cl.write_all(b"sent while connecting").unwrap();
-    let active = format!("holdfast_backend_sessions_active{{backend=\"{hung}\"}}");
+    let active =
+        format!("holdfast_backend_sessions_active{{service=\"default\",backend=\"{hung}\"}}");
     wait_for_sample(admin, &active, 1.0);
 
     let mut new_args = vec!["--backend", &hung_arg, "--backend", &echo_arg];
