@@ -9,10 +9,11 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::backend::{BackendSet, BackendStatsSnapshot};
 use crate::config::{BackendSpec, Config, MAX_WEIGHT};
@@ -51,46 +52,101 @@ pub(crate) struct ServiceControl {
     pub(crate) sources: Mutex<Sources>,
 }
 
+/// The services by number (`None`: removed by a reload; numbers are never reused).
+pub(crate) type Services = RwLock<Vec<Option<Arc<ServiceControl>>>>;
+
+/// The threads started for each service (by number), joined when the balancer stops: its
+/// health thread, and its DNS thread with the sender whose drop stops it.
+#[derive(Default)]
+pub(crate) struct ServiceThreads {
+    pub(crate) health: Vec<JoinHandle<()>>,
+    pub(crate) dns: Vec<(usize, Sender<()>, JoinHandle<()>)>,
+}
+
 /// A handle on a running balancer's control plane. Clone it freely.
 ///
-/// A balancer runs one or more services ([`Holdfast::start_services`](crate::Holdfast::start_services));
-/// the handle's per-service calls (backends, reloads, listen addresses, rebalancing) act on
-/// one of them, the first unless the handle came from [`Controller::service`]. Counters,
-/// drains and shutdown are the process's.
+/// A balancer runs one or more services
+/// ([`Holdfast::start_services`](crate::Holdfast::start_services)); the handle's per-service
+/// calls (backends, reloads, listen addresses, rebalancing) act on one of them, the first
+/// unless the handle came from [`Controller::service`]. Counters, drains and shutdown are the
+/// process's. A handle on a service a reload removed keeps answering reads from its last
+/// state; changes to it fail ([`ControlError::ShuttingDown`]).
 #[derive(Clone)]
 pub struct Controller {
     counters: Arc<Counters>,
-    services: Arc<[ServiceControl]>,
-    /// The service this handle's per-service calls act on.
-    service: usize,
-    workers: Arc<[WorkerLink]>,
+    pub(crate) services: Arc<Services>,
+    /// The service this handle's per-service calls act on, and its number.
+    this: Arc<ServiceControl>,
+    number: usize,
+    /// The process-wide settings (the first service's at start).
+    pub(crate) first: Arc<Config>,
+    pub(crate) workers: Arc<[WorkerLink]>,
     /// Set by the first [`Controller::drain`] or [`Controller::shutdown`]; never cleared.
     draining: Arc<AtomicBool>,
+    pub(crate) threads: Arc<Mutex<ServiceThreads>>,
+    /// Held while services are added or removed, so that two reloads do not interleave.
+    pub(crate) reloading: Arc<Mutex<()>>,
 }
 
 impl Controller {
-    /// A handle on threads that [`Holdfast::start`](crate::Holdfast::start) has started.
+    /// A handle on threads that [`Holdfast::start`](crate::Holdfast::start) has started
+    /// (`services` not empty).
     pub(crate) fn new(
         counters: Arc<Counters>,
         services: Vec<ServiceControl>,
         workers: Vec<WorkerLink>,
+        threads: ServiceThreads,
     ) -> Controller {
+        let services: Vec<Arc<ServiceControl>> = services.into_iter().map(Arc::new).collect();
+        let this = Arc::clone(&services[0]);
         Controller {
             counters,
-            services: services.into(),
-            service: 0,
+            first: Arc::clone(&this.config),
+            this,
+            number: 0,
+            services: Arc::new(RwLock::new(services.into_iter().map(Some).collect())),
             workers: workers.into(),
             draining: Arc::new(AtomicBool::new(false)),
+            threads: Arc::new(Mutex::new(threads)),
+            reloading: Arc::new(Mutex::new(())),
         }
     }
 
     fn this(&self) -> &ServiceControl {
-        &self.services[self.service]
+        &self.this
+    }
+
+    /// The services running now, by number.
+    pub(crate) fn live(&self) -> Vec<(usize, Arc<ServiceControl>)> {
+        self.services
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .enumerate()
+            .filter_map(|(n, s)| s.as_ref().map(|s| (n, Arc::clone(s))))
+            .collect()
+    }
+
+    /// A handle on service `number`.
+    pub(crate) fn on(&self, number: usize, service: Arc<ServiceControl>) -> Controller {
+        Controller {
+            this: service,
+            number,
+            ..self.clone()
+        }
     }
 
     /// The services' names, in the order they were started.
     pub fn service_names(&self) -> Vec<String> {
-        self.services.iter().map(|s| s.name.clone()).collect()
+        self.live()
+            .into_iter()
+            .map(|(_, s)| s.name.clone())
+            .collect()
+    }
+
+    /// The number of the service this handle's per-service calls act on.
+    pub(crate) fn number(&self) -> usize {
+        self.number
     }
 
     /// The name of the service this handle's per-service calls act on.
@@ -99,22 +155,17 @@ impl Controller {
     }
 
     /// A handle whose per-service calls act on the service named `name` (`None`: no such
-    /// service).
+    /// service runs).
     pub fn service(&self, name: &str) -> Option<Controller> {
-        let service = self.services.iter().position(|s| s.name == name)?;
-        Some(Controller {
-            service,
-            ..self.clone()
-        })
+        let (number, service) = self.live().into_iter().find(|(_, s)| s.name == name)?;
+        Some(self.on(number, service))
     }
 
-    /// One handle per service, in the order they were started.
+    /// One handle per service running, in the order they were started.
     pub fn services(&self) -> Vec<Controller> {
-        (0..self.services.len())
-            .map(|service| Controller {
-                service,
-                ..self.clone()
-            })
+        self.live()
+            .into_iter()
+            .map(|(number, service)| self.on(number, service))
             .collect()
     }
 
@@ -287,10 +338,14 @@ impl Controller {
     /// new one). Empty if the health thread does not answer in time.
     pub(crate) fn backend_snapshot(&self) -> Vec<crate::upgrade::wire::BackendInfo> {
         let mut all = Vec::new();
-        for service in self.services.iter() {
+        for (_, service) in self.live() {
             let (tx, rx) = crossbeam_channel::bounded(1);
             service.health.send(Command::Snapshot(tx));
-            all.extend(rx.recv_timeout(ANSWER_TIMEOUT).unwrap_or_default());
+            let mut infos = rx.recv_timeout(ANSWER_TIMEOUT).unwrap_or_default();
+            for info in &mut infos {
+                info.service.clone_from(&service.name);
+            }
+            all.extend(infos);
         }
         all
     }
@@ -301,8 +356,8 @@ impl Controller {
     /// Returns at once.
     pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        let timeout = self.services[0].config.drain_timeout;
-        let spread = self.services[0].config.close_spread;
+        let timeout = self.first.drain_timeout;
+        let spread = self.first.close_spread;
         for w in self.workers.iter() {
             w.send(Control::Drain { timeout, spread });
         }
@@ -321,7 +376,7 @@ impl Controller {
             .rebalance
             .begin(start.generation, start.deadline, by_source, config.workers);
         for w in self.workers.iter() {
-            w.send(Control::Rebalance(self.service, start));
+            w.send(Control::Rebalance(self.number, start));
         }
     }
 
@@ -333,7 +388,7 @@ impl Controller {
     /// Immediate shutdown: listeners and every session are closed now. Returns at once.
     pub fn shutdown(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        for service in self.services.iter() {
+        for (_, service) in self.live() {
             service.health.send(Command::Shutdown);
         }
         for w in self.workers.iter() {
@@ -350,15 +405,24 @@ impl Controller {
     /// How long a drain may take at most before every session is closed (and its sockets'
     /// FIN taken or given up on).
     pub fn drain_budget(&self) -> Duration {
-        let config = &self.services[0].config;
+        let config = &self.first;
         config.drain_timeout + config.close_spread + crate::session::LINGER_TIMEOUT
     }
 
-    /// Stops the health threads (once the workers have exited).
-    pub(crate) fn stop_health(&self) {
-        for service in self.services.iter() {
+    /// Stops the DNS and health threads (once the workers have exited) and waits for them.
+    pub(crate) fn stop_threads(&self) -> Vec<JoinHandle<()>> {
+        let threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut handles = Vec::new();
+        for (_, stop, thread) in threads.dns {
+            drop(stop);
+            handles.push(thread);
+        }
+        for (_, service) in self.live() {
             service.health.send(Command::Shutdown);
         }
+        handles.extend(threads.health);
+        handles
     }
 }
 

@@ -77,8 +77,6 @@ use std::ops::Deref;
 use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::Sender;
-
 pub use activation::{ActivatedListener, listen_fds_from_systemd};
 pub use admin::AdminServer;
 pub use backend::{BackendState, BackendStatsSnapshot, WEIGHT_SCALE};
@@ -103,6 +101,7 @@ pub use sys::count_deliveries;
 pub use upgrade::handover::{HandoverError, Report as UpgradeReport, Taken};
 pub use upgrade::local::{TakeOver, give_over, take_over};
 
+use control::ServiceThreads;
 use health::Health;
 use plane::{Command, Control, HealthLink, WorkerLink};
 use sources::Sources;
@@ -156,12 +155,9 @@ impl Service {
 pub struct Holdfast {
     control: Controller,
     workers: Vec<JoinHandle<()>>,
-    /// One health thread per service.
-    health: Vec<JoinHandle<()>>,
     admin: Option<AdminServer>,
-    /// The DNS refresh threads (one per service with names) and the senders whose drop
-    /// stops them.
-    dns: Vec<(Sender<()>, JoinHandle<()>)>,
+    /// Not yet shut down and joined.
+    running: bool,
 }
 
 /// A service validated and its sources read, before anything is bound.
@@ -183,16 +179,23 @@ fn prepare(services: Vec<Service>) -> Result<Vec<Prepared>, StartError> {
     let Some(workers) = services.first().map(|s| s.config.workers) else {
         return Err(ConfigError::Invalid("no services".into()).into());
     };
+    let total: usize = services.iter().map(|s| s.config.listen.len()).sum();
+    if total > token::MAX_LISTENERS {
+        return Err(ConfigError::Invalid(format!(
+            "{total} listen addresses in all; at most {}",
+            token::MAX_LISTENERS
+        ))
+        .into());
+    }
     let mut prepared: Vec<Prepared> = Vec::with_capacity(services.len());
-    for Service { name, mut config } in services {
-        if name.is_empty() {
-            return Err(ConfigError::Invalid("a service needs a name".into()).into());
-        }
-        if prepared.iter().any(|p| p.name == name) {
+    for mut service in services {
+        let name = &service.name;
+        if prepared.iter().any(|p| p.name == *name) {
             return Err(ConfigError::Invalid(format!("two services are named '{name}'")).into());
         }
         for other in &prepared {
-            if let Some(addr) = config
+            if let Some(addr) = service
+                .config
                 .listen
                 .iter()
                 .find(|a| a.port() != 0 && other.config.listen.contains(a))
@@ -204,20 +207,30 @@ fn prepare(services: Vec<Service>) -> Result<Vec<Prepared>, StartError> {
                 .into());
             }
         }
-        config.workers = workers;
-        let sources = load_sources(&mut config).map_err(|e| match e {
-            StartError::Config(e) if !prepared.is_empty() => {
-                StartError::Config(ConfigError::Invalid(format!("service '{name}': {e}")))
-            }
-            e => e,
-        })?;
-        prepared.push(Prepared {
-            name,
-            config: Arc::new(config),
-            sources,
-        });
+        service.config.workers = workers;
+        let named = !prepared.is_empty();
+        prepared.push(prepare_one(service, named)?);
     }
     Ok(prepared)
+}
+
+/// Validates one service and reads its sources; `named`: its errors name it.
+fn prepare_one(service: Service, named: bool) -> Result<Prepared, StartError> {
+    let Service { name, mut config } = service;
+    if name.is_empty() {
+        return Err(ConfigError::Invalid("a service needs a name".into()).into());
+    }
+    let sources = load_sources(&mut config).map_err(|e| match e {
+        StartError::Config(e) if named => {
+            StartError::Config(ConfigError::Invalid(format!("service '{name}': {e}")))
+        }
+        e => e,
+    })?;
+    Ok(Prepared {
+        name,
+        config: Arc::new(config),
+        sources,
+    })
 }
 
 impl Holdfast {
@@ -342,6 +355,7 @@ impl Holdfast {
                 .zip(bound.iter_mut())
                 .zip(&healths)
                 .map(|((service, (_, per_worker)), health)| worker::ServiceInit {
+                    name: Arc::from(service.name.as_str()),
                     config: Arc::clone(&service.config),
                     listeners: per_worker.next().unwrap_or_default(),
                     backends: Arc::clone(&health.3),
@@ -375,7 +389,7 @@ impl Holdfast {
                 }
             }
         }
-        let mut health_threads = Vec::with_capacity(prepared.len());
+        let mut health_threads = ServiceThreads::default();
         let mut controls = Vec::with_capacity(prepared.len());
         for (number, ((service, (addrs, _)), (mut health, link, published, _, _))) in
             prepared.into_iter().zip(bound).zip(healths).enumerate()
@@ -385,10 +399,10 @@ impl Holdfast {
                 .name("holdfast-health".into())
                 .spawn(move || health.run())
             {
-                Ok(t) => health_threads.push(t),
+                Ok(t) => health_threads.health.push(t),
                 Err(e) => {
                     stop_and_join(&workers, &health_links, threads);
-                    join_all(health_threads);
+                    join_all(health_threads.health);
                     return Err(StartError::Health(e));
                 }
             }
@@ -421,32 +435,13 @@ impl Holdfast {
             });
         }
         let mut balancer = Holdfast {
-            control: Controller::new(counters, controls, workers),
+            control: Controller::new(counters, controls, workers, health_threads),
             workers: threads,
-            health: health_threads,
             admin: None,
-            dns: Vec::new(),
+            running: true,
         };
-        for control in balancer.control.services() {
-            if control.config().backend_dns.is_empty() {
-                continue;
-            }
-            let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-            let interval = control.config().dns_interval;
-            let thread = std::thread::Builder::new()
-                .name("holdfast-dns".into())
-                .spawn(move || {
-                    // Wakes every interval until the sender is dropped at shutdown.
-                    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                        stopped.recv_timeout(interval)
-                    {
-                        for e in control.refresh_dns() {
-                            log::warn!("{e}; keeping the last answer");
-                        }
-                    }
-                })
-                .map_err(StartError::Dns)?;
-            balancer.dns.push((stop, thread));
+        for (number, service) in balancer.control.live() {
+            start_dns(&balancer.control.on(number, service))?;
         }
         if let Some(addr) = first.admin {
             // On failure, dropping `balancer` stops everything started so far.
@@ -490,12 +485,8 @@ impl Holdfast {
         if let Some(admin) = self.admin.take() {
             admin.stop();
         }
-        for (stop, thread) in std::mem::take(&mut self.dns) {
-            drop(stop);
-            join_all(vec![thread]);
-        }
-        self.control.stop_health();
-        join_all(std::mem::take(&mut self.health));
+        join_all(self.control.stop_threads());
+        self.running = false;
     }
 }
 
@@ -509,11 +500,43 @@ impl Deref for Holdfast {
 
 impl Drop for Holdfast {
     fn drop(&mut self) {
-        if !self.health.is_empty() {
+        if self.running {
             self.shutdown();
             self.join_threads();
         }
     }
+}
+
+/// Starts the DNS thread of `control`'s service if it follows names; it is joined when the
+/// balancer stops (or the service is removed).
+fn start_dns(control: &Controller) -> Result<(), StartError> {
+    if control.config().backend_dns.is_empty() {
+        return Ok(());
+    }
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+    let interval = control.config().dns_interval;
+    let number = control.number();
+    let refresher = control.clone();
+    let thread = std::thread::Builder::new()
+        .name("holdfast-dns".into())
+        .spawn(move || {
+            // Wakes every interval until the sender is dropped.
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(interval)
+            {
+                for e in refresher.refresh_dns() {
+                    log::warn!("{e}; keeping the last answer");
+                }
+            }
+        })
+        .map_err(StartError::Dns)?;
+    control
+        .threads
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .dns
+        .push((number, stop, thread));
+    Ok(())
 }
 
 fn stop_and_join(workers: &[WorkerLink], health: &[HealthLink], threads: Vec<JoinHandle<()>>) {
@@ -531,5 +554,266 @@ fn join_all(threads: Vec<JoinHandle<()>>) {
         if t.join().is_err() {
             log::error!("a holdfast thread panicked");
         }
+    }
+}
+
+/// What [`Controller::reload_services`] did.
+#[derive(Debug, Default)]
+pub struct ServicesReload {
+    /// Services started (new in the list).
+    pub added: Vec<String>,
+    /// Services stopped (gone from the list): listeners closed, sessions draining.
+    pub removed: Vec<String>,
+    /// Services whose listen addresses changed: stopped and started again (a remove plus an
+    /// add).
+    pub replaced: Vec<String>,
+    /// Services kept, with the settings besides backends and listen addresses that changed
+    /// and wait for the next upgrade or restart ([`Config::differences`]).
+    pub waiting: Vec<(String, Vec<&'static str>)>,
+    /// Kept services whose new backends were not applied, and why (the rest was done).
+    pub failed: Vec<(String, ControlError)>,
+}
+
+/// A service's new listeners, bound before anything changes.
+struct Bound {
+    prepared: Prepared,
+    addrs: Vec<SocketAddr>,
+    per_worker: Vec<Vec<mio::net::TcpListener>>,
+}
+
+impl Controller {
+    /// Makes the running services those of `services` (a `--config` file read again):
+    /// services not in the list are removed (their listeners closed now, their sessions
+    /// drained with their own `drain_timeout` and `close_spread`), new ones are started, a service
+    /// whose listen addresses changed is removed and started again, and each kept service
+    /// gets its new backends as [`Controller::reload_with`] applies them. Other changed
+    /// settings of a kept service wait for the next upgrade or restart (listed in the
+    /// answer). The process-wide settings are not changed.
+    ///
+    /// Everything that can fail is checked first (each new service validated, its sources
+    /// read, its listeners bound; names unique, listen addresses distinct): on error
+    /// nothing changed. Sessions of services that did not change are not touched.
+    pub fn reload_services(&self, services: Vec<Service>) -> Result<ServicesReload, StartError> {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.is_draining() {
+            return Err(ConfigError::Invalid("draining: services are not changed".into()).into());
+        }
+        if services.is_empty() {
+            return Err(ConfigError::Invalid("no services".into()).into());
+        }
+        let live = self.live();
+        let mut report = ServicesReload::default();
+        let mut kept = Vec::new();
+        let mut fresh = Vec::new();
+        for (i, service) in services.iter().enumerate() {
+            if services[..i].iter().any(|s| s.name == service.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "two services are named '{}'",
+                    service.name
+                ))
+                .into());
+            }
+            match live.iter().find(|(_, s)| s.name == service.name) {
+                Some((number, running)) if running.config.listen == service.config.listen => {
+                    kept.push((*number, service));
+                }
+                Some((number, _)) => {
+                    report.replaced.push(service.name.clone());
+                    fresh.push((Some(*number), service.clone()));
+                }
+                None => {
+                    report.added.push(service.name.clone());
+                    fresh.push((None, service.clone()));
+                }
+            }
+        }
+        let leaving: Vec<usize> = live
+            .iter()
+            .filter(|(_, s)| !services.iter().any(|n| n.name == s.name))
+            .map(|(n, s)| {
+                report.removed.push(s.name.clone());
+                *n
+            })
+            .chain(fresh.iter().filter_map(|(n, _)| *n))
+            .collect();
+        // Listen addresses: distinct across what will run (kept services and new ones).
+        let mut taken: Vec<(SocketAddr, &str)> = kept
+            .iter()
+            .flat_map(|(_, s)| s.config.listen.iter().map(|a| (*a, s.name.as_str())))
+            .collect();
+        for (_, service) in &fresh {
+            for addr in &service.config.listen {
+                if let Some((_, other)) = taken.iter().find(|(a, _)| a == addr && a.port() != 0) {
+                    return Err(ConfigError::Invalid(format!(
+                        "services '{other}' and '{}' both listen on {addr}",
+                        service.name
+                    ))
+                    .into());
+                }
+                taken.push((*addr, service.name.as_str()));
+            }
+        }
+        if taken.len() > token::MAX_LISTENERS {
+            return Err(ConfigError::Invalid(format!(
+                "{} listen addresses in all; at most {}",
+                taken.len(),
+                token::MAX_LISTENERS
+            ))
+            .into());
+        }
+        // New services: validated, sources read, listeners bound (beside a leaving service's
+        // on the same address, which SO_REUSEPORT allows), before anything changes.
+        let mut bound = Vec::with_capacity(fresh.len());
+        for (_, service) in fresh {
+            let mut service = service;
+            service.config.workers = self.first.workers;
+            let prepared = prepare_one(service, true)?;
+            let (addrs, per_worker) = listener::bind_or_inherit(&prepared.config, Vec::new())?;
+            bound.push(Bound {
+                prepared,
+                addrs,
+                per_worker,
+            });
+        }
+        // Kept services: their new backends, and what waits.
+        for (number, service) in kept {
+            let control = match live.iter().find(|(n, _)| *n == number) {
+                Some((n, s)) => self.on(*n, Arc::clone(s)),
+                None => continue,
+            };
+            let waiting = control.config_differences(&service.config);
+            if !waiting.is_empty() {
+                report.waiting.push((service.name.clone(), waiting));
+            }
+            if let Err(e) = control.reload_with(service.config.backends.clone()) {
+                report.failed.push((service.name.clone(), e));
+            }
+        }
+        for number in leaving {
+            self.remove_number(number);
+        }
+        for bound in bound {
+            self.add_bound(bound)?;
+        }
+        Ok(report)
+    }
+
+    /// Stops service `number`: no longer listed, its listeners closed in every worker, its
+    /// sessions drained; its health and DNS threads stop.
+    fn remove_number(&self, number: usize) {
+        let removed = {
+            let mut services = self
+                .services
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            services.get_mut(number).and_then(Option::take)
+        };
+        let Some(service) = removed else {
+            return;
+        };
+        for w in self.workers.iter() {
+            w.send(Control::RemoveService {
+                number,
+                timeout: service.config.drain_timeout,
+                spread: service.config.close_spread,
+            });
+        }
+        service.health.send(Command::Shutdown);
+        let dns: Vec<_> = {
+            let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
+            let (mine, rest) = std::mem::take(&mut threads.dns)
+                .into_iter()
+                .partition(|(n, _, _)| *n == number);
+            threads.dns = rest;
+            mine
+        };
+        for (_, stop, thread) in dns {
+            drop(stop);
+            join_all(vec![thread]);
+        }
+        log::info!(
+            "service '{}' removed: its listeners closed, its sessions draining",
+            service.name
+        );
+    }
+
+    /// Starts a new service on listeners already bound: the workers are told first, then
+    /// its health thread starts (its first publish finds the workers serving it).
+    fn add_bound(&self, bound: Bound) -> Result<(), StartError> {
+        let Bound {
+            prepared,
+            addrs,
+            per_worker,
+        } = bound;
+        let config = Arc::clone(&prepared.config);
+        let (mut health, link, published) =
+            Health::new(Arc::clone(&config)).map_err(StartError::Health)?;
+        let initial = Arc::clone(&published.lock().unwrap_or_else(PoisonError::into_inner));
+        let ip_limits = match config.client_ip.limits_on() {
+            true => Some(
+                client_ip::IpLimits::new(config.client_ip.limits)
+                    .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?,
+            ),
+            false => None,
+        };
+        let control = Arc::new(control::ServiceControl {
+            name: prepared.name,
+            published,
+            health: link.clone(),
+            listen_addrs: addrs,
+            config: Arc::clone(&config),
+            sources: std::sync::Mutex::new(prepared.sources),
+        });
+        let number = {
+            let mut services = self
+                .services
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            services.push(Some(Arc::clone(&control)));
+            services.len() - 1
+        };
+        let mut per_worker = per_worker.into_iter();
+        for w in self.workers.iter() {
+            w.send(Control::AddService {
+                number,
+                start: worker::ServiceInit {
+                    name: Arc::from(control.name.as_str()),
+                    config: Arc::clone(&config),
+                    listeners: per_worker.next().unwrap_or_default(),
+                    backends: Arc::clone(&initial),
+                    health: link.clone(),
+                    ip_limits: ip_limits.clone(),
+                },
+            });
+        }
+        health.attach(number, self.workers.to_vec());
+        let thread = std::thread::Builder::new()
+            .name("holdfast-health".into())
+            .spawn(move || health.run())
+            .map_err(StartError::Health)?;
+        self.threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .health
+            .push(thread);
+        log::info!(
+            "holdfast listening on {} with {} backend(s), algorithm {}, relay {}, health check \
+             {} (service '{}' added)",
+            control
+                .listen_addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            config.backends.len(),
+            config.algorithm,
+            config.relay,
+            config.health.check,
+            control.name,
+        );
+        start_dns(&self.on(number, control))
     }
 }

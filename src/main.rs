@@ -533,56 +533,50 @@ fn from_file(path: &Path, args: &Args, matches: &clap::ArgMatches) -> Result<Set
     })
 }
 
-/// SIGHUP with `--config`: the file is read again; each running service's backends (and its
-/// backends file's) are applied. Other changes, services added or removed among them, wait
-/// for the next upgrade or restart, and the log says which.
+/// SIGHUP with `--config`: the file is read again and the running services become its
+/// services: new ones start, removed ones stop (their sessions drain), a service whose listen
+/// addresses changed restarts, and each kept service gets its new backends (and its backends
+/// file's). Other changes wait for the next upgrade or restart, and the log says which. An
+/// invalid file (or a new service that cannot start) changes nothing.
 fn reload_file(path: &Path, control: &holdfast::Controller) -> Result<(), ControlError> {
-    let loaded = config_file::load(path)
-        .map_err(|e| ControlError::Invalid(holdfast::ConfigError::Invalid(e)))?;
-    for name in control.service_names() {
-        if !loaded.services.iter().any(|s| s.name == name) {
-            log::warn!(
-                "SIGHUP: service '{name}' is gone from {}; it runs until the next upgrade \
-                 (SIGUSR2) or restart",
-                path.display()
-            );
-        }
+    let invalid = |e: String| ControlError::Invalid(holdfast::ConfigError::Invalid(e));
+    let loaded = config_file::load(path).map_err(invalid)?;
+    let services = loaded
+        .services
+        .into_iter()
+        .map(|s| Service::new(s.name, s.config))
+        .collect();
+    let report = control
+        .reload_services(services)
+        .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    let several = control.service_names().len() > 1;
+    for name in &report.added {
+        log::info!("SIGHUP: service '{name}' added from {}", path.display());
     }
-    let mut result = Ok(());
-    for service in loaded.services {
-        let Some(control) = control.service(&service.name) else {
-            log::warn!(
-                "SIGHUP: service '{}' is new in {}; it starts at the next upgrade (SIGUSR2) or \
-                 restart",
-                service.name,
-                path.display()
-            );
-            continue;
+    for name in &report.removed {
+        log::info!("SIGHUP: service '{name}' removed; its sessions drain");
+    }
+    for name in &report.replaced {
+        log::info!("SIGHUP: service '{name}' restarted on its new listen addresses");
+    }
+    for (name, changed) in &report.waiting {
+        let named = match several {
+            true => format!(" (service '{name}')"),
+            false => String::new(),
         };
-        let changed = control.config_differences(&service.config);
-        if !changed.is_empty() {
-            log::warn!(
-                "SIGHUP: {} changed in {}{}; that takes effect at the next upgrade (SIGUSR2) or \
-                 restart, the backends now",
-                changed.join(", "),
-                path.display(),
-                named(&control),
-            );
-        }
-        if let Err(e) = control.reload_with(service.config.backends) {
-            log::error!("SIGHUP{}: {e}", named(&control));
-            result = Err(e);
-        }
+        log::warn!(
+            "SIGHUP: {} changed in {}{named}; that takes effect at the next upgrade (SIGUSR2) \
+             or restart, the backends now",
+            changed.join(", "),
+            path.display(),
+        );
     }
-    result
-}
-
-/// ` (service 'NAME')` when there are several services, for log lines.
-fn named(control: &holdfast::Controller) -> String {
-    match control.service_names().len() {
-        1 => String::new(),
-        _ => format!(" (service '{}')", control.service_name()),
+    let mut first = None;
+    for (name, e) in report.failed {
+        log::error!("SIGHUP: service '{name}': backends not reloaded: {e}");
+        first.get_or_insert(e);
     }
+    first.map_or(Ok(()), Err)
 }
 
 /// `holdfast completions SHELL` or `holdfast man`: the text on stdout, nothing started.

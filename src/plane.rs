@@ -141,13 +141,36 @@ pub(crate) enum Control {
     /// Batch `id` stays with the old process: close what was rebuilt.
     Discard { id: u32 },
     /// Live upgrade, old side: duplicates of this worker's open listeners, with their
-    /// addresses (the originals stay here).
+    /// services' names and their addresses (the originals stay here).
     Listeners {
-        reply: Sender<Vec<(SocketAddr, OwnedFd)>>,
+        reply: Sender<Vec<(String, SocketAddr, OwnedFd)>>,
     },
     /// Live upgrade, old side: `false` stops accepting (the listeners are deregistered and
     /// left to the new process, which holds the same sockets); `true` accepts again.
     Accepting(bool),
+    /// A service added while running (a reload): serve it from now on as service `number`
+    /// (the next number: services are told in order), on these listeners of this worker.
+    AddService { number: usize, start: ServiceStart },
+    /// A service removed while running: close its listeners now, let its sessions end on
+    /// their own for `timeout`, then close the rest evenly over `spread`.
+    RemoveService {
+        number: usize,
+        timeout: Duration,
+        spread: Duration,
+    },
+}
+
+/// What a worker is given of one service: its settings, its listeners in this worker, the
+/// first set, a link to its health thread, and its per-IP table (shared by every worker).
+pub(crate) struct ServiceStart {
+    /// Its name (for the live upgrade, which gives each session to the service of the same
+    /// name).
+    pub(crate) name: Arc<str>,
+    pub(crate) config: Arc<crate::config::Config>,
+    pub(crate) listeners: Vec<mio::net::TcpListener>,
+    pub(crate) backends: Arc<BackendSet>,
+    pub(crate) health: HealthLink,
+    pub(crate) ip_limits: Option<Arc<crate::client_ip::IpLimits>>,
 }
 
 /// A rebalance to start (see `worker/rebalance.rs`): until `deadline`, close sessions that
@@ -202,6 +225,7 @@ impl HealthLink {
 }
 
 /// How the health thread and the handle reach one worker.
+#[derive(Clone)]
 pub(crate) struct WorkerLink {
     pub(crate) tx: Sender<Control>,
     pub(crate) waker: Arc<Waker>,

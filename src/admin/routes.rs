@@ -306,7 +306,15 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<AdminReque
 /// Answers a request through `control`. A change waits for the health thread's answer (at
 /// most 5 s); everything else answers at once.
 pub(super) fn respond(request: &AdminRequest, control: &Controller) -> Reply {
-    if request.per_service() && control.service_names().len() > 1 {
+    let live = match request.per_service() {
+        true => control.services(),
+        false => Vec::new(),
+    };
+    if let [only] = live.as_slice() {
+        // The one service running (not necessarily the first one started).
+        return respond_in(request, only);
+    }
+    if live.len() > 1 {
         let (method, path, _) = request.encode();
         return Reply::text(
             StatusCode::CONFLICT,

@@ -190,6 +190,8 @@ impl Health {
             .filter_map(|spec| {
                 let t = self.tracked.get(&spec.addr)?;
                 Some(BackendInfo {
+                    // Named by the handle, which knows the service's name.
+                    service: String::new(),
                     addr: spec.addr,
                     down: t.state == BackendState::Down,
                     drained: t.drained,

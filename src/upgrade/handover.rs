@@ -424,6 +424,7 @@ mod tests {
             first_eof: None,
             pumps: None,
             proxy_out: Vec::new(),
+            service: "default".into(),
         }
     }
 
@@ -455,6 +456,7 @@ mod tests {
             let info = ListenerInfo {
                 worker: 0,
                 addr: l.local_addr()?,
+                service: "default".into(),
             };
             Ok((vec![info], vec![OwnedFd::from(l)]))
         }
@@ -652,6 +654,7 @@ mod tests {
         let info = ListenerInfo {
             worker: 0,
             addr: l.local_addr().unwrap(),
+            service: "default".into(),
         };
         old.send(&Message::Listeners(vec![info]), &[OwnedFd::from(l)])
             .unwrap();

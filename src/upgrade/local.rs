@@ -101,10 +101,11 @@ impl Giver for LocalGiver {
                     format!("worker {worker} did not give its listeners"),
                 )
             })?;
-            for (addr, fd) in copies {
+            for (service, addr, fd) in copies {
                 infos.push(ListenerInfo {
                     worker: u16::try_from(worker).unwrap_or(u16::MAX),
                     addr,
+                    service,
                 });
                 fds.push(fd);
             }
@@ -344,10 +345,15 @@ impl Taker for ProcessTaker {
     }
 
     /// Kept for the first backend set of the balancer, started when the listeners come
-    /// (each service's health thread takes the state of the backends it lists).
+    /// (each service takes the state its namesake in the old process had for the backends
+    /// it lists; a service new in this process starts afresh).
     fn backends(&mut self, backends: Vec<BackendInfo>) {
         for service in self.config.iter_mut().flatten() {
-            service.config.inherited_backends = backends.clone();
+            service.config.inherited_backends = backends
+                .iter()
+                .filter(|b| b.service == service.name)
+                .cloned()
+                .collect();
         }
     }
 

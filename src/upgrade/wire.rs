@@ -14,14 +14,16 @@
 //! sender's [`VERSION`]; a process that does not speak that version refuses, and the old one
 //! keeps everything. A new version of this format bumps [`VERSION`]. Version 2 added the
 //! backends' state ([`Message::Backends`], after ready), queued and connecting sessions'
-//! tried backends and connect start, and each batch's freeze time.
+//! tried backends and connect start, and each batch's freeze time. Version 3 added the
+//! service (by name) of each listener, backend and session, so that a process running several
+//! services gives each session to the service of the same name.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
 /// Eight bytes at the start of a hello, so that a stranger on the socket is refused at once.
 pub const MAGIC: [u8; 8] = *b"HFUPGRD\0";
 /// This format's version.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 9;
 /// Largest body accepted: a batch of sessions each holding up to two 64 KiB partial writes.
@@ -53,12 +55,16 @@ pub enum WireError {
 pub struct ListenerInfo {
     pub worker: u16,
     pub addr: SocketAddr,
+    /// The name of the service it serves.
+    pub service: String,
 }
 
 /// One backend's running state in the old process, for the new one to carry on with (it
 /// applies it to a backend its own configuration lists at the same address).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendInfo {
+    /// The name of the service that lists it (a backend two services list is sent twice).
+    pub service: String,
     pub addr: SocketAddr,
     /// Down (by probes or passive detection): it stays down until probed up.
     pub down: bool,
@@ -151,6 +157,8 @@ pub struct PackedSession {
     pub pumps: Option<[PackedPump; 2]>,
     /// With `--send-proxy`: the part of the PROXY header not yet written to the backend.
     pub proxy_out: Vec<u8>,
+    /// The name of its service.
+    pub service: String,
 }
 
 impl PackedSession {
@@ -248,6 +256,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             for l in listeners {
                 w.u16(l.worker);
                 w.addr(l.addr);
+                w.text(&l.service);
             }
         }
         Message::Batch {
@@ -266,6 +275,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         Message::Backends(backends) => {
             w.u32(backends.len() as u32);
             for b in backends {
+                w.text(&b.service);
                 w.addr(b.addr);
                 w.u8(u8::from(b.down) | (u8::from(b.drained) << 1));
                 w.u32(b.configured_weight);
@@ -335,12 +345,13 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
         2 => Message::Ready,
         3 => Message::Refuse { reason: r.text()? },
         4 => {
-            let n = r.count(2 + 7)?;
+            let n = r.count(2 + 7 + 4)?;
             let mut listeners = Vec::with_capacity(n);
             for _ in 0..n {
                 listeners.push(ListenerInfo {
                     worker: r.u16()?,
                     addr: r.addr()?,
+                    service: r.text()?,
                 });
             }
             Message::Listeners(listeners)
@@ -368,9 +379,10 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
         },
         10 => Message::Done,
         11 => {
-            let n = r.count(7 + 1 + 4 + 2)?;
+            let n = r.count(4 + 7 + 1 + 4 + 2)?;
             let mut backends = Vec::with_capacity(n);
             for _ in 0..n {
+                let service = r.text()?;
                 let addr = r.addr()?;
                 let flags = r.u8()?;
                 if flags > 3 {
@@ -384,6 +396,7 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
                     }
                 };
                 backends.push(BackendInfo {
+                    service,
                     addr,
                     down: flags & 1 != 0,
                     drained: flags & 2 != 0,
@@ -517,6 +530,7 @@ impl Writer {
             }
         }
         self.bytes(&s.proxy_out);
+        self.text(&s.service);
     }
 }
 
@@ -629,6 +643,7 @@ impl<'a> Reader<'a> {
             _ => return Err(WireError::BadValue("pumps")),
         };
         let proxy_out = self.bytes()?;
+        let service = self.text()?;
         // What the phase implies must be there (and nothing else), or the fds do not line up.
         let consistent = match phase {
             WirePhase::Queued => backend.is_none() && pumps.is_none(),
@@ -655,6 +670,7 @@ impl<'a> Reader<'a> {
             first_eof,
             pumps,
             proxy_out,
+            service,
         })
     }
     fn pump(&mut self) -> Result<PackedPump, WireError> {
@@ -708,6 +724,10 @@ mod tests {
     }
 
     fn session() -> impl Strategy<Value = PackedSession> {
+        (session_in_no_service(), text()).prop_map(|(s, service)| PackedSession { service, ..s })
+    }
+
+    fn session_in_no_service() -> impl Strategy<Value = PackedSession> {
         let phase = prop_oneof![
             Just(WirePhase::Queued),
             Just(WirePhase::Connecting),
@@ -754,6 +774,7 @@ mod tests {
                     first_eof,
                     pumps: (phase == WirePhase::Relaying).then_some([p0, p1]),
                     proxy_out,
+                    service: String::new(),
                 },
             )
     }
@@ -768,7 +789,13 @@ mod tests {
             Just(Message::Ready),
             text().prop_map(|reason| Message::Refuse { reason }),
             proptest::collection::vec(
-                (any::<u16>(), addr()).prop_map(|(worker, addr)| ListenerInfo { worker, addr }),
+                (any::<u16>(), addr(), text()).prop_map(|(worker, addr, service)| {
+                    ListenerInfo {
+                        worker,
+                        addr,
+                        service,
+                    }
+                }),
                 0..10
             )
             .prop_map(Message::Listeners),
@@ -789,6 +816,7 @@ mod tests {
             Just(Message::Done),
             proptest::collection::vec(
                 (
+                    text(),
                     addr(),
                     any::<(bool, bool)>(),
                     any::<u32>(),
@@ -796,8 +824,16 @@ mod tests {
                     any::<Option<u64>>()
                 )
                     .prop_map(
-                        |(addr, (down, drained), configured_weight, operator_weight, ramp_ms)| {
+                        |(
+                            service,
+                            addr,
+                            (down, drained),
+                            configured_weight,
+                            operator_weight,
+                            ramp_ms,
+                        )| {
                             BackendInfo {
+                                service,
                                 addr,
                                 down,
                                 drained,
@@ -909,6 +945,7 @@ mod tests {
                 },
             ]),
             proxy_out: vec![],
+            service: String::new(),
         };
         assert_eq!(relaying.fd_count(), 4);
         let queued = PackedSession {

@@ -73,7 +73,7 @@ impl Worker {
 
     /// Accepts from listener `i` until it is empty (`WouldBlock`), or the batch is done, or
     /// descriptors or `--max-conns` run short. A drain takes the whole backlog in one go.
-    fn accept_from(&mut self, i: usize) {
+    pub(super) fn accept_from(&mut self, i: usize) {
         let batch = if self.draining {
             usize::MAX
         } else {

@@ -252,13 +252,21 @@ impl Worker {
             // its entries; ones armed for an earlier attempt are few and expire soon.
             let sessions = &self.sessions;
             self.timers.compact(|t| {
-                matches!(t.kind, TimerKind::DrainDeadline | TimerKind::RebalanceTick)
-                    || sessions.get(t.key).is_some_and(|s| s.id == t.id)
+                matches!(
+                    t.kind,
+                    TimerKind::DrainDeadline
+                        | TimerKind::RebalanceTick
+                        | TimerKind::ServiceDeadline
+                ) || sessions.get(t.key).is_some_and(|s| s.id == t.id)
             });
         }
         while let Some(timer) = self.timers.pop_expired(self.now) {
             if timer.kind == TimerKind::DrainDeadline {
                 self.drain_deadline();
+                continue;
+            }
+            if timer.kind == TimerKind::ServiceDeadline {
+                self.service_deadline(timer.id);
                 continue;
             }
             if timer.kind == TimerKind::RebalanceTick {

@@ -94,7 +94,7 @@ impl Worker {
     /// clients reconnect at a steady rate rather than all in the same instant. Every worker
     /// spreads its own sessions over the whole window, each shifted by its share of one slot,
     /// so together they close at a steady rate too.
-    fn schedule_closes(&mut self, keys: Vec<usize>, from: Instant, spread: Duration) {
+    pub(super) fn schedule_closes(&mut self, keys: Vec<usize>, from: Instant, spread: Duration) {
         let mut sessions: Vec<(u64, usize)> = keys
             .into_iter()
             .filter_map(|k| self.sessions.get(k).map(|s| (s.id, k)))

@@ -34,6 +34,7 @@ mod dispatch;
 mod drain;
 mod place;
 mod rebalance;
+mod services;
 mod upgrade;
 
 use std::collections::VecDeque;
@@ -51,7 +52,7 @@ use slab::Slab;
 use crate::backend::BackendSet;
 use crate::client_ip::IpLimits;
 use crate::config::Config;
-use crate::plane::{Control, HealthLink};
+use crate::plane::Control;
 use crate::relay::Pools;
 use crate::session::{Rules, Session};
 use crate::stats::Counters;
@@ -64,6 +65,9 @@ use place::{Placer, QUEUE_COMPACT_MIN, QUEUE_RECHECK};
 /// picker, its queue and its per-IP table. Indexed by the service's number, which is the same
 /// in every worker and in the health thread that publishes its sets.
 pub struct Served {
+    name: Arc<str>,
+    /// Removed by a reload: its sessions drain, and it takes no new ones.
+    removed: bool,
     config: Arc<Config>,
     /// The settings its sessions' transitions depend on (from `config`).
     rules: Rules,
@@ -79,15 +83,33 @@ pub struct Served {
     ip_limits: Option<Arc<IpLimits>>,
 }
 
-/// What a worker is given of one service at start.
-pub struct ServiceInit {
-    pub config: Arc<Config>,
-    /// This worker's listeners of the service.
-    pub listeners: Vec<TcpListener>,
-    pub backends: Arc<BackendSet>,
-    /// The service's health thread (told of failing backends).
-    pub health: HealthLink,
-    pub ip_limits: Option<Arc<IpLimits>>,
+pub(crate) use crate::plane::ServiceStart as ServiceInit;
+
+impl Served {
+    /// Worker `worker`'s part of a service, and its listeners (not registered yet).
+    fn new(
+        worker: usize,
+        start: ServiceInit,
+        counters: &Arc<Counters>,
+    ) -> (Served, Vec<TcpListener>) {
+        let served = Served {
+            name: start.name,
+            removed: false,
+            rules: Rules::new(&start.config),
+            placer: Placer::new(
+                worker,
+                Arc::clone(&start.config),
+                Arc::clone(counters),
+                start.health,
+            ),
+            config: start.config,
+            backends: start.backends,
+            queue: VecDeque::new(),
+            queue_compact_at: QUEUE_COMPACT_MIN,
+            ip_limits: start.ip_limits,
+        };
+        (served, start.listeners)
+    }
 }
 
 pub struct Worker {
@@ -127,6 +149,8 @@ pub struct Worker {
     draining: bool,
     /// The drain's `--close-spread`, for its deadline.
     close_spread: Duration,
+    /// The `--close-spread` of the last service removed, for its deadline.
+    removed_spread: Duration,
     /// The listen address of each listener, for session logs (kept after a drain closes them).
     listen_addrs: Vec<SocketAddr>,
     /// When worker 0 next sweeps the per-IP table.
@@ -147,7 +171,7 @@ pub struct Worker {
 impl Worker {
     /// A worker serving `services` (numbered in this order); `config` holds the process-wide
     /// settings.
-    pub fn new(
+    pub(crate) fn new(
         id: usize,
         config: Arc<Config>,
         services: Vec<ServiceInit>,
@@ -161,22 +185,10 @@ impl Worker {
         for (number, service) in services.into_iter().enumerate() {
             let number =
                 u16::try_from(number).map_err(|_| io::Error::other("more than 65536 services"))?;
-            listener_service.extend(service.listeners.iter().map(|_| number));
-            listeners.extend(service.listeners);
-            served.push(Served {
-                rules: Rules::new(&service.config),
-                placer: Placer::new(
-                    id,
-                    Arc::clone(&service.config),
-                    Arc::clone(&counters),
-                    service.health,
-                ),
-                config: service.config,
-                backends: service.backends,
-                queue: VecDeque::new(),
-                queue_compact_at: QUEUE_COMPACT_MIN,
-                ip_limits: service.ip_limits,
-            });
+            let (service, own) = Served::new(id, service, &counters);
+            listener_service.extend(own.iter().map(|_| number));
+            listeners.extend(own);
+            served.push(service);
         }
         for (i, l) in listeners.iter_mut().enumerate() {
             poll.registry()
@@ -212,6 +224,7 @@ impl Worker {
             queue_log: LogLimiter::default(),
             draining: false,
             close_spread: Duration::ZERO,
+            removed_spread: Duration::ZERO,
             listen_addrs,
             next_sweep: Instant::now() + IP_SWEEP_INTERVAL,
             client_ip_log: LogLimiter::default(),
@@ -358,6 +371,12 @@ impl Worker {
                     let _ = reply.send(self.listener_copies());
                 }
                 Ok(Control::Accepting(on)) => self.set_accepting(on),
+                Ok(Control::AddService { number, start }) => self.add_service(number, start),
+                Ok(Control::RemoveService {
+                    number,
+                    timeout,
+                    spread,
+                }) => self.remove_service(number, timeout, spread),
                 Ok(Control::Shutdown) | Err(TryRecvError::Disconnected) => return true,
                 Err(TryRecvError::Empty) => return false,
             }

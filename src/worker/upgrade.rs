@@ -117,7 +117,9 @@ impl Worker {
                 session.pack(now, rules.connect_timeout)
             });
             match packed {
-                Ok((packed, fds)) => {
+                Ok((mut packed, fds)) => {
+                    let served = &self.services[usize::from(session.service)];
+                    packed.service = served.name.to_string();
                     frozen.sessions.push(packed);
                     frozen.fds.extend(fds);
                     keys.push(key);
@@ -262,7 +264,18 @@ impl Worker {
                         && (l.ip() == p.local_addr.ip() || l.ip().is_unspecified())
                 })
                 .unwrap_or(0);
-            let service = self.listener_service.get(listener).copied().unwrap_or(0);
+            // Its service: the one of the same name here; if none has it (the service is not
+            // in this process's configuration), the one listening where it connected; else
+            // the first. Its backend, if not in that service's set, is counted under a
+            // drained set of its own (see `adoption_set`).
+            let by_name = self
+                .services
+                .iter()
+                .position(|s| !s.removed && *s.name == *p.service)
+                .and_then(|s| u16::try_from(s).ok());
+            let service = by_name
+                .or_else(|| self.listener_service.get(listener).copied())
+                .unwrap_or(0);
             let s = usize::from(service);
             let (set, index) = match p.backend {
                 Some(backend) => self.adoption_set(s, backend),
@@ -429,12 +442,17 @@ impl Worker {
 impl Worker {
     /// Duplicates of the open listeners, with their addresses: the same sockets, for the new
     /// process.
-    pub(super) fn listener_copies(&self) -> Vec<(SocketAddr, OwnedFd)> {
+    pub(super) fn listener_copies(&self) -> Vec<(String, SocketAddr, OwnedFd)> {
         let mut copies = Vec::new();
-        for (listener, addr) in self.listeners.iter().zip(&self.listen_addrs) {
+        for (i, (listener, addr)) in self.listeners.iter().zip(&self.listen_addrs).enumerate() {
             let Some(listener) = listener else { continue };
+            let service = self
+                .listener_service
+                .get(i)
+                .and_then(|&s| self.services.get(usize::from(s)))
+                .map_or_else(String::new, |s| s.name.to_string());
             match listener.as_fd().try_clone_to_owned() {
-                Ok(fd) => copies.push((*addr, fd)),
+                Ok(fd) => copies.push((service, *addr, fd)),
                 Err(e) => log::warn!("worker {}: cannot duplicate a listener: {e}", self.id),
             }
         }

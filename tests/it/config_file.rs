@@ -150,7 +150,7 @@ fn the_example_config_passes_check() {
 
 /// A port of 127.0.0.1 held with SO_REUSEPORT (never listening), for holdfast to bind beside
 /// it: the test knows the address before holdfast starts.
-fn reserved_port() -> (socket2::Socket, std::net::SocketAddr) {
+pub(crate) fn reserved_port() -> (socket2::Socket, std::net::SocketAddr) {
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
     socket.set_reuse_port(true).unwrap();
@@ -186,4 +186,55 @@ fn every_service_of_a_file_is_served() {
     assert_eq!(tags_of_new_clients(second, 3), vec!["c"; 3]);
     hf.wait_for_stderr("service 'cache' from ", WITHIN);
     hf.wait_for_stderr("(service 'cache')", WITHIN);
+}
+
+/// SIGHUP with services added and removed in the file, sessions open on each: the kept
+/// service's session goes on and its new clients reach its new backend, the removed
+/// service's port refuses new clients and its session is closed at its drain timeout, and
+/// the added service serves.
+#[test]
+fn sighup_adds_and_removes_services_with_live_sessions() {
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let c = TaggedBackend::start("c");
+    let (_held, second) = reserved_port();
+    let (_held_too, third) = reserved_port();
+    let service = |name: &str, listen: &str, backend: &TaggedBackend| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\nbackends = [\"{}\"]\n\
+             drain_timeout = \"300ms\"\nclose_spread = \"0s\"\n\n",
+            backend.addr()
+        )
+    };
+    let text = format!(
+        "workers = 2\n\n{}{}",
+        service("kept", "{listen}", &a),
+        service("leaving", &second.to_string(), &c)
+    );
+    let (hf, file) = Child::spawn_config(&text);
+    wait_until_ok(WITHIN, || {
+        visit_tagged("127.0.0.1", second, WITHIN).map(|_| ())
+    });
+    let (tag, mut on_kept) = connect_tagged(hf.addr());
+    assert_eq!(tag, "a");
+    let (tag, mut on_leaving) = connect_tagged(second);
+    assert_eq!(tag, "c");
+
+    file.write(&format!(
+        "workers = 2\n\n{}{}",
+        service("kept", &hf.addr().to_string(), &b),
+        service("added", &third.to_string(), &c)
+    ));
+    hf.signal(libc::SIGHUP);
+    hf.wait_for_stderr("SIGHUP: backends reloaded", WITHIN);
+    let log = hf.stderr();
+    assert!(log.contains("SIGHUP: service 'added' added"), "{log}");
+    assert!(log.contains("SIGHUP: service 'leaving' removed"), "{log}");
+
+    round_trip(&mut on_kept, b"nothing dropped");
+    assert_eq!(tags_of_new_clients(hf.addr(), 3), vec!["b"; 3]);
+    assert_eq!(tags_of_new_clients(third, 2), vec!["c"; 2]);
+    wait_refused(second, WITHIN);
+    expect_closed(&mut on_leaving, WITHIN);
+    round_trip(&mut on_kept, b"still nothing dropped");
 }

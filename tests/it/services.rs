@@ -312,3 +312,95 @@ fn one_service_keeps_the_plain_routes() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(admin, "/backends")[0]["state"], "drain");
 }
+
+/// A reload of the services with live sessions on each: a kept service gets its new
+/// backends and its sessions go on; a removed service's listener closes at once and its
+/// session goes on until its drain timeout, then is closed; a new service serves; a service
+/// whose listen address changed serves on the new one only. A reload that cannot be done
+/// (a new service on an address another process holds) changes nothing.
+#[test]
+fn reloading_services_adds_removes_and_keeps_live_sessions() {
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let c = TaggedBackend::start("c");
+    let d = TaggedBackend::start("d");
+    let mut kept = service_config(&[a.addr()], Algorithm::RoundRobin);
+    kept.workers = 2;
+    let mut leaving = service_config(&[c.addr()], Algorithm::RoundRobin);
+    leaving.drain_timeout = Duration::from_millis(300);
+    leaving.close_spread = Duration::ZERO;
+    let moving = service_config(&[d.addr()], Algorithm::RoundRobin);
+    let lb = Holdfast::start_services(vec![
+        Service::new("kept", kept.clone()),
+        Service::new("leaving", leaving),
+        Service::new("moving", moving.clone()),
+    ])
+    .expect("start");
+    let kept_addr = lb.service("kept").unwrap().listen_addrs()[0];
+    let leaving_addr = lb.service("leaving").unwrap().listen_addrs()[0];
+    let moving_addr = lb.service("moving").unwrap().listen_addrs()[0];
+    let (tag, mut on_kept) = connect_tagged(kept_addr);
+    assert_eq!(tag, "a");
+    let (tag, mut on_leaving) = connect_tagged(leaving_addr);
+    assert_eq!(tag, "c");
+    let (tag, mut on_moving) = connect_tagged(moving_addr);
+    assert_eq!(tag, "d");
+
+    // Cannot be done: the new service's address is held by a listener of another process
+    // (no SO_REUSEPORT), so nothing changes.
+    let squatter = std::net::TcpListener::bind(localhost0()).unwrap();
+    let mut blocked = service_config(&[b.addr()], Algorithm::RoundRobin);
+    blocked.listen = vec![squatter.local_addr().unwrap()];
+    let mut kept_b = kept.clone();
+    kept_b.backends = vec![BackendSpec::new(b.addr())];
+    let e = lb
+        .reload_services(vec![
+            Service::new("kept", kept_b.clone()),
+            Service::new("blocked", blocked),
+        ])
+        .expect_err("a listener that cannot be bound");
+    assert!(
+        e.to_string()
+            .contains(&squatter.local_addr().unwrap().to_string()),
+        "{e}"
+    );
+    assert_eq!(lb.service_names(), vec!["kept", "leaving", "moving"]);
+    assert_eq!(tags_of_new_clients(kept_addr, 2), vec!["a"; 2]);
+    round_trip(&mut on_leaving, b"still there");
+
+    // kept: backends a -> b; leaving: gone; moving: to a new address; added: new.
+    let mut moved = moving;
+    let spare = std::net::TcpListener::bind(localhost0()).unwrap();
+    moved.listen = vec![spare.local_addr().unwrap()];
+    drop(spare);
+    let added = service_config(&[c.addr()], Algorithm::LeastConn);
+    let report = lb
+        .reload_services(vec![
+            Service::new("kept", kept_b),
+            Service::new("moving", moved),
+            Service::new("added", added),
+        ])
+        .expect("reload");
+    assert_eq!(report.added, vec!["added"]);
+    assert_eq!(report.removed, vec!["leaving"]);
+    assert_eq!(report.replaced, vec!["moving"]);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(lb.service_names(), vec!["kept", "moving", "added"]);
+
+    // Nothing dropped on the kept service; new clients reach its new backend.
+    round_trip(&mut on_kept, b"kept across the reload");
+    assert_eq!(tags_of_new_clients(kept_addr, 3), vec!["b"; 3]);
+    // The removed service takes no new client, and its session is closed at its drain
+    // timeout (it was still relaying after the reload).
+    wait_refused(leaving_addr, WITHIN);
+    expect_closed(&mut on_leaving, WITHIN);
+    // The moved service: its old address refuses, the new one serves; its session on the
+    // old listener drains like any removed service's (still relaying now).
+    wait_refused(moving_addr, WITHIN);
+    round_trip(&mut on_moving, b"drains on the old one");
+    let moved_addr = lb.service("moving").unwrap().listen_addrs()[0];
+    assert_eq!(tags_of_new_clients(moved_addr, 2), vec!["d"; 2]);
+    let added_addr = lb.service("added").unwrap().listen_addrs()[0];
+    assert_eq!(tags_of_new_clients(added_addr, 2), vec!["c"; 2]);
+    round_trip(&mut on_kept, b"and still");
+}

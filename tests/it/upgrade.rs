@@ -698,3 +698,80 @@ fn a_connecting_session_retries_on_another_backend_in_the_new_process() {
         Some(1.0)
     );
 }
+
+/// Two services from a `--config` file, both relaying to the same backend, sessions on both
+/// with a message in flight: SIGUSR2's new process takes every session, each to the service
+/// of the same name (its counts say so), and both ports serve new clients.
+#[test]
+fn an_upgrade_keeps_the_sessions_of_every_service() {
+    let backend = EchoBackend::start();
+    let socket = TempFile::new("upgrade-sock", "");
+    let pid_file = TempFile::new("pid", "");
+    let (_held, second) = crate::config_file::reserved_port();
+    let service = |name: &str, listen: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\nbackends = [\"{}\"]\n\n",
+            backend.addr()
+        )
+    };
+    let text = format!(
+        "workers = 2\nadmin = \"127.0.0.1:0\"\nupgrade_socket = \"{}\"\npid_file = \"{}\"\n\n{}{}",
+        socket.path().display(),
+        pid_file.path().display(),
+        service("ws", "{listen}"),
+        service("db", &second.to_string()),
+    );
+    let (mut old, _file) = Child::spawn_config(&text);
+    let old_pid = old.pid();
+    wait_for_pid(pid_file.path(), |p| p == old_pid);
+    let first = old.addr();
+    let mut on_ws: Vec<TcpStream> = (0..3).map(|_| client(first)).collect();
+    let mut on_db: Vec<TcpStream> = (0..2).map(|_| client(second)).collect();
+    for (c, cl) in on_ws.iter_mut().chain(on_db.iter_mut()).enumerate() {
+        exchange(cl, c, 0);
+        cl.write_all(&message(c, 1)).unwrap();
+    }
+
+    old.signal(libc::SIGUSR2);
+    let status = old
+        .wait_exit(WAIT)
+        .expect("the old process exits after the handover");
+    let log = old.stderr();
+    assert!(status.success(), "old process: {status}; stderr:\n{log}");
+    assert!(log.contains("handed 5 sessions over"), "stderr:\n{log}");
+    let new_pid = wait_for_pid(pid_file.path(), |p| p != old_pid);
+    let _new = Orphan(new_pid);
+
+    // Every session goes on, in both services.
+    for (c, cl) in on_ws.iter_mut().chain(on_db.iter_mut()).enumerate() {
+        let sent = message(c, 1);
+        let mut got = vec![0u8; sent.len()];
+        cl.read_exact(&mut got).unwrap();
+        assert!(
+            got == sent,
+            "client {c}: the message in flight came back altered"
+        );
+        exchange(cl, c, 2);
+    }
+    // Each counted under its own service in the new process.
+    let log = old.stderr();
+    let admin: std::net::SocketAddr = log
+        .rsplit("admin endpoint on http://")
+        .next()
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no admin address:\n{log}"));
+    let active = |service: &str| {
+        format!(
+            "holdfast_backend_sessions_active{{service=\"{service}\",backend=\"{}\"}}",
+            backend.addr()
+        )
+    };
+    wait_for_sample(admin, &active("ws"), 3.0);
+    wait_for_sample(admin, &active("db"), 2.0);
+    // Both ports serve new clients.
+    for addr in [first, second] {
+        let mut fresh = client(addr);
+        exchange(&mut fresh, 9, 0);
+    }
+}
