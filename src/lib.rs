@@ -32,7 +32,12 @@
 //! # }
 //! ```
 //!
-//! The public API: [`Holdfast`] and [`Controller`]; [`Config`] and its parts
+//! Several services (each its own listeners, backends, algorithm, health checks and limits)
+//! run in one process on the same workers with [`Holdfast::start_services`]; a handle acts on
+//! one of them ([`Controller::service`]), and [`Controller::reload_services`] adds, removes
+//! and changes them while running.
+//!
+//! The public API: [`Holdfast`] and [`Controller`], [`Service`], [`ServicesReload`]; [`Config`] and its parts
 //! ([`BackendSpec`], [`DnsName`], [`Resolver`], [`HealthConfig`], [`HealthCheck`],
 //! [`LimitsConfig`], [`Algorithm`], [`RelayMode`]) with the parsers that read them as the flags
 //! do (`FromStr`, [`parse_duration`], [`resolve_addr`]); the snapshots [`StatsSnapshot`] and

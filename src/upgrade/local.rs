@@ -414,6 +414,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
+    use crate::Service;
     use crate::config::{BackendSpec, Config, RelayMode};
 
     const CLIENTS: usize = 24;
@@ -547,6 +548,84 @@ mod tests {
         }
         wait_until("the sessions to end", || new.stats().active == 0);
         assert_eq!(old.stats().closed, 0, "the old balancer closed a session");
+    }
+
+    /// Two services, `a` and `b`, each with a backend of its own.
+    fn two_services(a: SocketAddr, b: Option<SocketAddr>) -> Holdfast {
+        let service = |name: &str, backend| {
+            let mut config = Config::new(
+                vec!["127.0.0.1:0".parse().unwrap()],
+                vec![BackendSpec::new(backend)],
+            );
+            config.workers = 2;
+            config.health.check = crate::config::HealthCheck::None;
+            Service::new(name, config)
+        };
+        let mut services = vec![service("a", a)];
+        services.extend(b.map(|b| service("b", b)));
+        Holdfast::start_services(services).unwrap()
+    }
+
+    /// Hands every session of `old` to `new` (no listeners: each keeps its own).
+    fn hand_over(old: &Holdfast, new: &Holdfast, sessions: usize) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let giver_control = old.controller().clone();
+        let giving = thread::spawn(move || {
+            let mut giver = LocalGiver::new(giver_control);
+            give(&mut Channel::new(a), &mut giver, 1, WAIT)
+        });
+        let taker_control = new.controller().clone();
+        let taking = thread::spawn(move || {
+            let mut taker = LocalTaker::new(taker_control);
+            take(&mut Channel::new(b), &mut taker)
+        });
+        assert_eq!(giving.join().unwrap().unwrap().sessions, sessions);
+        assert_eq!(taking.join().unwrap().unwrap(), Taken::Done);
+    }
+
+    /// Sessions go to the service of the same name in the new process, even where their
+    /// address names no listener there (here the new process listens elsewhere, as it would
+    /// behind a PROXY header's destination); a session whose service the new process lacks
+    /// goes on under the first service, on a drained set of its own backend.
+    #[test]
+    fn sessions_go_to_the_service_of_the_same_name() {
+        let (x, y) = (echo_backend(), echo_backend());
+        let old = two_services(x, Some(y));
+        let new = two_services(x, Some(y));
+        let connect = |lb: &Holdfast, name: &str, n: usize| -> Vec<TcpStream> {
+            let addr = lb.service(name).unwrap().listen_addrs()[0];
+            (0..n)
+                .map(|c| {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.set_read_timeout(Some(WAIT)).unwrap();
+                    exchange(&mut s, c, 0);
+                    s
+                })
+                .collect()
+        };
+        let mut on_a = connect(&old, "a", 2);
+        let mut on_b = connect(&old, "b", 3);
+        hand_over(&old, &new, 5);
+        let active =
+            |lb: &Holdfast, name: &str| lb.service(name).unwrap().backend_stats()[0].active;
+        wait_until("the new balancer to count them", || {
+            active(&new, "a") == 2 && active(&new, "b") == 3
+        });
+        for (c, s) in on_a.iter_mut().chain(on_b.iter_mut()).enumerate() {
+            exchange(s, c, 1);
+        }
+
+        // The new process has no service `b`: its sessions go on under `a`, not counted on
+        // `a`'s backend (theirs is not in `a`'s set), and no new client is sent to `y`.
+        let newer = two_services(x, None);
+        hand_over(&new, &newer, 5);
+        wait_until("the newer balancer to count them", || {
+            newer.stats().active == 5
+        });
+        assert_eq!(active(&newer, "a"), 2);
+        for (c, s) in on_a.iter_mut().chain(on_b.iter_mut()).enumerate() {
+            exchange(s, c, 2);
+        }
     }
 
     #[test]
