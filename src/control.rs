@@ -22,7 +22,9 @@ use crate::plane::{
     WorkerLink,
 };
 use crate::sources::Sources;
-use crate::stats::{Counters, RebalanceSnapshot, StatsSnapshot};
+use crate::stats::{
+    Counters, RebalanceSnapshot, ServiceCounters, ServiceStatsSnapshot, StatsSnapshot,
+};
 
 /// How long an operator's request waits for the health thread to apply it. The health thread
 /// never blocks, so this only guards a caller (the admin endpoint) against a stalled one.
@@ -46,6 +48,8 @@ fn answer<T>(rx: &Receiver<T>, timeout: Duration) -> Result<T, ControlError> {
 pub(crate) struct ServiceControl {
     pub(crate) name: String,
     pub(crate) published: Published,
+    /// Its own counters (the workers count into them).
+    pub(crate) counters: Arc<ServiceCounters>,
     pub(crate) health: HealthLink,
     pub(crate) listen_addrs: Vec<SocketAddr>,
     pub(crate) config: Arc<Config>,
@@ -182,6 +186,12 @@ impl Controller {
     /// Global counters, read now.
     pub fn stats(&self) -> StatsSnapshot {
         self.counters.snapshot()
+    }
+
+    /// This handle's service's own counters, read now ([`Controller::stats`] counts every
+    /// service together).
+    pub fn service_stats(&self) -> ServiceStatsSnapshot {
+        self.this().counters.snapshot()
     }
 
     /// Per-backend counters of the current backend set, read now.

@@ -97,7 +97,7 @@ pub use control::Controller;
 pub use error::StartError;
 pub use plane::{BackendChange, ControlError};
 pub use sources::SourceError;
-pub use stats::{RebalanceSnapshot, StatsSnapshot};
+pub use stats::{RebalanceSnapshot, ServiceStatsSnapshot, StatsSnapshot};
 /// For clients that bind many sockets to 127.0.0.x: choose the local port at connect time.
 pub use sys::bind_address_no_port;
 /// For the binary's signal thread: counts signal deliveries that signal-hook's iterator folds.
@@ -347,7 +347,8 @@ impl Holdfast {
                 ),
                 false => None,
             };
-            healths.push((health, link, published, initial, ip_limits));
+            let counters = Arc::new(stats::ServiceCounters::default());
+            healths.push((health, link, published, initial, ip_limits, counters));
         }
         let health_links: Vec<HealthLink> = healths.iter().map(|h| h.1.clone()).collect();
 
@@ -366,6 +367,7 @@ impl Holdfast {
                     backends: Arc::clone(&health.3),
                     health: health.1.clone(),
                     ip_limits: health.4.clone(),
+                    counters: Arc::clone(&health.5),
                 })
                 .collect();
             let made = Worker::new(id, Arc::clone(&first), inits, Arc::clone(&counters));
@@ -396,7 +398,7 @@ impl Holdfast {
         }
         let mut health_threads = ServiceThreads::default();
         let mut controls = Vec::with_capacity(prepared.len());
-        for (number, ((service, (addrs, _)), (mut health, link, published, _, _))) in
+        for (number, ((service, (addrs, _)), (mut health, link, published, _, _, counters))) in
             prepared.into_iter().zip(bound).zip(healths).enumerate()
         {
             health.attach(number, std::mem::take(&mut for_health[number]));
@@ -434,6 +436,7 @@ impl Holdfast {
                 name: service.name,
                 published,
                 health: link,
+                counters,
                 listen_addrs: addrs,
                 config: service.config,
                 sources: std::sync::Mutex::new(service.sources),
@@ -767,6 +770,7 @@ impl Controller {
         let control = Arc::new(control::ServiceControl {
             name: prepared.name,
             published,
+            counters: Arc::new(stats::ServiceCounters::default()),
             health: link.clone(),
             listen_addrs: addrs,
             config: Arc::clone(&config),
@@ -791,6 +795,7 @@ impl Controller {
                     backends: Arc::clone(&initial),
                     health: link.clone(),
                     ip_limits: ip_limits.clone(),
+                    counters: Arc::clone(&control.counters),
                 },
             });
         }

@@ -171,6 +171,8 @@ pub(crate) struct ServiceStart {
     pub(crate) backends: Arc<BackendSet>,
     pub(crate) health: HealthLink,
     pub(crate) ip_limits: Option<Arc<crate::client_ip::IpLimits>>,
+    /// Its own counters, shared by every worker.
+    pub(crate) counters: Arc<crate::stats::ServiceCounters>,
 }
 
 /// A rebalance to start (see `worker/rebalance.rs`): until `deadline`, close sessions that

@@ -9,12 +9,14 @@
 //!   0 for the others. `holdfast_backend_healthy` is the health verdict, also while draining.
 //! - `holdfast_backend_effective_weight` is in units of weight (fractional during slow start).
 //! - Connect latencies are gauges in seconds over the backend's lifetime: p50, p99 and max.
-//! - `holdfast_service_backends{service,state}` counts each service's backends by state.
+//! - `holdfast_service_backends{service,state}` counts each service's backends by state;
+//!   `holdfast_service_*` are each service's own session counters (the global families count
+//!   every service together).
 
 use std::fmt::{self, Write};
 
 use crate::backend::BackendStatsSnapshot;
-use crate::stats::StatsSnapshot;
+use crate::stats::{ServiceStatsSnapshot, StatsSnapshot};
 
 use super::view::{STATES, effective_weight, state_name};
 
@@ -287,13 +289,51 @@ const PER_BACKEND: &[PerBackend] = &[
     ),
 ];
 
-/// Renders every family; `services` are each service's name and backends.
-pub fn render(stats: &StatsSnapshot, services: &[(String, Vec<BackendStatsSnapshot>)]) -> String {
-    let n: usize = services.iter().map(|(_, b)| b.len()).sum();
+/// One service's part of the metrics: its name, its own counters, its backends.
+pub type ServiceMetrics = (String, ServiceStatsSnapshot, Vec<BackendStatsSnapshot>);
+
+type PerService = (
+    &'static str,
+    Kind,
+    &'static str,
+    fn(&ServiceStatsSnapshot) -> u64,
+);
+
+/// The per-service families (label `service`): name, type, help, value.
+const PER_SERVICE: &[PerService] = &[
+    (
+        "holdfast_service_sessions_active",
+        Kind::Gauge,
+        "The service's client sessions open now.",
+        |s| s.active,
+    ),
+    (
+        "holdfast_service_accepted_total",
+        Kind::Counter,
+        "Client connections accepted on the service's listeners.",
+        |s| s.accepted,
+    ),
+    (
+        "holdfast_service_sessions_closed_total",
+        Kind::Counter,
+        "The service's client sessions closed, for any reason.",
+        |s| s.closed,
+    ),
+    (
+        "holdfast_service_no_backend_total",
+        Kind::Counter,
+        "The service's clients closed because no backend was available.",
+        |s| s.no_backend,
+    ),
+];
+
+/// Renders every family; `services` are each service's name, counters and backends.
+pub fn render(stats: &StatsSnapshot, services: &[ServiceMetrics]) -> String {
+    let n: usize = services.iter().map(|(_, _, b)| b.len()).sum();
     let mut out = String::with_capacity(4096 + 2048 * n);
     let backends: Vec<(String, &BackendStatsSnapshot)> = services
         .iter()
-        .flat_map(|(name, list)| {
+        .flat_map(|(name, _, list)| {
             let name = escape(name);
             list.iter().map(move |b| (name.clone(), b))
         })
@@ -355,7 +395,7 @@ fn write_upgrade(out: &mut String, stats: &StatsSnapshot) -> fmt::Result {
 fn write_all(
     out: &mut String,
     stats: &StatsSnapshot,
-    services: &[(String, Vec<BackendStatsSnapshot>)],
+    services: &[ServiceMetrics],
     backends: &[(String, &BackendStatsSnapshot)],
 ) -> fmt::Result {
     family(
@@ -433,7 +473,7 @@ fn write_all(
         Kind::Gauge,
         "The service's backends in each state (up, down or drain).",
     )?;
-    for (service, list) in services {
+    for (service, _, list) in services {
         let service = escape(service);
         for state in STATES {
             writeln!(
@@ -442,6 +482,13 @@ fn write_all(
                 state_name(state),
                 list.iter().filter(|b| b.state == state).count()
             )?;
+        }
+    }
+    for &(name, kind, help, value) in PER_SERVICE {
+        family(out, name, kind, help)?;
+        for (service, stats, _) in services {
+            let service = escape(service);
+            writeln!(out, "{name}{{service=\"{service}\"}} {}", value(stats))?;
         }
     }
     Ok(())
@@ -499,7 +546,11 @@ mod tests {
         ];
         let text = render(
             &StatsSnapshot::default(),
-            &[("default".to_string(), backends.to_vec())],
+            &[(
+                "default".to_string(),
+                ServiceStatsSnapshot::default(),
+                backends.to_vec(),
+            )],
         );
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {
@@ -540,9 +591,19 @@ mod tests {
             &[
                 (
                     "w\"s".to_string(),
+                    ServiceStatsSnapshot::default(),
                     vec![backend("[::1]:2", BackendState::Drain)],
                 ),
-                ("db".to_string(), vec![backend("[::1]:2", BackendState::Up)]),
+                (
+                    "db".to_string(),
+                    ServiceStatsSnapshot {
+                        accepted: 5,
+                        active: 2,
+                        closed: 3,
+                        no_backend: 1,
+                    },
+                    vec![backend("[::1]:2", BackendState::Up)],
+                ),
             ],
         );
         for expected in [
@@ -562,6 +623,11 @@ mod tests {
             "holdfast_service_backends{service=\"w\\\"s\",state=\"drain\"} 1",
             "holdfast_service_backends{service=\"db\",state=\"drain\"} 0",
             "holdfast_service_backends{service=\"db\",state=\"up\"} 1",
+            "holdfast_service_sessions_active{service=\"db\"} 2",
+            "holdfast_service_accepted_total{service=\"db\"} 5",
+            "holdfast_service_sessions_closed_total{service=\"db\"} 3",
+            "holdfast_service_no_backend_total{service=\"db\"} 1",
+            "holdfast_service_sessions_active{service=\"w\\\"s\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == expected),

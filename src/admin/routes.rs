@@ -335,10 +335,13 @@ fn respond_in(request: &AdminRequest, control: &Controller) -> Reply {
             ..Reply::text(StatusCode::OK, "")
         }),
         AdminRequest::Metrics => {
-            let services: Vec<(String, Vec<_>)> = control
+            let services: Vec<metrics::ServiceMetrics> = control
                 .services()
                 .into_iter()
-                .map(|s| (s.service_name().to_string(), s.backend_stats()))
+                .map(|s| {
+                    let name = s.service_name().to_string();
+                    (name, s.service_stats(), s.backend_stats())
+                })
                 .collect();
             Ok(Reply::metrics(metrics::render(&control.stats(), &services)))
         }
@@ -389,6 +392,9 @@ struct ServiceView {
     backends: usize,
     /// Of those, the ones taking new sessions.
     backends_up: usize,
+    /// Its sessions open now, and its clients accepted so far.
+    sessions_active: u64,
+    accepted: u64,
 }
 
 impl From<&Controller> for ServiceView {
@@ -403,6 +409,8 @@ impl From<&Controller> for ServiceView {
                 .iter()
                 .filter(|b| b.state == crate::backend::BackendState::Up)
                 .count(),
+            sessions_active: control.service_stats().active,
+            accepted: control.service_stats().accepted,
         }
     }
 }

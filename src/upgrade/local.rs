@@ -611,6 +611,8 @@ mod tests {
         wait_until("the new balancer to count them", || {
             active(&new, "a") == 2 && active(&new, "b") == 3
         });
+        assert_eq!(new.service("b").unwrap().service_stats().active, 3);
+        assert_eq!(old.service("b").unwrap().service_stats().active, 0);
         for (c, s) in on_a.iter_mut().chain(on_b.iter_mut()).enumerate() {
             exchange(s, c, 1);
         }

@@ -165,6 +165,7 @@ impl Worker {
         let service = self.listener_service.get(listener).copied().unwrap_or(0);
         let s = usize::from(service);
         let config = Arc::clone(&self.services[s].config);
+        Counters::incr(&self.services[s].counters.accepted);
         let ticket = if config.client_ip.accept_proxy {
             // Its address is the header's: admitted once the header is read.
             if !crate::client_ip::any_contains(&config.client_ip.trusted_proxies, client_addr.ip())
@@ -218,6 +219,7 @@ impl Worker {
             return;
         }
         let session = entry.insert(session);
+        Counters::incr(&self.services[s].counters.active);
         let actions = session
             .state
             .on(Event::Accepted, self.now, &self.services[s].rules);

@@ -334,7 +334,7 @@ impl Worker {
             if let Some(counter) = counter {
                 Counters::incr(counter);
             }
-            let (client_addr, id) = (session.client_addr, session.id);
+            let (client_addr, id, service) = (session.client_addr, session.id, session.service);
             let log_sessions = self.services[usize::from(session.service)]
                 .config
                 .log_sessions;
@@ -348,6 +348,9 @@ impl Worker {
             }
             Counters::decr(&self.counters.active);
             Counters::incr(&self.counters.closed);
+            let own = &self.services[usize::from(service)].counters;
+            Counters::decr(&own.active);
+            Counters::incr(&own.closed);
         }
         if let Some(session) = self.sessions.get_mut(key) {
             let actions = session.state.on(

@@ -55,7 +55,7 @@ use crate::config::Config;
 use crate::plane::Control;
 use crate::relay::Pools;
 use crate::session::{Rules, Session};
-use crate::stats::Counters;
+use crate::stats::{Counters, ServiceCounters};
 use crate::timer::Timers;
 use crate::token::Target;
 
@@ -81,6 +81,8 @@ pub struct Served {
     queue_compact_at: usize,
     /// Its per-IP limits' table, shared by every worker (`None`: no per-IP limit).
     ip_limits: Option<Arc<IpLimits>>,
+    /// Its own counters, shared by every worker.
+    counters: Arc<ServiceCounters>,
 }
 
 pub(crate) use crate::plane::ServiceStart as ServiceInit;
@@ -107,6 +109,7 @@ impl Served {
             queue: VecDeque::new(),
             queue_compact_at: QUEUE_COMPACT_MIN,
             ip_limits: start.ip_limits,
+            counters: start.counters,
         };
         (served, start.listeners)
     }

@@ -228,6 +228,7 @@ impl Worker {
             }
             Err(NoConnect::NoBackend) => {
                 let client_addr = session.client_addr;
+                Counters::incr(&self.services[service].counters.no_backend);
                 self.no_backend(client_addr);
                 (Event::NoBackend, Placement::Closed)
             }

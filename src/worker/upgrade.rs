@@ -199,6 +199,9 @@ impl Worker {
                 session.set.backends[index].stats.release();
             }
             Counters::decr(&self.counters.active);
+            if let Some(served) = self.services.get(usize::from(session.service)) {
+                Counters::decr(&served.counters.active);
+            }
             log::debug!(
                 "worker {}: session {} from {} handed over",
                 self.id,
@@ -363,6 +366,9 @@ impl Worker {
         self.now = Instant::now();
         for (session, deadline) in sessions {
             Counters::incr(&self.counters.active);
+            if let Some(served) = self.services.get(usize::from(session.service)) {
+                Counters::incr(&served.counters.active);
+            }
             let (sid, entry) = (session.id, self.sessions.vacant_entry());
             let key = entry.key();
             let session = entry.insert(session);

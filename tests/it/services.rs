@@ -86,6 +86,17 @@ fn two_services_serve_their_own_pools_by_their_own_algorithms() {
         .map(|b| b.total)
         .sum();
     assert_eq!(ws_sessions, 8);
+    // And its own session counters: what each service's clients did, nothing of the other's.
+    wait_until(WITHIN, || {
+        let (ws, db) = (
+            lb.service("ws").unwrap().service_stats(),
+            lb.service("db").unwrap().service_stats(),
+        );
+        ws.active == 0 && db.active == 0 && ws.closed == 8 && db.closed == 48
+    });
+    assert_eq!(lb.service("ws").unwrap().service_stats().accepted, 8);
+    assert_eq!(lb.service("db").unwrap().service_stats().accepted, 48);
+    assert_eq!(lb.stats().accepted, 56);
 }
 
 /// A backend listed by both services, drained in one of them, still serves the other; and a
@@ -128,6 +139,7 @@ fn a_backend_down_in_one_service_does_not_affect_the_other() {
     // Service one has no backend left: its clients are closed.
     let mut c = client(one_addr);
     expect_closed(&mut c, WITHIN);
+    assert_eq!(one.service_stats().no_backend, 1);
     // Service two still uses both of its backends, the shared one too.
     let tags = tags_of_new_clients(two_addr, 8);
     assert_eq!(
@@ -137,6 +149,7 @@ fn a_backend_down_in_one_service_does_not_affect_the_other() {
     );
     assert!(count_tag(&tags, "shared") >= 2, "{tags:?}");
     assert!(count_tag(&tags, "steady") >= 2, "{tags:?}");
+    assert_eq!(two.service_stats().no_backend, 0);
 }
 
 /// Names must be unique and listen addresses distinct across services: refused at start.
@@ -244,6 +257,10 @@ fn the_admin_api_names_the_service() {
     let in_db = json(admin, &format!("/services/db/backends/{}", shared.addr()));
     assert_eq!(in_db["state"], "up", "{in_db}");
     assert_eq!(tags_of_new_clients(db_addr, 2), vec!["shared"; 2]);
+    let (_, _held_open) = connect_tagged(db_addr);
+    wait_until(WITHIN, || {
+        json(admin, "/services")[1]["sessions_active"] == 1
+    });
     let (status, body) = http(
         admin,
         "POST",
@@ -268,6 +285,9 @@ fn the_admin_api_names_the_service() {
         ),
         "holdfast_service_backends{service=\"ws\",state=\"drain\"} 1".to_string(),
         "holdfast_service_backends{service=\"db\",state=\"up\"} 1".to_string(),
+        "holdfast_service_sessions_active{service=\"db\"} 1".to_string(),
+        "holdfast_service_accepted_total{service=\"db\"} 3".to_string(),
+        "holdfast_service_sessions_active{service=\"ws\"} 0".to_string(),
     ] {
         assert!(
             metrics.lines().any(|l| l == line),
