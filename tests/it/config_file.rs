@@ -238,3 +238,35 @@ fn sighup_adds_and_removes_services_with_live_sessions() {
     expect_closed(&mut on_leaving, WITHIN);
     round_trip(&mut on_kept, b"still nothing dropped");
 }
+
+/// `--check` on a file with two services prints each service's settings under its name.
+#[test]
+fn check_prints_every_service() {
+    let text = "workers = 1\n\n[[service]]\nname = \"ws\"\nlisten = \"127.0.0.1:1\"\n\
+                backend = \"127.0.0.1:2\"\n\n[[service]]\nname = \"cache\"\n\
+                listen = \"127.0.0.1:3\"\nbackend = \"127.0.0.1:4\"\nalgorithm = \"source-hash\"\n";
+    let file = TempFile::new("config.toml", text);
+    let out = run_binary(
+        &["--check", "--config", file.path().to_str().unwrap()],
+        WITHIN,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ws = stdout.find("# service 'ws'").expect("ws named");
+    let cache = stdout.find("# service 'cache'").expect("cache named");
+    assert!(ws < cache, "{stdout}");
+    assert!(
+        stdout[ws..cache].contains("listen = 127.0.0.1:1"),
+        "{stdout}"
+    );
+    assert!(stdout[cache..].contains("listen = 127.0.0.1:3"), "{stdout}");
+    assert!(
+        stdout[cache..].contains("algorithm = source-hash"),
+        "{stdout}"
+    );
+}
