@@ -9,10 +9,11 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::backend::{BackendSet, BackendStatsSnapshot};
 use crate::config::{BackendSpec, Config, MAX_WEIGHT};
@@ -21,7 +22,9 @@ use crate::plane::{
     WorkerLink,
 };
 use crate::sources::Sources;
-use crate::stats::{Counters, RebalanceSnapshot, StatsSnapshot};
+use crate::stats::{
+    Counters, RebalanceSnapshot, ServiceCounters, ServiceStatsSnapshot, StatsSnapshot,
+};
 
 /// How long an operator's request waits for the health thread to apply it. The health thread
 /// never blocks, so this only guards a caller (the admin endpoint) against a stalled one.
@@ -40,41 +43,139 @@ fn answer<T>(rx: &Receiver<T>, timeout: Duration) -> Result<T, ControlError> {
     })
 }
 
+/// One service's part of the control plane: its health thread, the set it last published,
+/// its settings and its backend sources.
+pub(crate) struct ServiceControl {
+    pub(crate) name: String,
+    pub(crate) published: Published,
+    /// Its own counters (the workers count into them).
+    pub(crate) counters: Arc<ServiceCounters>,
+    pub(crate) health: HealthLink,
+    pub(crate) listen_addrs: Vec<SocketAddr>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) sources: Mutex<Sources>,
+}
+
+/// The services by number (`None`: removed by a reload; numbers are never reused).
+pub(crate) type Services = RwLock<Vec<Option<Arc<ServiceControl>>>>;
+
+/// The threads started for each service (by number), joined when the balancer stops: its
+/// health thread, and its DNS thread with the sender whose drop stops it.
+#[derive(Default)]
+pub(crate) struct ServiceThreads {
+    pub(crate) health: Vec<JoinHandle<()>>,
+    pub(crate) dns: Vec<(usize, Sender<()>, JoinHandle<()>)>,
+}
+
 /// A handle on a running balancer's control plane. Clone it freely.
+///
+/// A balancer runs one or more services
+/// ([`Holdfast::start_services`](crate::Holdfast::start_services)); the handle's per-service
+/// calls (backends, reloads, listen addresses, rebalancing) act on one of them, the first
+/// unless the handle came from [`Controller::service`]. Counters, drains and shutdown are the
+/// process's. A handle on a service a reload removed keeps answering reads from its last
+/// state; changes to it fail ([`ControlError::ShuttingDown`]).
 #[derive(Clone)]
 pub struct Controller {
     counters: Arc<Counters>,
-    published: Published,
-    health: HealthLink,
-    workers: Arc<[WorkerLink]>,
-    listen_addrs: Arc<[SocketAddr]>,
-    config: Arc<Config>,
-    sources: Arc<Mutex<Sources>>,
+    pub(crate) services: Arc<Services>,
+    /// The service this handle's per-service calls act on, and its number.
+    this: Arc<ServiceControl>,
+    number: usize,
+    /// The process-wide settings (the first service's at start).
+    pub(crate) first: Arc<Config>,
+    pub(crate) workers: Arc<[WorkerLink]>,
     /// Set by the first [`Controller::drain`] or [`Controller::shutdown`]; never cleared.
     draining: Arc<AtomicBool>,
+    pub(crate) threads: Arc<Mutex<ServiceThreads>>,
+    /// Held while services are added or removed, so that two reloads do not interleave.
+    pub(crate) reloading: Arc<Mutex<()>>,
 }
 
 impl Controller {
-    /// A handle on threads that [`Holdfast::start`](crate::Holdfast::start) has started.
+    /// A handle on threads that [`Holdfast::start`](crate::Holdfast::start) has started
+    /// (`services` not empty).
     pub(crate) fn new(
         counters: Arc<Counters>,
-        published: Published,
-        health: HealthLink,
+        services: Vec<ServiceControl>,
         workers: Vec<WorkerLink>,
-        listen_addrs: Vec<SocketAddr>,
-        config: Arc<Config>,
-        sources: Sources,
+        threads: ServiceThreads,
     ) -> Controller {
+        let services: Vec<Arc<ServiceControl>> = services.into_iter().map(Arc::new).collect();
+        let this = Arc::clone(&services[0]);
         Controller {
             counters,
-            published,
-            health,
+            first: Arc::clone(&this.config),
+            this,
+            number: 0,
+            services: Arc::new(RwLock::new(services.into_iter().map(Some).collect())),
             workers: workers.into(),
-            listen_addrs: listen_addrs.into(),
-            config,
-            sources: Arc::new(Mutex::new(sources)),
             draining: Arc::new(AtomicBool::new(false)),
+            threads: Arc::new(Mutex::new(threads)),
+            reloading: Arc::new(Mutex::new(())),
         }
+    }
+
+    fn this(&self) -> &ServiceControl {
+        &self.this
+    }
+
+    /// The services running now, by number.
+    pub(crate) fn live(&self) -> Vec<(usize, Arc<ServiceControl>)> {
+        self.services
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .enumerate()
+            .filter_map(|(n, s)| s.as_ref().map(|s| (n, Arc::clone(s))))
+            .collect()
+    }
+
+    /// A handle on service `number`.
+    pub(crate) fn on(&self, number: usize, service: Arc<ServiceControl>) -> Controller {
+        Controller {
+            this: service,
+            number,
+            ..self.clone()
+        }
+    }
+
+    /// The services' names, in the order they were started.
+    pub fn service_names(&self) -> Vec<String> {
+        self.live()
+            .into_iter()
+            .map(|(_, s)| s.name.clone())
+            .collect()
+    }
+
+    /// The number of the service this handle's per-service calls act on.
+    pub(crate) fn number(&self) -> usize {
+        self.number
+    }
+
+    /// The name of the service this handle's per-service calls act on.
+    pub fn service_name(&self) -> &str {
+        &self.this().name
+    }
+
+    /// A handle whose per-service calls act on the service named `name` (`None`: no such
+    /// service runs).
+    pub fn service(&self, name: &str) -> Option<Controller> {
+        let (number, service) = self.live().into_iter().find(|(_, s)| s.name == name)?;
+        Some(self.on(number, service))
+    }
+
+    /// One handle per service running, in the order they were started.
+    pub fn services(&self) -> Vec<Controller> {
+        self.live()
+            .into_iter()
+            .map(|(number, service)| self.on(number, service))
+            .collect()
+    }
+
+    /// The settings of this handle's service.
+    pub fn config(&self) -> &Config {
+        &self.this().config
     }
 
     /// The workers' links, for the live upgrade's batches (`upgrade/local.rs`).
@@ -87,6 +188,12 @@ impl Controller {
         self.counters.snapshot()
     }
 
+    /// This handle's service's own counters, read now ([`Controller::stats`] counts every
+    /// service together).
+    pub fn service_stats(&self) -> ServiceStatsSnapshot {
+        self.this().counters.snapshot()
+    }
+
     /// Per-backend counters of the current backend set, read now.
     pub fn backend_stats(&self) -> Vec<BackendStatsSnapshot> {
         self.current_backends().stats_snapshot()
@@ -96,6 +203,7 @@ impl Controller {
     pub(crate) fn current_backends(&self) -> Arc<BackendSet> {
         Arc::clone(
             &self
+                .this()
                 .published
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
@@ -104,7 +212,7 @@ impl Controller {
 
     /// The addresses the balancer accepts on.
     pub fn listen_addrs(&self) -> &[SocketAddr] {
-        &self.listen_addrs
+        &self.this().listen_addrs
     }
 
     /// Replaces the backend list. Backends that stay keep their state and counters; new ones
@@ -119,15 +227,16 @@ impl Controller {
     /// bounded (5 s, plus 100 µs per backend in the list): then [`ControlError::Timeout`],
     /// and the list is still applied.
     pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), ControlError> {
-        let mut check = Config::new(self.listen_addrs.to_vec(), specs);
+        let mut check = Config::new(self.this().listen_addrs.clone(), specs);
         check.workers = 1;
-        check.algorithm = self.config.algorithm;
+        check.algorithm = self.this().config.algorithm;
         check.validate()?;
         let size = u32::try_from(check.backends.len()).unwrap_or(u32::MAX);
         let timeout =
             ANSWER_TIMEOUT.saturating_add(ANSWER_TIMEOUT_PER_BACKEND.saturating_mul(size));
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        self.health
+        self.this()
+            .health
             .send(Command::SetBackends(check.backends, done_tx));
         answer(&done_rx, timeout)
     }
@@ -137,7 +246,11 @@ impl Controller {
     /// the error ([`ControlError::Source`] or [`ControlError::Invalid`]) names the file and
     /// line. Without a backends file: [`SourceError::NoFile`](crate::SourceError::NoFile).
     pub fn reload(&self) -> Result<(), ControlError> {
-        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sources = self
+            .this()
+            .sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let previous = sources.file_specs.clone();
         sources.reload_file()?;
         let result = self.set_backends(sources.backends());
@@ -153,7 +266,7 @@ impl Controller {
     /// The settings in which `config` differs from the running one, besides backends (see
     /// [`Config::differences`]).
     pub fn config_differences(&self, config: &Config) -> Vec<&'static str> {
-        self.config.differences(config)
+        self.this().config.differences(config)
     }
 
     /// A configuration file's reload: `fixed` replaces the backends the configuration lists
@@ -161,7 +274,11 @@ impl Controller {
     /// backends file is re-read if there is one, and the union is applied as
     /// [`Controller::set_backends`] applies a list. Anything refused changes nothing.
     pub fn reload_with(&self, fixed: Vec<BackendSpec>) -> Result<(), ControlError> {
-        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sources = self
+            .this()
+            .sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let previous = (sources.fixed.clone(), sources.file_specs.clone());
         if sources.file.is_some() {
             sources.reload_file()?;
@@ -178,7 +295,11 @@ impl Controller {
     /// resolve keep their last answer; their errors ([`ControlError::Source`]) are returned,
     /// with the error of applying the new list, if any.
     pub fn refresh_dns(&self) -> Vec<ControlError> {
-        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sources = self
+            .this()
+            .sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let previous = sources.dns_specs.clone();
         let (changed, errors) = sources.refresh_dns();
         let mut errors: Vec<ControlError> = errors.into_iter().map(ControlError::from).collect();
@@ -206,7 +327,9 @@ impl Controller {
             return Err(ControlError::BadWeight(w));
         }
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        self.health.send(Command::Backend(addr, change, done_tx));
+        self.this()
+            .health
+            .send(Command::Backend(addr, change, done_tx));
         answer(&done_rx, ANSWER_TIMEOUT)?
     }
 
@@ -224,9 +347,17 @@ impl Controller {
     /// The listed backends' running state (live upgrade: the old process sends it to the
     /// new one). Empty if the health thread does not answer in time.
     pub(crate) fn backend_snapshot(&self) -> Vec<crate::upgrade::wire::BackendInfo> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.health.send(Command::Snapshot(tx));
-        rx.recv_timeout(ANSWER_TIMEOUT).unwrap_or_default()
+        let mut all = Vec::new();
+        for (_, service) in self.live() {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            service.health.send(Command::Snapshot(tx));
+            let mut infos = rx.recv_timeout(ANSWER_TIMEOUT).unwrap_or_default();
+            for info in &mut infos {
+                info.service.clone_from(&service.name);
+            }
+            all.extend(infos);
+        }
+        all
     }
 
     /// Graceful shutdown: stop accepting at once (listeners close, so new connections go to
@@ -235,8 +366,8 @@ impl Controller {
     /// Returns at once.
     pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        let timeout = self.config.drain_timeout;
-        let spread = self.config.close_spread;
+        let timeout = self.first.drain_timeout;
+        let spread = self.first.close_spread;
         for w in self.workers.iter() {
             w.send(Control::Drain { timeout, spread });
         }
@@ -249,15 +380,13 @@ impl Controller {
     pub fn rebalance(&self, window: Duration) {
         let start = RebalanceStart::new(window);
         // Begun here too, so that a status asked for at once shows it.
-        let by_source = self.config.algorithm == crate::config::Algorithm::SourceHash;
-        self.counters.rebalance.begin(
-            start.generation,
-            start.deadline,
-            by_source,
-            self.config.workers,
-        );
+        let config = &self.this().config;
+        let by_source = config.algorithm == crate::config::Algorithm::SourceHash;
+        self.counters
+            .rebalance
+            .begin(start.generation, start.deadline, by_source, config.workers);
         for w in self.workers.iter() {
-            w.send(Control::Rebalance(start));
+            w.send(Control::Rebalance(self.number, start));
         }
     }
 
@@ -269,7 +398,9 @@ impl Controller {
     /// Immediate shutdown: listeners and every session are closed now. Returns at once.
     pub fn shutdown(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        self.health.send(Command::Shutdown);
+        for (_, service) in self.live() {
+            service.health.send(Command::Shutdown);
+        }
         for w in self.workers.iter() {
             w.send(Control::Shutdown);
         }
@@ -284,12 +415,24 @@ impl Controller {
     /// How long a drain may take at most before every session is closed (and its sockets'
     /// FIN taken or given up on).
     pub fn drain_budget(&self) -> Duration {
-        self.config.drain_timeout + self.config.close_spread + crate::session::LINGER_TIMEOUT
+        let config = &self.first;
+        config.drain_timeout + config.close_spread + crate::session::LINGER_TIMEOUT
     }
 
-    /// Stops the health thread (once the workers have exited).
-    pub(crate) fn stop_health(&self) {
-        self.health.send(Command::Shutdown);
+    /// Stops the DNS and health threads (once the workers have exited) and waits for them.
+    pub(crate) fn stop_threads(&self) -> Vec<JoinHandle<()>> {
+        let threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut handles = Vec::new();
+        for (_, stop, thread) in threads.dns {
+            drop(stop);
+            handles.push(thread);
+        }
+        for (_, service) in self.live() {
+            service.health.send(Command::Shutdown);
+        }
+        handles.extend(threads.health);
+        handles
     }
 }
 

@@ -32,7 +32,12 @@
 //! # }
 //! ```
 //!
-//! The public API: [`Holdfast`] and [`Controller`]; [`Config`] and its parts
+//! Several services (each its own listeners, backends, algorithm, health checks and limits)
+//! run in one process on the same workers with [`Holdfast::start_services`]; a handle acts on
+//! one of them ([`Controller::service`]), and [`Controller::reload_services`] adds, removes
+//! and changes them while running.
+//!
+//! The public API: [`Holdfast`] and [`Controller`], [`Service`], [`ServicesReload`]; [`Config`] and its parts
 //! ([`BackendSpec`], [`DnsName`], [`Resolver`], [`HealthConfig`], [`HealthCheck`],
 //! [`LimitsConfig`], [`Algorithm`], [`RelayMode`]) with the parsers that read them as the flags
 //! do (`FromStr`, [`parse_duration`], [`resolve_addr`]); the snapshots [`StatsSnapshot`] and
@@ -77,8 +82,6 @@ use std::ops::Deref;
 use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::Sender;
-
 pub use activation::{ActivatedListener, listen_fds_from_systemd};
 pub use admin::AdminServer;
 pub use backend::{BackendState, BackendStatsSnapshot, WEIGHT_SCALE};
@@ -94,7 +97,7 @@ pub use control::Controller;
 pub use error::StartError;
 pub use plane::{BackendChange, ControlError};
 pub use sources::SourceError;
-pub use stats::{RebalanceSnapshot, StatsSnapshot};
+pub use stats::{RebalanceSnapshot, ServiceStatsSnapshot, StatsSnapshot};
 /// For clients that bind many sockets to 127.0.0.x: choose the local port at connect time.
 pub use sys::bind_address_no_port;
 /// For the binary's signal thread: counts signal deliveries that signal-hook's iterator folds.
@@ -103,6 +106,7 @@ pub use sys::count_deliveries;
 pub use upgrade::handover::{HandoverError, Report as UpgradeReport, Taken};
 pub use upgrade::local::{TakeOver, give_over, take_over};
 
+use control::ServiceThreads;
 use health::Health;
 use plane::{Command, Control, HealthLink, WorkerLink};
 use sources::Sources;
@@ -132,16 +136,106 @@ fn load_sources(config: &mut Config) -> Result<Sources, StartError> {
     Ok(sources)
 }
 
+/// One service of a balancer started with [`Holdfast::start_services`]: its name (unique
+/// within the balancer; `default` for [`Holdfast::start`]'s) and its settings (listen
+/// addresses, backends, algorithm, health checks, limits, timeouts, client-IP settings).
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub name: String,
+    pub config: Config,
+}
+
+impl Service {
+    pub fn new(name: impl Into<String>, config: Config) -> Service {
+        Service {
+            name: name.into(),
+            config,
+        }
+    }
+}
+
 /// A running balancer. It derefs to its [`Controller`], so `lb.stats()`, `lb.drain()` and
 /// the rest are the controller's; what is its own is starting, the admin address, and
 /// waiting for the threads. Dropping it shuts the balancer down and waits for the threads.
 pub struct Holdfast {
     control: Controller,
     workers: Vec<JoinHandle<()>>,
-    health: Option<JoinHandle<()>>,
     admin: Option<AdminServer>,
-    /// The DNS refresh thread and the sender whose drop stops it.
-    dns: Option<(Sender<()>, JoinHandle<()>)>,
+    /// Not yet shut down and joined.
+    running: bool,
+}
+
+/// A service validated and its sources read, before anything is bound.
+struct Prepared {
+    name: String,
+    config: Arc<Config>,
+    sources: Sources,
+}
+
+/// Whether an inherited listener on `at` serves the listen address `requested` (as
+/// `listener::bind_or_inherit` matches them).
+fn serves(requested: SocketAddr, at: SocketAddr) -> bool {
+    at == requested || (requested.port() == 0 && at.ip() == requested.ip())
+}
+
+/// Validates every service (names unique, listen addresses distinct across services),
+/// reads their sources; the process-wide settings are the first's.
+fn prepare(services: Vec<Service>) -> Result<Vec<Prepared>, StartError> {
+    let Some(workers) = services.first().map(|s| s.config.workers) else {
+        return Err(ConfigError::Invalid("no services".into()).into());
+    };
+    let total: usize = services.iter().map(|s| s.config.listen.len()).sum();
+    if total > token::MAX_LISTENERS {
+        return Err(ConfigError::Invalid(format!(
+            "{total} listen addresses in all; at most {}",
+            token::MAX_LISTENERS
+        ))
+        .into());
+    }
+    let mut prepared: Vec<Prepared> = Vec::with_capacity(services.len());
+    for mut service in services {
+        let name = &service.name;
+        if prepared.iter().any(|p| p.name == *name) {
+            return Err(ConfigError::Invalid(format!("two services are named '{name}'")).into());
+        }
+        for other in &prepared {
+            if let Some(addr) = service
+                .config
+                .listen
+                .iter()
+                .find(|a| a.port() != 0 && other.config.listen.contains(a))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "services '{}' and '{name}' both listen on {addr}",
+                    other.name
+                ))
+                .into());
+            }
+        }
+        service.config.workers = workers;
+        let named = !prepared.is_empty();
+        prepared.push(prepare_one(service, named)?);
+    }
+    Ok(prepared)
+}
+
+/// Validates one service and reads its sources; `named`: its errors name it.
+fn prepare_one(service: Service, named: bool) -> Result<Prepared, StartError> {
+    let Service { name, mut config } = service;
+    if name.is_empty() {
+        return Err(ConfigError::Invalid("a service needs a name".into()).into());
+    }
+    let sources = load_sources(&mut config).map_err(|e| match e {
+        StartError::Config(e) if named => {
+            StartError::Config(ConfigError::Invalid(format!("service '{name}': {e}")))
+        }
+        e => e,
+    })?;
+    Ok(Prepared {
+        name,
+        config: Arc::new(config),
+        sources,
+    })
 }
 
 impl Holdfast {
@@ -149,9 +243,20 @@ impl Holdfast {
     /// every listener (one SO_REUSEPORT socket per worker and listen address), and starts the
     /// health thread, the workers and, if configured, the DNS and admin threads. On error
     /// nothing is left running: a listener that cannot be bound fails the start before any
-    /// thread does.
+    /// thread does. The one service is named `default`.
     pub fn start(config: Config) -> Result<Holdfast, StartError> {
         Holdfast::start_inheriting(config, Vec::new())
+    }
+
+    /// As [`Holdfast::start`], for several services in one process: each has its own
+    /// listeners, backend set, algorithm, health thread and state, limits, timeouts and
+    /// client-IP settings; the workers (one event loop per core) serve every service, so
+    /// more services add no worker threads. The process-wide settings are the first
+    /// service's: `workers`, `admin`, `max_conns`, the drain and the upgrade settings (the
+    /// others' are ignored). Names must be unique and listen addresses distinct across
+    /// services ([`StartError::Config`] otherwise).
+    pub fn start_services(services: Vec<Service>) -> Result<Holdfast, StartError> {
+        Holdfast::start_services_inheriting(services, Vec::new())
     }
 
     /// As [`Holdfast::start`], serving on the sockets systemd passed (from
@@ -163,18 +268,46 @@ impl Holdfast {
         config: Config,
         passed: Vec<ActivatedListener>,
     ) -> Result<Holdfast, StartError> {
-        config.validate()?;
-        let inherited = activation::assign(&config, passed)?;
-        Holdfast::start_inheriting(config, inherited)
+        Holdfast::start_services_activated(vec![Service::new("default", config)], passed)
+    }
+
+    /// [`Holdfast::start_activated`] for several services ([`Holdfast::start_services`]):
+    /// each passed socket serves the service that lists its address.
+    pub fn start_services_activated(
+        services: Vec<Service>,
+        passed: Vec<ActivatedListener>,
+    ) -> Result<Holdfast, StartError> {
+        let Some(first) = services.first() else {
+            return Err(ConfigError::Invalid("no services".into()).into());
+        };
+        let mut all = first.config.clone();
+        all.listen = services
+            .iter()
+            .flat_map(|s| s.config.listen.iter().copied())
+            .collect();
+        for service in &services {
+            service.config.validate()?;
+        }
+        let inherited = activation::assign(&all, passed)?;
+        Holdfast::start_services_inheriting(services, inherited)
     }
 
     /// As [`Holdfast::start`], on `inherited` listeners first (a live upgrade's).
     pub(crate) fn start_inheriting(
-        mut config: Config,
+        config: Config,
         inherited: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
     ) -> Result<Holdfast, StartError> {
-        let sources = load_sources(&mut config)?;
-        let config = Arc::new(config);
+        Holdfast::start_services_inheriting(vec![Service::new("default", config)], inherited)
+    }
+
+    /// As [`Holdfast::start_services`], on `inherited` listeners first (a live upgrade's, or
+    /// socket activation's), each given to the service that lists its address.
+    pub(crate) fn start_services_inheriting(
+        services: Vec<Service>,
+        inherited: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
+    ) -> Result<Holdfast, StartError> {
+        let prepared = prepare(services)?;
+        let first = Arc::clone(&prepared[0].config);
         let counters = Arc::new(Counters::default());
         counters.start_time_ms.store(
             std::time::SystemTime::now()
@@ -182,43 +315,75 @@ impl Holdfast {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             std::sync::atomic::Ordering::Relaxed,
         );
-        let (listen_addrs, mut listeners) = listener::bind_or_inherit(&config, inherited)?;
-        let (mut health, health_link, backends) =
-            Health::new(Arc::clone(&config)).map_err(StartError::Health)?;
-        let initial = Arc::clone(&backends.lock().unwrap_or_else(PoisonError::into_inner));
-        // One per-IP table for all workers: a client's connections land on every worker.
-        let ip_limits = match config.client_ip.limits_on() {
-            true => Some(
-                client_ip::IpLimits::new(config.client_ip.limits)
-                    .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?,
-            ),
-            false => None,
-        };
+        // Every service's listeners are bound before any thread starts.
+        let mut pool: Vec<Option<(SocketAddr, std::os::fd::OwnedFd)>> =
+            inherited.into_iter().map(Some).collect();
+        let mut bound = Vec::with_capacity(prepared.len());
+        for service in &prepared {
+            let mine: Vec<_> = pool
+                .iter_mut()
+                .filter(|slot| {
+                    slot.as_ref().is_some_and(|(at, _)| {
+                        service.config.listen.iter().any(|&l| serves(l, *at))
+                    })
+                })
+                .filter_map(Option::take)
+                .collect();
+            let (addrs, per_worker) = listener::bind_or_inherit(&service.config, mine)?;
+            bound.push((addrs, per_worker.into_iter()));
+        }
+        drop(pool); // inherited listeners no service lists are closed
+        // Each service's health thread and first set, and its per-IP table (one for all
+        // workers: a client's connections land on every worker).
+        let mut healths = Vec::with_capacity(prepared.len());
+        for service in &prepared {
+            let (health, link, published) =
+                Health::new(Arc::clone(&service.config)).map_err(StartError::Health)?;
+            let initial = Arc::clone(&published.lock().unwrap_or_else(PoisonError::into_inner));
+            let ip_limits = match service.config.client_ip.limits_on() {
+                true => Some(
+                    client_ip::IpLimits::new(service.config.client_ip.limits)
+                        .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?,
+                ),
+                false => None,
+            };
+            let counters = Arc::new(stats::ServiceCounters::default());
+            healths.push((health, link, published, initial, ip_limits, counters));
+        }
+        let health_links: Vec<HealthLink> = healths.iter().map(|h| h.1.clone()).collect();
 
-        let mut workers = Vec::with_capacity(config.workers);
-        let mut for_health = Vec::with_capacity(config.workers);
-        let mut threads = Vec::with_capacity(config.workers + 1);
-        for (id, worker_listeners) in listeners.drain(..).enumerate() {
-            let made = Worker::new(
-                id,
-                Arc::clone(&config),
-                worker_listeners,
-                Arc::clone(&initial),
-                Arc::clone(&counters),
-                health_link.clone(),
-                ip_limits.clone(),
-            );
+        let mut workers = Vec::with_capacity(first.workers);
+        let mut for_health: Vec<Vec<WorkerLink>> = prepared.iter().map(|_| Vec::new()).collect();
+        let mut threads = Vec::with_capacity(first.workers);
+        for id in 0..first.workers {
+            let inits = prepared
+                .iter()
+                .zip(bound.iter_mut())
+                .zip(&healths)
+                .map(|((service, (_, per_worker)), health)| worker::ServiceInit {
+                    name: Arc::from(service.name.as_str()),
+                    config: Arc::clone(&service.config),
+                    listeners: per_worker.next().unwrap_or_default(),
+                    backends: Arc::clone(&health.3),
+                    health: health.1.clone(),
+                    ip_limits: health.4.clone(),
+                    counters: Arc::clone(&health.5),
+                })
+                .collect();
+            let made = Worker::new(id, Arc::clone(&first), inits, Arc::clone(&counters));
             let (worker, control, waker) = match made {
                 Ok(made) => made,
                 Err(e) => {
-                    stop_and_join(&workers, &health_link, threads);
+                    stop_and_join(&workers, &health_links, threads);
                     return Err(StartError::Worker(e));
                 }
             };
-            for_health.push(WorkerLink {
-                tx: control.clone(),
-                waker: Arc::clone(&waker),
-            });
+            for links in &mut for_health {
+                links.push(WorkerLink {
+                    tx: control.clone(),
+                    waker: Arc::clone(&waker),
+                });
+            }
             workers.push(WorkerLink { tx: control, waker });
             let spawned = std::thread::Builder::new()
                 .name(format!("holdfast-worker-{id}"))
@@ -226,71 +391,67 @@ impl Holdfast {
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    stop_and_join(&workers, &health_link, threads);
+                    stop_and_join(&workers, &health_links, threads);
                     return Err(StartError::Worker(e));
                 }
             }
         }
-        health.attach(for_health);
-        let health_thread = match std::thread::Builder::new()
-            .name("holdfast-health".into())
-            .spawn(move || health.run())
+        let mut health_threads = ServiceThreads::default();
+        let mut controls = Vec::with_capacity(prepared.len());
+        for (number, ((service, (addrs, _)), (mut health, link, published, _, _, counters))) in
+            prepared.into_iter().zip(bound).zip(healths).enumerate()
         {
-            Ok(t) => t,
-            Err(e) => {
-                stop_and_join(&workers, &health_link, threads);
-                return Err(StartError::Health(e));
+            health.attach(number, std::mem::take(&mut for_health[number]));
+            match std::thread::Builder::new()
+                .name("holdfast-health".into())
+                .spawn(move || health.run())
+            {
+                Ok(t) => health_threads.health.push(t),
+                Err(e) => {
+                    stop_and_join(&workers, &health_links, threads);
+                    join_all(health_threads.health);
+                    return Err(StartError::Health(e));
+                }
             }
-        };
-        log::info!(
-            "holdfast listening on {} with {} worker(s), {} backend(s), algorithm {}, relay {}, \
-             health check {}",
-            listen_addrs
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            config.workers,
-            config.backends.len(),
-            config.algorithm,
-            config.relay,
-            config.health.check,
-        );
-        let mut balancer = Holdfast {
-            control: Controller::new(
+            let config = &service.config;
+            let named = match number {
+                0 if service.name == "default" => String::new(),
+                _ => format!(" (service '{}')", service.name),
+            };
+            log::info!(
+                "holdfast listening on {} with {} worker(s), {} backend(s), algorithm {}, relay \
+                 {}, health check {}{named}",
+                addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                config.workers,
+                config.backends.len(),
+                config.algorithm,
+                config.relay,
+                config.health.check,
+            );
+            controls.push(control::ServiceControl {
+                name: service.name,
+                published,
+                health: link,
                 counters,
-                backends,
-                health_link,
-                workers,
-                listen_addrs,
-                Arc::clone(&config),
-                sources,
-            ),
-            workers: threads,
-            health: Some(health_thread),
-            admin: None,
-            dns: None,
-        };
-        if !config.backend_dns.is_empty() {
-            let control = balancer.control.clone();
-            let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-            let interval = config.dns_interval;
-            let thread = std::thread::Builder::new()
-                .name("holdfast-dns".into())
-                .spawn(move || {
-                    // Wakes every interval until the sender is dropped at shutdown.
-                    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                        stopped.recv_timeout(interval)
-                    {
-                        for e in control.refresh_dns() {
-                            log::warn!("{e}; keeping the last answer");
-                        }
-                    }
-                })
-                .map_err(StartError::Dns)?;
-            balancer.dns = Some((stop, thread));
+                listen_addrs: addrs,
+                config: service.config,
+                sources: std::sync::Mutex::new(service.sources),
+            });
         }
-        if let Some(addr) = config.admin {
+        let mut balancer = Holdfast {
+            control: Controller::new(counters, controls, workers, health_threads),
+            workers: threads,
+            admin: None,
+            running: true,
+        };
+        for (number, service) in balancer.control.live() {
+            start_dns(&balancer.control.on(number, service))?;
+        }
+        if let Some(addr) = first.admin {
             // On failure, dropping `balancer` stops everything started so far.
             let admin = AdminServer::start(addr, balancer.control.clone())
                 .map_err(|source| StartError::Admin { addr, source })?;
@@ -332,12 +493,8 @@ impl Holdfast {
         if let Some(admin) = self.admin.take() {
             admin.stop();
         }
-        if let Some((stop, thread)) = self.dns.take() {
-            drop(stop);
-            join_all(vec![thread]);
-        }
-        self.control.stop_health();
-        join_all(self.health.take().into_iter().collect());
+        join_all(self.control.stop_threads());
+        self.running = false;
     }
 }
 
@@ -351,15 +508,49 @@ impl Deref for Holdfast {
 
 impl Drop for Holdfast {
     fn drop(&mut self) {
-        if self.health.is_some() {
+        if self.running {
             self.shutdown();
             self.join_threads();
         }
     }
 }
 
-fn stop_and_join(workers: &[WorkerLink], health: &HealthLink, threads: Vec<JoinHandle<()>>) {
-    health.send(Command::Shutdown);
+/// Starts the DNS thread of `control`'s service if it follows names; it is joined when the
+/// balancer stops (or the service is removed).
+fn start_dns(control: &Controller) -> Result<(), StartError> {
+    if control.config().backend_dns.is_empty() {
+        return Ok(());
+    }
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+    let interval = control.config().dns_interval;
+    let number = control.number();
+    let refresher = control.clone();
+    let thread = std::thread::Builder::new()
+        .name("holdfast-dns".into())
+        .spawn(move || {
+            // Wakes every interval until the sender is dropped.
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(interval)
+            {
+                for e in refresher.refresh_dns() {
+                    log::warn!("{e}; keeping the last answer");
+                }
+            }
+        })
+        .map_err(StartError::Dns)?;
+    control
+        .threads
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .dns
+        .push((number, stop, thread));
+    Ok(())
+}
+
+fn stop_and_join(workers: &[WorkerLink], health: &[HealthLink], threads: Vec<JoinHandle<()>>) {
+    for link in health {
+        link.send(Command::Shutdown);
+    }
     for w in workers {
         w.send(Control::Shutdown);
     }
@@ -371,5 +562,268 @@ fn join_all(threads: Vec<JoinHandle<()>>) {
         if t.join().is_err() {
             log::error!("a holdfast thread panicked");
         }
+    }
+}
+
+/// What [`Controller::reload_services`] did.
+#[derive(Debug, Default)]
+pub struct ServicesReload {
+    /// Services started (new in the list).
+    pub added: Vec<String>,
+    /// Services stopped (gone from the list): listeners closed, sessions draining.
+    pub removed: Vec<String>,
+    /// Services whose listen addresses changed: stopped and started again (a remove plus an
+    /// add).
+    pub replaced: Vec<String>,
+    /// Services kept, with the settings besides backends and listen addresses that changed
+    /// and wait for the next upgrade or restart ([`Config::differences`]).
+    pub waiting: Vec<(String, Vec<&'static str>)>,
+    /// Kept services whose new backends were not applied, and why (the rest was done).
+    pub failed: Vec<(String, ControlError)>,
+}
+
+/// A service's new listeners, bound before anything changes.
+struct Bound {
+    prepared: Prepared,
+    addrs: Vec<SocketAddr>,
+    per_worker: Vec<Vec<mio::net::TcpListener>>,
+}
+
+impl Controller {
+    /// Makes the running services those of `services` (a `--config` file read again):
+    /// services not in the list are removed (their listeners closed now, their sessions
+    /// drained with their own `drain_timeout` and `close_spread`), new ones are started, a service
+    /// whose listen addresses changed is removed and started again, and each kept service
+    /// gets its new backends as [`Controller::reload_with`] applies them. Other changed
+    /// settings of a kept service wait for the next upgrade or restart (listed in the
+    /// answer). The process-wide settings are not changed.
+    ///
+    /// Everything that can fail is checked first (each new service validated, its sources
+    /// read, its listeners bound; names unique, listen addresses distinct): on error
+    /// nothing changed. Sessions of services that did not change are not touched.
+    pub fn reload_services(&self, services: Vec<Service>) -> Result<ServicesReload, StartError> {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.is_draining() {
+            return Err(ConfigError::Invalid("draining: services are not changed".into()).into());
+        }
+        if services.is_empty() {
+            return Err(ConfigError::Invalid("no services".into()).into());
+        }
+        let live = self.live();
+        let mut report = ServicesReload::default();
+        let mut kept = Vec::new();
+        let mut fresh = Vec::new();
+        for (i, service) in services.iter().enumerate() {
+            if services[..i].iter().any(|s| s.name == service.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "two services are named '{}'",
+                    service.name
+                ))
+                .into());
+            }
+            match live.iter().find(|(_, s)| s.name == service.name) {
+                Some((number, running)) if running.config.listen == service.config.listen => {
+                    kept.push((*number, service));
+                }
+                Some((number, _)) => {
+                    report.replaced.push(service.name.clone());
+                    fresh.push((Some(*number), service.clone()));
+                }
+                None => {
+                    report.added.push(service.name.clone());
+                    fresh.push((None, service.clone()));
+                }
+            }
+        }
+        let leaving: Vec<usize> = live
+            .iter()
+            .filter(|(_, s)| !services.iter().any(|n| n.name == s.name))
+            .map(|(n, s)| {
+                report.removed.push(s.name.clone());
+                *n
+            })
+            .chain(fresh.iter().filter_map(|(n, _)| *n))
+            .collect();
+        // Listen addresses: distinct across what will run (kept services and new ones).
+        let mut taken: Vec<(SocketAddr, &str)> = kept
+            .iter()
+            .flat_map(|(_, s)| s.config.listen.iter().map(|a| (*a, s.name.as_str())))
+            .collect();
+        for (_, service) in &fresh {
+            for addr in &service.config.listen {
+                if let Some((_, other)) = taken.iter().find(|(a, _)| a == addr && a.port() != 0) {
+                    return Err(ConfigError::Invalid(format!(
+                        "services '{other}' and '{}' both listen on {addr}",
+                        service.name
+                    ))
+                    .into());
+                }
+                taken.push((*addr, service.name.as_str()));
+            }
+        }
+        if taken.len() > token::MAX_LISTENERS {
+            return Err(ConfigError::Invalid(format!(
+                "{} listen addresses in all; at most {}",
+                taken.len(),
+                token::MAX_LISTENERS
+            ))
+            .into());
+        }
+        // New services: validated, sources read, listeners bound (beside a leaving service's
+        // on the same address, which SO_REUSEPORT allows), before anything changes.
+        let mut bound = Vec::with_capacity(fresh.len());
+        for (_, service) in fresh {
+            let mut service = service;
+            service.config.workers = self.first.workers;
+            let prepared = prepare_one(service, true)?;
+            let (addrs, per_worker) = listener::bind_or_inherit(&prepared.config, Vec::new())?;
+            bound.push(Bound {
+                prepared,
+                addrs,
+                per_worker,
+            });
+        }
+        // Kept services: their new backends, and what waits.
+        for (number, service) in kept {
+            let control = match live.iter().find(|(n, _)| *n == number) {
+                Some((n, s)) => self.on(*n, Arc::clone(s)),
+                None => continue,
+            };
+            let waiting = control.config_differences(&service.config);
+            if !waiting.is_empty() {
+                report.waiting.push((service.name.clone(), waiting));
+            }
+            if let Err(e) = control.reload_with(service.config.backends.clone()) {
+                report.failed.push((service.name.clone(), e));
+            }
+        }
+        for number in leaving {
+            self.remove_number(number);
+        }
+        for bound in bound {
+            self.add_bound(bound)?;
+        }
+        Ok(report)
+    }
+
+    /// Stops service `number`: no longer listed, its listeners closed in every worker, its
+    /// sessions drained; its health and DNS threads stop.
+    fn remove_number(&self, number: usize) {
+        let removed = {
+            let mut services = self
+                .services
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            services.get_mut(number).and_then(Option::take)
+        };
+        let Some(service) = removed else {
+            return;
+        };
+        for w in self.workers.iter() {
+            w.send(Control::RemoveService {
+                number,
+                timeout: service.config.drain_timeout,
+                spread: service.config.close_spread,
+            });
+        }
+        service.health.send(Command::Shutdown);
+        let dns: Vec<_> = {
+            let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
+            let (mine, rest) = std::mem::take(&mut threads.dns)
+                .into_iter()
+                .partition(|(n, _, _)| *n == number);
+            threads.dns = rest;
+            mine
+        };
+        for (_, stop, thread) in dns {
+            drop(stop);
+            join_all(vec![thread]);
+        }
+        log::info!(
+            "service '{}' removed: its listeners closed, its sessions draining",
+            service.name
+        );
+    }
+
+    /// Starts a new service on listeners already bound: the workers are told first, then
+    /// its health thread starts (its first publish finds the workers serving it).
+    fn add_bound(&self, bound: Bound) -> Result<(), StartError> {
+        let Bound {
+            prepared,
+            addrs,
+            per_worker,
+        } = bound;
+        let config = Arc::clone(&prepared.config);
+        let (mut health, link, published) =
+            Health::new(Arc::clone(&config)).map_err(StartError::Health)?;
+        let initial = Arc::clone(&published.lock().unwrap_or_else(PoisonError::into_inner));
+        let ip_limits = match config.client_ip.limits_on() {
+            true => Some(
+                client_ip::IpLimits::new(config.client_ip.limits)
+                    .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?,
+            ),
+            false => None,
+        };
+        let control = Arc::new(control::ServiceControl {
+            name: prepared.name,
+            published,
+            counters: Arc::new(stats::ServiceCounters::default()),
+            health: link.clone(),
+            listen_addrs: addrs,
+            config: Arc::clone(&config),
+            sources: std::sync::Mutex::new(prepared.sources),
+        });
+        let number = {
+            let mut services = self
+                .services
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            services.push(Some(Arc::clone(&control)));
+            services.len() - 1
+        };
+        let mut per_worker = per_worker.into_iter();
+        for w in self.workers.iter() {
+            w.send(Control::AddService {
+                number,
+                start: worker::ServiceInit {
+                    name: Arc::from(control.name.as_str()),
+                    config: Arc::clone(&config),
+                    listeners: per_worker.next().unwrap_or_default(),
+                    backends: Arc::clone(&initial),
+                    health: link.clone(),
+                    ip_limits: ip_limits.clone(),
+                    counters: Arc::clone(&control.counters),
+                },
+            });
+        }
+        health.attach(number, self.workers.to_vec());
+        let thread = std::thread::Builder::new()
+            .name("holdfast-health".into())
+            .spawn(move || health.run())
+            .map_err(StartError::Health)?;
+        self.threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .health
+            .push(thread);
+        log::info!(
+            "holdfast listening on {} with {} backend(s), algorithm {}, relay {}, health check \
+             {} (service '{}' added)",
+            control
+                .listen_addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            config.backends.len(),
+            config.algorithm,
+            config.relay,
+            config.health.check,
+            control.name,
+        );
+        start_dns(&self.on(number, control))
     }
 }

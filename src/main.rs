@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use clap::{CommandFactory, FromArgMatches};
 use crossbeam_channel::TrySendError;
-use holdfast::{ControlError, Holdfast, StartError, TakeOver};
+use holdfast::{ControlError, Holdfast, Service, StartError, TakeOver};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook::iterator::Signals;
 
@@ -50,11 +50,11 @@ fn main() -> ExitCode {
                 (args.pid_file.clone(), args.log_level, args.log_format);
             match args.into_config() {
                 Ok(config) => Settings {
-                    config,
+                    services: vec![Service::new("default", config)],
                     pid_file,
                     log_level,
                     log_format,
-                    service: None,
+                    from_file: false,
                 },
                 Err(e) => return fail(EXIT_USAGE, &e),
             }
@@ -74,20 +74,36 @@ fn main() -> ExitCode {
             pid_file: read.pid_file.clone(),
         };
         // Validates what a start would before binding: the backends file, the names.
-        return match Holdfast::check(read.config) {
-            Ok(config) => {
-                print!("{}", check::describe(&config, &binary));
-                ExitCode::SUCCESS
+        let several = read.services.len() > 1;
+        let mut out = String::new();
+        for service in read.services {
+            match Holdfast::check(service.config) {
+                Ok(config) => {
+                    if several {
+                        out.push_str(&format!("# service '{}'\n", service.name));
+                    }
+                    out.push_str(&check::describe(&config, &binary));
+                }
+                Err(e) if several => {
+                    return fail(EXIT_USAGE, &format!("service '{}': {e}", service.name));
+                }
+                Err(e) => return fail(EXIT_USAGE, &e),
             }
-            Err(e) => fail(EXIT_USAGE, &e),
-        };
+        }
+        print!("{out}");
+        return ExitCode::SUCCESS;
     }
-    if let (Some(path), Some(name)) = (&config_path, &read.service) {
-        log::info!("service '{name}' from {}", path.display());
+    if let Some(path) = &config_path
+        && read.from_file
+    {
+        for service in &read.services {
+            log::info!("service '{}' from {}", service.name, path.display());
+        }
     }
     let Settings {
-        config, pid_file, ..
+        services, pid_file, ..
     } = read;
+    let config = &services[0].config;
     let activated = match activated {
         Ok(activated) => activated,
         Err(e) => return fail(EXIT_USAGE, &e),
@@ -126,7 +142,7 @@ fn main() -> ExitCode {
     let took_over = take_over.is_some();
     let started = match take_over {
         Some(path) => match UnixStream::connect(&path) {
-            Ok(sock) => match holdfast::take_over(sock, config) {
+            Ok(sock) => match holdfast::take_over(sock, services) {
                 TakeOver::Started(balancer, outcome) => {
                     match outcome {
                         Ok(how) => {
@@ -140,12 +156,12 @@ fn main() -> ExitCode {
                     }
                     Ok(balancer)
                 }
-                TakeOver::NotStarted(config, e) => {
+                TakeOver::NotStarted(services, e) => {
                     log::error!(
                         "upgrade: take-over from {} failed ({e}); starting on new listeners",
                         path.display()
                     );
-                    Holdfast::start(*config)
+                    Holdfast::start_services(services)
                 }
                 TakeOver::Failed(e) => Err(e),
             },
@@ -154,11 +170,11 @@ fn main() -> ExitCode {
                     "upgrade: cannot connect to {} ({e}); starting on new listeners",
                     path.display()
                 );
-                Holdfast::start(config)
+                Holdfast::start_services(services)
             }
         },
-        None if activated.is_empty() => Holdfast::start(config),
-        None => Holdfast::start_activated(config, activated),
+        None if activated.is_empty() => Holdfast::start_services(services),
+        None => Holdfast::start_services_activated(services, activated),
     };
     let balancer = match started {
         Ok(b) => b,
@@ -471,15 +487,17 @@ fn parse_args() -> (Args, clap::ArgMatches) {
 
 /// What the process runs with, from the flags or a `--config` file.
 struct Settings {
-    config: holdfast::Config,
+    /// The services to run: the flags' one (`default`), or every service of the file. The
+    /// process-wide settings are the first's.
+    services: Vec<Service>,
     pid_file: Option<PathBuf>,
     log_level: log::LevelFilter,
     log_format: logging::LogFormat,
-    /// The file's service name.
-    service: Option<String>,
+    /// Read from `--config`.
+    from_file: bool,
 }
 
-/// `--config FILE`: the file's one service, its pid file and log settings. Besides
+/// `--config FILE`: the file's services, its pid file and log settings. Besides
 /// `--config`, only `--check` and `--take-over` (which SIGUSR2 adds) may be on the command
 /// line.
 fn from_file(path: &Path, args: &Args, matches: &clap::ArgMatches) -> Result<Settings, String> {
@@ -497,44 +515,68 @@ fn from_file(path: &Path, args: &Args, matches: &clap::ArgMatches) -> Result<Set
         ));
     }
     let loaded = config_file::load(path)?;
-    let mut services = loaded.services;
-    if services.len() != 1 {
-        return Err(format!(
-            "{}: {} services declared; this version runs one service per process",
-            path.display(),
-            services.len()
-        ));
-    }
-    let service = services.remove(0);
-    let mut config = service.config;
-    config.take_over = args.take_over.clone();
+    let mut services: Vec<Service> = loaded
+        .services
+        .into_iter()
+        .map(|s| Service::new(s.name, s.config))
+        .collect();
+    let Some(first) = services.first_mut() else {
+        return Err(format!("{}: no [[service]]", path.display()));
+    };
+    first.config.take_over = args.take_over.clone();
     Ok(Settings {
-        config,
+        services,
         pid_file: loaded.pid_file,
         log_level: loaded.log_level,
         log_format: loaded.log_format,
-        service: Some(service.name),
+        from_file: true,
     })
 }
 
-/// SIGHUP with `--config`: the file is read again; its backends (and the backends file's)
-/// are applied. Other changes wait for the next upgrade or restart, and the log says which.
+/// SIGHUP with `--config`: the file is read again and the running services become its
+/// services: new ones start, removed ones stop (their sessions drain), a service whose listen
+/// addresses changed restarts, and each kept service gets its new backends (and its backends
+/// file's). Other changes wait for the next upgrade or restart, and the log says which. An
+/// invalid file (or a new service that cannot start) changes nothing.
 fn reload_file(path: &Path, control: &holdfast::Controller) -> Result<(), ControlError> {
-    let loaded = config_file::load(path)
-        .map_err(|e| ControlError::Invalid(holdfast::ConfigError::Invalid(e)))?;
-    let Some(service) = loaded.services.into_iter().next() else {
-        return Ok(());
-    };
-    let changed = control.config_differences(&service.config);
-    if !changed.is_empty() {
+    let invalid = |e: String| ControlError::Invalid(holdfast::ConfigError::Invalid(e));
+    let loaded = config_file::load(path).map_err(invalid)?;
+    let services = loaded
+        .services
+        .into_iter()
+        .map(|s| Service::new(s.name, s.config))
+        .collect();
+    let report = control
+        .reload_services(services)
+        .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    let several = control.service_names().len() > 1;
+    for name in &report.added {
+        log::info!("SIGHUP: service '{name}' added from {}", path.display());
+    }
+    for name in &report.removed {
+        log::info!("SIGHUP: service '{name}' removed; its sessions drain");
+    }
+    for name in &report.replaced {
+        log::info!("SIGHUP: service '{name}' restarted on its new listen addresses");
+    }
+    for (name, changed) in &report.waiting {
+        let named = match several {
+            true => format!(" (service '{name}')"),
+            false => String::new(),
+        };
         log::warn!(
-            "SIGHUP: {} changed in {}; that takes effect at the next upgrade (SIGUSR2) or \
-             restart, the backends now",
+            "SIGHUP: {} changed in {}{named}; that takes effect at the next upgrade (SIGUSR2) \
+             or restart, the backends now",
             changed.join(", "),
-            path.display()
+            path.display(),
         );
     }
-    control.reload_with(service.config.backends)
+    let mut first = None;
+    for (name, e) in report.failed {
+        log::error!("SIGHUP: service '{name}': backends not reloaded: {e}");
+        first.get_or_insert(e);
+    }
+    first.map_or(Ok(()), Err)
 }
 
 /// `holdfast completions SHELL` or `holdfast man`: the text on stdout, nothing started.

@@ -93,15 +93,20 @@ pub(crate) enum Command {
 
 /// Messages to a worker.
 pub(crate) enum Control {
-    /// Use this backend set for new connections from now on.
-    Backends(Arc<BackendSet>),
+    /// Use this backend set for new connections of this service (its number) from now on.
+    Backends(usize, Arc<BackendSet>),
     /// Graceful shutdown: close the listeners now, let sessions end on their own for
     /// `timeout`, then close the rest evenly over `spread`, and exit when none is left.
     Drain { timeout: Duration, spread: Duration },
-    /// A drained backend's drain timeout passed: close its sessions evenly over `spread`.
-    CloseBackend { addr: SocketAddr, spread: Duration },
-    /// Start this rebalance, replacing any older one.
-    Rebalance(RebalanceStart),
+    /// A drained backend's drain timeout passed: close its sessions (those of this service)
+    /// evenly over `spread`.
+    CloseBackend {
+        service: usize,
+        addr: SocketAddr,
+        spread: Duration,
+    },
+    /// Start this rebalance of this service, replacing any older one (of any service).
+    Rebalance(usize, RebalanceStart),
     /// Close everything and exit.
     Shutdown,
     /// Live upgrade, old side: freeze connecting and relaying sessions as batch `id`, at
@@ -136,13 +141,38 @@ pub(crate) enum Control {
     /// Batch `id` stays with the old process: close what was rebuilt.
     Discard { id: u32 },
     /// Live upgrade, old side: duplicates of this worker's open listeners, with their
-    /// addresses (the originals stay here).
+    /// services' names and their addresses (the originals stay here).
     Listeners {
-        reply: Sender<Vec<(SocketAddr, OwnedFd)>>,
+        reply: Sender<Vec<(String, SocketAddr, OwnedFd)>>,
     },
     /// Live upgrade, old side: `false` stops accepting (the listeners are deregistered and
     /// left to the new process, which holds the same sockets); `true` accepts again.
     Accepting(bool),
+    /// A service added while running (a reload): serve it from now on as service `number`
+    /// (the next number: services are told in order), on these listeners of this worker.
+    AddService { number: usize, start: ServiceStart },
+    /// A service removed while running: close its listeners now, let its sessions end on
+    /// their own for `timeout`, then close the rest evenly over `spread`.
+    RemoveService {
+        number: usize,
+        timeout: Duration,
+        spread: Duration,
+    },
+}
+
+/// What a worker is given of one service: its settings, its listeners in this worker, the
+/// first set, a link to its health thread, and its per-IP table (shared by every worker).
+pub(crate) struct ServiceStart {
+    /// Its name (for the live upgrade, which gives each session to the service of the same
+    /// name).
+    pub(crate) name: Arc<str>,
+    pub(crate) config: Arc<crate::config::Config>,
+    pub(crate) listeners: Vec<mio::net::TcpListener>,
+    pub(crate) backends: Arc<BackendSet>,
+    pub(crate) health: HealthLink,
+    pub(crate) ip_limits: Option<Arc<crate::client_ip::IpLimits>>,
+    /// Its own counters, shared by every worker.
+    pub(crate) counters: Arc<crate::stats::ServiceCounters>,
 }
 
 /// A rebalance to start (see `worker/rebalance.rs`): until `deadline`, close sessions that
@@ -197,6 +227,7 @@ impl HealthLink {
 }
 
 /// How the health thread and the handle reach one worker.
+#[derive(Clone)]
 pub(crate) struct WorkerLink {
     pub(crate) tx: Sender<Control>,
     pub(crate) waker: Arc<Waker>,

@@ -417,3 +417,37 @@ mod tests {
         assert!(!status.try_close(t0, 0.0, burst));
     }
 }
+
+/// One service's own counters, shared by every worker (the global [`Counters`] count all
+/// services together).
+#[derive(Debug, Default)]
+pub struct ServiceCounters {
+    /// Client connections accepted on its listeners.
+    pub accepted: AtomicU64,
+    /// Its sessions open now (placing, queued, connecting or relaying).
+    pub active: AtomicU64,
+    /// Its sessions closed, for any reason.
+    pub closed: AtomicU64,
+    /// Its clients closed because no backend was available.
+    pub no_backend: AtomicU64,
+}
+
+/// A service's counters, read at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStatsSnapshot {
+    pub accepted: u64,
+    pub active: u64,
+    pub closed: u64,
+    pub no_backend: u64,
+}
+
+impl ServiceCounters {
+    pub fn snapshot(&self) -> ServiceStatsSnapshot {
+        ServiceStatsSnapshot {
+            accepted: self.accepted.load(Relaxed),
+            active: self.active.load(Relaxed),
+            closed: self.closed.load(Relaxed),
+            no_backend: self.no_backend.load(Relaxed),
+        }
+    }
+}

@@ -39,6 +39,9 @@ pub enum TimerKind {
     DrainDeadline,
     /// Close this session as part of a spread-out drain.
     DrainClose,
+    /// The drain timeout of a service removed by a reload passed: close what is left of it
+    /// over `--close-spread` (not a session's timer: its id is the service's number).
+    ServiceDeadline,
     /// The session reached `--max-session-age` (with its jitter): close it gently.
     MaxAge,
     /// The worker's next look at the rebalance under way (not a session's timer: its id is

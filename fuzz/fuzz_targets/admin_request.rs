@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
             let (m, p, b) = request.encode();
             assert_eq!(
                 parse_request(m, &p, &b).ok(),
-                Some(request),
+                Some(request.clone()),
                 "{method:?} {path:?} parsed as {request:?}, which encodes as {m} {p:?} {b:?}"
             );
         }

@@ -9,11 +9,14 @@
 //!   0 for the others. `holdfast_backend_healthy` is the health verdict, also while draining.
 //! - `holdfast_backend_effective_weight` is in units of weight (fractional during slow start).
 //! - Connect latencies are gauges in seconds over the backend's lifetime: p50, p99 and max.
+//! - `holdfast_service_backends{service,state}` counts each service's backends by state;
+//!   `holdfast_service_*` are each service's own session counters (the global families count
+//!   every service together).
 
 use std::fmt::{self, Write};
 
 use crate::backend::BackendStatsSnapshot;
-use crate::stats::StatsSnapshot;
+use crate::stats::{ServiceStatsSnapshot, StatsSnapshot};
 
 use super::view::{STATES, effective_weight, state_name};
 
@@ -286,11 +289,57 @@ const PER_BACKEND: &[PerBackend] = &[
     ),
 ];
 
-/// Renders every family.
-pub fn render(stats: &StatsSnapshot, backends: &[BackendStatsSnapshot]) -> String {
-    let mut out = String::with_capacity(4096 + 2048 * backends.len());
+/// One service's part of the metrics: its name, its own counters, its backends.
+pub type ServiceMetrics = (String, ServiceStatsSnapshot, Vec<BackendStatsSnapshot>);
+
+type PerService = (
+    &'static str,
+    Kind,
+    &'static str,
+    fn(&ServiceStatsSnapshot) -> u64,
+);
+
+/// The per-service families (label `service`): name, type, help, value.
+const PER_SERVICE: &[PerService] = &[
+    (
+        "holdfast_service_sessions_active",
+        Kind::Gauge,
+        "The service's client sessions open now.",
+        |s| s.active,
+    ),
+    (
+        "holdfast_service_accepted_total",
+        Kind::Counter,
+        "Client connections accepted on the service's listeners.",
+        |s| s.accepted,
+    ),
+    (
+        "holdfast_service_sessions_closed_total",
+        Kind::Counter,
+        "The service's client sessions closed, for any reason.",
+        |s| s.closed,
+    ),
+    (
+        "holdfast_service_no_backend_total",
+        Kind::Counter,
+        "The service's clients closed because no backend was available.",
+        |s| s.no_backend,
+    ),
+];
+
+/// Renders every family; `services` are each service's name, counters and backends.
+pub fn render(stats: &StatsSnapshot, services: &[ServiceMetrics]) -> String {
+    let n: usize = services.iter().map(|(_, _, b)| b.len()).sum();
+    let mut out = String::with_capacity(4096 + 2048 * n);
+    let backends: Vec<(String, &BackendStatsSnapshot)> = services
+        .iter()
+        .flat_map(|(name, _, list)| {
+            let name = escape(name);
+            list.iter().map(move |b| (name.clone(), b))
+        })
+        .collect();
     // Writing to a String cannot fail.
-    let _ = write_all(&mut out, stats, backends);
+    let _ = write_all(&mut out, stats, services, &backends);
     out
 }
 
@@ -346,7 +395,8 @@ fn write_upgrade(out: &mut String, stats: &StatsSnapshot) -> fmt::Result {
 fn write_all(
     out: &mut String,
     stats: &StatsSnapshot,
-    backends: &[BackendStatsSnapshot],
+    services: &[ServiceMetrics],
+    backends: &[(String, &BackendStatsSnapshot)],
 ) -> fmt::Result {
     family(
         out,
@@ -395,12 +445,12 @@ fn write_all(
         Kind::Gauge,
         "1 for the backend's current state (up, down or drain), 0 for the others.",
     )?;
-    for b in backends {
+    for (service, b) in backends {
         let backend = escape(&b.addr.to_string());
         for state in STATES {
             writeln!(
                 out,
-                "holdfast_backend_state{{backend=\"{backend}\",state=\"{}\"}} {}",
+                "holdfast_backend_state{{service=\"{service}\",backend=\"{backend}\",state=\"{}\"}} {}",
                 state_name(state),
                 u8::from(b.state == state)
             )?;
@@ -408,9 +458,37 @@ fn write_all(
     }
     for &(name, kind, help, value) in PER_BACKEND {
         family(out, name, kind, help)?;
-        for b in backends {
+        for (service, b) in backends {
             let backend = escape(&b.addr.to_string());
-            writeln!(out, "{name}{{backend=\"{backend}\"}} {}", value(b))?;
+            writeln!(
+                out,
+                "{name}{{service=\"{service}\",backend=\"{backend}\"}} {}",
+                value(b)
+            )?;
+        }
+    }
+    family(
+        out,
+        "holdfast_service_backends",
+        Kind::Gauge,
+        "The service's backends in each state (up, down or drain).",
+    )?;
+    for (service, _, list) in services {
+        let service = escape(service);
+        for state in STATES {
+            writeln!(
+                out,
+                "holdfast_service_backends{{service=\"{service}\",state=\"{}\"}} {}",
+                state_name(state),
+                list.iter().filter(|b| b.state == state).count()
+            )?;
+        }
+    }
+    for &(name, kind, help, value) in PER_SERVICE {
+        family(out, name, kind, help)?;
+        for (service, stats, _) in services {
+            let service = escape(service);
+            writeln!(out, "{name}{{service=\"{service}\"}} {}", value(stats))?;
         }
     }
     Ok(())
@@ -466,7 +544,14 @@ mod tests {
             backend("127.0.0.1:1", BackendState::Up),
             backend("[::1]:2", BackendState::Drain),
         ];
-        let text = render(&StatsSnapshot::default(), &backends);
+        let text = render(
+            &StatsSnapshot::default(),
+            &[(
+                "default".to_string(),
+                ServiceStatsSnapshot::default(),
+                backends.to_vec(),
+            )],
+        );
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {
             if let Some(help) = line.strip_prefix("# HELP ") {
@@ -496,26 +581,53 @@ mod tests {
             assert_eq!(samples(name), 2, "{name}");
         }
         assert_eq!(samples("holdfast_backend_state"), 6);
+        assert_eq!(samples("holdfast_service_backends"), 3);
     }
 
     #[test]
     fn backend_values() {
         let text = render(
             &StatsSnapshot::default(),
-            &[backend("[::1]:2", BackendState::Drain)],
+            &[
+                (
+                    "w\"s".to_string(),
+                    ServiceStatsSnapshot::default(),
+                    vec![backend("[::1]:2", BackendState::Drain)],
+                ),
+                (
+                    "db".to_string(),
+                    ServiceStatsSnapshot {
+                        accepted: 5,
+                        active: 2,
+                        closed: 3,
+                        no_backend: 1,
+                    },
+                    vec![backend("[::1]:2", BackendState::Up)],
+                ),
+            ],
         );
         for expected in [
-            "holdfast_backend_up{backend=\"[::1]:2\"} 0",
-            "holdfast_backend_healthy{backend=\"[::1]:2\"} 1",
-            "holdfast_backend_state{backend=\"[::1]:2\",state=\"up\"} 0",
-            "holdfast_backend_state{backend=\"[::1]:2\",state=\"down\"} 0",
-            "holdfast_backend_state{backend=\"[::1]:2\",state=\"drain\"} 1",
-            "holdfast_backend_weight{backend=\"[::1]:2\"} 2",
-            "holdfast_backend_effective_weight{backend=\"[::1]:2\"} 1",
-            "holdfast_backend_sessions_total{backend=\"[::1]:2\"} 7",
-            "holdfast_backend_connect_latency_p50_seconds{backend=\"[::1]:2\"} 0.00012",
-            "holdfast_backend_connect_latency_p99_seconds{backend=\"[::1]:2\"} 0.0015",
-            "holdfast_backend_connect_latency_max_seconds{backend=\"[::1]:2\"} 2",
+            "holdfast_backend_up{service=\"w\\\"s\",backend=\"[::1]:2\"} 0",
+            "holdfast_backend_healthy{service=\"w\\\"s\",backend=\"[::1]:2\"} 1",
+            "holdfast_backend_state{service=\"w\\\"s\",backend=\"[::1]:2\",state=\"up\"} 0",
+            "holdfast_backend_state{service=\"w\\\"s\",backend=\"[::1]:2\",state=\"down\"} 0",
+            "holdfast_backend_state{service=\"w\\\"s\",backend=\"[::1]:2\",state=\"drain\"} 1",
+            "holdfast_backend_weight{service=\"w\\\"s\",backend=\"[::1]:2\"} 2",
+            "holdfast_backend_effective_weight{service=\"w\\\"s\",backend=\"[::1]:2\"} 1",
+            "holdfast_backend_sessions_total{service=\"w\\\"s\",backend=\"[::1]:2\"} 7",
+            "holdfast_backend_connect_latency_p50_seconds{service=\"w\\\"s\",backend=\"[::1]:2\"} 0.00012",
+            "holdfast_backend_connect_latency_p99_seconds{service=\"w\\\"s\",backend=\"[::1]:2\"} 0.0015",
+            "holdfast_backend_connect_latency_max_seconds{service=\"w\\\"s\",backend=\"[::1]:2\"} 2",
+            // The same backend in another service: its own series.
+            "holdfast_backend_up{service=\"db\",backend=\"[::1]:2\"} 1",
+            "holdfast_service_backends{service=\"w\\\"s\",state=\"drain\"} 1",
+            "holdfast_service_backends{service=\"db\",state=\"drain\"} 0",
+            "holdfast_service_backends{service=\"db\",state=\"up\"} 1",
+            "holdfast_service_sessions_active{service=\"db\"} 2",
+            "holdfast_service_accepted_total{service=\"db\"} 5",
+            "holdfast_service_sessions_closed_total{service=\"db\"} 3",
+            "holdfast_service_no_backend_total{service=\"db\"} 1",
+            "holdfast_service_sessions_active{service=\"w\\\"s\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == expected),

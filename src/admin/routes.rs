@@ -111,10 +111,13 @@ POST /backends/ADDR/ready     ADDR back in rotation
 POST /backends/ADDR/weight    body: the new weight, 1 to 256
 POST /rebalance[?window=DUR]  move sessions off over-loaded backends over DUR (default 60s)
 GET  /rebalance               the rebalance under way or the last one
+GET  /services                the services: names, listen addresses, backend counts
+GET  /services/NAME/backends  (and every /backends and /rebalance route under /services/NAME)
+The /backends and /rebalance routes without /services/NAME work while one service runs.
 ";
 
 /// What a client asked for, once its method, path and body have been checked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AdminRequest {
     /// `GET /`: the list of endpoints.
     Index,
@@ -135,13 +138,36 @@ pub enum AdminRequest {
     Rebalance(Duration),
     /// `GET /rebalance`: the one under way, or the last one.
     RebalanceStatus,
+    /// `GET /services`: every service's name, listen addresses and backend counts.
+    Services,
+    /// `/services/{name}/...`: a per-service request (backends, a change, a rebalance) for the
+    /// service named `name` (never empty). Without it, a per-service request concerns the
+    /// only service, and is refused while several run.
+    Service(String, Box<AdminRequest>),
 }
 
 impl AdminRequest {
     /// True for a change, which waits for the health thread (up to 5 s): the server runs it
     /// off its runtime.
     pub fn is_change(&self) -> bool {
-        matches!(self, AdminRequest::Change(..))
+        match self {
+            AdminRequest::Change(..) => true,
+            AdminRequest::Service(_, inner) => inner.is_change(),
+            _ => false,
+        }
+    }
+
+    /// A request about one service's backends or rebalance, which `/services/NAME` may
+    /// prefix.
+    fn per_service(&self) -> bool {
+        matches!(
+            self,
+            AdminRequest::Backends
+                | AdminRequest::Backend(_)
+                | AdminRequest::Change(..)
+                | AdminRequest::Rebalance(_)
+                | AdminRequest::RebalanceStatus
+        )
     }
 
     /// A method, path and body that [`parse_request`] turns back into this request. The
@@ -173,6 +199,12 @@ impl AdminRequest {
                 Vec::new(),
             ),
             AdminRequest::RebalanceStatus => ("GET", "/rebalance".into(), Vec::new()),
+            AdminRequest::Services => ("GET", "/services".into(), Vec::new()),
+            AdminRequest::Service(name, inner) => {
+                let (method, path, body) = inner.encode();
+                let name = utf8_percent_encode(name, ADDR_ENCODE);
+                (method, format!("/services/{name}{path}"), body)
+            }
         }
     }
 }
@@ -212,6 +244,33 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<AdminReque
     let Some(rest) = path.strip_prefix('/') else {
         return Err(not_found());
     };
+    if rest == "services" {
+        return read_only().map(|()| AdminRequest::Services);
+    }
+    if let Some(scoped) = rest.strip_prefix("services/") {
+        let (name, inner) = scoped.split_once('/').unwrap_or((scoped, ""));
+        let name = percent_decode_str(name).decode_utf8_lossy().into_owned();
+        if name.is_empty() {
+            return Err(Reply::text(
+                StatusCode::BAD_REQUEST,
+                "an empty service name (GET /services lists them)",
+            ));
+        }
+        let inner_path = match query {
+            "" => format!("/{inner}"),
+            query => format!("/{inner}?{query}"),
+        };
+        // Errors name the whole path.
+        let inner = parse_request(method, &inner_path, body).map_err(|e| match e.allow {
+            _ if e.status == StatusCode::NOT_FOUND => not_found(),
+            Some(allow) => Reply::method_not_allowed(method, path, allow),
+            None => e,
+        })?;
+        if !inner.per_service() {
+            return Err(not_found());
+        }
+        return Ok(AdminRequest::Service(name, Box::new(inner)));
+    }
     let segments: Vec<&str> = rest.split('/').collect();
     match segments.as_slice() {
         [""] => read_only().map(|()| AdminRequest::Index),
@@ -247,15 +306,45 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<AdminReque
 /// Answers a request through `control`. A change waits for the health thread's answer (at
 /// most 5 s); everything else answers at once.
 pub(super) fn respond(request: &AdminRequest, control: &Controller) -> Reply {
+    let live = match request.per_service() {
+        true => control.services(),
+        false => Vec::new(),
+    };
+    if let [only] = live.as_slice() {
+        // The one service running (not necessarily the first one started).
+        return respond_in(request, only);
+    }
+    if live.len() > 1 {
+        let (method, path, _) = request.encode();
+        return Reply::text(
+            StatusCode::CONFLICT,
+            format!(
+                "several services run: use {method} /services/NAME{path} (GET /services lists \
+                 them)"
+            ),
+        );
+    }
+    respond_in(request, control)
+}
+
+/// [`respond`], `control` acting on the service the request concerns.
+fn respond_in(request: &AdminRequest, control: &Controller) -> Reply {
     let answer = match *request {
         AdminRequest::Index => Ok(Reply {
             body: INDEX.to_string(),
             ..Reply::text(StatusCode::OK, "")
         }),
-        AdminRequest::Metrics => Ok(Reply::metrics(metrics::render(
-            &control.stats(),
-            &control.backend_stats(),
-        ))),
+        AdminRequest::Metrics => {
+            let services: Vec<metrics::ServiceMetrics> = control
+                .services()
+                .into_iter()
+                .map(|s| {
+                    let name = s.service_name().to_string();
+                    (name, s.service_stats(), s.backend_stats())
+                })
+                .collect();
+            Ok(Reply::metrics(metrics::render(&control.stats(), &services)))
+        }
         AdminRequest::Backends => Ok(Reply::json(&views(&control.backend_stats()))),
         AdminRequest::Backend(addr) => find(control, addr)
             .ok_or_else(|| unknown(addr))
@@ -275,8 +364,55 @@ pub(super) fn respond(request: &AdminRequest, control: &Controller) -> Reply {
         AdminRequest::RebalanceStatus => Ok(Reply::json(&RebalanceView::from(
             control.rebalance_status(),
         ))),
+        AdminRequest::Services => Ok(Reply::json(
+            &control
+                .services()
+                .iter()
+                .map(ServiceView::from)
+                .collect::<Vec<_>>(),
+        )),
+        AdminRequest::Service(ref name, ref inner) => match control.service(name) {
+            Some(service) => Ok(respond_in(inner, &service)),
+            None => Err(Reply::text(
+                StatusCode::NOT_FOUND,
+                format!("no service {} (GET /services lists them)", shown(name)),
+            )),
+        },
     };
     answer.unwrap_or_else(|e| e)
+}
+
+/// One service in `GET /services`.
+#[derive(Serialize)]
+struct ServiceView {
+    name: String,
+    listen: Vec<SocketAddr>,
+    algorithm: String,
+    /// Backends in its current set (removed ones still draining included).
+    backends: usize,
+    /// Of those, the ones taking new sessions.
+    backends_up: usize,
+    /// Its sessions open now, and its clients accepted so far.
+    sessions_active: u64,
+    accepted: u64,
+}
+
+impl From<&Controller> for ServiceView {
+    fn from(control: &Controller) -> ServiceView {
+        let backends = control.backend_stats();
+        ServiceView {
+            name: control.service_name().to_string(),
+            listen: control.listen_addrs().to_vec(),
+            algorithm: control.config().algorithm.to_string(),
+            backends: backends.len(),
+            backends_up: backends
+                .iter()
+                .filter(|b| b.state == crate::backend::BackendState::Up)
+                .count(),
+            sessions_active: control.service_stats().active,
+            accepted: control.service_stats().accepted,
+        }
+    }
 }
 
 /// A rebalance's window when `POST /rebalance` names none.
@@ -509,6 +645,20 @@ mod tests {
             ok("POST", "/backends/10.0.0.1:80/weight", b"7\n"),
             AdminRequest::Change(a, BackendChange::Weight(7))
         );
+        assert_eq!(ok("GET", "/services", b""), AdminRequest::Services);
+        let scoped = |name: &str, inner| AdminRequest::Service(name.into(), Box::new(inner));
+        assert_eq!(
+            ok("GET", "/services/ws/backends", b""),
+            scoped("ws", AdminRequest::Backends)
+        );
+        assert_eq!(
+            ok("POST", "/services/a%2Fb/backends/10.0.0.1:80/weight", b"7"),
+            scoped("a/b", AdminRequest::Change(a, BackendChange::Weight(7)))
+        );
+        assert_eq!(
+            ok("POST", "/services/ws/rebalance?window=2s", b""),
+            scoped("ws", AdminRequest::Rebalance(Duration::from_secs(2)))
+        );
         let err = |method, path, body: &[u8]| parse_request(method, path, body).unwrap_err();
         for (method, path, body, status, allow) in [
             ("GET", "/nope", &b""[..], 404, None),
@@ -528,6 +678,18 @@ mod tests {
             ("GET", "/backends/10.0.0.1:80/drain", b"", 405, Some("POST")),
             ("GET", "/backends/nope", b"", 400, None),
             ("POST", "/backends/10.0.0.1/drain", b"", 400, None),
+            ("GET", "/services//backends", b"", 400, None),
+            ("GET", "/services/ws", b"", 404, None),
+            ("GET", "/services/ws/metrics", b"", 404, None),
+            ("GET", "/services/ws/services", b"", 404, None),
+            ("POST", "/services", b"", 405, Some("GET, HEAD")),
+            (
+                "GET",
+                "/services/ws/backends/10.0.0.1:80/drain",
+                b"",
+                405,
+                Some("POST"),
+            ),
             ("POST", "/backends/10.0.0.1:80/weight", b"0", 400, None),
             (
                 "POST",
@@ -644,7 +806,17 @@ mod tests {
             ]
         }
 
+        /// Any request, or a per-service one under `/services/NAME` (any non-empty name).
         fn request() -> impl Strategy<Value = AdminRequest> {
+            prop_oneof![
+                3 => unscoped(),
+                1 => Just(AdminRequest::Services),
+                1 => (".+", unscoped().prop_filter("per service", AdminRequest::per_service))
+                    .prop_map(|(name, inner)| AdminRequest::Service(name, Box::new(inner))),
+            ]
+        }
+
+        fn unscoped() -> impl Strategy<Value = AdminRequest> {
             prop_oneof![
                 Just(AdminRequest::Index),
                 Just(AdminRequest::Metrics),
@@ -682,6 +854,7 @@ mod tests {
             prop_oneof![
                 "(/(backends|metrics|drain|ready|weight|[0-9a-f.:\\[\\]%]{0,12})){0,4}",
                 "/backends/.*",
+                "/services(/[a-z%/]{0,6}(/backends(/.{0,12})?)?)?",
                 "/rebalance(\\?(window|w)=[0-9]{1,6}(ns|us|ms|s|m|h|d|y|x)?(&.{0,4})?)?",
                 any::<String>(),
             ]
@@ -713,7 +886,7 @@ mod tests {
                         prop_assert!(body.len() <= MAX_BODY_BYTES);
                         // What was understood reads back as the same request.
                         let (m, p, b) = request.encode();
-                        prop_assert_eq!(parse_request(m, &p, &b).ok(), Some(request));
+                        prop_assert_eq!(parse_request(m, &p, &b).ok(), Some(request.clone()));
                     }
                     Err(e) => check_error(&e)?,
                 }
@@ -722,7 +895,7 @@ mod tests {
             #[test]
             fn prop_valid_requests_round_trip(request in request()) {
                 let (method, path, body) = request.encode();
-                prop_assert_eq!(parse_request(method, &path, &body).ok(), Some(request));
+                prop_assert_eq!(parse_request(method, &path, &body).ok(), Some(request.clone()));
                 if method == "GET" {
                     prop_assert_eq!(parse_request("HEAD", &path, &body).ok(), Some(request));
                 }

@@ -98,6 +98,8 @@ struct Tracked {
 
 pub struct Health {
     config: Arc<Config>,
+    /// The number of the service whose backends these are (in every worker's list).
+    service: usize,
     poll: Poll,
     commands: Receiver<Command>,
     workers: Vec<WorkerLink>,
@@ -150,6 +152,7 @@ impl Health {
             specs: config.backends.clone(),
             leaving: Vec::new(),
             config,
+            service: 0,
             poll,
             commands: rx,
             workers: Vec::new(),
@@ -187,6 +190,8 @@ impl Health {
             .filter_map(|spec| {
                 let t = self.tracked.get(&spec.addr)?;
                 Some(BackendInfo {
+                    // Named by the handle, which knows the service's name.
+                    service: String::new(),
                     addr: spec.addr,
                     down: t.state == BackendState::Down,
                     drained: t.drained,
@@ -236,7 +241,8 @@ impl Health {
         applied
     }
 
-    pub fn attach(&mut self, workers: Vec<WorkerLink>) {
+    pub fn attach(&mut self, service: usize, workers: Vec<WorkerLink>) {
+        self.service = service;
         self.workers = workers;
     }
 
@@ -420,6 +426,7 @@ impl Health {
                 );
                 for w in &self.workers {
                     w.send(Control::CloseBackend {
+                        service: self.service,
                         addr: *addr,
                         spread: self.config.close_spread,
                     });
@@ -714,7 +721,7 @@ impl Health {
         ));
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&set);
         for w in &self.workers {
-            w.send(Control::Backends(Arc::clone(&set)));
+            w.send(Control::Backends(self.service, Arc::clone(&set)));
         }
         // `--rebalance-on-join`: a backend joined, or came back up (probes, or an operator's
         // `ready`): the workers move sessions off over-loaded backends over the window.
@@ -724,7 +731,7 @@ impl Health {
             log::info!("a backend joined: rebalancing over {window:?}");
             let start = RebalanceStart::new(window);
             for w in &self.workers {
-                w.send(Control::Rebalance(start));
+                w.send(Control::Rebalance(self.service, start));
             }
         }
         self.dirty = false;

@@ -55,6 +55,8 @@ pub struct Session {
     pub listener: usize,
     /// Already in the worker's list of sessions to run again next turn.
     pub scheduled: bool,
+    /// The number of its service in the worker (beside `scheduled`, in what was padding).
+    pub service: u16,
     /// What only the client-address features use (`--send-proxy`, `--accept-proxy`, the
     /// per-IP limits): boxed and made on first use, so a session without them carries one
     /// pointer instead of about 110 bytes (idle memory is what 10,000 WebSockets cost).
@@ -108,6 +110,7 @@ impl Session {
             pumps: None,
             started: now,
             listener,
+            service: 0,
             scheduled: false,
             extras: None,
         }

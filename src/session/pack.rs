@@ -121,6 +121,7 @@ impl Session {
                 first_eof: None,
                 pumps: None,
                 proxy_out: Vec::new(),
+                service: String::new(),
             };
             return Ok((session, fds));
         };
@@ -170,6 +171,7 @@ impl Session {
             }),
             pumps: Some([up, down]),
             proxy_out: proxy_out_of(self).to_vec(),
+            service: String::new(),
         };
         Ok((session, fds))
     }

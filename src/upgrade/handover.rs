@@ -66,6 +66,8 @@ pub struct Channel {
     sock: UnixStream,
     buf: Vec<u8>,
     fds: VecDeque<OwnedFd>,
+    /// The format the peer speaks ([`wire::VERSION`] until its hello says otherwise).
+    version: u16,
 }
 
 impl Channel {
@@ -74,6 +76,7 @@ impl Channel {
             sock,
             buf: Vec::new(),
             fds: VecDeque::new(),
+            version: wire::VERSION,
         }
     }
 
@@ -87,7 +90,8 @@ impl Channel {
             ));
         }
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-        sys::send_with_fds(&self.sock, &wire::encode(msg), &borrowed)
+        let frame = wire::encode_version(msg, self.version);
+        sys::send_with_fds(&self.sock, &frame, &borrowed)
     }
 
     /// Receives one message and its descriptors, waiting until `deadline` at most (`None`:
@@ -100,7 +104,7 @@ impl Channel {
         let header = wire::decode_header(header)?;
         let total = wire::HEADER_LEN + header.body_len;
         self.fill(total, deadline)?;
-        let msg = wire::decode(&self.buf[..total])?;
+        let msg = wire::decode_version(&self.buf[..total], self.version)?;
         self.buf.drain(..total);
         if self.fds.len() < header.fds {
             return Err(WireError::FdCount {
@@ -299,12 +303,17 @@ pub enum Taken {
 pub fn take(chan: &mut Channel, taker: &mut impl Taker) -> Result<Taken, HandoverError> {
     match chan.recv(None)?.0 {
         Message::Hello { version, pid } => {
-            let answer = if version != wire::VERSION {
+            // An older sender's messages are read in its format (this side sends only ready,
+            // refuse, accepting and received, which every version spells the same).
+            let answer = if !(wire::OLDEST_VERSION..=wire::VERSION).contains(&version) {
                 Err(format!(
-                    "upgrade format version {version} not understood (this build speaks {})",
+                    "upgrade format version {version} not understood (this build speaks {} to \
+                     {})",
+                    wire::OLDEST_VERSION,
                     wire::VERSION
                 ))
             } else {
+                chan.version = version;
                 taker.hello(version, pid)
             };
             if let Err(reason) = answer {
@@ -424,6 +433,7 @@ mod tests {
             first_eof: None,
             pumps: None,
             proxy_out: Vec::new(),
+            service: "default".into(),
         }
     }
 
@@ -455,6 +465,7 @@ mod tests {
             let info = ListenerInfo {
                 worker: 0,
                 addr: l.local_addr()?,
+                service: "default".into(),
             };
             Ok((vec![info], vec![OwnedFd::from(l)]))
         }
@@ -641,7 +652,7 @@ mod tests {
     fn old_process_sends_a_batch(old: &mut Channel, n: usize) -> Vec<UnixStream> {
         old.send(
             &Message::Hello {
-                version: wire::VERSION,
+                version: old.version,
                 pid: 1,
             },
             &[],
@@ -652,6 +663,7 @@ mod tests {
         let info = ListenerInfo {
             worker: 0,
             addr: l.local_addr().unwrap(),
+            service: "default".into(),
         };
         old.send(&Message::Listeners(vec![info]), &[OwnedFd::from(l)])
             .unwrap();
@@ -704,23 +716,37 @@ mod tests {
         assert_eq!(taker.aborted, [1]);
     }
 
+    /// An old process of the previous build (format version 2, no service names) hands over
+    /// to this one: its messages are read in its format.
+    #[test]
+    fn a_version_2_sender_is_understood() {
+        let (mut old, mut new) = channels();
+        old.version = 2;
+        let taker = std::thread::spawn(move || {
+            let mut taker = FakeTaker::default();
+            (take(&mut new, &mut taker).unwrap(), taker)
+        });
+        let _peers = old_process_sends_a_batch(&mut old, 3);
+        old.send(&Message::Commit { id: 1 }, &[]).unwrap();
+        old.send(&Message::Done, &[]).unwrap();
+        let (taken, taker) = taker.join().unwrap();
+        assert_eq!(taken, Taken::Done);
+        assert_eq!(taker.owned.len(), 3);
+        assert_eq!(taker.listeners.len(), 1);
+    }
+
     #[test]
     fn a_version_not_understood_is_refused() {
-        let (mut old, mut new) = channels();
-        let taker = std::thread::spawn(move || take(&mut new, &mut FakeTaker::default()));
-        old.send(
-            &Message::Hello {
-                version: wire::VERSION + 1,
-                pid: 1,
-            },
-            &[],
-        )
-        .unwrap();
-        assert!(matches!(old.recv(None).unwrap().0, Message::Refuse { .. }));
-        assert!(matches!(
-            taker.join().unwrap(),
-            Err(HandoverError::Refused(_))
-        ));
+        for version in [wire::VERSION + 1, wire::OLDEST_VERSION - 1] {
+            let (mut old, mut new) = channels();
+            let taker = std::thread::spawn(move || take(&mut new, &mut FakeTaker::default()));
+            old.send(&Message::Hello { version, pid: 1 }, &[]).unwrap();
+            assert!(matches!(old.recv(None).unwrap().0, Message::Refuse { .. }));
+            assert!(matches!(
+                taker.join().unwrap(),
+                Err(HandoverError::Refused(_))
+            ));
+        }
     }
 
     #[test]

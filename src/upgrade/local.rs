@@ -19,7 +19,7 @@ use std::os::unix::net::UnixStream;
 use super::handover::{Channel, Frozen, Giver, HandoverError, Report, Taken, Taker, give, take};
 use super::wire::{BackendInfo, ListenerInfo, PackedSession};
 use crate::Holdfast;
-use crate::config::Config;
+use crate::Service;
 use crate::control::Controller;
 use crate::error::StartError;
 use crate::plane::Control;
@@ -101,10 +101,11 @@ impl Giver for LocalGiver {
                     format!("worker {worker} did not give its listeners"),
                 )
             })?;
-            for (addr, fd) in copies {
+            for (service, addr, fd) in copies {
                 infos.push(ListenerInfo {
                     worker: u16::try_from(worker).unwrap_or(u16::MAX),
                     addr,
+                    service,
                 });
                 fds.push(fd);
             }
@@ -294,17 +295,18 @@ pub enum TakeOver {
     /// Started on the old process's listeners; how the rest of the handover went (on
     /// failure, what was committed is this process's and the rest stayed with the old one).
     Started(Holdfast, Result<Taken, HandoverError>),
-    /// The handover ended before the listeners came: nothing started; the configuration back.
-    NotStarted(Box<Config>, HandoverError),
+    /// The handover ended before the listeners came: nothing started; the services back.
+    NotStarted(Vec<Service>, HandoverError),
     /// The balancer could not start on the listeners (the old process keeps them).
     Failed(StartError),
 }
 
 /// The new process's whole take over `sock` (connected to the old process's upgrade
-/// socket): the balancer starts on the listeners it receives, then takes the sessions.
-pub fn take_over(sock: UnixStream, config: Config) -> TakeOver {
+/// socket): the balancer starts on the listeners it receives (each given to the service that
+/// lists its address, as [`Holdfast::start_services`] would), then takes the sessions.
+pub fn take_over(sock: UnixStream, services: Vec<Service>) -> TakeOver {
     let mut taker = ProcessTaker {
-        config: Some(config),
+        config: Some(services),
         started: None,
         failed: None,
     };
@@ -317,23 +319,22 @@ pub fn take_over(sock: UnixStream, config: Config) -> TakeOver {
             TakeOver::Started(balancer, outcome)
         }
         (None, Some(e), _) => TakeOver::Failed(e),
-        (None, None, Some(config)) => TakeOver::NotStarted(
-            Box::new(config),
+        (None, None, Some(services)) => TakeOver::NotStarted(
+            services,
             outcome
                 .err()
                 .unwrap_or(HandoverError::Unexpected("no listeners")),
         ),
-        (None, None, None) => TakeOver::NotStarted(
-            Box::new(Config::new(Vec::new(), Vec::new())),
-            HandoverError::Unexpected("no configuration"),
-        ),
+        (None, None, None) => {
+            TakeOver::NotStarted(Vec::new(), HandoverError::Unexpected("no configuration"))
+        }
     }
 }
 
 /// The new process: starts its balancer when the listeners arrive, then hands the batches to
 /// its workers.
 struct ProcessTaker {
-    config: Option<Config>,
+    config: Option<Vec<Service>>,
     started: Option<(Holdfast, LocalTaker)>,
     failed: Option<StartError>,
 }
@@ -343,15 +344,21 @@ impl Taker for ProcessTaker {
         Ok(())
     }
 
-    /// Kept for the first backend set of the balancer, started when the listeners come.
+    /// Kept for the first backend set of the balancer, started when the listeners come
+    /// (each service takes the state its namesake in the old process had for the backends
+    /// it lists; a service new in this process starts afresh).
     fn backends(&mut self, backends: Vec<BackendInfo>) {
-        if let Some(config) = &mut self.config {
-            config.inherited_backends = backends;
+        for service in self.config.iter_mut().flatten() {
+            service.config.inherited_backends = backends
+                .iter()
+                .filter(|b| b.service == service.name)
+                .cloned()
+                .collect();
         }
     }
 
     fn listeners(&mut self, infos: Vec<ListenerInfo>, fds: Vec<OwnedFd>) -> Result<(), String> {
-        let Some(config) = self.config.take() else {
+        let Some(services) = self.config.take() else {
             return Err("listeners sent twice".into());
         };
         log::info!(
@@ -359,7 +366,7 @@ impl Taker for ProcessTaker {
             fds.len()
         );
         let inherited = infos.into_iter().map(|i| i.addr).zip(fds).collect();
-        match Holdfast::start_inheriting(config, inherited) {
+        match Holdfast::start_services_inheriting(services, inherited) {
             Ok(balancer) => {
                 let taker = LocalTaker::new(balancer.controller().clone());
                 self.started = Some((balancer, taker));
@@ -407,7 +414,8 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::config::{BackendSpec, RelayMode};
+    use crate::Service;
+    use crate::config::{BackendSpec, Config, RelayMode};
 
     const CLIENTS: usize = 24;
     const WAIT: Duration = Duration::from_secs(30);
@@ -540,6 +548,86 @@ mod tests {
         }
         wait_until("the sessions to end", || new.stats().active == 0);
         assert_eq!(old.stats().closed, 0, "the old balancer closed a session");
+    }
+
+    /// Two services, `a` and `b`, each with a backend of its own.
+    fn two_services(a: SocketAddr, b: Option<SocketAddr>) -> Holdfast {
+        let service = |name: &str, backend| {
+            let mut config = Config::new(
+                vec!["127.0.0.1:0".parse().unwrap()],
+                vec![BackendSpec::new(backend)],
+            );
+            config.workers = 2;
+            config.health.check = crate::config::HealthCheck::None;
+            Service::new(name, config)
+        };
+        let mut services = vec![service("a", a)];
+        services.extend(b.map(|b| service("b", b)));
+        Holdfast::start_services(services).unwrap()
+    }
+
+    /// Hands every session of `old` to `new` (no listeners: each keeps its own).
+    fn hand_over(old: &Holdfast, new: &Holdfast, sessions: usize) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let giver_control = old.controller().clone();
+        let giving = thread::spawn(move || {
+            let mut giver = LocalGiver::new(giver_control);
+            give(&mut Channel::new(a), &mut giver, 1, WAIT)
+        });
+        let taker_control = new.controller().clone();
+        let taking = thread::spawn(move || {
+            let mut taker = LocalTaker::new(taker_control);
+            take(&mut Channel::new(b), &mut taker)
+        });
+        assert_eq!(giving.join().unwrap().unwrap().sessions, sessions);
+        assert_eq!(taking.join().unwrap().unwrap(), Taken::Done);
+    }
+
+    /// Sessions go to the service of the same name in the new process, even where their
+    /// address names no listener there (here the new process listens elsewhere, as it would
+    /// behind a PROXY header's destination); a session whose service the new process lacks
+    /// goes on under the first service, on a drained set of its own backend.
+    #[test]
+    fn sessions_go_to_the_service_of_the_same_name() {
+        let (x, y) = (echo_backend(), echo_backend());
+        let old = two_services(x, Some(y));
+        let new = two_services(x, Some(y));
+        let connect = |lb: &Holdfast, name: &str, n: usize| -> Vec<TcpStream> {
+            let addr = lb.service(name).unwrap().listen_addrs()[0];
+            (0..n)
+                .map(|c| {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.set_read_timeout(Some(WAIT)).unwrap();
+                    exchange(&mut s, c, 0);
+                    s
+                })
+                .collect()
+        };
+        let mut on_a = connect(&old, "a", 2);
+        let mut on_b = connect(&old, "b", 3);
+        hand_over(&old, &new, 5);
+        let active =
+            |lb: &Holdfast, name: &str| lb.service(name).unwrap().backend_stats()[0].active;
+        wait_until("the new balancer to count them", || {
+            active(&new, "a") == 2 && active(&new, "b") == 3
+        });
+        assert_eq!(new.service("b").unwrap().service_stats().active, 3);
+        assert_eq!(old.service("b").unwrap().service_stats().active, 0);
+        for (c, s) in on_a.iter_mut().chain(on_b.iter_mut()).enumerate() {
+            exchange(s, c, 1);
+        }
+
+        // The new process has no service `b`: its sessions go on under `a`, not counted on
+        // `a`'s backend (theirs is not in `a`'s set), and no new client is sent to `y`.
+        let newer = two_services(x, None);
+        hand_over(&new, &newer, 5);
+        wait_until("the newer balancer to count them", || {
+            newer.stats().active == 5
+        });
+        assert_eq!(active(&newer, "a"), 2);
+        for (c, s) in on_a.iter_mut().chain(on_b.iter_mut()).enumerate() {
+            exchange(s, c, 2);
+        }
     }
 
     #[test]

@@ -14,14 +14,20 @@
 //! sender's [`VERSION`]; a process that does not speak that version refuses, and the old one
 //! keeps everything. A new version of this format bumps [`VERSION`]. Version 2 added the
 //! backends' state ([`Message::Backends`], after ready), queued and connecting sessions'
-//! tried backends and connect start, and each batch's freeze time.
+//! tried backends and connect start, and each batch's freeze time. Version 3 added the
+//! service (by name) of each listener, backend and session, so that a process running several
+//! services gives each session to the service of the same name. The new process still reads
+//! version 2 ([`OLDEST_VERSION`]: every service name empty, so each session goes to the
+//! service listening where it connected), so an older build can hand over to this one.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
 /// Eight bytes at the start of a hello, so that a stranger on the socket is refused at once.
 pub const MAGIC: [u8; 8] = *b"HFUPGRD\0";
 /// This format's version.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
+/// The oldest version a new process still reads ([`decode_version`]).
+pub const OLDEST_VERSION: u16 = 2;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 9;
 /// Largest body accepted: a batch of sessions each holding up to two 64 KiB partial writes.
@@ -53,12 +59,16 @@ pub enum WireError {
 pub struct ListenerInfo {
     pub worker: u16,
     pub addr: SocketAddr,
+    /// The name of the service it serves.
+    pub service: String,
 }
 
 /// One backend's running state in the old process, for the new one to carry on with (it
 /// applies it to a backend its own configuration lists at the same address).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendInfo {
+    /// The name of the service that lists it (a backend two services list is sent twice).
+    pub service: String,
     pub addr: SocketAddr,
     /// Down (by probes or passive detection): it stays down until probed up.
     pub down: bool,
@@ -151,6 +161,8 @@ pub struct PackedSession {
     pub pumps: Option<[PackedPump; 2]>,
     /// With `--send-proxy`: the part of the PROXY header not yet written to the backend.
     pub proxy_out: Vec<u8>,
+    /// The name of its service.
+    pub service: String,
 }
 
 impl PackedSession {
@@ -231,7 +243,13 @@ impl Message {
 
 /// The frame of `msg`: header and body.
 pub fn encode(msg: &Message) -> Vec<u8> {
-    let mut w = Writer(Vec::with_capacity(64));
+    encode_version(msg, VERSION)
+}
+
+/// The frame of `msg` in format `version` (from [`OLDEST_VERSION`]; before 3 the service
+/// names are left out).
+pub fn encode_version(msg: &Message, version: u16) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(64), version >= 3);
     w.u32(0);
     w.u8(msg.kind());
     w.u32(msg.fd_count() as u32);
@@ -248,6 +266,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             for l in listeners {
                 w.u16(l.worker);
                 w.addr(l.addr);
+                w.service(&l.service);
             }
         }
         Message::Batch {
@@ -266,6 +285,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         Message::Backends(backends) => {
             w.u32(backends.len() as u32);
             for b in backends {
+                w.service(&b.service);
                 w.addr(b.addr);
                 w.u8(u8::from(b.down) | (u8::from(b.drained) << 1));
                 w.u32(b.configured_weight);
@@ -293,7 +313,7 @@ pub struct Header {
 
 /// Reads a frame header (the first [`HEADER_LEN`] bytes of `bytes`).
 pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
-    let mut r = Reader(bytes);
+    let mut r = Reader(bytes, true);
     let body_len = r.u32()? as usize;
     let kind = r.u8()?;
     let fds = r.u32()? as usize;
@@ -313,6 +333,12 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
 /// Decodes one whole frame (exactly: trailing bytes are an error). The descriptor count in
 /// the header must be the one the body implies.
 pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
+    decode_version(frame, VERSION)
+}
+
+/// [`decode`] for a peer speaking format `version` (from [`OLDEST_VERSION`]): before 3 no
+/// service names travel, and they are read as empty.
+pub fn decode_version(frame: &[u8], version: u16) -> Result<Message, WireError> {
     let header = decode_header(frame)?;
     let body = &frame[HEADER_LEN.min(frame.len())..];
     if body.len() < header.body_len {
@@ -321,7 +347,7 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
     if body.len() > header.body_len {
         return Err(WireError::Trailing(body.len() - header.body_len));
     }
-    let mut r = Reader(body);
+    let mut r = Reader(body, version >= 3);
     let msg = match header.kind {
         1 => {
             if r.take(MAGIC.len())? != MAGIC {
@@ -335,12 +361,13 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
         2 => Message::Ready,
         3 => Message::Refuse { reason: r.text()? },
         4 => {
-            let n = r.count(2 + 7)?;
+            let n = r.count(2 + 7 + r.name_len())?;
             let mut listeners = Vec::with_capacity(n);
             for _ in 0..n {
                 listeners.push(ListenerInfo {
                     worker: r.u16()?,
                     addr: r.addr()?,
+                    service: r.service()?,
                 });
             }
             Message::Listeners(listeners)
@@ -368,9 +395,10 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
         },
         10 => Message::Done,
         11 => {
-            let n = r.count(7 + 1 + 4 + 2)?;
+            let n = r.count(r.name_len() + 7 + 1 + 4 + 2)?;
             let mut backends = Vec::with_capacity(n);
             for _ in 0..n {
+                let service = r.service()?;
                 let addr = r.addr()?;
                 let flags = r.u8()?;
                 if flags > 3 {
@@ -384,6 +412,7 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
                     }
                 };
                 backends.push(BackendInfo {
+                    service,
                     addr,
                     down: flags & 1 != 0,
                     drained: flags & 2 != 0,
@@ -408,9 +437,15 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
     Ok(msg)
 }
 
-struct Writer(Vec<u8>);
+/// The bytes so far, and whether service names are written (version 3 on).
+struct Writer(Vec<u8>, bool);
 
 impl Writer {
+    fn service(&mut self, name: &str) {
+        if self.1 {
+            self.text(name);
+        }
+    }
     fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
@@ -517,10 +552,12 @@ impl Writer {
             }
         }
         self.bytes(&s.proxy_out);
+        self.service(&s.service);
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+/// The bytes left, and whether service names are there (version 3 on).
+struct Reader<'a>(&'a [u8], bool);
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
@@ -559,6 +596,16 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self) -> Result<Vec<u8>, WireError> {
         let n = self.u32()? as usize;
         Ok(self.take(n)?.to_vec())
+    }
+    /// The least bytes a service name takes (its length, when names travel).
+    fn name_len(&self) -> usize {
+        if self.1 { 4 } else { 0 }
+    }
+    fn service(&mut self) -> Result<String, WireError> {
+        match self.1 {
+            true => self.text(),
+            false => Ok(String::new()),
+        }
     }
     fn text(&mut self) -> Result<String, WireError> {
         let b = self.bytes()?;
@@ -629,6 +676,7 @@ impl<'a> Reader<'a> {
             _ => return Err(WireError::BadValue("pumps")),
         };
         let proxy_out = self.bytes()?;
+        let service = self.service()?;
         // What the phase implies must be there (and nothing else), or the fds do not line up.
         let consistent = match phase {
             WirePhase::Queued => backend.is_none() && pumps.is_none(),
@@ -655,6 +703,7 @@ impl<'a> Reader<'a> {
             first_eof,
             pumps,
             proxy_out,
+            service,
         })
     }
     fn pump(&mut self) -> Result<PackedPump, WireError> {
@@ -708,6 +757,10 @@ mod tests {
     }
 
     fn session() -> impl Strategy<Value = PackedSession> {
+        (session_in_no_service(), text()).prop_map(|(s, service)| PackedSession { service, ..s })
+    }
+
+    fn session_in_no_service() -> impl Strategy<Value = PackedSession> {
         let phase = prop_oneof![
             Just(WirePhase::Queued),
             Just(WirePhase::Connecting),
@@ -754,6 +807,7 @@ mod tests {
                     first_eof,
                     pumps: (phase == WirePhase::Relaying).then_some([p0, p1]),
                     proxy_out,
+                    service: String::new(),
                 },
             )
     }
@@ -768,7 +822,13 @@ mod tests {
             Just(Message::Ready),
             text().prop_map(|reason| Message::Refuse { reason }),
             proptest::collection::vec(
-                (any::<u16>(), addr()).prop_map(|(worker, addr)| ListenerInfo { worker, addr }),
+                (any::<u16>(), addr(), text()).prop_map(|(worker, addr, service)| {
+                    ListenerInfo {
+                        worker,
+                        addr,
+                        service,
+                    }
+                }),
                 0..10
             )
             .prop_map(Message::Listeners),
@@ -789,6 +849,7 @@ mod tests {
             Just(Message::Done),
             proptest::collection::vec(
                 (
+                    text(),
                     addr(),
                     any::<(bool, bool)>(),
                     any::<u32>(),
@@ -796,8 +857,16 @@ mod tests {
                     any::<Option<u64>>()
                 )
                     .prop_map(
-                        |(addr, (down, drained), configured_weight, operator_weight, ramp_ms)| {
+                        |(
+                            service,
+                            addr,
+                            (down, drained),
+                            configured_weight,
+                            operator_weight,
+                            ramp_ms,
+                        )| {
                             BackendInfo {
+                                service,
                                 addr,
                                 down,
                                 drained,
@@ -814,6 +883,22 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_version_2_frame_reads_back_without_service_names(msg in message()) {
+            let mut plain = msg.clone();
+            match &mut plain {
+                Message::Listeners(l) => l.iter_mut().for_each(|l| l.service.clear()),
+                Message::Backends(b) => b.iter_mut().for_each(|b| b.service.clear()),
+                Message::Batch { sessions, .. } => {
+                    sessions.iter_mut().for_each(|s| s.service.clear())
+                }
+                _ => {}
+            }
+            prop_assert_eq!(decode_version(&encode_version(&msg, 2), 2), Ok(plain.clone()));
+            // Version 3 writes the names: the same message is longer unless none has one.
+            prop_assert!(encode(&msg).len() >= encode_version(&msg, 2).len());
+        }
+
         #[test]
         fn every_message_round_trips(msg in message()) {
             let frame = encode(&msg);
@@ -909,6 +994,7 @@ mod tests {
                 },
             ]),
             proxy_out: vec![],
+            service: String::new(),
         };
         assert_eq!(relaying.fd_count(), 4);
         let queued = PackedSession {

@@ -73,7 +73,7 @@ impl Worker {
 
     /// Accepts from listener `i` until it is empty (`WouldBlock`), or the batch is done, or
     /// descriptors or `--max-conns` run short. A drain takes the whole backlog in one go.
-    fn accept_from(&mut self, i: usize) {
+    pub(super) fn accept_from(&mut self, i: usize) {
         let batch = if self.draining {
             usize::MAX
         } else {
@@ -158,16 +158,18 @@ impl Worker {
         }
     }
 
-    /// A new session for an accepted client, placed at once (or queued, or closed); with
+    /// A new session for an accepted client of listener `listener`'s service, placed at once (or queued, or closed); with
     /// `--accept-proxy`, once its PROXY header is read. A client refused by its address (an
     /// untrusted proxy, `--deny`, a per-IP limit) is closed at once, with no session.
     fn start_session(&mut self, client: TcpStream, client_addr: SocketAddr, listener: usize) {
-        let ticket = if self.config.client_ip.accept_proxy {
+        let service = self.listener_service.get(listener).copied().unwrap_or(0);
+        let s = usize::from(service);
+        let config = Arc::clone(&self.services[s].config);
+        Counters::incr(&self.services[s].counters.accepted);
+        let ticket = if config.client_ip.accept_proxy {
             // Its address is the header's: admitted once the header is read.
-            if !crate::client_ip::any_contains(
-                &self.config.client_ip.trusted_proxies,
-                client_addr.ip(),
-            ) {
+            if !crate::client_ip::any_contains(&config.client_ip.trusted_proxies, client_addr.ip())
+            {
                 self.proxy_header_error(client_addr, "untrusted");
                 Counters::decr(&self.counters.active);
                 Counters::incr(&self.counters.closed);
@@ -175,7 +177,7 @@ impl Worker {
             }
             None
         } else {
-            match self.admit(client_addr) {
+            match self.admit(s, client_addr) {
                 Ok(ticket) => ticket,
                 Err(()) => {
                     Counters::decr(&self.counters.active);
@@ -186,12 +188,11 @@ impl Worker {
         };
         // On Linux the accepted socket already carries the listener's options.
         if !sys::ACCEPT_INHERITS_SOCKET_OPTIONS {
-            tune_socket(SockRef::from(&client), self.config.tcp_keepalive);
+            tune_socket(SockRef::from(&client), config.tcp_keepalive);
         }
         // The address the client connected to: the destination of the header sent on (a
         // wildcard listener's own address would not do).
-        let local_addr = self
-            .config
+        let local_addr = config
             .client_ip
             .send_proxy
             .map(|_| client.local_addr().unwrap_or(self.listen_addrs[listener]));
@@ -199,13 +200,14 @@ impl Worker {
         let key = entry.key();
         let id = self.next_id;
         self.next_id += 1;
-        let set = Arc::clone(&self.backends);
+        let set = Arc::clone(&self.services[s].backends);
         let mut session = Session::new(id, client, client_addr, listener, set, self.now);
+        session.service = service;
         session.set_ticket(ticket);
         if let Some(addr) = local_addr {
             session.set_local_addr(addr);
         }
-        session.set_client_user_timeout(self.config.tcp_user_timeout);
+        session.set_client_user_timeout(config.tcp_user_timeout);
         if let Err(e) = self.poll.registry().register(
             &mut session.client,
             Target::Session(key, Side::Client).token(),
@@ -217,23 +219,27 @@ impl Worker {
             return;
         }
         let session = entry.insert(session);
-        let actions = session.state.on(Event::Accepted, self.now, &self.rules);
-        self.arm_max_age(key, id);
+        Counters::incr(&self.services[s].counters.active);
+        let actions = session
+            .state
+            .on(Event::Accepted, self.now, &self.services[s].rules);
+        self.arm_max_age(s, key, id);
         self.apply(key, actions);
     }
 
     /// Whether a client at `addr` may be served (`--allow`/`--deny`, then the per-IP
     /// limits), with its place under the limits; a refused one is counted and logged (at
     /// most once a second), and the caller closes it.
-    pub(super) fn admit(&mut self, addr: SocketAddr) -> Result<Option<Ticket>, ()> {
+    pub(super) fn admit(&mut self, service: usize, addr: SocketAddr) -> Result<Option<Ticket>, ()> {
         let ip = addr.ip();
-        let refused = if !self.config.client_ip.access.permits(ip) {
+        let served = &self.services[service];
+        let refused = if !served.config.client_ip.access.permits(ip) {
             (
                 &self.counters.refused_deny,
                 "it is denied by --allow/--deny",
             )
         } else {
-            let Some(limits) = &self.ip_limits else {
+            let Some(limits) = &served.ip_limits else {
                 return Ok(None);
             };
             match limits.try_open(ip, self.now) {

@@ -40,7 +40,11 @@ impl Worker {
             hung_up,
             plain_writable: event.is_writable() && !hung_up && !event.is_write_closed(),
         };
-        let actions = session.state.on(readiness, self.now, &self.rules);
+        let actions = session.state.on(
+            readiness,
+            self.now,
+            &self.services[usize::from(session.service)].rules,
+        );
         self.apply(key, actions);
     }
 
@@ -66,7 +70,9 @@ impl Worker {
                 Action::ReleaseSlot(index) => session.set.backends[index].stats.release(),
                 Action::CountFailure(index, failure) => {
                     let backend = &session.set.backends[index];
-                    self.placer.backend_failed(backend, failure);
+                    self.services[usize::from(session.service)]
+                        .placer
+                        .backend_failed(backend, failure);
                 }
                 Action::ResetStreak(index) => session.set.backends[index].stats.reset_streak(),
                 Action::DropBackend => session.drop_backend(),
@@ -74,11 +80,12 @@ impl Worker {
                     session.set.backends[index]
                         .stats
                         .record_established(latency);
+                    let config = &self.services[usize::from(session.service)].config;
                     session.start_relay(
-                        self.config.relay,
-                        self.config.tcp_keepalive,
-                        self.config.tcp_user_timeout,
-                        self.config.client_ip.send_proxy,
+                        config.relay,
+                        config.tcp_keepalive,
+                        config.tcp_user_timeout,
+                        config.client_ip.send_proxy,
                     );
                 }
                 Action::CheckConnect { plain_writable } => self.check_connect(key, plain_writable),
@@ -104,7 +111,11 @@ impl Worker {
                         client_done,
                         backend_done,
                     };
-                    let actions = session.state.on(lingered, self.now, &self.rules);
+                    let actions = session.state.on(
+                        lingered,
+                        self.now,
+                        &self.services[usize::from(session.service)].rules,
+                    );
                     self.apply(key, actions);
                 }
                 // Dropping a mio socket closes it and removes it from the poller.
@@ -140,7 +151,11 @@ impl Worker {
                     .add_bytes(run.up, run.down);
             }
         }
-        let actions = session.state.on(Event::Relayed(run), self.now, &self.rules);
+        let actions = session.state.on(
+            Event::Relayed(run),
+            self.now,
+            &self.services[usize::from(session.service)].rules,
+        );
         self.apply(key, actions);
     }
 
@@ -164,8 +179,8 @@ impl Worker {
                     session.set_local_addr(destination);
                 }
                 session.set_tlvs(header.tlvs);
-                let addr = session.client_addr;
-                match self.admit(addr) {
+                let (addr, service) = (session.client_addr, usize::from(session.service));
+                match self.admit(service, addr) {
                     Ok(ticket) => {
                         if let Some(session) = self.sessions.get_mut(key) {
                             session.set_ticket(ticket);
@@ -180,7 +195,11 @@ impl Worker {
             }
         };
         if let Some(session) = self.sessions.get_mut(key) {
-            let actions = session.state.on(event, self.now, &self.rules);
+            let actions = session.state.on(
+                event,
+                self.now,
+                &self.services[usize::from(session.service)].rules,
+            );
             self.apply(key, actions);
         }
     }
@@ -201,7 +220,11 @@ impl Worker {
                 Event::ConnectFailed
             }
         };
-        let actions = session.state.on(event, self.now, &self.rules);
+        let actions = session.state.on(
+            event,
+            self.now,
+            &self.services[usize::from(session.service)].rules,
+        );
         self.apply(key, actions);
     }
 
@@ -229,13 +252,21 @@ impl Worker {
             // its entries; ones armed for an earlier attempt are few and expire soon.
             let sessions = &self.sessions;
             self.timers.compact(|t| {
-                matches!(t.kind, TimerKind::DrainDeadline | TimerKind::RebalanceTick)
-                    || sessions.get(t.key).is_some_and(|s| s.id == t.id)
+                matches!(
+                    t.kind,
+                    TimerKind::DrainDeadline
+                        | TimerKind::RebalanceTick
+                        | TimerKind::ServiceDeadline
+                ) || sessions.get(t.key).is_some_and(|s| s.id == t.id)
             });
         }
         while let Some(timer) = self.timers.pop_expired(self.now) {
             if timer.kind == TimerKind::DrainDeadline {
                 self.drain_deadline();
+                continue;
+            }
+            if timer.kind == TimerKind::ServiceDeadline {
+                self.service_deadline(timer.id);
                 continue;
             }
             if timer.kind == TimerKind::RebalanceTick {
@@ -263,7 +294,11 @@ impl Worker {
                 kind: timer.kind,
                 at: timer.at,
             };
-            let actions = session.state.on(fired, self.now, &self.rules);
+            let actions = session.state.on(
+                fired,
+                self.now,
+                &self.services[usize::from(session.service)].rules,
+            );
             self.apply(timer.key, actions);
         }
     }
@@ -299,22 +334,30 @@ impl Worker {
             if let Some(counter) = counter {
                 Counters::incr(counter);
             }
-            let (client_addr, id) = (session.client_addr, session.id);
+            let (client_addr, id, service) = (session.client_addr, session.id, session.service);
+            let log_sessions = self.services[usize::from(session.service)]
+                .config
+                .log_sessions;
             if reason == CloseReason::HeaderTimeout {
                 self.proxy_header_error(client_addr, "timeout");
             }
-            if self.config.log_sessions {
+            if log_sessions {
                 self.log_session(key, reason);
             } else {
                 log::debug!("session {id} from {client_addr} closed: {reason:?}");
             }
             Counters::decr(&self.counters.active);
             Counters::incr(&self.counters.closed);
+            let own = &self.services[usize::from(service)].counters;
+            Counters::decr(&own.active);
+            Counters::incr(&own.closed);
         }
         if let Some(session) = self.sessions.get_mut(key) {
-            let actions = session
-                .state
-                .on(Event::Close(reason), self.now, &self.rules);
+            let actions = session.state.on(
+                Event::Close(reason),
+                self.now,
+                &self.services[usize::from(session.service)].rules,
+            );
             self.apply(key, actions);
         }
     }

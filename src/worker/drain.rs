@@ -75,14 +75,15 @@ impl Worker {
     }
 
     /// A drained backend's drain timeout passed: its sessions here are closed over `spread`.
-    pub(super) fn close_backend(&mut self, addr: SocketAddr, spread: Duration) {
+    pub(super) fn close_backend(&mut self, service: usize, addr: SocketAddr, spread: Duration) {
         let keys: Vec<usize> = self
             .sessions
             .iter()
             .filter(|(_, s)| {
-                s.state
-                    .backend()
-                    .is_some_and(|index| s.set.backends[index].spec.addr == addr)
+                usize::from(s.service) == service
+                    && s.state
+                        .backend()
+                        .is_some_and(|index| s.set.backends[index].spec.addr == addr)
             })
             .map(|(k, _)| k)
             .collect();
@@ -93,7 +94,7 @@ impl Worker {
     /// clients reconnect at a steady rate rather than all in the same instant. Every worker
     /// spreads its own sessions over the whole window, each shifted by its share of one slot,
     /// so together they close at a steady rate too.
-    fn schedule_closes(&mut self, keys: Vec<usize>, from: Instant, spread: Duration) {
+    pub(super) fn schedule_closes(&mut self, keys: Vec<usize>, from: Instant, spread: Duration) {
         let mut sessions: Vec<(u64, usize)> = keys
             .into_iter()
             .filter_map(|k| self.sessions.get(k).map(|s| (s.id, k)))

@@ -34,6 +34,7 @@ mod dispatch;
 mod drain;
 mod place;
 mod rebalance;
+mod services;
 mod upgrade;
 
 use std::collections::VecDeque;
@@ -51,24 +52,81 @@ use slab::Slab;
 use crate::backend::BackendSet;
 use crate::client_ip::IpLimits;
 use crate::config::Config;
-use crate::plane::{Control, HealthLink};
+use crate::plane::Control;
 use crate::relay::Pools;
 use crate::session::{Rules, Session};
-use crate::stats::Counters;
+use crate::stats::{Counters, ServiceCounters};
 use crate::timer::Timers;
 use crate::token::Target;
 
 use place::{Placer, QUEUE_COMPACT_MIN, QUEUE_RECHECK};
 
+/// A service as one worker serves it: its settings, the backend set it was last sent, its
+/// picker, its queue and its per-IP table. Indexed by the service's number, which is the same
+/// in every worker and in the health thread that publishes its sets.
+pub struct Served {
+    name: Arc<str>,
+    /// Removed by a reload: its sessions drain, and it takes no new ones.
+    removed: bool,
+    config: Arc<Config>,
+    /// The settings its sessions' transitions depend on (from `config`).
+    rules: Rules,
+    backends: Arc<BackendSet>,
+    /// Picks its backends and starts connects; counts their failures.
+    placer: Placer,
+    /// Its clients waiting for a backend with room, oldest first: (slab key, session id). An
+    /// entry whose session has gone (or whose key now holds another session) is skipped.
+    queue: VecDeque<(usize, u64)>,
+    /// The queue length at which its stale entries are next dropped.
+    queue_compact_at: usize,
+    /// Its per-IP limits' table, shared by every worker (`None`: no per-IP limit).
+    ip_limits: Option<Arc<IpLimits>>,
+    /// Its own counters, shared by every worker.
+    counters: Arc<ServiceCounters>,
+}
+
+pub(crate) use crate::plane::ServiceStart as ServiceInit;
+
+impl Served {
+    /// Worker `worker`'s part of a service, and its listeners (not registered yet).
+    fn new(
+        worker: usize,
+        start: ServiceInit,
+        counters: &Arc<Counters>,
+    ) -> (Served, Vec<TcpListener>) {
+        let served = Served {
+            name: start.name,
+            removed: false,
+            rules: Rules::new(&start.config),
+            placer: Placer::new(
+                worker,
+                Arc::clone(&start.config),
+                Arc::clone(counters),
+                start.health,
+            ),
+            config: start.config,
+            backends: start.backends,
+            queue: VecDeque::new(),
+            queue_compact_at: QUEUE_COMPACT_MIN,
+            ip_limits: start.ip_limits,
+            counters: start.counters,
+        };
+        (served, start.listeners)
+    }
+}
+
 pub struct Worker {
     id: usize,
+    /// The process-wide settings (`--workers`, `--max-conns`): the first service's.
     config: Arc<Config>,
-    /// The settings sessions' transitions depend on (from `config`).
-    rules: Rules,
+    /// Every service this worker serves, by number.
+    services: Vec<Served>,
     poll: Poll,
     control: Receiver<Control>,
     /// `None` once closed (by a drain).
     listeners: Vec<Option<TcpListener>>,
+    /// The service of each listener.
+    listener_service: Vec<u16>,
     /// A listener got a readiness event and has not yet returned `WouldBlock`.
     listener_ready: Vec<bool>,
     /// Accepting is paused until then (after running out of descriptors or memory).
@@ -78,18 +136,10 @@ pub struct Worker {
     /// backend socket is made. So holdfast never accepts a client it has no descriptor to
     /// serve with. Refilled before each accept.
     spare: Option<socket2::Socket>,
-    backends: Arc<BackendSet>,
     counters: Arc<Counters>,
     sessions: Slab<Session>,
     /// Sessions to run again next turn (they stopped early on the byte budget).
     again: Vec<usize>,
-    /// Clients waiting for a backend with room, oldest first: (slab key, session id). An
-    /// entry whose session has gone (or whose key now holds another session) is skipped.
-    queue: VecDeque<(usize, u64)>,
-    /// The queue length at which its stale entries are next dropped.
-    queue_compact_at: usize,
-    /// Picks backends and starts connects; counts their failures.
-    placer: Placer,
     timers: Timers,
     pools: Pools,
     next_id: u64,
@@ -102,10 +152,10 @@ pub struct Worker {
     draining: bool,
     /// The drain's `--close-spread`, for its deadline.
     close_spread: Duration,
+    /// The `--close-spread` of the last service removed, for its deadline.
+    removed_spread: Duration,
     /// The listen address of each listener, for session logs (kept after a drain closes them).
     listen_addrs: Vec<SocketAddr>,
-    /// The per-IP limits' table, shared by every worker (`None`: no per-IP limit).
-    ip_limits: Option<Arc<IpLimits>>,
     /// When worker 0 next sweeps the per-IP table.
     next_sweep: Instant,
     /// PROXY header errors and refused clients, logged at most once a second.
@@ -122,18 +172,27 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(
+    /// A worker serving `services` (numbered in this order); `config` holds the process-wide
+    /// settings.
+    pub(crate) fn new(
         id: usize,
         config: Arc<Config>,
-        listeners: Vec<TcpListener>,
-        backends: Arc<BackendSet>,
+        services: Vec<ServiceInit>,
         counters: Arc<Counters>,
-        health: HealthLink,
-        ip_limits: Option<Arc<IpLimits>>,
     ) -> io::Result<(Worker, Sender<Control>, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), Target::Waker.token())?);
-        let mut listeners = listeners;
+        let mut listeners = Vec::new();
+        let mut listener_service = Vec::new();
+        let mut served = Vec::with_capacity(services.len());
+        for (number, service) in services.into_iter().enumerate() {
+            let number =
+                u16::try_from(number).map_err(|_| io::Error::other("more than 65536 services"))?;
+            let (service, own) = Served::new(id, service, &counters);
+            listener_service.extend(own.iter().map(|_| number));
+            listeners.extend(own);
+            served.push(service);
+        }
         for (i, l) in listeners.iter_mut().enumerate() {
             poll.registry()
                 .register(l, Target::Listener(i).token(), Interest::READABLE)?;
@@ -147,22 +206,19 @@ impl Worker {
         let listeners = listeners.into_iter().map(Some).collect();
         let worker = Worker {
             id,
-            rules: Rules::new(&config),
-            placer: Placer::new(id, Arc::clone(&config), Arc::clone(&counters), health),
             config,
+            services: served,
             poll,
             control: rx,
             listeners,
+            listener_service,
             listener_ready,
             accept_paused_until: None,
             spare: accept::reserve_descriptor().ok(),
-            backends,
             pools: Pools::new(Arc::clone(&counters)),
             counters,
             sessions: Slab::new(),
             again: Vec::new(),
-            queue: VecDeque::new(),
-            queue_compact_at: QUEUE_COMPACT_MIN,
             timers: Timers::default(),
             next_id: 0,
             now: Instant::now(),
@@ -171,8 +227,8 @@ impl Worker {
             queue_log: LogLimiter::default(),
             draining: false,
             close_spread: Duration::ZERO,
+            removed_spread: Duration::ZERO,
             listen_addrs,
-            ip_limits,
             next_sweep: Instant::now() + IP_SWEEP_INTERVAL,
             client_ip_log: LogLimiter::default(),
             batches: upgrade::Batches::default(),
@@ -220,7 +276,7 @@ impl Worker {
             // sessions free as they leave are the new process's (until it drains after a
             // handover, or accepts again after a failed one).
             let handing_over = self.listeners_given && !self.draining;
-            if !self.queue.is_empty() && !handing_over {
+            if !handing_over && self.services.iter().any(|s| !s.queue.is_empty()) {
                 self.service_queue();
             }
             self.fire_timers();
@@ -250,12 +306,12 @@ impl Worker {
             };
             timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
         }
-        if !self.queue.is_empty() {
+        if self.services.iter().any(|s| !s.queue.is_empty()) {
             timeout = Some(timeout.map_or(QUEUE_RECHECK, |t| t.min(QUEUE_RECHECK)));
         }
         // Worker 0 sweeps the per-IP table on time even when it has nothing else to do (the
         // table's entries belong to every worker's clients).
-        if self.id == 0 && self.ip_limits.is_some() {
+        if self.id == 0 && self.services.iter().any(|s| s.ip_limits.is_some()) {
             let wait = self.next_sweep.saturating_duration_since(now);
             timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
         }
@@ -270,15 +326,21 @@ impl Worker {
                 // same places: restarting on every publish (32 times per slow-start window,
                 // every state change) would hand every tie to the first backend. A set that
                 // moved backends around gets a fresh rotation.
-                Ok(Control::Backends(set)) => {
-                    if !set.same_places(&self.backends) {
-                        self.placer.reset();
+                Ok(Control::Backends(service, set)) => {
+                    if let Some(served) = self.services.get_mut(service) {
+                        if !set.same_places(&served.backends) {
+                            served.placer.reset();
+                        }
+                        served.backends = set;
                     }
-                    self.backends = set;
                 }
                 Ok(Control::Drain { timeout, spread }) => self.start_drain(timeout, spread),
-                Ok(Control::CloseBackend { addr, spread }) => self.close_backend(addr, spread),
-                Ok(Control::Rebalance(start)) => self.start_rebalance(start),
+                Ok(Control::CloseBackend {
+                    service,
+                    addr,
+                    spread,
+                }) => self.close_backend(service, addr, spread),
+                Ok(Control::Rebalance(service, start)) => self.start_rebalance(service, start),
                 Ok(Control::Freeze {
                     id,
                     max_fds,
@@ -312,6 +374,12 @@ impl Worker {
                     let _ = reply.send(self.listener_copies());
                 }
                 Ok(Control::Accepting(on)) => self.set_accepting(on),
+                Ok(Control::AddService { number, start }) => self.add_service(number, start),
+                Ok(Control::RemoveService {
+                    number,
+                    timeout,
+                    spread,
+                }) => self.remove_service(number, timeout, spread),
                 Ok(Control::Shutdown) | Err(TryRecvError::Disconnected) => return true,
                 Err(TryRecvError::Empty) => return false,
             }
@@ -330,15 +398,14 @@ impl Worker {
             return;
         }
         self.next_sweep = self.now + IP_SWEEP_INTERVAL;
-        if let Some(limits) = &self.ip_limits {
+        let (mut entries, mut untracked) = (0, 0);
+        for limits in self.services.iter().filter_map(|s| s.ip_limits.as_ref()) {
             limits.sweep(self.now);
-            self.counters
-                .ip_table_entries
-                .store(limits.len() as u64, Relaxed);
-            self.counters
-                .ip_table_untracked
-                .store(limits.untracked_total(), Relaxed);
+            entries += limits.len() as u64;
+            untracked += limits.untracked_total();
         }
+        self.counters.ip_table_entries.store(entries, Relaxed);
+        self.counters.ip_table_untracked.store(untracked, Relaxed);
     }
 }
 

@@ -192,9 +192,11 @@ impl Worker {
             return Placement::Closed; // not placing: cannot happen
         };
         let ip = session.client_addr.ip();
-        let connect = self
-            .placer
-            .connect_next(&session.set, ip, tried, &mut self.spare);
+        let service = usize::from(session.service);
+        let connect =
+            self.services[service]
+                .placer
+                .connect_next(&session.set, ip, tried, &mut self.spare);
         let (event, placement) = match connect {
             Ok((index, mut socket)) => {
                 let registered = self.poll.registry().register(
@@ -203,9 +205,11 @@ impl Worker {
                     Interest::READABLE | Interest::WRITABLE,
                 );
                 session.attach_backend(socket);
-                let actions = session
-                    .state
-                    .on(Event::ConnectStarted { index }, now, &self.rules);
+                let actions = session.state.on(
+                    Event::ConnectStarted { index },
+                    now,
+                    &self.services[usize::from(session.service)].rules,
+                );
                 if let Err(e) = registered {
                     log::warn!("worker {}: cannot register backend socket: {e}", self.id);
                     self.close(key, CloseReason::Exhausted);
@@ -224,12 +228,17 @@ impl Worker {
             }
             Err(NoConnect::NoBackend) => {
                 let client_addr = session.client_addr;
+                Counters::incr(&self.services[service].counters.no_backend);
                 self.no_backend(client_addr);
                 (Event::NoBackend, Placement::Closed)
             }
         };
         if let Some(session) = self.sessions.get_mut(key) {
-            let actions = session.state.on(event, now, &self.rules);
+            let actions = session.state.on(
+                event,
+                now,
+                &self.services[usize::from(session.service)].rules,
+            );
             self.apply(key, actions);
         }
         placement
@@ -251,7 +260,8 @@ impl Worker {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        let max = self.config.limits.max_queue as u64;
+        let service = usize::from(session.service);
+        let max = self.services[service].config.limits.max_queue as u64;
         let admitted = self
             .counters
             .queued
@@ -269,20 +279,25 @@ impl Worker {
             self.close(key, CloseReason::NoBackend);
             return;
         }
-        let actions = session.state.on(Event::Admitted, self.now, &self.rules);
+        let actions = session.state.on(
+            Event::Admitted,
+            self.now,
+            &self.services[usize::from(session.service)].rules,
+        );
         Counters::incr(&self.counters.queued_total);
-        self.queue.push_back((key, session.id));
-        if self.queue.len() >= self.queue_compact_at {
+        let served = &mut self.services[service];
+        served.queue.push_back((key, session.id));
+        if served.queue.len() >= served.queue_compact_at {
             // Entries of clients that left while waiting stay until the scan reaches them;
             // behind a client that waits long they could pile up. Drop them in one pass
             // whenever the queue has doubled since the last one.
             let sessions = &self.sessions;
-            self.queue.retain(|&(k, id)| {
+            served.queue.retain(|&(k, id)| {
                 sessions
                     .get(k)
                     .is_some_and(|s| s.id == id && s.state.tag() == Tag::Queued)
             });
-            self.queue_compact_at = (2 * self.queue.len()).max(QUEUE_COMPACT_MIN);
+            served.queue_compact_at = (2 * served.queue.len()).max(QUEUE_COMPACT_MIN);
         }
         self.apply(key, actions);
     }
@@ -292,11 +307,20 @@ impl Worker {
     /// the whole queue is tried (up to a bound per turn). Otherwise, once the oldest finds no
     /// room, nobody behind it would.
     pub(super) fn service_queue(&mut self) {
-        let sticky = self.config.algorithm == Algorithm::SourceHash;
-        let mut budget = self.queue.len().min(QUEUE_SCAN);
+        for service in 0..self.services.len() {
+            if !self.services[service].queue.is_empty() {
+                self.service_queue_of(service);
+            }
+        }
+    }
+
+    /// [`Worker::service_queue`] for one service's queue.
+    fn service_queue_of(&mut self, service: usize) {
+        let sticky = self.services[service].config.algorithm == Algorithm::SourceHash;
+        let mut budget = self.services[service].queue.len().min(QUEUE_SCAN);
         while budget > 0 {
             budget -= 1;
-            let Some((key, id)) = self.queue.pop_front() else {
+            let Some((key, id)) = self.services[service].queue.pop_front() else {
                 break;
             };
             let Some(session) = self.sessions.get_mut(key) else {
@@ -307,21 +331,24 @@ impl Worker {
             }
             // Out of the queue while it tries (back in, same place, same deadline, if there
             // is no room), picking from the current set.
-            let fresh = !session.set.same_places(&self.backends);
-            session.set = Arc::clone(&self.backends);
-            let actions = session
-                .state
-                .on(Event::Dequeued { fresh }, self.now, &self.rules);
+            let current = &self.services[service].backends;
+            let fresh = !session.set.same_places(current);
+            session.set = Arc::clone(current);
+            let actions = session.state.on(
+                Event::Dequeued { fresh },
+                self.now,
+                &self.services[usize::from(session.service)].rules,
+            );
             self.apply(key, actions);
             let starved = match self.place(key) {
                 Placement::Waiting { starved } => starved,
                 Placement::Connecting | Placement::Closed => continue,
             };
             if sticky && !starved {
-                self.queue.push_back((key, id));
+                self.services[service].queue.push_back((key, id));
             } else {
                 // No room for it, so none for those behind it; or no descriptor for anyone.
-                self.queue.push_front((key, id));
+                self.services[service].queue.push_front((key, id));
                 break;
             }
         }

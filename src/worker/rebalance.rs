@@ -50,6 +50,8 @@ const MAX_CATCH_UP: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub(super) struct Rebalancing {
     generation: u64,
+    /// The service whose sessions it moves.
+    service: usize,
     /// Sessions opened from then on are never candidates.
     started: Instant,
     deadline: Instant,
@@ -62,7 +64,7 @@ pub(super) struct Rebalancing {
 impl Worker {
     /// Takes part in rebalance `generation`, which started at `started` and ends at
     /// `deadline` (replacing any older one).
-    pub(super) fn start_rebalance(&mut self, start: RebalanceStart) {
+    pub(super) fn start_rebalance(&mut self, service: usize, start: RebalanceStart) {
         let RebalanceStart {
             generation,
             started,
@@ -75,15 +77,17 @@ impl Worker {
                 .rebalance
                 .as_ref()
                 .is_some_and(|r| r.generation >= generation)
+            || service >= self.services.len()
         {
             return;
         }
-        let by_source = self.config.algorithm == Algorithm::SourceHash;
+        let by_source = self.services[service].config.algorithm == Algorithm::SourceHash;
         self.counters
             .rebalance
             .begin(generation, deadline, by_source, self.config.workers);
         self.rebalance = Some(Rebalancing {
             generation,
+            service,
             started,
             deadline,
             // The last tenth of the window is slack, for a machine too busy to keep pace.
@@ -127,14 +131,16 @@ impl Worker {
             self.stop_rebalance();
             return;
         }
-        let (started, deadline, paced_until) = (r.started, r.deadline, r.paced_until);
+        let (service, started, deadline, paced_until) =
+            (r.service, r.started, r.deadline, r.paced_until);
         let burst = self
             .now
             .saturating_duration_since(r.last_look)
             .clamp(TICK, MAX_CATCH_UP);
-        let set = Arc::clone(&self.backends);
-        let by_source = self.config.algorithm == Algorithm::SourceHash;
-        let mut candidates = self.candidates(&set, started, by_source);
+        let config = Arc::clone(&self.services[service].config);
+        let set = Arc::clone(&self.services[service].backends);
+        let by_source = config.algorithm == Algorithm::SourceHash;
+        let mut candidates = self.candidates(service, &set, started, by_source);
         let mine_left = if by_source {
             candidates.len() as u64
         } else {
@@ -155,13 +161,12 @@ impl Worker {
         // What is left, spread over what is left of the window, within the global cap.
         let remaining = paced_until.saturating_duration_since(self.now).max(TICK);
         let mut total_left = left.unwrap_or(mine_left).max(1) as f64;
-        if self.config.algorithm == Algorithm::RoundRobin {
+        if config.algorithm == Algorithm::RoundRobin {
             // Round-robin sends a reconnect anywhere by weight, over-loaded backends too: it
             // takes this many closes for one to land where there is room.
             total_left *= round_robin_closes_per_move(&set);
         }
-        let rate =
-            (total_left / remaining.as_secs_f64()).min(f64::from(self.config.rebalance_max_rate));
+        let rate = (total_left / remaining.as_secs_f64()).min(f64::from(config.rebalance_max_rate));
         let mut excess = if by_source { Vec::new() } else { plan(&set) };
         while !candidates.is_empty() {
             let pick = (self.rebalance_rng.next() % candidates.len() as u64) as usize;
@@ -199,6 +204,7 @@ impl Worker {
     /// client IP now maps elsewhere (source-hash). With the index of their backend in `set`.
     fn candidates(
         &self,
+        service: usize,
         set: &BackendSet,
         started: Instant,
         by_source: bool,
@@ -217,6 +223,7 @@ impl Worker {
         let mut out = Vec::new();
         for (key, session) in &self.sessions {
             if session.started >= started
+                || usize::from(session.service) != service
                 || session.state.tag() != Tag::Relaying
                 || self.batches.is_frozen(key)
             {
@@ -246,10 +253,10 @@ impl Worker {
         out
     }
 
-    /// `--max-session-age`: the session at `key` (id `id`, opened now) closes at its age
+    /// `--max-session-age` of service `service`: the session at `key` (id `id`, opened now) closes at its age
     /// limit, moved by up to ±10% at random.
-    pub(super) fn arm_max_age(&mut self, key: usize, id: u64) {
-        if let Some(age) = self.config.max_session_age {
+    pub(super) fn arm_max_age(&mut self, service: usize, key: usize, id: u64) {
+        if let Some(age) = self.services[service].config.max_session_age {
             // The clock now, not the turn's: a turn that accepts hundreds of clients takes
             // long enough that a session would otherwise close before its age.
             if let Some(at) = Instant::now().checked_add(jittered(age, self.rebalance_rng.next())) {

@@ -112,11 +112,14 @@ impl Worker {
                 continue;
             };
             let registry = self.poll.registry();
-            let packed = session
-                .deregister(registry)
-                .and_then(|()| session.pack(now, self.rules.connect_timeout));
+            let packed = session.deregister(registry).and_then(|()| {
+                let rules = &self.services[usize::from(session.service)].rules;
+                session.pack(now, rules.connect_timeout)
+            });
             match packed {
-                Ok((packed, fds)) => {
+                Ok((mut packed, fds)) => {
+                    let served = &self.services[usize::from(session.service)];
+                    packed.service = served.name.to_string();
                     frozen.sessions.push(packed);
                     frozen.fds.extend(fds);
                     keys.push(key);
@@ -137,9 +140,11 @@ impl Worker {
             }
         }
         // Queued ones leave the queue: no scan may place a frozen session.
-        if !keys.is_empty() && !self.queue.is_empty() {
+        if !keys.is_empty() {
             let frozen = &self.batches.frozen_keys;
-            self.queue.retain(|(key, _)| !frozen.contains(key));
+            for served in &mut self.services {
+                served.queue.retain(|(key, _)| !frozen.contains(key));
+            }
         }
         if !keys.is_empty() {
             self.batches.frozen.insert(id, keys);
@@ -162,7 +167,11 @@ impl Worker {
                     hung_up: false,
                     plain_writable: false,
                 };
-                let actions = session.state.on(ready, self.now, &self.rules);
+                let actions = session.state.on(
+                    ready,
+                    self.now,
+                    &self.services[usize::from(session.service)].rules,
+                );
                 self.apply(key, actions);
             }
             _ => {}
@@ -190,6 +199,9 @@ impl Worker {
                 session.set.backends[index].stats.release();
             }
             Counters::decr(&self.counters.active);
+            if let Some(served) = self.services.get(usize::from(session.service)) {
+                Counters::decr(&served.counters.active);
+            }
             log::debug!(
                 "worker {}: session {} from {} handed over",
                 self.id,
@@ -218,14 +230,14 @@ impl Worker {
                 continue;
             }
             if session.state.tag() == Tag::Queued {
-                requeue.push((key, session.id));
+                requeue.push((usize::from(session.service), (key, session.id)));
             } else {
                 self.carry_on(key);
             }
         }
         // Back at the front, in their order: they waited longer than those who came since.
-        for entry in requeue.into_iter().rev() {
-            self.queue.push_front(entry);
+        for (service, entry) in requeue.into_iter().rev() {
+            self.services[service].queue.push_front(entry);
         }
         let held = std::mem::take(&mut self.batches.held_timers);
         for timer in held {
@@ -247,15 +259,6 @@ impl Worker {
         let mut sessions = Vec::with_capacity(packed.len());
         let now = Instant::now();
         for p in &packed {
-            let (set, index) = match p.backend {
-                Some(backend) => self.adoption_set(backend),
-                None => (Arc::clone(&self.backends), 0),
-            };
-            let tried = p
-                .tried
-                .iter()
-                .filter_map(|addr| set.backends.iter().position(|b| b.spec.addr == *addr))
-                .collect();
             let listener = self
                 .listen_addrs
                 .iter()
@@ -264,17 +267,40 @@ impl Worker {
                         && (l.ip() == p.local_addr.ip() || l.ip().is_unspecified())
                 })
                 .unwrap_or(0);
+            // Its service: the one of the same name here; if none has it (the service is not
+            // in this process's configuration), the one listening where it connected; else
+            // the first. Its backend, if not in that service's set, is counted under a
+            // drained set of its own (see `adoption_set`).
+            let by_name = self
+                .services
+                .iter()
+                .position(|s| !s.removed && *s.name == *p.service)
+                .and_then(|s| u16::try_from(s).ok());
+            let service = by_name
+                .or_else(|| self.listener_service.get(listener).copied())
+                .unwrap_or(0);
+            let s = usize::from(service);
+            let (set, index) = match p.backend {
+                Some(backend) => self.adoption_set(s, backend),
+                None => (Arc::clone(&self.services[s].backends), 0),
+            };
+            let tried = p
+                .tried
+                .iter()
+                .filter_map(|addr| set.backends.iter().position(|b| b.spec.addr == *addr))
+                .collect();
             let adopt = Adopt {
                 id: self.next_id,
                 listener,
                 set,
                 index,
-                mode: self.config.relay,
+                mode: self.services[s].config.relay,
                 tried,
             };
             self.next_id += 1;
-            let session = Session::unpack(p, &mut fds, adopt, &mut self.pools, now)
+            let mut session = Session::unpack(p, &mut fds, adopt, &mut self.pools, now)
                 .map_err(|e| format!("session from {} not rebuilt: {e}", p.client_addr))?;
+            session.service = service;
             // The same instant unpack gave a queued session, which its queue timer must match.
             let deadline = now + Duration::from_millis(p.deadline_in_ms.unwrap_or(0));
             sessions.push((session, deadline));
@@ -294,18 +320,24 @@ impl Worker {
         Ok(())
     }
 
-    /// The set and index an adopted session on `backend` is counted under: this worker's set
-    /// if it lists the backend, otherwise a set of that backend alone, drained.
-    fn adoption_set(&self, backend: std::net::SocketAddr) -> (Arc<BackendSet>, usize) {
-        if let Some(index) = self
+    /// The set and index an adopted session of `service` on `backend` is counted under: this
+    /// worker's set of the service if it lists the backend, otherwise a set of that backend alone, drained.
+    fn adoption_set(
+        &self,
+        service: usize,
+        backend: std::net::SocketAddr,
+    ) -> (Arc<BackendSet>, usize) {
+        let served = &self.services[service];
+        if let Some(index) = served
             .backends
             .backends
             .iter()
             .position(|b| b.spec.addr == backend)
         {
-            return (Arc::clone(&self.backends), index);
+            return (Arc::clone(&served.backends), index);
         }
-        let mut own = BackendSet::build(&[BackendSpec::new(backend)], None, self.config.algorithm);
+        let mut own =
+            BackendSet::build(&[BackendSpec::new(backend)], None, served.config.algorithm);
         for b in &mut own.backends {
             b.state = BackendState::Drain;
         }
@@ -334,6 +366,9 @@ impl Worker {
         self.now = Instant::now();
         for (session, deadline) in sessions {
             Counters::incr(&self.counters.active);
+            if let Some(served) = self.services.get(usize::from(session.service)) {
+                Counters::incr(&served.counters.active);
+            }
             let (sid, entry) = (session.id, self.sessions.vacant_entry());
             let key = entry.key();
             let session = entry.insert(session);
@@ -367,13 +402,17 @@ impl Worker {
                         kind: TimerKind::Queue,
                     });
                     Counters::incr(&self.counters.queued);
-                    self.queue.push_back((key, sid));
+                    self.services[usize::from(session.service)]
+                        .queue
+                        .push_back((key, sid));
                     continue;
                 }
             }
             // Fired at once, each timer finds the deadline the session has by now (or closes
             // a session that was already past it).
-            if self.rules.idle_timeout.is_some() {
+            let rules = &self.services[usize::from(session.service)].rules;
+            let (idle, backend) = (rules.idle_timeout, rules.backend_timeout);
+            if idle.is_some() {
                 self.timers.push(Timer {
                     at: self.now,
                     key,
@@ -381,7 +420,7 @@ impl Worker {
                     kind: TimerKind::Idle,
                 });
             }
-            if self.rules.backend_timeout.is_some() {
+            if backend.is_some() {
                 self.timers.push(Timer {
                     at: self.now,
                     key,
@@ -409,12 +448,17 @@ impl Worker {
 impl Worker {
     /// Duplicates of the open listeners, with their addresses: the same sockets, for the new
     /// process.
-    pub(super) fn listener_copies(&self) -> Vec<(SocketAddr, OwnedFd)> {
+    pub(super) fn listener_copies(&self) -> Vec<(String, SocketAddr, OwnedFd)> {
         let mut copies = Vec::new();
-        for (listener, addr) in self.listeners.iter().zip(&self.listen_addrs) {
+        for (i, (listener, addr)) in self.listeners.iter().zip(&self.listen_addrs).enumerate() {
             let Some(listener) = listener else { continue };
+            let service = self
+                .listener_service
+                .get(i)
+                .and_then(|&s| self.services.get(usize::from(s)))
+                .map_or_else(String::new, |s| s.name.to_string());
             match listener.as_fd().try_clone_to_owned() {
-                Ok(fd) => copies.push((*addr, fd)),
+                Ok(fd) => copies.push((service, *addr, fd)),
                 Err(e) => log::warn!("worker {}: cannot duplicate a listener: {e}", self.id),
             }
         }

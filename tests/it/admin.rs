@@ -181,12 +181,17 @@ fn parse_scrape(r: &HttpResponse) -> Scrape {
     scrape
 }
 
-/// The value of the sample `name` with exactly `labels`; panics if there is none.
+/// The value of the sample `name` with exactly `labels` (besides `service`, unless asked
+/// for); panics if there is none.
 #[track_caller]
 fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     let found = scrape.samples.iter().find(|s| {
         s.metric == name
-            && s.labels.len() == labels.len()
+            && s.labels
+                .keys()
+                .filter(|k| *k != "service" || labels.iter().any(|(l, _)| *l == "service"))
+                .count()
+                == labels.len()
             && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
     });
     match found.map(|s| &s.value) {

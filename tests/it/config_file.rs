@@ -72,8 +72,8 @@ fn sighup_applies_the_files_new_backends_and_names_what_waits() {
     assert_eq!(tags_of_new_clients(hf.addr(), 2), vec!["b"; 2]);
 }
 
-/// A bad file, a flag beside --config, or several services: one line, exit 2, nothing
-/// started.
+/// A bad file, a flag beside --config, or two services on one address: one line, exit 2,
+/// nothing started.
 #[test]
 fn bad_files_and_mixed_flags_exit_2_with_one_line() {
     let good = "[[service]]\nname = \"ws\"\nlisten = \"127.0.0.1:1\"\nbackend = \"127.0.0.1:2\"\n";
@@ -90,10 +90,10 @@ fn bad_files_and_mixed_flags_exit_2_with_one_line() {
         ),
         (
             format!(
-                "{good}[[service]]\nname = \"two\"\nlisten = \"127.0.0.1:3\"\nbackend = \"127.0.0.1:2\"\n"
+                "{good}[[service]]\nname = \"two\"\nlisten = \"127.0.0.1:1\"\nbackend = \"127.0.0.1:2\"\n"
             ),
             vec![],
-            "2 services declared",
+            "listen: 127.0.0.1:1 is also service 'ws''s",
         ),
         (
             "workers = \"x\"\n[[service]]\nname = \"ws\"\n".to_string(),
@@ -145,5 +145,128 @@ fn the_example_config_passes_check() {
     assert!(
         stderr.contains("line 5: rise: --rise and --fall must be at least 1"),
         "{stderr}"
+    );
+}
+
+/// A port of 127.0.0.1 held with SO_REUSEPORT (never listening), for holdfast to bind beside
+/// it: the test knows the address before holdfast starts.
+pub(crate) fn reserved_port() -> (socket2::Socket, std::net::SocketAddr) {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    socket.set_reuse_port(true).unwrap();
+    socket.bind(&SockAddr::from(localhost0())).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (socket, addr)
+}
+
+/// Every [[service]] of a file runs in the one process: each on its own port, with its own
+/// backends and algorithm; the log names each service.
+#[test]
+fn every_service_of_a_file_is_served() {
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let c = TaggedBackend::start("c");
+    let (_held, second) = reserved_port();
+    let text = format!(
+        "workers = 1\n\n[[service]]\nname = \"ws\"\nlisten = \"{{listen}}\"\n\
+         algorithm = \"round-robin\"\nbackends = [\"{}\", \"{}\"]\n\n\
+         [[service]]\nname = \"cache\"\nlisten = \"{second}\"\nalgorithm = \"source-hash\"\n\
+         backends = [\"{}\"]\n",
+        a.addr(),
+        b.addr(),
+        c.addr()
+    );
+    let (hf, _file) = Child::spawn_config(&text);
+    let tags = tags_of_new_clients(hf.addr(), 4);
+    assert_eq!(count_tag(&tags, "a"), 2, "{tags:?}");
+    assert_eq!(count_tag(&tags, "b"), 2, "{tags:?}");
+    wait_until_ok(WITHIN, || {
+        visit_tagged("127.0.0.1", second, WITHIN).map(|_| ())
+    });
+    assert_eq!(tags_of_new_clients(second, 3), vec!["c"; 3]);
+    hf.wait_for_stderr("service 'cache' from ", WITHIN);
+    hf.wait_for_stderr("(service 'cache')", WITHIN);
+}
+
+/// SIGHUP with services added and removed in the file, sessions open on each: the kept
+/// service's session goes on and its new clients reach its new backend, the removed
+/// service's port refuses new clients and its session is closed at its drain timeout, and
+/// the added service serves.
+#[test]
+fn sighup_adds_and_removes_services_with_live_sessions() {
+    let a = TaggedBackend::start("a");
+    let b = TaggedBackend::start("b");
+    let c = TaggedBackend::start("c");
+    let (_held, second) = reserved_port();
+    let (_held_too, third) = reserved_port();
+    let service = |name: &str, listen: &str, backend: &TaggedBackend| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\nbackends = [\"{}\"]\n\
+             drain_timeout = \"300ms\"\nclose_spread = \"0s\"\n\n",
+            backend.addr()
+        )
+    };
+    let text = format!(
+        "workers = 2\n\n{}{}",
+        service("kept", "{listen}", &a),
+        service("leaving", &second.to_string(), &c)
+    );
+    let (hf, file) = Child::spawn_config(&text);
+    wait_until_ok(WITHIN, || {
+        visit_tagged("127.0.0.1", second, WITHIN).map(|_| ())
+    });
+    let (tag, mut on_kept) = connect_tagged(hf.addr());
+    assert_eq!(tag, "a");
+    let (tag, mut on_leaving) = connect_tagged(second);
+    assert_eq!(tag, "c");
+
+    file.write(&format!(
+        "workers = 2\n\n{}{}",
+        service("kept", &hf.addr().to_string(), &b),
+        service("added", &third.to_string(), &c)
+    ));
+    hf.signal(libc::SIGHUP);
+    hf.wait_for_stderr("SIGHUP: backends reloaded", WITHIN);
+    let log = hf.stderr();
+    assert!(log.contains("SIGHUP: service 'added' added"), "{log}");
+    assert!(log.contains("SIGHUP: service 'leaving' removed"), "{log}");
+
+    round_trip(&mut on_kept, b"nothing dropped");
+    assert_eq!(tags_of_new_clients(hf.addr(), 3), vec!["b"; 3]);
+    assert_eq!(tags_of_new_clients(third, 2), vec!["c"; 2]);
+    wait_refused(second, WITHIN);
+    expect_closed(&mut on_leaving, WITHIN);
+    round_trip(&mut on_kept, b"still nothing dropped");
+}
+
+/// `--check` on a file with two services prints each service's settings under its name.
+#[test]
+fn check_prints_every_service() {
+    let text = "workers = 1\n\n[[service]]\nname = \"ws\"\nlisten = \"127.0.0.1:1\"\n\
+                backend = \"127.0.0.1:2\"\n\n[[service]]\nname = \"cache\"\n\
+                listen = \"127.0.0.1:3\"\nbackend = \"127.0.0.1:4\"\nalgorithm = \"source-hash\"\n";
+    let file = TempFile::new("config.toml", text);
+    let out = run_binary(
+        &["--check", "--config", file.path().to_str().unwrap()],
+        WITHIN,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ws = stdout.find("# service 'ws'").expect("ws named");
+    let cache = stdout.find("# service 'cache'").expect("cache named");
+    assert!(ws < cache, "{stdout}");
+    assert!(
+        stdout[ws..cache].contains("listen = 127.0.0.1:1"),
+        "{stdout}"
+    );
+    assert!(stdout[cache..].contains("listen = 127.0.0.1:3"), "{stdout}");
+    assert!(
+        stdout[cache..].contains("algorithm = source-hash"),
+        "{stdout}"
     );
 }

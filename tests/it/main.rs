@@ -23,6 +23,7 @@ mod relay;
 mod reliability;
 mod reload;
 mod retry;
+mod services;
 mod upgrade;
 mod upgrade_proof;
 mod websocket;

@@ -680,7 +680,7 @@ fn post_rebalance_moves_sessions_on_request_and_get_reports_it() {
     }
     let metrics = admin(admin_addr, "GET", "/metrics").1;
     let line = format!(
-        "holdfast_rebalance_closed_total{{backend=\"{}\"}} {}",
+        "holdfast_rebalance_closed_total{{service=\"default\",backend=\"{}\"}} {}",
         a.addr,
         ended.len()
     );

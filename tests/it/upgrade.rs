@@ -550,7 +550,9 @@ fn a_connecting_session_completes_in_the_new_process() {
     let mut cl = client(old.addr());
     cl.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
     cl.write_all(b"sent while connecting").unwrap();
-    let active = format!("holdfast_backend_sessions_active{{backend=\"{backend_addr}\"}}");
+    let active = format!(
+        "holdfast_backend_sessions_active{{service=\"default\",backend=\"{backend_addr}\"}}"
+    );
     wait_for_sample(admin, &active, 1.0);
 
     let new = take_over_from(&mut old, &path, &args, 1);
@@ -624,7 +626,9 @@ fn backend_state_survives_the_upgrade() {
     s_weight.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let state = |addr: &str, state: &str| {
-        format!("holdfast_backend_state{{backend=\"{addr}\",state=\"{state}\"}}")
+        format!(
+            "holdfast_backend_state{{service=\"default\",backend=\"{addr}\",state=\"{state}\"}}"
+        )
     };
     wait_for_sample(admin, &state(&x, "down"), 1.0);
     wait_for_sample(admin, &state(&d, "drain"), 1.0);
@@ -638,7 +642,7 @@ fn backend_state_survives_the_upgrade() {
     assert_eq!(
         sample(
             new_admin,
-            &format!("holdfast_backend_weight{{backend=\"{s}\"}}")
+            &format!("holdfast_backend_weight{{service=\"default\",backend=\"{s}\"}}")
         ),
         Some(7.0)
     );
@@ -674,7 +678,8 @@ fn a_connecting_session_retries_on_another_backend_in_the_new_process() {
     let mut cl = client(old.addr());
     cl.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
     cl.write_all(b"sent while connecting").unwrap();
-    let active = format!("holdfast_backend_sessions_active{{backend=\"{hung}\"}}");
+    let active =
+        format!("holdfast_backend_sessions_active{{service=\"default\",backend=\"{hung}\"}}");
     wait_for_sample(admin, &active, 1.0);
 
     let mut new_args = vec!["--backend", &hung_arg, "--backend", &echo_arg];
@@ -692,4 +697,81 @@ fn a_connecting_session_retries_on_another_backend_in_the_new_process() {
         sample(new_admin, "holdfast_connect_failures_total"),
         Some(1.0)
     );
+}
+
+/// Two services from a `--config` file, both relaying to the same backend, sessions on both
+/// with a message in flight: SIGUSR2's new process takes every session, each to the service
+/// of the same name (its counts say so), and both ports serve new clients.
+#[test]
+fn an_upgrade_keeps_the_sessions_of_every_service() {
+    let backend = EchoBackend::start();
+    let socket = TempFile::new("upgrade-sock", "");
+    let pid_file = TempFile::new("pid", "");
+    let (_held, second) = crate::config_file::reserved_port();
+    let service = |name: &str, listen: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\nbackends = [\"{}\"]\n\n",
+            backend.addr()
+        )
+    };
+    let text = format!(
+        "workers = 2\nadmin = \"127.0.0.1:0\"\nupgrade_socket = \"{}\"\npid_file = \"{}\"\n\n{}{}",
+        socket.path().display(),
+        pid_file.path().display(),
+        service("ws", "{listen}"),
+        service("db", &second.to_string()),
+    );
+    let (mut old, _file) = Child::spawn_config(&text);
+    let old_pid = old.pid();
+    wait_for_pid(pid_file.path(), |p| p == old_pid);
+    let first = old.addr();
+    let mut on_ws: Vec<TcpStream> = (0..3).map(|_| client(first)).collect();
+    let mut on_db: Vec<TcpStream> = (0..2).map(|_| client(second)).collect();
+    for (c, cl) in on_ws.iter_mut().chain(on_db.iter_mut()).enumerate() {
+        exchange(cl, c, 0);
+        cl.write_all(&message(c, 1)).unwrap();
+    }
+
+    old.signal(libc::SIGUSR2);
+    let status = old
+        .wait_exit(WAIT)
+        .expect("the old process exits after the handover");
+    let log = old.stderr();
+    assert!(status.success(), "old process: {status}; stderr:\n{log}");
+    assert!(log.contains("handed 5 sessions over"), "stderr:\n{log}");
+    let new_pid = wait_for_pid(pid_file.path(), |p| p != old_pid);
+    let _new = Orphan(new_pid);
+
+    // Every session goes on, in both services.
+    for (c, cl) in on_ws.iter_mut().chain(on_db.iter_mut()).enumerate() {
+        let sent = message(c, 1);
+        let mut got = vec![0u8; sent.len()];
+        cl.read_exact(&mut got).unwrap();
+        assert!(
+            got == sent,
+            "client {c}: the message in flight came back altered"
+        );
+        exchange(cl, c, 2);
+    }
+    // Each counted under its own service in the new process.
+    let log = old.stderr();
+    let admin: std::net::SocketAddr = log
+        .rsplit("admin endpoint on http://")
+        .next()
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no admin address:\n{log}"));
+    let active = |service: &str| {
+        format!(
+            "holdfast_backend_sessions_active{{service=\"{service}\",backend=\"{}\"}}",
+            backend.addr()
+        )
+    };
+    wait_for_sample(admin, &active("ws"), 3.0);
+    wait_for_sample(admin, &active("db"), 2.0);
+    // Both ports serve new clients.
+    for addr in [first, second] {
+        let mut fresh = client(addr);
+        exchange(&mut fresh, 9, 0);
+    }
 }
