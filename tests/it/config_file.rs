@@ -131,6 +131,8 @@ fn the_example_config_passes_check() {
     );
     assert!(stdout.contains("127.0.0.1:8080"), "{stdout}");
     assert!(stdout.contains("websocket:/healthz"), "{stdout}");
+    assert!(stdout.contains("# service 'redis'"), "{stdout}");
+    assert!(stdout.contains("127.0.0.1:6380"), "{stdout}");
 
     let bad = TempFile::new(
         "config.toml",
