@@ -106,6 +106,11 @@ pub struct Args {
           allow_hyphen_values = true)]
     pub tcp_keepalive: Duration,
 
+    /// Memory for grown (256 KiB) pipes of bulk streams under splice, all workers together,
+    /// e.g. 16MiB, 512KiB, 0 (pipes never grow); beyond it streams use 64 KiB pipes
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub pipe_memory: usize,
+
     /// Global cap on live connections; at the cap new clients wait in the backlog. 0 = no cap
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_conns: usize,
@@ -326,6 +331,7 @@ impl Args {
         config.idle_timeout = nonzero(self.idle_timeout);
         config.backend_timeout = nonzero(self.backend_timeout);
         config.tcp_keepalive = nonzero(self.tcp_keepalive);
+        config.pipe_memory = self.pipe_memory;
         config.max_conns = self.max_conns;
         config.backlog = self.backlog;
         config.health = HealthConfig {
@@ -399,6 +405,26 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         ConfigError::Duration { why, .. } => why,
         other => other.to_string(),
     })
+}
+
+/// A size in bytes: a number with an optional unit B, KiB, MiB or GiB (K, M, G and KB, MB,
+/// GB read as the binary units too).
+fn parse_size(s: &str) -> Result<usize, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err("expected a size such as 16MiB, 512KiB or 0".into()),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| "expected a size such as 16MiB, 512KiB or 0".to_string())?;
+    n.checked_mul(1 << shift)
+        .filter(|bytes| u64::try_from(*bytes).is_ok())
+        .ok_or_else(|| "size too large".to_string())
 }
 
 fn parse_backend(s: &str) -> Result<BackendSpec, String> {
@@ -507,6 +533,31 @@ mod tests {
         assert_eq!(c.client_ip.proxy_header_timeout, Duration::from_secs(3));
         assert_eq!(c.client_ip.limits.ipv6_prefix, 64);
         assert_eq!(c.tcp_user_timeout, None);
+        assert_eq!(c.pipe_memory, 16 << 20);
+    }
+
+    #[test]
+    fn pipe_memory_takes_a_size() {
+        for (given, bytes) in [
+            ("0", 0),
+            ("4096", 4096),
+            ("512KiB", 512 << 10),
+            ("16MiB", 16 << 20),
+            ("16M", 16 << 20),
+            ("1GiB", 1 << 30),
+        ] {
+            assert_eq!(super::parse_size(given), Ok(bytes), "{given}");
+        }
+        for bad in [
+            "",
+            "MiB",
+            "-1",
+            "1.5MiB",
+            "16 parsecs",
+            "99999999999999999999GiB",
+        ] {
+            assert!(super::parse_size(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -209,6 +209,9 @@ pub struct Config {
     pub backend_timeout: Option<Duration>,
     /// TCP keepalive idle time on both sockets. `None` disables.
     pub tcp_keepalive: Option<Duration>,
+    /// Bytes of grown pipes (256 KiB each, for proven bulk streams under splice) all workers
+    /// may hold together; 0: pipes never grow.
+    pub pipe_memory: usize,
     /// Global cap on live sessions; 0 means only the fd limit applies.
     pub max_conns: usize,
     pub backlog: i32,
@@ -261,6 +264,7 @@ impl Config {
             idle_timeout: Some(Duration::from_secs(3600)),
             backend_timeout: None,
             tcp_keepalive: Some(Duration::from_secs(60)),
+            pipe_memory: crate::relay::DEFAULT_PIPE_MEMORY,
             max_conns: 0,
             backlog: 4096,
             health: HealthConfig::default(),
@@ -398,6 +402,7 @@ impl Config {
             idle_timeout,
             backend_timeout,
             tcp_keepalive,
+            pipe_memory,
             max_conns,
             backlog,
             health,

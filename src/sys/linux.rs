@@ -47,6 +47,27 @@ impl Pipe {
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         Ok(Pipe { read, write })
     }
+
+    /// Asks the kernel to make this pipe hold `bytes` (`fcntl(F_SETPIPE_SZ)`); returns the
+    /// capacity it got (a power-of-two number of pages, at least `bytes`). Fails with EPERM
+    /// when the size is above `/proc/sys/fs/pipe-max-size` or this user's pipe pages are
+    /// over `pipe-user-pages-soft` (for an unprivileged process), ENOMEM when the kernel
+    /// cannot allocate the slots, EBUSY when the pipe holds more than the new size.
+    pub fn set_capacity(&self, bytes: usize) -> io::Result<usize> {
+        let want =
+            libc::c_int::try_from(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // F_SETPIPE_SZ takes an int by value and touches no memory of ours.
+        let got = syscall!(fcntl(self.write.as_raw_fd(), libc::F_SETPIPE_SZ, want))?;
+        Ok(usize::try_from(got).unwrap_or(bytes))
+    }
+
+    /// The pipe's capacity in bytes (`fcntl(F_GETPIPE_SZ)`).
+    #[cfg(test)]
+    pub fn capacity(&self) -> io::Result<usize> {
+        // F_GETPIPE_SZ takes no argument and touches no memory of ours.
+        let got = syscall!(fcntl(self.write.as_raw_fd(), libc::F_GETPIPE_SZ))?;
+        Ok(usize::try_from(got).unwrap_or(0))
+    }
 }
 
 const FLAGS: libc::c_uint = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
@@ -143,6 +164,14 @@ mod tests {
         set_tcp_user_timeout(&a, timeout).unwrap();
         let got = socket2::SockRef::from(&a).tcp_user_timeout().unwrap();
         assert_eq!(got, Some(timeout));
+    }
+
+    #[test]
+    fn a_pipe_grows_to_the_capacity_asked_for() {
+        let pipe = Pipe::new().unwrap();
+        assert_eq!(pipe.capacity().unwrap(), 64 * 1024, "the default capacity");
+        assert_eq!(pipe.set_capacity(256 * 1024).unwrap(), 256 * 1024);
+        assert_eq!(pipe.capacity().unwrap(), 256 * 1024);
     }
 
     #[test]

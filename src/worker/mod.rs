@@ -138,6 +138,7 @@ impl Worker {
             .map(|l| l.local_addr())
             .collect::<io::Result<Vec<_>>>()?;
         let listeners = listeners.into_iter().map(Some).collect();
+        let pools = Pools::new(Arc::clone(&counters)).with_pipe_memory(config.pipe_memory);
         let worker = Worker {
             id,
             rules: Rules::new(&config),
@@ -150,7 +151,7 @@ impl Worker {
             accept_paused_until: None,
             spare: accept::reserve_descriptor().ok(),
             backends,
-            pools: Pools::new(Arc::clone(&counters)),
+            pools,
             counters,
             sessions: Slab::new(),
             again: Vec::new(),

@@ -51,6 +51,49 @@ fn bulk_64mib_auto() {
     bulk_one_connection(RelayMode::Auto);
 }
 
+/// One 32 MiB echo stream through `--relay splice` with `--pipe-memory` at `pipe_memory`:
+/// what comes back has the SHA-256 of what was sent. Returns the bytes of grown pipes the
+/// balancer holds afterwards (pooled for the next bulk stream).
+fn bulk_through_splice(pipe_memory: usize) -> u64 {
+    let echo = EchoBackend::start();
+    let mut cfg = config(&[echo.addr()]);
+    cfg.relay = RelayMode::Splice;
+    cfg.pipe_memory = pipe_memory;
+    cfg.workers = 1;
+    let lb = start_balancer(cfg);
+    let data = &shared_random()[..32 * MIB];
+    let stream = client(lb_addr(&lb));
+    let mut writer = stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        writer.write_all(data).expect("write");
+        writer.shutdown(Shutdown::Write).expect("shutdown");
+    });
+    let mut got = Vec::with_capacity(data.len());
+    let mut reader = stream;
+    reader.read_to_end(&mut got).expect("read the echo to EOF");
+    sender.join().expect("writer");
+    assert_eq!(
+        (got.len(), sha256_hex(&got)),
+        (data.len(), sha256_hex(data)),
+        "the echo (length, sha256) with --pipe-memory {pipe_memory}"
+    );
+    lb.stats().pipe_memory
+}
+
+#[test]
+fn a_bulk_stream_grows_its_pipes_and_arrives_intact() {
+    let held = bulk_through_splice(holdfast::Config::new(vec![], vec![]).pipe_memory);
+    assert!(
+        held > 0,
+        "a 32 MiB stream never got a grown pipe (none is pooled after it)"
+    );
+}
+
+#[test]
+fn a_bulk_stream_with_no_pipe_memory_arrives_intact_through_default_pipes() {
+    assert_eq!(bulk_through_splice(0), 0, "a pipe grew with a budget of 0");
+}
+
 /// 64 connections at once, 2 MiB each way, each with its own bytes (a slice of the shared
 /// random buffer), so crossed wires between sessions would show.
 fn bulk_concurrent(mode: RelayMode) {
