@@ -41,6 +41,7 @@ pub fn describe(config: &Config, binary: &BinarySettings) -> String {
     line("idle-timeout", &opt_dur(config.idle_timeout));
     line("backend-timeout", &opt_dur(config.backend_timeout));
     line("tcp-keepalive", &opt_dur(config.tcp_keepalive));
+    line("defer-accept", &opt_dur(config.defer_accept));
     line("pipe-memory", &size(config.pipe_memory));
     line("max-conns", &config.max_conns);
     line("backlog", &config.backlog);

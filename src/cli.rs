@@ -106,6 +106,15 @@ pub struct Args {
           allow_hyphen_values = true)]
     pub tcp_keepalive: Duration,
 
+    /// TCP_DEFER_ACCEPT: hand a connection over only once the client has sent its first bytes
+    /// (after DUR at most, 1s if no DUR; up to 10m), saving a wake-up per connection and
+    /// ignoring idle connects. For client-speaks-first protocols (HTTP, TLS, WebSocket); it
+    /// delays a server-speaks-first one (SMTP, MySQL, Redis MONITOR-style banners) by DUR;
+    /// 0 = off [default: off]
+    #[arg(long, value_name = "DUR", num_args = 0..=1, default_missing_value = "1s",
+          value_parser = parse_duration)]
+    pub defer_accept: Option<Duration>,
+
     /// Memory for grown (256 KiB) pipes of bulk streams under splice, all workers together,
     /// e.g. 16MiB, 512KiB, 0 (pipes never grow); beyond it streams use 64 KiB pipes
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
@@ -331,6 +340,7 @@ impl Args {
         config.idle_timeout = nonzero(self.idle_timeout);
         config.backend_timeout = nonzero(self.backend_timeout);
         config.tcp_keepalive = nonzero(self.tcp_keepalive);
+        config.defer_accept = self.defer_accept.and_then(nonzero);
         config.pipe_memory = self.pipe_memory;
         config.max_conns = self.max_conns;
         config.backlog = self.backlog;
@@ -533,7 +543,32 @@ mod tests {
         assert_eq!(c.client_ip.proxy_header_timeout, Duration::from_secs(3));
         assert_eq!(c.client_ip.limits.ipv6_prefix, 64);
         assert_eq!(c.tcp_user_timeout, None);
+        assert_eq!(c.defer_accept, None);
         assert_eq!(c.pipe_memory, 16 << 20);
+    }
+
+    #[test]
+    fn defer_accept_takes_an_optional_duration() {
+        let base = ["-l", "127.0.0.1:0", "-b", "127.0.0.1:1"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            parse(&args)
+        };
+        assert_eq!(
+            with(&["--defer-accept"]).unwrap().defer_accept,
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            with(&["--defer-accept", "5s"]).unwrap().defer_accept,
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(with(&["--defer-accept", "0"]).unwrap().defer_accept, None);
+        // A flag after it is not taken for its value.
+        let c = parse(&["--defer-accept", "-l", "127.0.0.1:0", "-b", "127.0.0.1:1"]).unwrap();
+        assert_eq!(c.defer_accept, Some(Duration::from_secs(1)));
+        assert!(with(&["--defer-accept", "11m"]).is_err());
+        assert!(with(&["--defer-accept", "soon"]).is_err());
     }
 
     #[test]

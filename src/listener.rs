@@ -53,12 +53,11 @@ pub fn bind_or_inherit(
             {
                 continue;
             }
-            let listener =
-                bind_one(addr, config.backlog, config.tcp_keepalive).map_err(|source| {
-                    StartError::Listen {
-                        addr: requested,
-                        source,
-                    }
+            let listener = bind_one(addr, config.backlog, config.tcp_keepalive)
+                .and_then(|l| defer_accept(&l, config.defer_accept).map(|()| l))
+                .map_err(|source| StartError::Listen {
+                    addr: requested,
+                    source,
                 })?;
             if addr.port() == 0 {
                 addr = listener.local_addr().map_err(|source| StartError::Listen {
@@ -96,6 +95,25 @@ fn bind_one(
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// `--defer-accept`: TCP_DEFER_ACCEPT in whole seconds, rounded up. Where the platform has
+/// none the flag is ignored, with a warning.
+pub(crate) fn defer_accept(
+    listener: &impl std::os::fd::AsFd,
+    defer: Option<Duration>,
+) -> std::io::Result<()> {
+    let Some(d) = defer else {
+        return Ok(());
+    };
+    let secs = u32::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0)).unwrap_or(u32::MAX);
+    match crate::sys::set_defer_accept(listener, secs) {
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            log::warn!("--defer-accept is not supported on this platform; ignored");
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// TCP_NODELAY (a proxy must not add Nagle delay to small messages) and keepalive (so a peer

@@ -120,6 +120,22 @@ pub fn bind_address_no_port(socket: &impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
+/// `TCP_DEFER_ACCEPT` on a listening socket: a connection is handed to `accept` only once
+/// the client has sent its first bytes (or, with none, after about `secs` seconds and a
+/// retransmitted SYN-ACK). 0 turns it off.
+pub fn set_defer_accept(socket: &impl AsFd, secs: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+    // The option value is a c_int that lives across the call; its size is passed with it.
+    syscall!(setsockopt(
+        socket.as_fd().as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_DEFER_ACCEPT,
+        (&value as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+    ))?;
+    Ok(())
+}
+
 /// Bytes written to a TCP socket that its peer has not acknowledged yet, the FIN included
 /// (`ioctl(SIOCOUTQ)`: the send sequence minus the first unacknowledged one). After a
 /// `shutdown(Write)`, 0 means the peer has received everything, our FIN too.
@@ -172,6 +188,29 @@ mod tests {
         assert_eq!(pipe.capacity().unwrap(), 64 * 1024, "the default capacity");
         assert_eq!(pipe.set_capacity(256 * 1024).unwrap(), 256 * 1024);
         assert_eq!(pipe.capacity().unwrap(), 256 * 1024);
+    }
+
+    #[test]
+    fn defer_accept_is_set_on_a_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        set_defer_accept(&listener, 3).unwrap();
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `value`, which lives across the
+        // call, and the descriptor is borrowed from the listener for the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        // The kernel keeps a number of SYN-ACK retransmissions and reports the seconds they
+        // cover, which is at least what was asked.
+        assert!(value >= 3, "TCP_DEFER_ACCEPT reads back as {value}");
     }
 
     #[test]

@@ -27,6 +27,11 @@ impl Pipe {
     }
 }
 
+/// No TCP_DEFER_ACCEPT here: `--defer-accept` has no effect.
+pub fn set_defer_accept(_socket: &impl AsFd, _secs: u32) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
 pub fn splice_in(_src: &impl AsFd, pipe: &Pipe, _len: usize) -> io::Result<usize> {
     match *pipe {}
 }

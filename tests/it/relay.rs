@@ -94,6 +94,28 @@ fn a_bulk_stream_with_no_pipe_memory_arrives_intact_through_default_pipes() {
     assert_eq!(bulk_through_splice(0), 0, "a pipe grew with a budget of 0");
 }
 
+/// With `--defer-accept` a client that connects and sends is served as ever, while one that
+/// connects and says nothing is not even accepted (no backend connection is made for it).
+#[test]
+fn defer_accept_serves_a_client_that_speaks_and_ignores_a_silent_one() {
+    let echo = EchoBackend::start();
+    let mut cfg = config(&[echo.addr()]);
+    // Long enough that the silent client is still waiting when the test looks, however
+    // loaded the machine: the kernel hands it over only after this and a SYN-ACK resent.
+    cfg.defer_accept = Some(Duration::from_secs(30));
+    let lb = start_balancer(cfg);
+    let silent = client(lb_addr(&lb));
+    let mut talker = client(lb_addr(&lb));
+    round_trip(&mut talker, b"GET / HTTP/1.1\r\n\r\n");
+    let st = lb.stats();
+    assert_eq!(
+        (st.accepted, echo.accepted()),
+        (1, 1),
+        "only the client that spoke was accepted and connected on"
+    );
+    drop(silent);
+}
+
 /// 64 connections at once, 2 MiB each way, each with its own bytes (a slice of the shared
 /// random buffer), so crossed wires between sessions would show.
 fn bulk_concurrent(mode: RelayMode) {
