@@ -119,14 +119,21 @@ pub(crate) fn defer_accept(
 /// TCP_NODELAY (a proxy must not add Nagle delay to small messages) and keepalive (so a peer
 /// that vanished is noticed on an otherwise idle long-lived connection).
 pub(crate) fn tune_socket(sock: SockRef<'_>, keepalive: Option<Duration>) {
-    let mut result = sock.set_tcp_nodelay(true);
-    if let Some(idle) = keepalive {
-        let interval = idle.clamp(Duration::from_secs(1), Duration::from_secs(10));
-        let ka = TcpKeepalive::new().with_time(idle).with_interval(interval);
-        result = result.and_then(|()| sock.set_tcp_keepalive(&ka));
+    if let Err(e) = sock.set_tcp_nodelay(true) {
+        log::debug!("cannot set TCP_NODELAY: {e}");
     }
-    if let Err(e) = result {
-        log::debug!("cannot set socket options: {e}");
+    if let Some(idle) = keepalive {
+        set_keepalive(sock, idle);
+    }
+}
+
+/// SO_KEEPALIVE, TCP_KEEPIDLE `idle` and TCP_KEEPINTVL (`idle` within 1..=10 s): three
+/// `setsockopt` calls.
+pub(crate) fn set_keepalive(sock: SockRef<'_>, idle: Duration) {
+    let interval = idle.clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let ka = TcpKeepalive::new().with_time(idle).with_interval(interval);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
+        log::debug!("cannot set TCP keepalive: {e}");
     }
 }
 

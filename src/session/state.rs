@@ -481,6 +481,12 @@ impl State {
                 at: now + idle,
             });
         }
+        if let Some(after) = rules.keepalive_after {
+            out.push(Action::ArmTimer {
+                kind: TimerKind::KeepAlive,
+                at: now + after,
+            });
+        }
         out.push(Action::Relay);
     }
 
@@ -644,6 +650,7 @@ impl State {
             (TimerKind::Queue, Phase::Queued { deadline, .. }) if at == *deadline => {
                 out.push(Action::Close(CloseReason::QueueTimeout));
             }
+            (TimerKind::KeepAlive, Phase::Relaying { .. }) => out.push(Action::KeepAlive),
             (TimerKind::DrainClose, Phase::Lingering { .. } | Phase::Closed) => {}
             (TimerKind::DrainClose, _) => out.push(Action::Close(CloseReason::Drain)),
             (

@@ -76,11 +76,11 @@ impl Worker {
                         .record_established(latency);
                     session.start_relay(
                         self.config.relay,
-                        self.config.tcp_keepalive,
                         self.config.tcp_user_timeout,
                         self.config.client_ip.send_proxy,
                     );
                 }
+                Action::KeepAlive => session.keep_alive(self.config.tcp_keepalive),
                 Action::CheckConnect { plain_writable } => self.check_connect(key, plain_writable),
                 Action::CheckClient { eof_is_gone } => {
                     if let Some(reason) = session.client_left(eof_is_gone) {

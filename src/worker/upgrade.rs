@@ -274,6 +274,16 @@ impl Worker {
                     kind: TimerKind::Backend,
                 });
             }
+            // The old process may not have turned keepalive on yet (it does so once a
+            // session is old enough): set it now, at three setsockopt per session handed over.
+            if self.rules.keepalive_after.is_some() {
+                self.timers.push(Timer {
+                    at: self.now,
+                    key,
+                    id: sid,
+                    kind: TimerKind::KeepAlive,
+                });
+            }
             self.relay(key);
         }
     }

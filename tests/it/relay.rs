@@ -116,6 +116,56 @@ fn defer_accept_serves_a_client_that_speaks_and_ignores_a_silent_one() {
     drop(silent);
 }
 
+/// Whether holdfast's socket to `backend` (the one established connection to that address)
+/// has a keepalive timer, as `ss` shows it: `Err` while there is no such connection.
+fn backend_socket_keepalive(backend: std::net::SocketAddr) -> Result<bool, String> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", "dst", &backend.to_string()])
+        .output()
+        .map_err(|e| format!("ss: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    match lines.as_slice() {
+        [line] => Ok(line.contains("timer:(keepalive")),
+        other => Err(format!(
+            "{} connections to {backend}: {other:?}",
+            other.len()
+        )),
+    }
+}
+
+/// A short session never pays for TCP keepalive on its backend socket (three setsockopt
+/// calls); one that lives for half the keepalive time gets it. The client's socket has it
+/// from the listener all along.
+#[test]
+fn backend_keepalive_is_set_only_once_a_session_proves_long_lived() {
+    // Keepalive 60s: a session a moment old has none on its backend socket.
+    let echo = EchoBackend::start();
+    let lb = start_balancer(config(&[echo.addr()]));
+    let mut c = client(lb_addr(&lb));
+    round_trip(&mut c, b"short");
+    assert_eq!(
+        backend_socket_keepalive(echo.addr()),
+        Ok(false),
+        "keepalive was set on the backend socket of a session a moment old"
+    );
+    drop(c);
+    // Keepalive 2s: the session gets it after 1s of relaying.
+    let echo = EchoBackend::start();
+    let mut cfg = config(&[echo.addr()]);
+    cfg.tcp_keepalive = Some(Duration::from_secs(2));
+    let lb = start_balancer(cfg);
+    let mut c = client(lb_addr(&lb));
+    round_trip(&mut c, b"long");
+    wait_until_ok(Duration::from_secs(10), || {
+        match backend_socket_keepalive(echo.addr()) {
+            Ok(true) => Ok(()),
+            other => Err(format!("no keepalive on the backend socket yet: {other:?}")),
+        }
+    });
+    round_trip(&mut c, b"still relaying");
+}
+
 /// 64 connections at once, 2 MiB each way, each with its own bytes (a slice of the shared
 /// random buffer), so crossed wires between sessions would show.
 fn bulk_concurrent(mode: RelayMode) {
