@@ -70,11 +70,11 @@ pub struct Worker {
     listener_ready: Vec<bool>,
     /// Accepting is paused until then (after running out of descriptors or memory).
     accept_paused_until: Option<Instant>,
-    /// A descriptor held in reserve for the backend socket of the next client (an unbound UDP
-    /// socket): a client is accepted only while one is held, and it is closed just before a
-    /// backend socket is made. So holdfast never accepts a client it has no descriptor to
-    /// serve with. Refilled before each accept.
-    spare: Option<socket2::Socket>,
+    /// A descriptor held in reserve for the backend socket of the next client (a TCP socket,
+    /// `accept::Spare`): a client is accepted only while one is held, and the backend connect
+    /// uses it (or closes it just before making its socket). So holdfast never accepts a
+    /// client it has no descriptor to serve with. Refilled before each accept.
+    spare: Option<accept::Spare>,
     backends: Arc<BackendSet>,
     counters: Arc<Counters>,
     sessions: Slab<Session>,
