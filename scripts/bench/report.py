@@ -386,13 +386,14 @@ def main():
         w("")
         w("Supplement: tail latency in the least-disturbed round (minimum over rounds, every variant alike):")
         w("")
-        w("| metric | " + " | ".join(label for _, label in VARIANTS) + " | auto / best HAProxy |")
-        w("|" + "---|" * (len(VARIANTS) + 2))
+        shown = [(v, label) for v, label in VARIANTS if v not in BULK_ONLY]
+        w("| metric | " + " | ".join(label for _, label in shown) + " | auto / best HAProxy |")
+        w("|" + "---|" * (len(shown) + 2))
         for i in tail_rows:
             mins = {v: min(x for _, x in values[(i, v)]) for v, _ in VARIANTS if values.get((i, v))}
             ha = [mins[v] for v in HAPROXY if v in mins]
             r = "%.2f" % (mins["hf-auto"] / min(ha)) if ha and "hf-auto" in mins else "ERR"
-            w("| %s | %s | %s |" % (ROWS[i][0], " | ".join(fmt(mins.get(v), ROWS[i][6]) for v, _ in VARIANTS), r))
+            w("| %s | %s | %s |" % (ROWS[i][0], " | ".join(fmt(mins.get(v), ROWS[i][6]) for v, _ in shown), r))
     if failures:
         w("\n**Failed runs** (excluded from the medians):\n")
         for sc, var, rnd, why in failures:
