@@ -90,6 +90,7 @@ pub(crate) fn assign(
         let sock = SockRef::from(&socket);
         sock.set_nonblocking(true).map_err(io_error)?;
         tune_socket(sock, config.tcp_keepalive);
+        crate::listener::defer_accept(&socket, config.defer_accept).map_err(io_error)?;
         for _ in 1..config.workers {
             inherited.push((addr, socket.try_clone().map_err(io_error)?));
         }

@@ -41,6 +41,8 @@ pub fn describe(config: &Config, binary: &BinarySettings) -> String {
     line("idle-timeout", &opt_dur(config.idle_timeout));
     line("backend-timeout", &opt_dur(config.backend_timeout));
     line("tcp-keepalive", &opt_dur(config.tcp_keepalive));
+    line("defer-accept", &opt_dur(config.defer_accept));
+    line("pipe-memory", &size(config.pipe_memory));
     line("max-conns", &config.max_conns);
     line("backlog", &config.backlog);
     let health = &config.health;
@@ -130,6 +132,16 @@ fn dur(d: Duration) -> String {
 /// A duration whose flag takes `0` for off.
 fn opt_dur(d: Option<Duration>) -> String {
     d.map_or_else(|| "0".to_string(), dur)
+}
+
+/// A size as `--pipe-memory` takes it: the largest binary unit that divides it.
+fn size(bytes: usize) -> String {
+    for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes != 0 && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
 }
 
 fn path(p: &Option<PathBuf>) -> String {

@@ -106,6 +106,20 @@ pub struct Args {
           allow_hyphen_values = true)]
     pub tcp_keepalive: Duration,
 
+    /// TCP_DEFER_ACCEPT: hand a connection over only once the client has sent its first bytes
+    /// (after DUR at most, 1s if no DUR; up to 10m), saving a wake-up per connection and
+    /// ignoring idle connects. For client-speaks-first protocols (HTTP, TLS, WebSocket); it
+    /// delays a server-speaks-first one (SMTP, MySQL, Redis MONITOR-style banners) by DUR;
+    /// 0 = off [default: off]
+    #[arg(long, value_name = "DUR", num_args = 0..=1, default_missing_value = "1s",
+          value_parser = parse_duration)]
+    pub defer_accept: Option<Duration>,
+
+    /// Memory for grown (256 KiB) pipes of bulk streams under splice, all workers together,
+    /// e.g. 16MiB, 512KiB, 0 (pipes never grow); beyond it streams use 64 KiB pipes
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub pipe_memory: usize,
+
     /// Global cap on live connections; at the cap new clients wait in the backlog. 0 = no cap
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_conns: usize,
@@ -340,6 +354,8 @@ impl Args {
         config.idle_timeout = nonzero(self.idle_timeout);
         config.backend_timeout = nonzero(self.backend_timeout);
         config.tcp_keepalive = nonzero(self.tcp_keepalive);
+        config.defer_accept = self.defer_accept.and_then(nonzero);
+        config.pipe_memory = self.pipe_memory;
         config.max_conns = self.max_conns;
         config.backlog = self.backlog;
         config.health = HealthConfig {
@@ -416,6 +432,26 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         ConfigError::Duration { why, .. } => why,
         other => other.to_string(),
     })
+}
+
+/// A size in bytes: a number with an optional unit B, KiB, MiB or GiB (K, M, G and KB, MB,
+/// GB read as the binary units too).
+fn parse_size(s: &str) -> Result<usize, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err("expected a size such as 16MiB, 512KiB or 0".into()),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| "expected a size such as 16MiB, 512KiB or 0".to_string())?;
+    n.checked_mul(1 << shift)
+        .filter(|bytes| u64::try_from(*bytes).is_ok())
+        .ok_or_else(|| "size too large".to_string())
 }
 
 fn parse_backend(s: &str) -> Result<BackendSpec, String> {
@@ -524,6 +560,56 @@ mod tests {
         assert_eq!(c.client_ip.proxy_header_timeout, Duration::from_secs(3));
         assert_eq!(c.client_ip.limits.ipv6_prefix, 64);
         assert_eq!(c.tcp_user_timeout, None);
+        assert_eq!(c.defer_accept, None);
+        assert_eq!(c.pipe_memory, 16 << 20);
+    }
+
+    #[test]
+    fn defer_accept_takes_an_optional_duration() {
+        let base = ["-l", "127.0.0.1:0", "-b", "127.0.0.1:1"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            parse(&args)
+        };
+        assert_eq!(
+            with(&["--defer-accept"]).unwrap().defer_accept,
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            with(&["--defer-accept", "5s"]).unwrap().defer_accept,
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(with(&["--defer-accept", "0"]).unwrap().defer_accept, None);
+        // A flag after it is not taken for its value.
+        let c = parse(&["--defer-accept", "-l", "127.0.0.1:0", "-b", "127.0.0.1:1"]).unwrap();
+        assert_eq!(c.defer_accept, Some(Duration::from_secs(1)));
+        assert!(with(&["--defer-accept", "11m"]).is_err());
+        assert!(with(&["--defer-accept", "soon"]).is_err());
+    }
+
+    #[test]
+    fn pipe_memory_takes_a_size() {
+        for (given, bytes) in [
+            ("0", 0),
+            ("4096", 4096),
+            ("512KiB", 512 << 10),
+            ("16MiB", 16 << 20),
+            ("16M", 16 << 20),
+            ("1GiB", 1 << 30),
+        ] {
+            assert_eq!(super::parse_size(given), Ok(bytes), "{given}");
+        }
+        for bad in [
+            "",
+            "MiB",
+            "-1",
+            "1.5MiB",
+            "16 parsecs",
+            "99999999999999999999GiB",
+        ] {
+            assert!(super::parse_size(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -53,12 +53,11 @@ pub fn bind_or_inherit(
             {
                 continue;
             }
-            let listener =
-                bind_one(addr, config.backlog, config.tcp_keepalive).map_err(|source| {
-                    StartError::Listen {
-                        addr: requested,
-                        source,
-                    }
+            let listener = bind_one(addr, config.backlog, config.tcp_keepalive)
+                .and_then(|l| defer_accept(&l, config.defer_accept).map(|()| l))
+                .map_err(|source| StartError::Listen {
+                    addr: requested,
+                    source,
                 })?;
             if addr.port() == 0 {
                 addr = listener.local_addr().map_err(|source| StartError::Listen {
@@ -98,17 +97,43 @@ fn bind_one(
     Ok(TcpListener::from_std(socket.into()))
 }
 
+/// `--defer-accept`: TCP_DEFER_ACCEPT in whole seconds, rounded up. Where the platform has
+/// none the flag is ignored, with a warning.
+pub(crate) fn defer_accept(
+    listener: &impl std::os::fd::AsFd,
+    defer: Option<Duration>,
+) -> std::io::Result<()> {
+    let Some(d) = defer else {
+        return Ok(());
+    };
+    let secs = u32::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0)).unwrap_or(u32::MAX);
+    match crate::sys::set_defer_accept(listener, secs) {
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            log::warn!("--defer-accept is not supported on this platform; ignored");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 /// TCP_NODELAY (a proxy must not add Nagle delay to small messages) and keepalive (so a peer
 /// that vanished is noticed on an otherwise idle long-lived connection).
 pub(crate) fn tune_socket(sock: SockRef<'_>, keepalive: Option<Duration>) {
-    let mut result = sock.set_tcp_nodelay(true);
-    if let Some(idle) = keepalive {
-        let interval = idle.clamp(Duration::from_secs(1), Duration::from_secs(10));
-        let ka = TcpKeepalive::new().with_time(idle).with_interval(interval);
-        result = result.and_then(|()| sock.set_tcp_keepalive(&ka));
+    if let Err(e) = sock.set_tcp_nodelay(true) {
+        log::debug!("cannot set TCP_NODELAY: {e}");
     }
-    if let Err(e) = result {
-        log::debug!("cannot set socket options: {e}");
+    if let Some(idle) = keepalive {
+        set_keepalive(sock, idle);
+    }
+}
+
+/// SO_KEEPALIVE, TCP_KEEPIDLE `idle` and TCP_KEEPINTVL (`idle` within 1..=10 s): three
+/// `setsockopt` calls.
+pub(crate) fn set_keepalive(sock: SockRef<'_>, idle: Duration) {
+    let interval = idle.clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let ka = TcpKeepalive::new().with_time(idle).with_interval(interval);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
+        log::debug!("cannot set TCP keepalive: {e}");
     }
 }
 

@@ -66,6 +66,9 @@ counters! {
     closed_by_drain,
     /// Pipes held by sessions right now (bytes in flight through splice).
     pipes_in_use,
+    /// Bytes of capacity of grown pipes (a proven bulk stream's, see `--pipe-memory`) that
+    /// exist right now, in use or pooled, all workers together.
+    pipe_memory,
     /// Per-session copy buffers held right now (a write to a peer was partial).
     buffers_in_use,
     /// Times descriptors or memory ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM) in accept(2),

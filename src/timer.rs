@@ -51,6 +51,8 @@ pub enum TimerKind {
     Linger,
     /// The client's PROXY header has taken `--proxy-header-timeout`.
     Header,
+    /// The session has relayed long enough to need TCP keepalive on its backend socket.
+    KeepAlive,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

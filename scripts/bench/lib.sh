@@ -6,6 +6,10 @@
 
 BIN=${BIN:-$ROOT/target/release}
 BENCH_PIDS=()
+# Command prefixes that pin the proxies and the load (client, echo server) to CPUs: empty
+# (unpinned) unless the calling script sets them, e.g. PIN_PROXY=(taskset -c 0).
+PIN_PROXY=()
+PIN_LOAD=()
 CLK_TCK=$(getconf CLK_TCK)
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -43,18 +47,29 @@ stop_pid() {
     BENCH_PIDS=("${keep[@]}")
 }
 
-# Installs what the benchmarks need when it is missing (Debian/Ubuntu).
+# ensure_tools [INSTALL]: checks for what the benchmarks need. Installs nothing unless
+# INSTALL is 1 (the caller's --install-haproxy); otherwise a missing tool is an error that
+# says how to install it (Debian/Ubuntu).
 ensure_tools() {
-    local missing=()
+    local install=${1:-0} missing=()
     command -v haproxy >/dev/null || missing+=(haproxy)
     command -v python3 >/dev/null || missing+=(python3)
     command -v ss >/dev/null || missing+=(iproute2)
-    if ((${#missing[@]})); then
-        log "installing: ${missing[*]}"
+    ((${#PIN_PROXY[@]} + ${#PIN_LOAD[@]})) && ! command -v taskset >/dev/null && missing+=(util-linux)
+    ((${#missing[@]})) || return 0
+    if ((install)); then
+        log "installing (asked for with --install-haproxy): ${missing[*]}"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        local still=()
+        command -v haproxy >/dev/null || still+=(haproxy)
+        command -v python3 >/dev/null || still+=(python3)
+        command -v ss >/dev/null || still+=(iproute2)
+        ((${#still[@]} == 0)) && return 0
+        missing=("${still[@]}")
     fi
-    command -v haproxy >/dev/null || { echo "error: haproxy is not installed" >&2; return 1; }
-    command -v python3 >/dev/null || { echo "error: python3 is not installed" >&2; return 1; }
+    echo "error: missing: ${missing[*]}. Install with: sudo apt-get install ${missing[*]}" >&2
+    echo "       (or rerun with --install-haproxy to have this script run apt-get for you)" >&2
+    return 1
 }
 
 build_release() {
@@ -131,23 +146,25 @@ is_listening() {
 start_echo() {
     local logf=$WORK/$1.log
     start_ready "$logf" "listening on" 10 \
-        "$BIN/holdfast-load" echo-server --listen "$BENCH_IP:0" || return 1
+        "${PIN_LOAD[@]}" "$BIN/holdfast-load" echo-server --listen "$BENCH_IP:0" || return 1
     ECHO_PID=$STARTED_PID
     ECHO_ADDR=$(listen_addr_of "$logf")
 }
 
-# start_holdfast NAME MODE BACKEND: holdfast --workers 1 on a free port; sets PROXY_PID and
-# PROXY_ADDR.
+# start_holdfast NAME MODE BACKEND [FLAG...]: holdfast --workers 1 on a free port, with any
+# further flags; sets PROXY_PID and PROXY_ADDR.
 start_holdfast() {
     local name=$1 mode=$2 backend=$3 logf=$WORK/$1.log
+    shift 3
     start_ready "$logf" "holdfast listening on" 10 \
-        "$BIN/holdfast" --listen "$BENCH_IP:0" --backend "$backend" --workers 1 \
-        --relay "$mode" || return 1
+        "${PIN_PROXY[@]}" "$BIN/holdfast" --listen "$BENCH_IP:0" --backend "$backend" --workers 1 \
+        --relay "$mode" "$@" || return 1
     PROXY_PID=$STARTED_PID
     PROXY_ADDR=$(listen_addr_of "$logf")
 }
 
-# HAProxy's configuration for one variant (default | splice | splice-auto). Printed into the
+# HAProxy's configuration for one variant (default | splice | splice-auto | splice-256k:
+# splice with tune.pipesize 262144, the size of holdfast's grown pipes). Printed into the
 # results: it is part of what is being published.
 #
 # maxconn 8500 covers the 8000-connection hold test. HAProxy sizes its descriptor needs as
@@ -157,10 +174,14 @@ start_holdfast() {
 # scenario here can use at once (100 connections x 2 directions). It is set in all three
 # variants so they differ only in the splice options.
 haproxy_config() {
-    local variant=$1 bind=$2 backend=$3 opts=
+    local variant=$1 bind=$2 backend=$3 opts= tune=
     case $variant in
         default) ;;
         splice) opts=$'    option splice-request\n    option splice-response\n' ;;
+        splice-256k)
+            opts=$'    option splice-request\n    option splice-response\n'
+            tune=$'    tune.pipesize 262144\n'
+            ;;
         splice-auto) opts=$'    option splice-auto\n' ;;
         *) echo "unknown haproxy variant $variant" >&2; return 1 ;;
     esac
@@ -169,6 +190,7 @@ global
     nbthread 1
     maxconn 8500
     maxpipes 1000
+${tune}
     # no "log" line: nothing is logged
 
 defaults
@@ -201,7 +223,7 @@ start_haproxy() {
     fi
     # HAProxy prints no readiness line: wait for its listening socket.
     start_when "$WORK/$name.log" 10 'is_listening "$BENCH_IP" "$port"' \
-        haproxy -db -f "$cfg" || return 1
+        "${PIN_PROXY[@]}" haproxy -db -f "$cfg" || return 1
     PROXY_PID=$STARTED_PID
     PROXY_ADDR=$BENCH_IP:$port
 }

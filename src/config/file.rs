@@ -30,6 +30,7 @@ pub const GLOBAL_KEYS: &[&str] = &[
     "upgrade_timeout",
     "pid_file",
     "max_conns",
+    "pipe_memory",
 ];
 
 /// The keys of the `health` table and the flags they stand for.

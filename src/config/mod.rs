@@ -188,6 +188,10 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The longest `--defer-accept`: the kernel counts it in SYN-ACK retransmissions (at most
+/// 255), and a client silent for longer than a few seconds is not one it is meant for.
+pub const MAX_DEFER_ACCEPT: Duration = Duration::from_secs(600);
+
 /// Everything the balancer runs with. Build one with [`Config::new`] and adjust the fields.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -209,6 +213,12 @@ pub struct Config {
     pub backend_timeout: Option<Duration>,
     /// TCP keepalive idle time on both sockets. `None` disables.
     pub tcp_keepalive: Option<Duration>,
+    /// TCP_DEFER_ACCEPT on the listeners: a connection is accepted once the client has sent
+    /// its first bytes (or after about this long). `None`: off.
+    pub defer_accept: Option<Duration>,
+    /// Bytes of grown pipes (256 KiB each, for proven bulk streams under splice) all workers
+    /// may hold together; 0: pipes never grow.
+    pub pipe_memory: usize,
     /// Global cap on live sessions; 0 means only the fd limit applies.
     pub max_conns: usize,
     pub backlog: i32,
@@ -272,6 +282,8 @@ impl Config {
             idle_timeout: Some(Duration::from_secs(3600)),
             backend_timeout: None,
             tcp_keepalive: Some(Duration::from_secs(60)),
+            defer_accept: None,
+            pipe_memory: crate::relay::DEFAULT_PIPE_MEMORY,
             max_conns: 0,
             backlog: 4096,
             health: HealthConfig::default(),
@@ -341,6 +353,11 @@ impl Config {
         if self.workers == 0 || self.workers > 1024 {
             return Err(ConfigError::Invalid(
                 "--workers must be from 1 to 1024".into(),
+            ));
+        }
+        if self.defer_accept.is_some_and(|d| d > MAX_DEFER_ACCEPT) {
+            return Err(ConfigError::Invalid(
+                "--defer-accept must be at most 10m".into(),
             ));
         }
         let mut listening = HashSet::with_capacity(self.listen.len());
@@ -447,6 +464,8 @@ impl Config {
             take_over: _,
             inherited_backends: _,
             upgrade_timeout,
+            defer_accept,
+            pipe_memory,
         } = self;
         let mut keys = Vec::new();
         macro_rules! compare {
@@ -466,6 +485,8 @@ impl Config {
             idle_timeout,
             backend_timeout,
             tcp_keepalive,
+            defer_accept,
+            pipe_memory,
             max_conns,
             backlog,
             health,

@@ -13,6 +13,15 @@
 //! Either way the pump owns memory only while a write is incomplete: an idle connection holds
 //! no pipe and no buffer, which is what keeps 8000 idle WebSockets cheap.
 //!
+//! A direction that proves to be a bulk stream ([`GROW_AFTER`] splices in a row that each
+//! filled at least half a default pipe) splices through *grown* pipes of [`GROWN_PIPE_SIZE`]
+//! from then on: four times the bytes per splice call and per wake-up. Grown pipes are pooled
+//! apart from the default ones (so a small session never holds one) and their capacity, pooled
+//! or in use, is charged to one budget shared by every worker (`--pipe-memory`, the
+//! `pipe_memory` counter). When the budget is spent, or the kernel refuses to grow a pipe
+//! (EPERM above `pipe-user-pages-soft`, ENOMEM), the stream simply splices through 64 KiB
+//! pipes as before.
+//!
 //! Backpressure falls out of the rule "never read while bytes are in flight": a pump whose
 //! destination is full stops reading its source, the source's kernel buffer fills, and TCP
 //! flow control slows the sender. Memory per session is bounded by one buffer or one pipe per
@@ -26,6 +35,7 @@
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use mio::net::TcpStream;
 
@@ -41,6 +51,19 @@ pub const PIPE_SIZE: usize = 64 * 1024;
 pub const TURN_BUDGET: usize = 512 * 1024;
 /// Free pipes a worker keeps for reuse; more are closed.
 pub const MAX_POOLED_PIPES: usize = 16;
+/// Capacity of the pipe of a proven bulk stream (`F_SETPIPE_SZ`).
+pub const GROWN_PIPE_SIZE: usize = 256 * 1024;
+/// Splices in a row that each filled at least half a default pipe, after which a direction
+/// is a proven bulk stream and gets grown pipes.
+pub const GROW_AFTER: u8 = 4;
+/// Free grown pipes a worker keeps for reuse; more are closed (giving their budget back).
+pub const MAX_POOLED_GROWN_PIPES: usize = 4;
+/// Default of `--pipe-memory`: 16 MiB, 64 grown pipes. A quarter of Linux's default
+/// `pipe-user-pages-soft` (16384 pages, 64 MiB per user), the line above which an
+/// unprivileged user's new pipes get 2 pages instead of 16 and cannot grow: the other three
+/// quarters stay for the default pipes of busy sessions (768 at once) and the user's other
+/// processes.
+pub const DEFAULT_PIPE_MEMORY: usize = 16 * 1024 * 1024;
 /// Free buffers a worker keeps for reuse; more are freed.
 pub const MAX_POOLED_BUFFERS: usize = 16;
 /// In `auto` mode, a copy read at least this large marks the direction as a bulk stream and
@@ -76,6 +99,12 @@ pub struct Readiness {
 pub struct Pools {
     scratch: Box<[u8]>,
     pipes: Vec<Pipe>,
+    /// Free pipes of [`GROWN_PIPE_SIZE`], their capacity still charged to the budget.
+    grown: Vec<Pipe>,
+    /// The budget for grown pipes, all workers together (`--pipe-memory`).
+    pipe_memory: u64,
+    /// The kernel refused to grow a pipe at least once (logged once).
+    grow_refused: bool,
     buffers: Vec<Box<[u8]>>,
     /// Cleared the first time the kernel says splice cannot be used; then everyone copies.
     splice_works: bool,
@@ -87,10 +116,20 @@ impl Pools {
         Pools {
             scratch: vec![0; BUFFER_SIZE].into_boxed_slice(),
             pipes: Vec::new(),
+            grown: Vec::new(),
+            pipe_memory: DEFAULT_PIPE_MEMORY as u64,
+            grow_refused: false,
             buffers: Vec::new(),
             splice_works: sys::SPLICE_AVAILABLE,
             counters,
         }
+    }
+
+    /// The budget for grown pipes, shared through the counters by every worker's pools
+    /// (`--pipe-memory`; 0: pipes never grow).
+    pub fn with_pipe_memory(mut self, bytes: usize) -> Pools {
+        self.pipe_memory = bytes as u64;
+        self
     }
 
     /// The kernel says splice cannot be used here at all (ENOSYS, EINVAL): everyone copies
@@ -102,28 +141,86 @@ impl Pools {
         }
     }
 
-    fn take_pipe(&mut self) -> io::Result<Pipe> {
+    /// A pipe for one read: a grown one if `grow` and one is pooled or the budget and the
+    /// kernel allow it, else a default one. Says which it is, and whether the kernel refused
+    /// to grow one (the caller then stops asking).
+    fn take_pipe(&mut self, grow: bool) -> io::Result<(Pipe, PipeKind, bool)> {
+        if grow {
+            if let Some(pipe) = self.grown.pop() {
+                Counters::incr(&self.counters.pipes_in_use);
+                return Ok((pipe, PipeKind::Grown, false));
+            }
+            let size = GROWN_PIPE_SIZE as u64;
+            if reserve(&self.counters.pipe_memory, self.pipe_memory, size) {
+                let pipe = match Pipe::new() {
+                    Ok(pipe) => pipe,
+                    Err(e) => {
+                        release(&self.counters.pipe_memory, size);
+                        return Err(e);
+                    }
+                };
+                match pipe.set_capacity(GROWN_PIPE_SIZE) {
+                    Ok(got) if got == GROWN_PIPE_SIZE => {
+                        Counters::incr(&self.counters.pipes_in_use);
+                        return Ok((pipe, PipeKind::Grown, false));
+                    }
+                    result => {
+                        release(&self.counters.pipe_memory, size);
+                        if !self.grow_refused {
+                            self.grow_refused = true;
+                            let why = match &result {
+                                Ok(got) => format!("it got {got} bytes"),
+                                Err(e) => e.to_string(),
+                            };
+                            log::info!(
+                                "cannot grow a pipe to {GROWN_PIPE_SIZE} bytes ({why}); bulk \
+                                 streams splice through default pipes"
+                            );
+                        }
+                        // A pipe that did not grow to the size asked for (a kernel rounding
+                        // differently) is closed: a default pipe's pool must hold only
+                        // default pipes.
+                        let pipe = match result {
+                            Ok(_) => Pipe::new()?,
+                            Err(_) => pipe,
+                        };
+                        Counters::incr(&self.counters.pipes_in_use);
+                        return Ok((pipe, PipeKind::Default, true));
+                    }
+                }
+            }
+        }
         let pipe = match self.pipes.pop() {
             Some(p) => p,
             None => Pipe::new()?,
         };
         Counters::incr(&self.counters.pipes_in_use);
-        Ok(pipe)
+        Ok((pipe, PipeKind::Default, false))
     }
 
     /// Returns an *empty* pipe for reuse.
-    fn put_pipe(&mut self, pipe: Pipe) {
+    fn put_pipe(&mut self, pipe: Pipe, kind: PipeKind) {
         Counters::decr(&self.counters.pipes_in_use);
-        if self.pipes.len() < MAX_POOLED_PIPES {
-            self.pipes.push(pipe);
+        match kind {
+            PipeKind::Default if self.pipes.len() < MAX_POOLED_PIPES => self.pipes.push(pipe),
+            PipeKind::Grown if self.grown.len() < MAX_POOLED_GROWN_PIPES => self.grown.push(pipe),
+            _ => self.close_pipe(pipe, kind),
         }
     }
 
     /// Closes a pipe that still holds bytes: they can never be delivered, and a pipe with
     /// stale bytes must never be reused.
-    fn discard_pipe(&mut self, pipe: Pipe) {
+    fn discard_pipe(&mut self, pipe: Pipe, kind: PipeKind) {
         Counters::decr(&self.counters.pipes_in_use);
+        self.close_pipe(pipe, kind);
+    }
+
+    /// Closes a pipe, giving a grown one's capacity back to the budget.
+    fn close_pipe(&mut self, pipe: Pipe, kind: PipeKind) {
         drop(pipe);
+        if kind == PipeKind::Grown {
+            release(&self.counters.pipe_memory, GROWN_PIPE_SIZE as u64);
+        }
     }
 
     fn take_buffer(&mut self) -> Box<[u8]> {
@@ -141,12 +238,51 @@ impl Pools {
     }
 }
 
+impl Drop for Pools {
+    /// The worker is gone: its pooled grown pipes give their budget back (another worker, or
+    /// a balancer started later in this process, may use it).
+    fn drop(&mut self) {
+        for pipe in std::mem::take(&mut self.grown) {
+            self.close_pipe(pipe, PipeKind::Grown);
+        }
+    }
+}
+
+/// Takes `size` bytes from the budget `limit` of which `used` are taken; false, taking
+/// nothing, if they do not fit. Lock-free: every worker's pools share `used`.
+pub fn reserve(used: &AtomicU64, limit: u64, size: u64) -> bool {
+    used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+        now.checked_add(size).filter(|after| *after <= limit)
+    })
+    .is_ok()
+}
+
+/// Gives back `size` bytes taken with [`reserve`].
+pub fn release(used: &AtomicU64, size: u64) {
+    let _ = used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+        Some(now.saturating_sub(size))
+    });
+}
+
+/// Which pool a pipe belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PipeKind {
+    /// The kernel's default capacity, [`PIPE_SIZE`].
+    Default,
+    /// Grown to [`GROWN_PIPE_SIZE`], charged to the budget.
+    Grown,
+    /// Handed over by another process (a live upgrade), of a capacity not known to be the
+    /// default: used until empty, then closed, never pooled.
+    Foreign,
+}
+
 /// Bytes read from the source and not yet written to the destination.
 enum InFlight {
     Empty,
     Pipe {
         pipe: Pipe,
         len: usize,
+        kind: PipeKind,
     },
     Buffer {
         buf: Box<[u8]>,
@@ -189,6 +325,17 @@ enum Method {
     Splice,
 }
 
+/// Whether a direction has proved to be a bulk stream (see [`GROW_AFTER`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Growth {
+    /// This many splices in a row have filled at least half a default pipe.
+    Unproven(u8),
+    /// A bulk stream: it asks for grown pipes.
+    Proven,
+    /// The kernel refused to grow a pipe for it: default pipes for the rest of its life.
+    Refused,
+}
+
 /// One direction of a session.
 pub struct Pump {
     method: Method,
@@ -199,6 +346,7 @@ pub struct Pump {
     /// Splicing, but this burst found no descriptor free for a pipe: it copies until the
     /// end of this run, and the next run tries a pipe again.
     pipe_short: bool,
+    growth: Growth,
     stage: Stage,
     in_flight: InFlight,
 }
@@ -215,6 +363,7 @@ impl Pump {
             adaptive,
             small_splices: 0,
             pipe_short: false,
+            growth: Growth::Unproven(0),
             stage: Stage::Open,
             in_flight: InFlight::Empty,
         }
@@ -314,14 +463,14 @@ impl Pump {
     fn flush(&mut self, dst: &TcpStream, pools: &mut Pools) -> io::Result<usize> {
         match &mut self.in_flight {
             InFlight::Empty => Ok(0),
-            InFlight::Pipe { pipe, len } => {
+            InFlight::Pipe { pipe, len, .. } => {
                 let n = sys::splice_out(pipe, dst, *len)?;
                 *len -= n;
                 if *len == 0
-                    && let InFlight::Pipe { pipe, .. } =
+                    && let InFlight::Pipe { pipe, kind, .. } =
                         std::mem::replace(&mut self.in_flight, InFlight::Empty)
                 {
-                    pools.put_pipe(pipe);
+                    pools.put_pipe(pipe, kind);
                 }
                 Ok(n)
             }
@@ -342,7 +491,7 @@ impl Pump {
     /// Splices from the socket into a pipe from the pool. The bytes are written out by the
     /// next `flush`.
     fn splice_in(&mut self, src: &TcpStream, pools: &mut Pools) -> Result<Step, ReadError> {
-        let pipe = match pools.take_pipe() {
+        let (pipe, kind, refused) = match pools.take_pipe(self.growth == Growth::Proven) {
             Ok(p) => p,
             Err(e) if is_resource_exhaustion(&e) => {
                 // Out of descriptors (or memory) for a pipe: this burst copies instead, and
@@ -358,12 +507,29 @@ impl Pump {
             }
             Err(e) => return Err(ReadError::Source(e)),
         };
-        match sys::splice_in(src, &pipe, PIPE_SIZE) {
+        if refused {
+            self.growth = Growth::Refused;
+        }
+        // Up to the pipe's capacity: a grown pipe takes four default pipes' worth per call.
+        let capacity = match kind {
+            PipeKind::Grown => GROWN_PIPE_SIZE,
+            PipeKind::Default | PipeKind::Foreign => PIPE_SIZE,
+        };
+        match sys::splice_in(src, &pipe, capacity) {
             Ok(0) => {
-                pools.put_pipe(pipe);
+                pools.put_pipe(pipe, kind);
                 Ok(Step::Eof)
             }
             Ok(n) => {
+                if let Growth::Unproven(fills) = self.growth {
+                    self.growth = if n < PIPE_SIZE / 2 {
+                        Growth::Unproven(0)
+                    } else if fills + 1 >= GROW_AFTER {
+                        Growth::Proven
+                    } else {
+                        Growth::Unproven(fills + 1)
+                    };
+                }
                 if self.adaptive {
                     if n >= AUTO_SPLICE_THRESHOLD / 4 {
                         self.small_splices = 0;
@@ -375,11 +541,11 @@ impl Pump {
                         }
                     }
                 }
-                self.in_flight = InFlight::Pipe { pipe, len: n };
+                self.in_flight = InFlight::Pipe { pipe, len: n, kind };
                 Ok(Step::Moved(0))
             }
             Err(e) => {
-                pools.put_pipe(pipe);
+                pools.put_pipe(pipe, kind);
                 if is_resource_exhaustion(&e) {
                     // A shortage, not a property of the kernel: copy this burst only.
                     self.pipe_short = true;
@@ -450,11 +616,11 @@ impl Pump {
     pub fn release(&mut self, pools: &mut Pools) {
         match std::mem::replace(&mut self.in_flight, InFlight::Empty) {
             InFlight::Empty => {}
-            InFlight::Pipe { pipe, len } => {
+            InFlight::Pipe { pipe, len, kind } => {
                 if len == 0 {
-                    pools.put_pipe(pipe);
+                    pools.put_pipe(pipe, kind);
                 } else {
-                    pools.discard_pipe(pipe);
+                    pools.discard_pipe(pipe, kind);
                 }
             }
             InFlight::Buffer { buf, .. } => pools.put_buffer(buf),
@@ -493,7 +659,7 @@ impl Pump {
     pub fn held(&self) -> HeldRef<'_> {
         match &self.in_flight {
             InFlight::Empty => HeldRef::Nothing,
-            InFlight::Pipe { pipe, len } => HeldRef::Pipe(pipe, *len),
+            InFlight::Pipe { pipe, len, .. } => HeldRef::Pipe(pipe, *len),
             InFlight::Buffer { buf, start, end } => HeldRef::Bytes(&buf[*start..*end]),
         }
     }
@@ -511,7 +677,11 @@ impl Pump {
             }
             Held::Pipe(pipe, len) => {
                 Counters::incr(&pools.counters.pipes_in_use);
-                InFlight::Pipe { pipe, len }
+                InFlight::Pipe {
+                    pipe,
+                    len,
+                    kind: PipeKind::Foreign,
+                }
             }
             Held::Bytes(bytes) if bytes.is_empty() => InFlight::Empty,
             Held::Bytes(bytes) => {
@@ -578,5 +748,136 @@ impl ReadError {
             ReadError::Source(e) => e.kind(),
             ReadError::Destination => io::ErrorKind::Other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GROWN: u64 = GROWN_PIPE_SIZE as u64;
+
+    #[test]
+    fn the_budget_gives_what_fits_and_takes_back_what_is_released() {
+        let used = AtomicU64::new(0);
+        let limit = 2 * GROWN;
+        assert!(reserve(&used, limit, GROWN));
+        assert!(reserve(&used, limit, GROWN));
+        assert!(
+            !reserve(&used, limit, GROWN),
+            "a third pipe is over the budget"
+        );
+        assert_eq!(
+            used.load(Ordering::Relaxed),
+            limit,
+            "a refusal takes nothing"
+        );
+        release(&used, GROWN);
+        assert!(
+            reserve(&used, limit, GROWN),
+            "a released pipe's room is given again"
+        );
+        assert!(!reserve(&used, limit, 1));
+    }
+
+    #[test]
+    fn a_zero_budget_gives_nothing() {
+        let used = AtomicU64::new(0);
+        assert!(!reserve(&used, 0, GROWN));
+        assert!(!reserve(&used, 0, 1));
+        assert_eq!(used.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_budget_never_overflows_or_underflows() {
+        let used = AtomicU64::new(u64::MAX - 1);
+        assert!(!reserve(&used, u64::MAX, GROWN), "no wrap-around");
+        let used = AtomicU64::new(0);
+        release(&used, GROWN);
+        assert_eq!(used.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn workers_sharing_a_budget_never_exceed_it() {
+        let used = Arc::new(AtomicU64::new(0));
+        let limit = 5 * GROWN;
+        let peak = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (used, peak) = (Arc::clone(&used), Arc::clone(&peak));
+                std::thread::spawn(move || {
+                    let mut held = 0;
+                    for i in 0..20_000 {
+                        if i % 3 != 2 && reserve(&used, limit, GROWN) {
+                            held += 1;
+                            peak.fetch_max(used.load(Ordering::Relaxed), Ordering::Relaxed);
+                        } else if held > 0 {
+                            held -= 1;
+                            release(&used, GROWN);
+                        }
+                    }
+                    for _ in 0..held {
+                        release(&used, GROWN);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert!(peak.load(Ordering::Relaxed) <= limit);
+        assert_eq!(used.load(Ordering::Relaxed), 0, "everything given back");
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn grown_pipes_are_charged_pooled_apart_and_given_back() {
+        let counters = Arc::new(Counters::default());
+        let charged = |c: &Counters| c.pipe_memory.load(Ordering::Relaxed);
+        let mut pools = Pools::new(Arc::clone(&counters)).with_pipe_memory(GROWN_PIPE_SIZE);
+        let (big, kind, refused) = pools.take_pipe(true).expect("pipe");
+        assert_eq!((kind, refused), (PipeKind::Grown, false));
+        assert_eq!(charged(&counters), GROWN);
+        // The budget holds one: the next bulk read gets a default pipe, and that is not a
+        // refusal by the kernel.
+        let (small, kind, refused) = pools.take_pipe(true).expect("pipe");
+        assert_eq!((kind, refused), (PipeKind::Default, false));
+        pools.put_pipe(small, PipeKind::Default);
+        pools.put_pipe(big, PipeKind::Grown);
+        assert_eq!(
+            charged(&counters),
+            GROWN,
+            "a pooled grown pipe stays charged"
+        );
+        // A small read never gets the pooled grown pipe.
+        let (small, kind, _) = pools.take_pipe(false).expect("pipe");
+        assert_eq!(kind, PipeKind::Default);
+        pools.put_pipe(small, kind);
+        assert_eq!((pools.pipes.len(), pools.grown.len()), (1, 1));
+        // A grown pipe closed with bytes in it gives its budget back.
+        let (big, kind, _) = pools.take_pipe(true).expect("pipe");
+        assert_eq!(kind, PipeKind::Grown);
+        pools.discard_pipe(big, kind);
+        assert_eq!(charged(&counters), 0);
+        let (big, kind, _) = pools.take_pipe(true).expect("pipe");
+        pools.put_pipe(big, kind);
+        drop(pools);
+        assert_eq!(
+            charged(&counters),
+            0,
+            "the worker's pool gave its pipes' budget back"
+        );
+        assert_eq!(counters.pipes_in_use.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn with_no_budget_pipes_never_grow() {
+        let counters = Arc::new(Counters::default());
+        let mut pools = Pools::new(Arc::clone(&counters)).with_pipe_memory(0);
+        let (pipe, kind, refused) = pools.take_pipe(true).expect("pipe");
+        assert_eq!((kind, refused), (PipeKind::Default, false));
+        pools.put_pipe(pipe, kind);
+        assert_eq!(counters.pipe_memory.load(Ordering::Relaxed), 0);
     }
 }

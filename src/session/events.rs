@@ -23,6 +23,19 @@ pub struct Rules {
     pub queue_timeout: Duration,
     /// With `--accept-proxy`: `--proxy-header-timeout` (`None`: clients send no header).
     pub header_timeout: Option<Duration>,
+    /// With `--tcp-keepalive`: how old a relaying session is when keepalive is turned on on
+    /// its backend socket (`None`: never). See [`keepalive_after`].
+    pub keepalive_after: Option<Duration>,
+}
+
+/// When keepalive is turned on on a backend socket: once the session has relayed for half
+/// the keepalive idle time. A short connection (most of them) never pays the three
+/// `setsockopt` calls. A long one loses nothing: setting `TCP_KEEPIDLE` on a socket with
+/// keepalive on makes Linux count the idle time from the last segment received
+/// (`keepalive_time_elapsed`), so the first probe goes out when it would have had keepalive
+/// been on from the connect.
+pub fn keepalive_after(tcp_keepalive: Option<Duration>) -> Option<Duration> {
+    tcp_keepalive.map(|idle| idle / 2)
 }
 
 impl Rules {
@@ -36,6 +49,7 @@ impl Rules {
                 .client_ip
                 .accept_proxy
                 .then_some(config.client_ip.proxy_header_timeout),
+            keepalive_after: keepalive_after(config.tcp_keepalive),
         }
     }
 }
@@ -183,6 +197,9 @@ pub enum Action {
     /// The connection to backend `index` is established `latency` after its connect began:
     /// record it, tune the socket, make the pumps.
     Established { index: usize, latency: Duration },
+    /// The session has relayed for [`Rules::keepalive_after`]: turn TCP keepalive on on the
+    /// backend socket.
+    KeepAlive,
     /// Look whether the connect finished (a writable backend socket while connecting).
     CheckConnect { plain_writable: bool },
     /// Look whether a waiting client has left: it reset, or (with `eof_is_gone`) it closed

@@ -26,7 +26,7 @@ use socket2::SockRef;
 use crate::backend::BackendSet;
 use crate::client_ip::Ticket;
 use crate::config::{ProxyVersion, RelayMode};
-use crate::listener::tune_socket;
+use crate::listener::{set_keepalive, tune_socket};
 use crate::proxy_protocol::{self, Command, Parse, ProxyHeader, Tlvs};
 use crate::relay::{self, Outcome, Pools, Pump, Readiness};
 use crate::sys;
@@ -162,19 +162,18 @@ impl Session {
         self.backend = None;
     }
 
-    /// The connection is established: TCP_NODELAY, keepalive and TCP_USER_TIMEOUT on the
-    /// backend socket (the client's were inherited from the listener on Linux, or set at
-    /// accept), and the pumps. With `--send-proxy` the header is written now, before any
+    /// The connection is established: TCP_NODELAY and TCP_USER_TIMEOUT on the backend socket
+    /// (the client's were inherited from the listener on Linux, or set at accept), and the
+    /// pumps. Keepalive waits until the session proves long-lived ([`Session::keep_alive`]). With `--send-proxy` the header is written now, before any
     /// client byte; what the socket did not take waits in `proxy_out` for the next relay.
     pub fn start_relay(
         &mut self,
         mode: RelayMode,
-        keepalive: Option<Duration>,
         user_timeout: Option<Duration>,
         send_proxy: Option<ProxyVersion>,
     ) {
         if let Some(socket) = &self.backend {
-            tune_socket(SockRef::from(socket), keepalive);
+            tune_socket(SockRef::from(socket), None);
             set_user_timeout(socket, user_timeout);
         }
         if let Some(version) = send_proxy {
@@ -193,6 +192,15 @@ impl Session {
             }
         }
         self.pumps = Some([Pump::new(mode), Pump::new(mode)]);
+    }
+
+    /// TCP keepalive on the backend socket, once the session has relayed for
+    /// [`events::keepalive_after`] (the client's is inherited from the listener on Linux, or
+    /// set at accept).
+    pub fn keep_alive(&self, keepalive: Option<Duration>) {
+        if let (Some(socket), Some(idle)) = (&self.backend, keepalive) {
+            set_keepalive(SockRef::from(socket), idle);
+        }
     }
 
     /// Writes what is left of the PROXY header to the backend. `Ok(true)`: all of it is out.

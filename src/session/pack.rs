@@ -403,6 +403,7 @@ mod tests {
             backend_timeout: None,
             queue_timeout: Duration::from_secs(5),
             header_timeout: None,
+            keepalive_after: None,
         }
     }
 
@@ -480,7 +481,7 @@ mod tests {
             .on(Event::ConnectStarted { index: 0 }, now, &rules());
         old.state.on(Event::Connected, now, &rules());
         old.attach_backend(backend);
-        old.start_relay(mode, None, None, None);
+        old.start_relay(mode, None, None);
         let mut pools = Pools::new(Arc::new(Counters::default()));
 
         backend_peer.write_all(b"backend said this").unwrap();

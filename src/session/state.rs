@@ -552,11 +552,30 @@ impl State {
             index,
             latency: now.saturating_duration_since(started),
         });
-        if let Some(idle) = rules.idle_timeout {
-            out.push(Action::ArmTimer {
+        // Keepalive on the backend socket is due at `now + keepalive_after`. When that comes
+        // before the idle timeout, the idle timer's first look is brought forward to it and
+        // does both (see `on_timer`): one timer entry per session instead of two, which is
+        // what an idle session's memory is made of.
+        let keepalive_at = rules.keepalive_after.map(|after| now + after);
+        match (rules.idle_timeout.map(|idle| now + idle), keepalive_at) {
+            (Some(idle_at), Some(at)) if at < idle_at => out.push(Action::ArmTimer {
                 kind: TimerKind::Idle,
-                at: now + idle,
-            });
+                at,
+            }),
+            (idle_at, keepalive_at) => {
+                if let Some(at) = idle_at {
+                    out.push(Action::ArmTimer {
+                        kind: TimerKind::Idle,
+                        at,
+                    });
+                }
+                if let Some(at) = keepalive_at {
+                    out.push(Action::ArmTimer {
+                        kind: TimerKind::KeepAlive,
+                        at,
+                    });
+                }
+            }
         }
         out.push(Action::Relay);
     }
@@ -672,10 +691,17 @@ impl State {
             }
             // Lazy: one entry per session, which either closes it or is pushed back to the
             // deadline it has by now, so a busy session costs no timer work per byte.
-            (TimerKind::Idle, Phase::Relaying { .. }) => {
+            (TimerKind::Idle, Phase::Relaying { established, .. }) => {
                 let Some(idle) = rules.idle_timeout else {
                     return;
                 };
+                // The first look, brought forward to when keepalive is due (`connected`).
+                if rules
+                    .keepalive_after
+                    .is_some_and(|after| at == *established + after)
+                {
+                    out.push(Action::KeepAlive);
+                }
                 let deadline = self.last_active + idle;
                 if deadline <= now {
                     out.push(Action::Close(CloseReason::IdleTimeout));
@@ -721,6 +747,7 @@ impl State {
             (TimerKind::Queue, Phase::Queued { deadline, .. }) if at == *deadline => {
                 out.push(Action::Close(CloseReason::QueueTimeout));
             }
+            (TimerKind::KeepAlive, Phase::Relaying { .. }) => out.push(Action::KeepAlive),
             (TimerKind::DrainClose, Phase::Lingering { .. } | Phase::Closed) => {}
             (TimerKind::DrainClose, _) => out.push(Action::Close(CloseReason::Drain)),
             (TimerKind::MaxAge, Phase::Lingering { .. } | Phase::Closed) => {}

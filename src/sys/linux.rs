@@ -47,6 +47,27 @@ impl Pipe {
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         Ok(Pipe { read, write })
     }
+
+    /// Asks the kernel to make this pipe hold `bytes` (`fcntl(F_SETPIPE_SZ)`); returns the
+    /// capacity it got (a power-of-two number of pages, at least `bytes`). Fails with EPERM
+    /// when the size is above `/proc/sys/fs/pipe-max-size` or this user's pipe pages are
+    /// over `pipe-user-pages-soft` (for an unprivileged process), ENOMEM when the kernel
+    /// cannot allocate the slots, EBUSY when the pipe holds more than the new size.
+    pub fn set_capacity(&self, bytes: usize) -> io::Result<usize> {
+        let want =
+            libc::c_int::try_from(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // F_SETPIPE_SZ takes an int by value and touches no memory of ours.
+        let got = syscall!(fcntl(self.write.as_raw_fd(), libc::F_SETPIPE_SZ, want))?;
+        Ok(usize::try_from(got).unwrap_or(bytes))
+    }
+
+    /// The pipe's capacity in bytes (`fcntl(F_GETPIPE_SZ)`).
+    #[cfg(test)]
+    pub fn capacity(&self) -> io::Result<usize> {
+        // F_GETPIPE_SZ takes no argument and touches no memory of ours.
+        let got = syscall!(fcntl(self.write.as_raw_fd(), libc::F_GETPIPE_SZ))?;
+        Ok(usize::try_from(got).unwrap_or(0))
+    }
 }
 
 const FLAGS: libc::c_uint = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
@@ -99,6 +120,22 @@ pub fn bind_address_no_port(socket: &impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
+/// `TCP_DEFER_ACCEPT` on a listening socket: a connection is handed to `accept` only once
+/// the client has sent its first bytes (or, with none, after about `secs` seconds and a
+/// retransmitted SYN-ACK). 0 turns it off.
+pub fn set_defer_accept(socket: &impl AsFd, secs: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+    // The option value is a c_int that lives across the call; its size is passed with it.
+    syscall!(setsockopt(
+        socket.as_fd().as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_DEFER_ACCEPT,
+        (&value as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+    ))?;
+    Ok(())
+}
+
 /// Bytes written to a TCP socket that its peer has not acknowledged yet, the FIN included
 /// (`ioctl(SIOCOUTQ)`: the send sequence minus the first unacknowledged one). After a
 /// `shutdown(Write)`, 0 means the peer has received everything, our FIN too.
@@ -143,6 +180,37 @@ mod tests {
         set_tcp_user_timeout(&a, timeout).unwrap();
         let got = socket2::SockRef::from(&a).tcp_user_timeout().unwrap();
         assert_eq!(got, Some(timeout));
+    }
+
+    #[test]
+    fn a_pipe_grows_to_the_capacity_asked_for() {
+        let pipe = Pipe::new().unwrap();
+        assert_eq!(pipe.capacity().unwrap(), 64 * 1024, "the default capacity");
+        assert_eq!(pipe.set_capacity(256 * 1024).unwrap(), 256 * 1024);
+        assert_eq!(pipe.capacity().unwrap(), 256 * 1024);
+    }
+
+    #[test]
+    fn defer_accept_is_set_on_a_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        set_defer_accept(&listener, 3).unwrap();
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `value`, which lives across the
+        // call, and the descriptor is borrowed from the listener for the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        // The kernel keeps a number of SYN-ACK retransmissions and reports the seconds they
+        // cover, which is at least what was asked.
+        assert!(value >= 3, "TCP_DEFER_ACCEPT reads back as {value}");
     }
 
     #[test]

@@ -15,6 +15,10 @@
 //!   into the pipe without copying to user space; `Ok(0)` is EOF on the socket;
 //! - `splice_out(&Pipe, dst, len) -> io::Result<usize>`: move up to `len` bytes from the pipe
 //!   to a socket;
+//! - `Pipe::set_capacity(bytes) -> io::Result<usize>`: grow a pipe (Linux's
+//!   `F_SETPIPE_SZ`), returning the capacity it got;
+//! - `set_defer_accept(&listener, secs) -> io::Result<()>`: Linux's `TCP_DEFER_ACCEPT`
+//!   (`Unsupported` elsewhere);
 //! - `bind_address_no_port(&socket) -> io::Result<()>`: choose the local port at connect
 //!   rather than at bind (Linux's `IP_BIND_ADDRESS_NO_PORT`; a no-op elsewhere);
 //! - `unacked_bytes(&socket) -> io::Result<usize>`: bytes sent on a TCP socket (its FIN

@@ -21,6 +21,15 @@ impl Pipe {
     pub fn new() -> io::Result<Pipe> {
         Err(unsupported())
     }
+
+    pub fn set_capacity(&self, _bytes: usize) -> io::Result<usize> {
+        match *self {}
+    }
+}
+
+/// No TCP_DEFER_ACCEPT here: `--defer-accept` has no effect.
+pub fn set_defer_accept(_socket: &impl AsFd, _secs: u32) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
 }
 
 pub fn splice_in(_src: &impl AsFd, pipe: &Pipe, _len: usize) -> io::Result<usize> {

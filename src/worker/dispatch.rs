@@ -83,10 +83,13 @@ impl Worker {
                     let config = &self.services[usize::from(session.service)].config;
                     session.start_relay(
                         config.relay,
-                        config.tcp_keepalive,
                         config.tcp_user_timeout,
                         config.client_ip.send_proxy,
                     );
+                }
+                Action::KeepAlive => {
+                    let config = &self.services[usize::from(session.service)].config;
+                    session.keep_alive(config.tcp_keepalive);
                 }
                 Action::CheckConnect { plain_writable } => self.check_connect(key, plain_writable),
                 Action::CheckClient { eof_is_gone } => {

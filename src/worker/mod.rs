@@ -131,11 +131,11 @@ pub struct Worker {
     listener_ready: Vec<bool>,
     /// Accepting is paused until then (after running out of descriptors or memory).
     accept_paused_until: Option<Instant>,
-    /// A descriptor held in reserve for the backend socket of the next client (an unbound UDP
-    /// socket): a client is accepted only while one is held, and it is closed just before a
-    /// backend socket is made. So holdfast never accepts a client it has no descriptor to
-    /// serve with. Refilled before each accept.
-    spare: Option<socket2::Socket>,
+    /// A descriptor held in reserve for the backend socket of the next client (a TCP socket,
+    /// `accept::Spare`): a client is accepted only while one is held, and the backend connect
+    /// uses it (or closes it just before making its socket). So holdfast never accepts a
+    /// client it has no descriptor to serve with. Refilled before each accept.
+    spare: Option<accept::Spare>,
     counters: Arc<Counters>,
     sessions: Slab<Session>,
     /// Sessions to run again next turn (they stopped early on the byte budget).
@@ -204,6 +204,7 @@ impl Worker {
             .map(|l| l.local_addr())
             .collect::<io::Result<Vec<_>>>()?;
         let listeners = listeners.into_iter().map(Some).collect();
+        let pools = Pools::new(Arc::clone(&counters)).with_pipe_memory(config.pipe_memory);
         let worker = Worker {
             id,
             config,
@@ -215,7 +216,7 @@ impl Worker {
             listener_ready,
             accept_paused_until: None,
             spare: accept::reserve_descriptor().ok(),
-            pools: Pools::new(Arc::clone(&counters)),
+            pools,
             counters,
             sessions: Slab::new(),
             again: Vec::new(),

@@ -13,6 +13,7 @@ use mio::Interest;
 use mio::net::TcpStream;
 
 use super::Worker;
+use super::accept::Spare;
 use crate::backend::{Backend, BackendSet, Failure, RateLimit};
 use crate::balance::Picker;
 use crate::config::{Algorithm, Config};
@@ -101,7 +102,7 @@ impl Placer {
         set: &BackendSet,
         ip: IpAddr,
         tried: &mut Vec<usize>,
-        spare: &mut Option<socket2::Socket>,
+        spare: &mut Option<Spare>,
     ) -> Result<(usize, TcpStream), NoConnect> {
         let max = self.config.limits.max_conns_per_backend;
         let retries = self.config.retries as usize;
@@ -136,11 +137,11 @@ impl Placer {
                 }
                 continue;
             }
-            // The reserved descriptor is given up just before the socket is made, so the
-            // socket gets its number (the lowest free one) unless another thread takes it in
-            // between; then the client waits for descriptors instead of being closed.
-            *spare = None;
-            match TcpStream::connect(backend.spec.addr) {
+            // The reserved descriptor is the backend socket when the family matches; else it
+            // is given up just before the socket is made, so the socket gets its number (the
+            // lowest free one) unless another thread takes it in between; then the client
+            // waits for descriptors instead of being closed.
+            match connect_from(spare.take(), backend.spec.addr) {
                 Ok(stream) => return Ok((index, stream)),
                 Err(e) if is_resource_exhaustion(&e) => {
                     backend.stats.release();
@@ -353,4 +354,22 @@ impl Worker {
             }
         }
     }
+}
+
+/// Starts a non-blocking connect to `addr` on the reserved socket if its family is `addr`'s,
+/// else on a new socket (the reserve closed first).
+fn connect_from(spare: Option<Spare>, addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match spare {
+        Some(spare) if spare.v6 == addr.is_ipv6() => spare.socket,
+        other => {
+            drop(other);
+            return TcpStream::connect(addr);
+        }
+    };
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(std::net::TcpStream::from(socket)))
 }

@@ -428,6 +428,24 @@ impl Worker {
                     kind: TimerKind::Backend,
                 });
             }
+            // The old process may not have turned keepalive on yet (it does so once a
+            // session is old enough): set it now, at three setsockopt per session handed over.
+            let service = self
+                .sessions
+                .get(key)
+                .map_or(0, |session| usize::from(session.service));
+            if self
+                .services
+                .get(service)
+                .is_some_and(|served| served.rules.keepalive_after.is_some())
+            {
+                self.timers.push(Timer {
+                    at: self.now,
+                    key,
+                    id: sid,
+                    kind: TimerKind::KeepAlive,
+                });
+            }
             self.relay(key);
         }
     }

@@ -36,6 +36,8 @@ fn help_lists_every_flag() {
         "--retries",
         "--idle-timeout",
         "--tcp-keepalive",
+        "--defer-accept",
+        "--pipe-memory",
         "--max-conns",
         "--backlog",
         "--log-level",
@@ -350,4 +352,66 @@ fn far_more_workers_than_cores_is_warned_about() {
     drop(c);
     let status = child.signal_and_wait(libc::SIGTERM, Duration::from_secs(5));
     assert_eq!(status.code(), Some(0), "{}", child.stderr());
+}
+
+/// `--defer-accept` as `--check` prints it is taken back unchanged, with or without its
+/// optional duration, and `--pipe-memory` likewise; a bad value is a one-line error, exit 2.
+#[test]
+fn defer_accept_and_pipe_memory_round_trip_through_check() {
+    let check = |extra: &[&str]| {
+        let mut args = vec!["--check", "-l", "127.0.0.1:0", "-b", "127.0.0.1:7000"];
+        args.extend_from_slice(extra);
+        let out = run_binary(&args, RUN_TIMEOUT);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let value = |printed: &str, key: &str| -> String {
+        let prefix = format!("{key} = ");
+        printed
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {key} line in:\n{printed}"))
+            .to_string()
+    };
+    let defaults = check(&[]);
+    assert_eq!(value(&defaults, "defer-accept"), "0", "off by default");
+    assert_eq!(value(&defaults, "pipe-memory"), "16MiB");
+    let bare = check(&["--defer-accept"]);
+    assert_eq!(value(&bare, "defer-accept"), "1s", "no value means 1s");
+    for (flags, defer, memory) in [
+        (
+            ["--defer-accept", "5s", "--pipe-memory", "512KiB"],
+            "5s",
+            "512KiB",
+        ),
+        (["--defer-accept", "2m", "--pipe-memory", "0"], "2m", "0"),
+    ] {
+        let printed = check(&flags);
+        assert_eq!(
+            (
+                value(&printed, "defer-accept"),
+                value(&printed, "pipe-memory")
+            ),
+            (defer.to_string(), memory.to_string())
+        );
+        let d = value(&printed, "defer-accept");
+        let m = value(&printed, "pipe-memory");
+        let again = check(&["--defer-accept", &d, "--pipe-memory", &m]);
+        assert_eq!(again, printed, "--check's values given back change nothing");
+    }
+    for bad in [
+        ["--defer-accept", "soon"],
+        ["--defer-accept", "11m"],
+        ["--pipe-memory", "lots"],
+    ] {
+        let mut args = vec!["-l", "127.0.0.1:0", "-b", "127.0.0.1:7000"];
+        args.extend_from_slice(&bad);
+        let out = run_binary(&args, RUN_TIMEOUT);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {err}");
+        assert!(
+            err.starts_with("error:") && err.trim_end().lines().count() <= 3,
+            "{bad:?}: not a short error:\n{err}"
+        );
+    }
 }

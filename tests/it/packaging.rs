@@ -368,7 +368,10 @@ impl Activated {
         let script = format!("{to_3}LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"");
         // Inheritable only while the shell is spawned: other tests' children must not get it.
         listener.set_cloexec(false).expect("clear FD_CLOEXEC");
-        let spawned = Command::new("sh")
+        // bash, not sh: dash (Debian's sh) takes only one-digit descriptors in a redirection,
+        // and with other tests' sockets open the listener is often 10 or above ("Bad fd
+        // number", and holdfast never started).
+        let spawned = Command::new("bash")
             .arg("-c")
             .arg(script)
             .arg(env!("CARGO_BIN_EXE_holdfast"))

@@ -51,6 +51,121 @@ fn bulk_64mib_auto() {
     bulk_one_connection(RelayMode::Auto);
 }
 
+/// One 32 MiB echo stream through `--relay splice` with `--pipe-memory` at `pipe_memory`:
+/// what comes back has the SHA-256 of what was sent. Returns the bytes of grown pipes the
+/// balancer holds afterwards (pooled for the next bulk stream).
+fn bulk_through_splice(pipe_memory: usize) -> u64 {
+    let echo = EchoBackend::start();
+    let mut cfg = config(&[echo.addr()]);
+    cfg.relay = RelayMode::Splice;
+    cfg.pipe_memory = pipe_memory;
+    cfg.workers = 1;
+    let lb = start_balancer(cfg);
+    let data = &shared_random()[..32 * MIB];
+    let stream = client(lb_addr(&lb));
+    let mut writer = stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        writer.write_all(data).expect("write");
+        writer.shutdown(Shutdown::Write).expect("shutdown");
+    });
+    let mut got = Vec::with_capacity(data.len());
+    let mut reader = stream;
+    reader.read_to_end(&mut got).expect("read the echo to EOF");
+    sender.join().expect("writer");
+    assert_eq!(
+        (got.len(), sha256_hex(&got)),
+        (data.len(), sha256_hex(data)),
+        "the echo (length, sha256) with --pipe-memory {pipe_memory}"
+    );
+    lb.stats().pipe_memory
+}
+
+#[test]
+fn a_bulk_stream_grows_its_pipes_and_arrives_intact() {
+    let held = bulk_through_splice(holdfast::Config::new(vec![], vec![]).pipe_memory);
+    assert!(
+        held > 0,
+        "a 32 MiB stream never got a grown pipe (none is pooled after it)"
+    );
+}
+
+#[test]
+fn a_bulk_stream_with_no_pipe_memory_arrives_intact_through_default_pipes() {
+    assert_eq!(bulk_through_splice(0), 0, "a pipe grew with a budget of 0");
+}
+
+/// With `--defer-accept` a client that connects and sends is served as ever, while one that
+/// connects and says nothing is not even accepted (no backend connection is made for it).
+#[test]
+fn defer_accept_serves_a_client_that_speaks_and_ignores_a_silent_one() {
+    let echo = EchoBackend::start();
+    let mut cfg = config(&[echo.addr()]);
+    // Long enough that the silent client is still waiting when the test looks, however
+    // loaded the machine: the kernel hands it over only after this and a SYN-ACK resent.
+    cfg.defer_accept = Some(Duration::from_secs(30));
+    let lb = start_balancer(cfg);
+    let silent = client(lb_addr(&lb));
+    let mut talker = client(lb_addr(&lb));
+    round_trip(&mut talker, b"GET / HTTP/1.1\r\n\r\n");
+    let st = lb.stats();
+    assert_eq!(
+        (st.accepted, echo.accepted()),
+        (1, 1),
+        "only the client that spoke was accepted and connected on"
+    );
+    drop(silent);
+}
+
+/// Whether holdfast's socket to `backend` (the one established connection to that address)
+/// has a keepalive timer, as `ss` shows it: `Err` while there is no such connection.
+fn backend_socket_keepalive(backend: std::net::SocketAddr) -> Result<bool, String> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", "dst", &backend.to_string()])
+        .output()
+        .map_err(|e| format!("ss: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    match lines.as_slice() {
+        [line] => Ok(line.contains("timer:(keepalive")),
+        other => Err(format!(
+            "{} connections to {backend}: {other:?}",
+            other.len()
+        )),
+    }
+}
+
+/// A short session never pays for TCP keepalive on its backend socket (three setsockopt
+/// calls); one that lives for half the keepalive time gets it. The client's socket has it
+/// from the listener all along.
+#[test]
+fn backend_keepalive_is_set_only_once_a_session_proves_long_lived() {
+    // Keepalive 60s: a session a moment old has none on its backend socket.
+    let echo = EchoBackend::start();
+    let lb = start_balancer(config(&[echo.addr()]));
+    let mut c = client(lb_addr(&lb));
+    round_trip(&mut c, b"short");
+    assert_eq!(
+        backend_socket_keepalive(echo.addr()),
+        Ok(false),
+        "keepalive was set on the backend socket of a session a moment old"
+    );
+    drop(c);
+    // Keepalive 2s: the session gets it after 1s of relaying.
+    let echo = EchoBackend::start();
+    let mut cfg = config(&[echo.addr()]);
+    cfg.tcp_keepalive = Some(Duration::from_secs(2));
+    let lb = start_balancer(cfg);
+    let mut c = client(lb_addr(&lb));
+    round_trip(&mut c, b"long");
+    wait_until_ok(Duration::from_secs(10), || {
+        match backend_socket_keepalive(echo.addr()) {
+            Ok(true) => Ok(()),
+            other => Err(format!("no keepalive on the backend socket yet: {other:?}")),
+        }
+    });
+    round_trip(&mut c, b"still relaying");
+}
+
 /// 64 connections at once, 2 MiB each way, each with its own bytes (a slice of the shared
 /// random buffer), so crossed wires between sessions would show.
 fn bulk_concurrent(mode: RelayMode) {

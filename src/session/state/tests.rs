@@ -14,6 +14,7 @@ fn rules() -> Rules {
         backend_timeout: Some(10 * S),
         queue_timeout: 3 * S,
         header_timeout: None,
+        keepalive_after: None,
     }
 }
 
@@ -1181,4 +1182,99 @@ fn session_log_labels() {
         "proxy-header-timeout"
     );
     assert_eq!(client_first.end_label(CloseReason::Refused), "refused");
+}
+
+/// With `--tcp-keepalive`, a session that has relayed for `keepalive_after` has keepalive
+/// turned on on its backend socket; one that ended before never does.
+#[test]
+fn keepalive_waits_until_the_session_proves_long_lived() {
+    let t0 = Instant::now();
+    let ka = Rules {
+        keepalive_after: Some(30 * S),
+        ..rules()
+    };
+    let mut s = state(connecting(1, 1, &[], t0), 1, t0);
+    let actions = s.on(Event::Connected, t0 + MS, &ka);
+    assert_eq!(
+        actions.as_slice(),
+        &[
+            Action::Established {
+                index: 1,
+                latency: MS
+            },
+            Action::ArmTimer {
+                kind: TimerKind::Idle,
+                at: t0 + MS + 30 * S
+            },
+            Action::Relay
+        ],
+        "no keepalive at the connect; the idle timer's first look comes when it is due"
+    );
+    // Bytes moved at 20 s; at 30 s keepalive goes on, and the idle timer goes on to the
+    // deadline the session has by then.
+    s.on(Event::Relayed(run(10, 0)), t0 + 20 * S, &ka);
+    let fired = s.on(timer(TimerKind::Idle, t0 + MS + 30 * S), t0 + 31 * S, &ka);
+    assert_eq!(
+        fired.as_slice(),
+        &[
+            Action::KeepAlive,
+            Action::ArmTimer {
+                kind: TimerKind::Idle,
+                at: t0 + 80 * S
+            }
+        ]
+    );
+    // That later look is only an idle check.
+    let fired = s.on(timer(TimerKind::Idle, t0 + 80 * S), t0 + 81 * S, &ka);
+    assert_eq!(fired.as_slice(), &[Action::Close(CloseReason::IdleTimeout)]);
+    // Without an idle timeout, or with one shorter than the wait, keepalive has its own timer.
+    for (idle, idle_timer) in [(None, None), (Some(20 * S), Some(t0 + 20 * S))] {
+        let rules = Rules {
+            idle_timeout: idle,
+            backend_timeout: None,
+            ..ka
+        };
+        let mut s = state(connecting(1, 1, &[], t0), 1, t0);
+        let mut want = vec![Action::Established {
+            index: 1,
+            latency: Duration::ZERO,
+        }];
+        if let Some(at) = idle_timer {
+            want.push(Action::ArmTimer {
+                kind: TimerKind::Idle,
+                at,
+            });
+        }
+        want.push(Action::ArmTimer {
+            kind: TimerKind::KeepAlive,
+            at: t0 + 30 * S,
+        });
+        want.push(Action::Relay);
+        assert_eq!(
+            s.on(Event::Connected, t0, &rules).as_slice(),
+            want.as_slice()
+        );
+        let fired = s.on(
+            timer(TimerKind::KeepAlive, t0 + 30 * S),
+            t0 + 30 * S,
+            &rules,
+        );
+        assert_eq!(fired.as_slice(), &[Action::KeepAlive]);
+    }
+    // A session that has ended by then (lingering, closed) is left alone.
+    let mut ended = state(lingering(t0 + 40 * S, false, false), 1, t0);
+    let fired = ended.on(timer(TimerKind::KeepAlive, t0 + 30 * S), t0 + 30 * S, &ka);
+    assert_eq!(fired.as_slice(), &[]);
+    let mut closed = state(Phase::Closed, 1, t0);
+    let fired = closed.on(timer(TimerKind::KeepAlive, t0 + 30 * S), t0 + 30 * S, &ka);
+    assert_eq!(fired.as_slice(), &[]);
+}
+
+#[test]
+fn keepalive_is_turned_on_at_half_its_idle_time() {
+    assert_eq!(
+        crate::session::events::keepalive_after(Some(60 * S)),
+        Some(30 * S)
+    );
+    assert_eq!(crate::session::events::keepalive_after(None), None);
 }
