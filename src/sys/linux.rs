@@ -166,6 +166,13 @@ pub fn is_splice_unsupported(e: &io::Error) -> bool {
     )
 }
 
+/// A non-blocking TCP socket of `domain`, made so in the `socket` call itself
+/// (`SOCK_NONBLOCK`): one system call.
+pub fn nonblocking_tcp_socket(domain: socket2::Domain) -> io::Result<socket2::Socket> {
+    use socket2::{Protocol, Socket, Type};
+    Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

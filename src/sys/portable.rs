@@ -64,3 +64,11 @@ fn unsupported() -> io::Error {
         "splice is only available on Linux",
     )
 }
+
+/// A non-blocking TCP socket of `domain` (`SOCK_NONBLOCK` is not everywhere: a second call).
+pub fn nonblocking_tcp_socket(domain: socket2::Domain) -> io::Result<socket2::Socket> {
+    use socket2::{Protocol, Socket, Type};
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}

@@ -286,11 +286,10 @@ pub(super) struct Spare {
 }
 
 pub(super) fn reserve_descriptor() -> io::Result<Spare> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let stream = Type::STREAM.nonblocking();
-    match Socket::new(Domain::IPV4, stream, Some(Protocol::TCP)) {
+    use crate::sys::nonblocking_tcp_socket;
+    use socket2::Domain;
+    match nonblocking_tcp_socket(Domain::IPV4) {
         Ok(socket) => Ok(Spare { socket, v6: false }),
-        Err(_) => Socket::new(Domain::IPV6, stream, Some(Protocol::TCP))
-            .map(|socket| Spare { socket, v6: true }),
+        Err(_) => nonblocking_tcp_socket(Domain::IPV6).map(|socket| Spare { socket, v6: true }),
     }
 }
