@@ -430,84 +430,55 @@ impl Config {
     /// The settings (by their `--config` key) in which `other` differs from `self`, besides
     /// the backend list: what a reload of the file cannot apply to a running balancer.
     pub fn differences(&self, other: &Config) -> Vec<&'static str> {
-        // Every field named: a new one does not compile until it is compared or skipped here.
-        let Config {
-            listen,
-            backends: _,
-            algorithm,
-            workers,
-            relay,
-            connect_timeout,
-            retries,
-            idle_timeout,
-            backend_timeout,
-            tcp_keepalive,
-            max_conns,
-            backlog,
-            health,
-            limits,
-            drain_timeout,
-            close_spread,
-            backend_drain_timeout,
-            rebalance_on_join,
-            rebalance_max_rate,
-            max_session_age,
-            log_sessions,
-            admin,
-            backends_file,
-            backend_dns,
-            dns_interval,
-            resolver: _,
-            client_ip,
-            tcp_user_timeout,
-            upgrade_socket,
-            take_over: _,
-            inherited_backends: _,
-            upgrade_timeout,
-            defer_accept,
-            pipe_memory,
-        } = self;
-        let mut keys = Vec::new();
+        // One list: the pattern names every field, so a new one does not compile until it is
+        // compared here or skipped.
         macro_rules! compare {
-            ($($field:ident),* $(,)?) => {$(
-                if format!("{:?}", $field) != format!("{:?}", other.$field) {
-                    keys.push(stringify!($field));
-                }
-            )*};
+            (skip: [$($skip:ident),*], compare: [$($field:ident),* $(,)?]) => {{
+                let Config { $($field,)* $($skip: _,)* } = self;
+                let mut keys = Vec::new();
+                $(
+                    if format!("{:?}", $field) != format!("{:?}", other.$field) {
+                        keys.push(stringify!($field));
+                    }
+                )*
+                keys
+            }};
         }
         compare!(
-            listen,
-            algorithm,
-            workers,
-            relay,
-            connect_timeout,
-            retries,
-            idle_timeout,
-            backend_timeout,
-            tcp_keepalive,
-            defer_accept,
-            pipe_memory,
-            max_conns,
-            backlog,
-            health,
-            limits,
-            drain_timeout,
-            close_spread,
-            backend_drain_timeout,
-            rebalance_on_join,
-            rebalance_max_rate,
-            max_session_age,
-            log_sessions,
-            admin,
-            backends_file,
-            backend_dns,
-            dns_interval,
-            client_ip,
-            tcp_user_timeout,
-            upgrade_socket,
-            upgrade_timeout,
-        );
-        keys
+            skip: [backends, resolver, take_over, inherited_backends],
+            compare: [
+                listen,
+                algorithm,
+                workers,
+                relay,
+                connect_timeout,
+                retries,
+                idle_timeout,
+                backend_timeout,
+                tcp_keepalive,
+                max_conns,
+                backlog,
+                health,
+                limits,
+                drain_timeout,
+                close_spread,
+                backend_drain_timeout,
+                rebalance_on_join,
+                rebalance_max_rate,
+                max_session_age,
+                log_sessions,
+                admin,
+                backends_file,
+                backend_dns,
+                dns_interval,
+                client_ip,
+                tcp_user_timeout,
+                upgrade_socket,
+                upgrade_timeout,
+                defer_accept,
+                pipe_memory,
+            ]
+        )
     }
 
     /// What is allowed but probably a mistake, one line each, for the log at start.
