@@ -502,20 +502,7 @@ mod tests {
             client.write_all(&message(c, 1)).unwrap();
         }
 
-        let (a, b) = UnixStream::pair().unwrap();
-        let giver_control = old.controller().clone();
-        let giving = thread::spawn(move || {
-            let mut giver = LocalGiver::new(giver_control);
-            give(&mut Channel::new(a), &mut giver, 1, WAIT)
-        });
-        let taker_control = new.controller().clone();
-        let taking = thread::spawn(move || {
-            let mut taker = LocalTaker::new(taker_control);
-            take(&mut Channel::new(b), &mut taker)
-        });
-        let report = giving.join().unwrap().unwrap();
-        assert_eq!(taking.join().unwrap().unwrap(), Taken::Done);
-        assert_eq!(report.sessions, CLIENTS);
+        hand_over(&old, &new, CLIENTS);
 
         wait_until("the old balancer to let go", || old.stats().active == 0);
         wait_until("the new balancer to count the sessions", || {
