@@ -29,6 +29,14 @@ const COMMAND_LINE_ONLY: &[&str] = &["config", "take-over", "check", "help", "ve
 /// Keys read as another flag's name: `backends = [...]` reads as the repeatable `--backend`.
 const ALIASES: &[(&str, &str)] = &[("backends", "backend")];
 
+/// The flag an entry gives: its own name, or the flag its key is an alias of.
+fn flag_of(e: &Entry) -> &str {
+    ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == e.flag)
+        .map_or(e.flag.as_str(), |(_, flag)| flag)
+}
+
 /// One service of a file, ready to run.
 pub struct Service {
     pub name: String,
@@ -139,10 +147,7 @@ fn known_flags() -> HashMap<String, Takes> {
 fn to_args(entries: &[Entry], flags: &HashMap<String, Takes>) -> Result<Vec<String>, String> {
     let mut argv = Vec::new();
     for e in entries {
-        let flag = ALIASES
-            .iter()
-            .find(|(alias, _)| *alias == e.flag)
-            .map_or(e.flag.as_str(), |(_, flag)| flag);
+        let flag = flag_of(e);
         let at = |why: &str| format!("line {}: {}: {why}", e.line, e.key);
         let Some(&takes) = flags.get(flag) else {
             return Err(at("unknown key"));
@@ -200,13 +205,7 @@ fn locate(message: &str, entries: &[&Entry], header: usize) -> String {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
                 .collect();
-            entries.iter().find(|e| {
-                let e_flag = ALIASES
-                    .iter()
-                    .find(|(alias, _)| *alias == e.flag)
-                    .map_or(e.flag.as_str(), |(_, f)| f);
-                e_flag == flag
-            })
+            entries.iter().find(|e| flag_of(e) == flag)
         })
         .next();
     // No flag named: the entry a value of which the message quotes (a backend listed twice).
