@@ -59,11 +59,13 @@ pub(crate) struct ServiceControl {
 /// The services by number (`None`: removed by a reload; numbers are never reused).
 pub(crate) type Services = RwLock<Vec<Option<Arc<ServiceControl>>>>;
 
-/// The threads started for each service (by number), joined when the balancer stops: its
-/// health thread, and its DNS thread with the sender whose drop stops it.
+/// The threads of the control plane, joined when the balancer stops: the one health thread
+/// (with the handle that adds services to it; dropping it lets the thread end once every
+/// service has shut down), and each service's DNS thread (by number) with the sender whose
+/// drop stops it.
 #[derive(Default)]
 pub(crate) struct ServiceThreads {
-    pub(crate) health: Vec<JoinHandle<()>>,
+    pub(crate) health: Option<(crate::health::HealthThread, JoinHandle<()>)>,
     pub(crate) dns: Vec<(usize, Sender<()>, JoinHandle<()>)>,
 }
 
@@ -431,7 +433,10 @@ impl Controller {
         for (_, service) in self.live() {
             service.health.send(Command::Shutdown);
         }
-        handles.extend(threads.health);
+        if let Some((adds, thread)) = threads.health {
+            drop(adds);
+            handles.push(thread);
+        }
         handles
     }
 }

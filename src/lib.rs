@@ -107,7 +107,7 @@ pub use upgrade::handover::{HandoverError, Report as UpgradeReport, Taken};
 pub use upgrade::local::{TakeOver, give_over, take_over};
 
 use control::ServiceThreads;
-use health::Health;
+use health::{Health, HealthThread};
 use plane::{Command, Control, HealthLink, WorkerLink};
 use sources::Sources;
 use stats::Counters;
@@ -335,10 +335,12 @@ impl Holdfast {
         drop(pool); // inherited listeners no service lists are closed
         // Each service's health thread and first set, and its per-IP table (one for all
         // workers: a client's connections land on every worker).
+        // One health thread runs every service's checks.
+        let (health_thread, health_handle) = HealthThread::spawn().map_err(StartError::Health)?;
         let mut healths = Vec::with_capacity(prepared.len());
         for service in &prepared {
             let (health, link, published) =
-                Health::new(Arc::clone(&service.config)).map_err(StartError::Health)?;
+                Health::new(Arc::clone(&service.config), health_thread.waker());
             let initial = Arc::clone(&published.lock().unwrap_or_else(PoisonError::into_inner));
             let ip_limits = match service.config.client_ip.limits_on() {
                 true => Some(
@@ -396,22 +398,14 @@ impl Holdfast {
                 }
             }
         }
-        let mut health_threads = ServiceThreads::default();
         let mut controls = Vec::with_capacity(prepared.len());
         for (number, ((service, (addrs, _)), (mut health, link, published, _, _, counters))) in
             prepared.into_iter().zip(bound).zip(healths).enumerate()
         {
             health.attach(number, std::mem::take(&mut for_health[number]));
-            match std::thread::Builder::new()
-                .name("holdfast-health".into())
-                .spawn(move || health.run())
-            {
-                Ok(t) => health_threads.health.push(t),
-                Err(e) => {
-                    stop_and_join(&workers, &health_links, threads);
-                    join_all(health_threads.health);
-                    return Err(StartError::Health(e));
-                }
+            if let Err(e) = health_thread.add(health) {
+                stop_and_join(&workers, &health_links, threads);
+                return Err(StartError::Health(e));
             }
             let config = &service.config;
             let named = match number {
@@ -443,7 +437,15 @@ impl Holdfast {
             });
         }
         let mut balancer = Holdfast {
-            control: Controller::new(counters, controls, workers, health_threads),
+            control: Controller::new(
+                counters,
+                controls,
+                workers,
+                ServiceThreads {
+                    health: Some((health_thread, health_handle)),
+                    dns: Vec::new(),
+                },
+            ),
             workers: threads,
             admin: None,
             running: true,
@@ -555,6 +557,11 @@ fn stop_and_join(workers: &[WorkerLink], health: &[HealthLink], threads: Vec<Joi
         w.send(Control::Shutdown);
     }
     join_all(threads);
+}
+
+/// Why a service cannot be added once the balancer has begun to stop.
+fn stopping() -> std::io::Error {
+    std::io::Error::other("the balancer is stopping")
 }
 
 fn join_all(threads: Vec<JoinHandle<()>>) {
@@ -757,8 +764,16 @@ impl Controller {
             per_worker,
         } = bound;
         let config = Arc::clone(&prepared.config);
-        let (mut health, link, published) =
-            Health::new(Arc::clone(&config)).map_err(StartError::Health)?;
+        let waker = match &self
+            .threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .health
+        {
+            Some((thread, _)) => thread.waker(),
+            None => return Err(StartError::Health(stopping())),
+        };
+        let (mut health, link, published) = Health::new(Arc::clone(&config), waker);
         let initial = Arc::clone(&published.lock().unwrap_or_else(PoisonError::into_inner));
         let ip_limits = match config.client_ip.limits_on() {
             true => Some(
@@ -800,15 +815,16 @@ impl Controller {
             });
         }
         health.attach(number, self.workers.to_vec());
-        let thread = std::thread::Builder::new()
-            .name("holdfast-health".into())
-            .spawn(move || health.run())
-            .map_err(StartError::Health)?;
-        self.threads
+        // Its checks join the one health thread.
+        match &self
+            .threads
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .health
-            .push(thread);
+        {
+            Some((thread, _)) => thread.add(health).map_err(StartError::Health)?,
+            None => return Err(StartError::Health(stopping())),
+        }
         log::info!(
             "holdfast listening on {} with {} backend(s), algorithm {}, relay {}, health check \
              {} (service '{}' added)",

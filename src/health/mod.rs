@@ -1,11 +1,13 @@
 //! The health thread: the one owner of each backend's state.
 //!
+//! One thread runs the checks of every service ([`HealthThread`], in `thread.rs`); each
+//! service's [`Health`] keeps its own backends, probes, commands and published set.
 //! Everything that changes which backends new clients may reach comes here, and only this
 //! thread publishes new [`BackendSet`]s to the workers:
 //!
 //! - **active probes**: every `--health-interval`, each backend is probed (a TCP connect, a
 //!   WebSocket upgrade that must be answered `101`, or a send/expect exchange) with
-//!   `--health-timeout`. Probes run concurrently on this thread's own `mio::Poll`, so one
+//!   `--health-timeout`. Probes run concurrently on this thread's `mio::Poll`, so one
 //!   backend that never answers cannot delay the others; at most [`MAX_PROBES_IN_FLIGHT`] at
 //!   once, the rest waiting in a queue ordered by due time, so a large pool cannot take every
 //!   descriptor. Probe start times are spread over the interval with a little jitter, so a
@@ -28,16 +30,18 @@
 //! Workers never wait for this thread: they read the last set they were sent.
 
 mod probe;
+mod thread;
+
+pub(crate) use thread::HealthThread;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
-use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
-use mio::{Events, Poll, Token, Waker};
+use mio::{Registry, Waker};
 use slab::Slab;
 
 use crate::backend::{Backend, BackendSet, BackendState};
@@ -50,7 +54,6 @@ use crate::sys::is_resource_exhaustion;
 use crate::upgrade::wire::BackendInfo;
 use probe::{Probe, ProbeStep};
 
-const WAKER: Token = Token(0);
 /// Slow start begins at this fraction of the full weight.
 const SLOW_START_FLOOR: u32 = 20;
 /// While a backend ramps, the set is republished this many times over the window.
@@ -100,7 +103,8 @@ pub struct Health {
     config: Arc<Config>,
     /// The number of the service whose backends these are (in every worker's list).
     service: usize,
-    poll: Poll,
+    /// Its place on the health thread, which its probes' tokens carry.
+    slot: usize,
     commands: Receiver<Command>,
     workers: Vec<WorkerLink>,
     current: Published,
@@ -122,12 +126,11 @@ pub struct Health {
 }
 
 impl Health {
-    /// Prepares the health thread and the first backend set (with `--slow-start-on-boot`, every
-    /// backend starts its ramp now). Workers are attached with [`Health::attach`] before
-    /// [`Health::run`].
-    pub fn new(config: Arc<Config>) -> io::Result<(Health, HealthLink, Published)> {
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    /// Prepares a service's checks and its first backend set (with `--slow-start-on-boot`,
+    /// every backend starts its ramp now); `waker` is the health thread's. Workers are
+    /// attached with [`Health::attach`] before the checks join the thread
+    /// ([`HealthThread::add`]).
+    pub fn new(config: Arc<Config>, waker: Arc<Waker>) -> (Health, HealthLink, Published) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let now = Instant::now();
         let ramp_from =
@@ -153,7 +156,7 @@ impl Health {
             leaving: Vec::new(),
             config,
             service: 0,
-            poll,
+            slot: 0,
             commands: rx,
             workers: Vec::new(),
             current: Arc::clone(&current),
@@ -180,7 +183,7 @@ impl Health {
         if ramp_from.is_some() || inherited {
             health.publish(now);
         }
-        Ok((health, HealthLink::new(tx, waker), current))
+        (health, HealthLink::new(tx, waker), current)
     }
 
     /// Live upgrade, old side: the running state of the listed backends.
@@ -246,40 +249,27 @@ impl Health {
         self.workers = workers;
     }
 
-    pub fn run(mut self) {
-        let mut events = Events::with_capacity(256);
-        loop {
-            let timeout = self
-                .next_deadline()
-                .map(|at| at.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                log::error!("health thread: poll failed: {e}; health checks stop");
-                return;
-            }
-            let now = Instant::now();
-            for event in events.iter() {
-                match event.token() {
-                    WAKER => {
-                        if self.handle_commands(now) {
-                            self.changes.flush();
-                            return;
-                        }
-                    }
-                    Token(t) => self.advance_probe(t - 1, now),
-                }
-            }
-            self.expire_probes(now);
-            self.start_due_probes(now);
-            self.recover_unprobed(now);
-            self.drain_deadlines(now);
-            self.forget_empty_leavers(now);
-            self.changes.tick(now);
-            if self.publish_due(now) || self.next_ramp_publish.is_some_and(|at| at <= now) {
-                self.publish(now);
-            }
+    /// Takes the commands sent to this service; true once it is told to shut down (its
+    /// checks are over and it leaves the thread).
+    fn take_commands(&mut self, now: Instant) -> bool {
+        let stop = self.handle_commands(now);
+        if stop {
+            self.changes.flush();
+        }
+        stop
+    }
+
+    /// Everything due by `now`: expired probes, due probes started (registered on the
+    /// thread's poll), backends recovered, drains ended, and a changed set published.
+    fn turn(&mut self, now: Instant, registry: &Registry) {
+        self.expire_probes(now);
+        self.start_due_probes(now, registry);
+        self.recover_unprobed(now);
+        self.drain_deadlines(now);
+        self.forget_empty_leavers(now);
+        self.changes.tick(now);
+        if self.publish_due(now) || self.next_ramp_publish.is_some_and(|at| at <= now) {
+            self.publish(now);
         }
     }
 
@@ -510,7 +500,7 @@ impl Health {
 
     // ---- probes ---------------------------------------------------------------------------
 
-    fn start_due_probes(&mut self, now: Instant) {
+    fn start_due_probes(&mut self, now: Instant, registry: &Registry) {
         if self.config.health.check == HealthCheck::None {
             return;
         }
@@ -538,13 +528,13 @@ impl Health {
             started += 1;
             let jitter = self.jitter(interval);
             let key = self.probes.vacant_entry().key();
-            let token = Token(key + 1);
+            let token = thread::probe_token(self.slot, key);
             let probe = Probe::start(
                 addr,
                 &self.config.health.check,
                 self.config.client_ip.health_send_proxy,
                 now + self.config.health.timeout,
-                self.poll.registry(),
+                registry,
                 token,
             );
             let Some(t) = self.tracked.get_mut(&addr) else {

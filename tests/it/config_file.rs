@@ -272,3 +272,60 @@ fn check_prints_every_service() {
         "{stdout}"
     );
 }
+
+/// Three services, each probing its own pool, are probed from one health thread (adding a
+/// service adds no thread): each service's dead backend goes down, the live ones serve.
+#[test]
+fn every_service_is_probed_from_one_health_thread() {
+    let live: Vec<EchoBackend> = (0..3).map(|_| EchoBackend::start()).collect();
+    let dead: Vec<ClosedPort> = (0..3).map(|_| closed_port()).collect();
+    let mut text = String::from(
+        "workers = 2\n\n[[service]]\nname = \"s0\"\nlisten = \"{listen}\"\n\
+         backends = [\"LIVE0\", \"DEAD0\"]\n\
+         health = { interval = \"100ms\", timeout = \"100ms\", fall = 1, rise = 1 }\n",
+    );
+    // Listen addresses for the other two services, held (bound, not listening, with
+    // SO_REUSEPORT) so that no other test takes them; holdfast's listeners share them.
+    let reserved: Vec<socket2::Socket> = (0..2)
+        .map(|_| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            s.set_reuse_port(true).expect("SO_REUSEPORT");
+            s.bind(&localhost0().into()).expect("bind");
+            s
+        })
+        .collect();
+    for (i, r) in (1..3).zip(&reserved) {
+        let addr = r
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .expect("an inet address");
+        text.push_str(&format!(
+            "\n[[service]]\nname = \"s{i}\"\nlisten = \"{addr}\"\n\
+             backends = [\"LIVE{i}\", \"DEAD{i}\"]\n\
+             health = {{ interval = \"100ms\", timeout = \"100ms\", fall = 1, rise = 1 }}\n"
+        ));
+    }
+    for i in 0..3 {
+        text = text
+            .replace(&format!("LIVE{i}"), &live[i].addr().to_string())
+            .replace(&format!("DEAD{i}"), &dead[i].addr().to_string());
+    }
+    let (hf, _file) = Child::spawn_config(&text);
+    for d in &dead {
+        hf.wait_for_stderr(&format!("backend {} is DOWN", d.addr()), WITHIN);
+    }
+    let health_threads = std::fs::read_dir(format!("/proc/{}/task", hf.pid()))
+        .expect("the process's threads")
+        .filter_map(|t| t.ok())
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|comm| comm.trim() == "holdfast-health")
+        })
+        .count();
+    assert_eq!(health_threads, 1, "one health thread for three services");
+    // The live backend of the first service serves (its dead one is skipped).
+    let mut c = client(hf.addr());
+    round_trip(&mut c, b"through s0");
+}

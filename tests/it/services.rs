@@ -393,7 +393,13 @@ fn reloading_services_adds_removes_and_keeps_live_sessions() {
     let spare = std::net::TcpListener::bind(localhost0()).unwrap();
     moved.listen = vec![spare.local_addr().unwrap()];
     drop(spare);
-    let added = service_config(&[c.addr()], Algorithm::LeastConn);
+    // The added service probes its pool (on the health thread the others use): its dead
+    // backend goes down.
+    let dead = closed_port();
+    let mut added = service_config(&[c.addr(), dead.addr()], Algorithm::LeastConn);
+    added.health.check = HealthCheck::Tcp;
+    added.health.interval = Duration::from_millis(50);
+    added.health.fall = 1;
     let report = lb
         .reload_services(vec![
             Service::new("kept", kept_b),
@@ -422,5 +428,8 @@ fn reloading_services_adds_removes_and_keeps_live_sessions() {
     assert_eq!(tags_of_new_clients(moved_addr, 2), vec!["d"; 2]);
     let added_addr = lb.service("added").unwrap().listen_addrs()[0];
     assert_eq!(tags_of_new_clients(added_addr, 2), vec!["c"; 2]);
+    wait_until(WITHIN, || {
+        state_in(&lb, "added", dead.addr()) == BackendState::Down
+    });
     round_trip(&mut on_kept, b"and still");
 }
