@@ -184,11 +184,11 @@ impl StatsSnapshot {
 
     /// `(reason label, count)` of clients refused by per-IP policy.
     pub fn clients_refused(&self) -> [(&'static str, u64); 3] {
-        [
-            ("deny", self.refused_deny),
-            ("max_conns_per_ip", self.refused_max_conns_per_ip),
-            ("max_conn_rate_per_ip", self.refused_max_conn_rate_per_ip),
-        ]
+        refused_by_reason(
+            self.refused_deny,
+            self.refused_max_conns_per_ip,
+            self.refused_max_conn_rate_per_ip,
+        )
     }
 }
 
@@ -421,36 +421,96 @@ mod tests {
     }
 }
 
-/// One service's own counters, shared by every worker (the global [`Counters`] count all
-/// services together).
-#[derive(Debug, Default)]
-pub struct ServiceCounters {
-    /// Client connections accepted on its listeners.
-    pub accepted: AtomicU64,
-    /// Its sessions open now (placing, queued, connecting or relaying).
-    pub active: AtomicU64,
-    /// Its sessions closed, for any reason.
-    pub closed: AtomicU64,
-    /// Its clients closed because no backend was available.
-    pub no_backend: AtomicU64,
-}
-
-/// A service's counters, read at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ServiceStatsSnapshot {
-    pub accepted: u64,
-    pub active: u64,
-    pub closed: u64,
-    pub no_backend: u64,
-}
-
-impl ServiceCounters {
-    pub fn snapshot(&self) -> ServiceStatsSnapshot {
-        ServiceStatsSnapshot {
-            accepted: self.accepted.load(Relaxed),
-            active: self.active.load(Relaxed),
-            closed: self.closed.load(Relaxed),
-            no_backend: self.no_backend.load(Relaxed),
+macro_rules! service_counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// One service's own counters, shared by every worker. Each has the name of the
+        /// process's counter (in [`Counters`]) that counts the same thing for all services
+        /// together; the worker counts both (`count!` in `worker/mod.rs`).
+        #[derive(Debug, Default)]
+        pub struct ServiceCounters {
+            $($(#[$doc])* pub $name: AtomicU64,)*
         }
+
+        /// A service's counters, read at one moment.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct ServiceStatsSnapshot {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl ServiceCounters {
+            pub fn snapshot(&self) -> ServiceStatsSnapshot {
+                ServiceStatsSnapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+    };
+}
+
+/// Clients refused at once, labelled by reason (`holdfast_clients_refused_total` and its
+/// per-service family).
+fn refused_by_reason(deny: u64, conns: u64, rate: u64) -> [(&'static str, u64); 3] {
+    [
+        ("deny", deny),
+        ("max_conns_per_ip", conns),
+        ("max_conn_rate_per_ip", rate),
+    ]
+}
+
+impl ServiceStatsSnapshot {
+    /// The service's clients refused at once, by the label `holdfast_service_clients_refused_total`
+    /// gives each reason (the same as the process's `clients_refused`).
+    pub fn clients_refused(&self) -> [(&'static str, u64); 3] {
+        refused_by_reason(
+            self.refused_deny,
+            self.refused_max_conns_per_ip,
+            self.refused_max_conn_rate_per_ip,
+        )
     }
+}
+
+service_counters! {
+    /// Client connections accepted on its listeners.
+    accepted,
+    /// Its sessions open now (reading a PROXY header, placing, queued, connecting or
+    /// relaying).
+    active,
+    /// Its sessions closed, for any reason (clients refused at once included).
+    closed,
+    /// Its clients closed because no backend was available.
+    no_backend,
+    /// Connects to its backends that failed, retried or not.
+    connect_failures,
+    /// Its clients waiting in the queue now.
+    queued,
+    /// Its clients that ever had to wait in the queue.
+    queued_total,
+    /// Its clients closed after waiting longer than its queue timeout.
+    queue_timeouts,
+    /// Its clients closed at once because the queue was full.
+    queue_full,
+    /// Its sessions closed by a drain.
+    closed_by_drain,
+    /// Its sessions closed at `--max-session-age`.
+    sessions_closed_by_age,
+    /// Its sessions closed by the idle timeout.
+    idle_timeouts,
+    /// Its sessions closed by the backend timeout.
+    backend_timeouts,
+    /// Its sessions that ended with a reset or socket error on either side.
+    resets,
+    /// Bytes relayed from its clients to its backends.
+    bytes_client_to_backend,
+    /// Bytes relayed from its backends to its clients.
+    bytes_backend_to_client,
+    /// Its clients refused by a PROXY header error (every reason together).
+    proxy_header_errors,
+    /// Its clients closed at once by `--deny` / `--allow`.
+    refused_deny,
+    /// Its clients closed at once by `--max-conns-per-ip`.
+    refused_max_conns_per_ip,
+    /// Its clients closed at once by `--max-conn-rate-per-ip`.
+    refused_max_conn_rate_per_ip,
+    /// Client addresses its per-IP table holds (as of the last sweep).
+    ip_table_entries,
+    /// Its clients served untracked because its per-IP table was full (as of the last sweep).
+    ip_table_untracked,
 }

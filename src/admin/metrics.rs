@@ -325,6 +325,96 @@ const PER_SERVICE: &[PerService] = &[
         "The service's clients closed because no backend was available.",
         |s| s.no_backend,
     ),
+    (
+        "holdfast_service_connect_failures_total",
+        Kind::Counter,
+        "Connects to the service's backends that failed, retried or not.",
+        |s| s.connect_failures,
+    ),
+    (
+        "holdfast_service_queue_length",
+        Kind::Gauge,
+        "The service's clients waiting in the queue now.",
+        |s| s.queued,
+    ),
+    (
+        "holdfast_service_queued_total",
+        Kind::Counter,
+        "The service's clients that had to wait in the queue.",
+        |s| s.queued_total,
+    ),
+    (
+        "holdfast_service_queue_timeouts_total",
+        Kind::Counter,
+        "The service's clients closed after waiting longer than its queue timeout.",
+        |s| s.queue_timeouts,
+    ),
+    (
+        "holdfast_service_queue_full_total",
+        Kind::Counter,
+        "The service's clients closed at once because the queue was full.",
+        |s| s.queue_full,
+    ),
+    (
+        "holdfast_service_sessions_closed_by_drain_total",
+        Kind::Counter,
+        "The service's sessions closed by a drain.",
+        |s| s.closed_by_drain,
+    ),
+    (
+        "holdfast_service_sessions_closed_by_age_total",
+        Kind::Counter,
+        "The service's sessions closed at --max-session-age.",
+        |s| s.sessions_closed_by_age,
+    ),
+    (
+        "holdfast_service_idle_timeouts_total",
+        Kind::Counter,
+        "The service's sessions closed by the idle timeout.",
+        |s| s.idle_timeouts,
+    ),
+    (
+        "holdfast_service_backend_timeouts_total",
+        Kind::Counter,
+        "The service's sessions closed because the backend left the client's bytes unanswered.",
+        |s| s.backend_timeouts,
+    ),
+    (
+        "holdfast_service_resets_total",
+        Kind::Counter,
+        "The service's sessions that ended with a reset or socket error on either side.",
+        |s| s.resets,
+    ),
+    (
+        "holdfast_service_bytes_client_to_backend_total",
+        Kind::Counter,
+        "Bytes relayed from the service's clients to its backends.",
+        |s| s.bytes_client_to_backend,
+    ),
+    (
+        "holdfast_service_bytes_backend_to_client_total",
+        Kind::Counter,
+        "Bytes relayed from the service's backends to its clients.",
+        |s| s.bytes_backend_to_client,
+    ),
+    (
+        "holdfast_service_proxy_header_errors_total",
+        Kind::Counter,
+        "The service's clients closed for a PROXY header error (every reason).",
+        |s| s.proxy_header_errors,
+    ),
+    (
+        "holdfast_service_ip_table_entries",
+        Kind::Gauge,
+        "Client addresses the service's per-IP limit table holds (updated every few seconds).",
+        |s| s.ip_table_entries,
+    ),
+    (
+        "holdfast_service_ip_table_untracked_total",
+        Kind::Counter,
+        "The service's clients served without a per-IP limit because its table was full.",
+        |s| s.ip_table_untracked,
+    ),
 ];
 
 /// Renders every family; `services` are each service's name, counters and backends.
@@ -491,6 +581,21 @@ fn write_all(
             writeln!(out, "{name}{{service=\"{service}\"}} {}", value(stats))?;
         }
     }
+    family(
+        out,
+        "holdfast_service_clients_refused_total",
+        Kind::Counter,
+        "The service's clients closed at once by --allow/--deny or a per-IP limit, by reason.",
+    )?;
+    for (service, stats, _) in services {
+        let service = escape(service);
+        for (reason, n) in stats.clients_refused() {
+            writeln!(
+                out,
+                "holdfast_service_clients_refused_total{{service=\"{service}\",reason=\"{reason}\"}} {n}"
+            )?;
+        }
+    }
     Ok(())
 }
 
@@ -582,6 +687,10 @@ mod tests {
         }
         assert_eq!(samples("holdfast_backend_state"), 6);
         assert_eq!(samples("holdfast_service_backends"), 3);
+        for &(name, ..) in PER_SERVICE {
+            assert_eq!(samples(name), 1, "{name}");
+        }
+        assert_eq!(samples("holdfast_service_clients_refused_total"), 3);
     }
 
     #[test]
@@ -601,6 +710,9 @@ mod tests {
                         active: 2,
                         closed: 3,
                         no_backend: 1,
+                        idle_timeouts: 4,
+                        refused_max_conns_per_ip: 6,
+                        ..ServiceStatsSnapshot::default()
                     },
                     vec![backend("[::1]:2", BackendState::Up)],
                 ),
@@ -627,6 +739,9 @@ mod tests {
             "holdfast_service_accepted_total{service=\"db\"} 5",
             "holdfast_service_sessions_closed_total{service=\"db\"} 3",
             "holdfast_service_no_backend_total{service=\"db\"} 1",
+            "holdfast_service_idle_timeouts_total{service=\"db\"} 4",
+            "holdfast_service_clients_refused_total{service=\"db\",reason=\"max_conns_per_ip\"} 6",
+            "holdfast_service_clients_refused_total{service=\"w\\\"s\",reason=\"deny\"} 0",
             "holdfast_service_sessions_active{service=\"w\\\"s\"} 0",
         ] {
             assert!(

@@ -170,9 +170,8 @@ impl Worker {
             // Its address is the header's: admitted once the header is read.
             if !crate::client_ip::any_contains(&config.client_ip.trusted_proxies, client_addr.ip())
             {
-                self.proxy_header_error(client_addr, "untrusted");
-                Counters::decr(&self.counters.active);
-                Counters::incr(&self.counters.closed);
+                self.proxy_header_error(s, client_addr, "untrusted");
+                self.refused_at_accept(s);
                 return;
             }
             None
@@ -180,8 +179,7 @@ impl Worker {
             match self.admit(s, client_addr) {
                 Ok(ticket) => ticket,
                 Err(()) => {
-                    Counters::decr(&self.counters.active);
-                    Counters::incr(&self.counters.closed);
+                    self.refused_at_accept(s);
                     return;
                 }
             }
@@ -214,8 +212,7 @@ impl Worker {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             log::warn!("worker {}: cannot register client socket: {e}", self.id);
-            Counters::decr(&self.counters.active);
-            Counters::incr(&self.counters.closed);
+            self.refused_at_accept(s);
             return;
         }
         let session = entry.insert(session);
@@ -227,45 +224,55 @@ impl Worker {
         self.apply(key, actions);
     }
 
+    /// A client of service `s` closed before it had a session: the slot `reserve_slot` took
+    /// is given back, and the service's count of accepted clients stays equal to its active
+    /// plus its closed ones.
+    fn refused_at_accept(&self, s: usize) {
+        Counters::decr(&self.counters.active);
+        Counters::incr(&self.counters.closed);
+        if let Some(served) = self.services.get(s) {
+            Counters::incr(&served.counters.closed);
+        }
+    }
+
     /// Whether a client at `addr` may be served (`--allow`/`--deny`, then the per-IP
     /// limits), with its place under the limits; a refused one is counted and logged (at
     /// most once a second), and the caller closes it.
     pub(super) fn admit(&mut self, service: usize, addr: SocketAddr) -> Result<Option<Ticket>, ()> {
         let ip = addr.ip();
         let served = &self.services[service];
-        let refused = if !served.config.client_ip.access.permits(ip) {
-            (
-                &self.counters.refused_deny,
-                "it is denied by --allow/--deny",
-            )
+        let why = if !served.config.client_ip.access.permits(ip) {
+            count!(self, service, refused_deny);
+            "it is denied by --allow/--deny"
         } else {
             let Some(limits) = &served.ip_limits else {
                 return Ok(None);
             };
             match limits.try_open(ip, self.now) {
                 Ok(ticket) => return Ok(Some(ticket)),
-                Err(Refusal::TooManyConns) => (
-                    &self.counters.refused_max_conns_per_ip,
-                    "it is at --max-conns-per-ip",
-                ),
-                Err(Refusal::RateLimited) => (
-                    &self.counters.refused_max_conn_rate_per_ip,
-                    "it is over --max-conn-rate-per-ip",
-                ),
+                Err(Refusal::TooManyConns) => {
+                    count!(self, service, refused_max_conns_per_ip);
+                    "it is at --max-conns-per-ip"
+                }
+                Err(Refusal::RateLimited) => {
+                    count!(self, service, refused_max_conn_rate_per_ip);
+                    "it is over --max-conn-rate-per-ip"
+                }
             }
         };
-        let (counter, why) = refused;
-        Counters::incr(counter);
         if let Some(suppressed) = self.client_ip_log.allow(self.now) {
             log::warn!("closing client {addr}: {why} ({suppressed} similar messages suppressed)");
         }
         Err(())
     }
 
-    /// Counts a PROXY header error (`reason` is its metrics label) and logs it, at most once
-    /// a second.
-    pub(super) fn proxy_header_error(&mut self, addr: SocketAddr, reason: &str) {
+    /// Counts a PROXY header error of a client of service `s` (`reason` is its metrics
+    /// label) and logs it, at most once a second.
+    pub(super) fn proxy_header_error(&mut self, s: usize, addr: SocketAddr, reason: &str) {
         Counters::incr(self.counters.proxy_header_error(reason));
+        if let Some(served) = self.services.get(s) {
+            Counters::incr(&served.counters.proxy_header_errors);
+        }
         if let Some(suppressed) = self.client_ip_log.allow(self.now) {
             log::warn!(
                 "closing client {addr}: PROXY header error ({reason}) \

@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::Worker;
 use crate::session::{Action, Actions, CloseReason, Event, HeaderRead, Tag};
-use crate::stats::Counters;
 use crate::timer::{Timer, TimerKind};
 use crate::token::Side;
 
@@ -65,8 +64,8 @@ impl Worker {
                     self.place(key);
                 }
                 Action::Enqueue => self.enqueue(key),
-                Action::Requeue => Counters::incr(&self.counters.queued),
-                Action::LeaveQueue => Counters::decr(&self.counters.queued),
+                Action::Requeue => count!(self, usize::from(session.service), queued),
+                Action::LeaveQueue => count!(self, usize::from(session.service), queued, -),
                 Action::ReleaseSlot(index) => session.set.backends[index].stats.release(),
                 Action::CountFailure(index, failure) => {
                     let backend = &session.set.backends[index];
@@ -138,15 +137,18 @@ impl Worker {
             return;
         };
         if run.up + run.down > 0 {
+            let own = &self.services[usize::from(session.service)].counters;
             if run.up > 0 {
                 self.counters
                     .bytes_client_to_backend
                     .fetch_add(run.up, Relaxed);
+                own.bytes_client_to_backend.fetch_add(run.up, Relaxed);
             }
             if run.down > 0 {
                 self.counters
                     .bytes_backend_to_client
                     .fetch_add(run.down, Relaxed);
+                own.bytes_backend_to_client.fetch_add(run.down, Relaxed);
             }
             if let Some(index) = session.state.backend() {
                 session.set.backends[index]
@@ -172,8 +174,8 @@ impl Worker {
         let event = match session.read_header() {
             HeaderRead::Pending => return,
             HeaderRead::Invalid(reason) => {
-                let addr = session.client_addr;
-                self.proxy_header_error(addr, reason);
+                let (addr, service) = (session.client_addr, usize::from(session.service));
+                self.proxy_header_error(service, addr, reason);
                 Event::HeaderFailed
             }
             HeaderRead::Done(header) => {
@@ -321,39 +323,34 @@ impl Worker {
             if let Some(ticket) = session.take_ticket() {
                 ticket.close(self.now);
             }
+            let s = usize::from(session.service);
             if let CloseReason::Reset(side) = reason
                 && session.pass_reset(side)
             {
-                Counters::incr(&self.counters.resets);
+                count!(self, s, resets);
             }
-            let counter = match reason {
-                CloseReason::IdleTimeout => Some(&self.counters.idle_timeouts),
-                CloseReason::BackendTimeout => Some(&self.counters.backend_timeouts),
-                CloseReason::QueueTimeout => Some(&self.counters.queue_timeouts),
-                CloseReason::Drain => Some(&self.counters.closed_by_drain),
-                CloseReason::MaxAge => Some(&self.counters.sessions_closed_by_age),
-                _ => None,
-            };
-            if let Some(counter) = counter {
-                Counters::incr(counter);
+            match reason {
+                CloseReason::IdleTimeout => count!(self, s, idle_timeouts),
+                CloseReason::BackendTimeout => count!(self, s, backend_timeouts),
+                CloseReason::QueueTimeout => count!(self, s, queue_timeouts),
+                CloseReason::Drain => count!(self, s, closed_by_drain),
+                CloseReason::MaxAge => count!(self, s, sessions_closed_by_age),
+                _ => {}
             }
             let (client_addr, id, service) = (session.client_addr, session.id, session.service);
             let log_sessions = self.services[usize::from(session.service)]
                 .config
                 .log_sessions;
             if reason == CloseReason::HeaderTimeout {
-                self.proxy_header_error(client_addr, "timeout");
+                self.proxy_header_error(s, client_addr, "timeout");
             }
             if log_sessions {
                 self.log_session(key, reason);
             } else {
                 log::debug!("session {id} from {client_addr} closed: {reason:?}");
             }
-            Counters::decr(&self.counters.active);
-            Counters::incr(&self.counters.closed);
-            let own = &self.services[usize::from(service)].counters;
-            Counters::decr(&own.active);
-            Counters::incr(&own.closed);
+            count!(self, usize::from(service), active, -);
+            count!(self, usize::from(service), closed);
         }
         if let Some(session) = self.sessions.get_mut(key) {
             let actions = session.state.on(

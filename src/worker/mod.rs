@@ -29,6 +29,25 @@
 //! Nothing here blocks, and nothing takes a lock: the backend set is an immutable snapshot
 //! swapped in by a control message, and the only shared writes are relaxed atomic counters.
 
+/// Counts one event of service number `$s` in the process's counter and in the service's own,
+/// both named `$field` (`-` after the field: takes one off a gauge instead).
+macro_rules! count {
+    ($worker:expr, $s:expr, $field:ident) => {{
+        let s: usize = $s;
+        crate::stats::Counters::incr(&$worker.counters.$field);
+        if let Some(served) = $worker.services.get(s) {
+            crate::stats::Counters::incr(&served.counters.$field);
+        }
+    }};
+    ($worker:expr, $s:expr, $field:ident, -) => {{
+        let s: usize = $s;
+        crate::stats::Counters::decr(&$worker.counters.$field);
+        if let Some(served) = $worker.services.get(s) {
+            crate::stats::Counters::decr(&served.counters.$field);
+        }
+    }};
+}
+
 mod accept;
 mod dispatch;
 mod drain;
@@ -102,6 +121,7 @@ impl Served {
                 worker,
                 Arc::clone(&start.config),
                 Arc::clone(counters),
+                Arc::clone(&start.counters),
                 start.health,
             ),
             config: start.config,
@@ -400,10 +420,16 @@ impl Worker {
         }
         self.next_sweep = self.now + IP_SWEEP_INTERVAL;
         let (mut entries, mut untracked) = (0, 0);
-        for limits in self.services.iter().filter_map(|s| s.ip_limits.as_ref()) {
+        for served in &self.services {
+            let Some(limits) = &served.ip_limits else {
+                continue;
+            };
             limits.sweep(self.now);
-            entries += limits.len() as u64;
-            untracked += limits.untracked_total();
+            let (mine, unmine) = (limits.len() as u64, limits.untracked_total());
+            served.counters.ip_table_entries.store(mine, Relaxed);
+            served.counters.ip_table_untracked.store(unmine, Relaxed);
+            entries += mine;
+            untracked += unmine;
         }
         self.counters.ip_table_entries.store(entries, Relaxed);
         self.counters.ip_table_untracked.store(untracked, Relaxed);

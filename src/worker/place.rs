@@ -19,7 +19,7 @@ use crate::balance::Picker;
 use crate::config::{Algorithm, Config};
 use crate::plane::{Command, HealthLink};
 use crate::session::{CloseReason, Event, Tag};
-use crate::stats::Counters;
+use crate::stats::{Counters, ServiceCounters};
 use crate::sys::is_resource_exhaustion;
 use crate::token::{Side, Target};
 
@@ -62,6 +62,8 @@ pub(super) struct Placer {
     rate: Option<RateLimit>,
     config: Arc<Config>,
     counters: Arc<Counters>,
+    /// The service's own counters.
+    own: Arc<ServiceCounters>,
     health: HealthLink,
 }
 
@@ -70,6 +72,7 @@ impl Placer {
         worker: usize,
         config: Arc<Config>,
         counters: Arc<Counters>,
+        own: Arc<ServiceCounters>,
         health: HealthLink,
     ) -> Placer {
         Placer {
@@ -77,6 +80,7 @@ impl Placer {
             rate: RateLimit::new(config.limits.max_connect_rate),
             config,
             counters,
+            own,
             health,
         }
     }
@@ -172,6 +176,7 @@ impl Placer {
     pub(super) fn backend_failed(&self, backend: &Backend, failure: Failure) {
         if failure == Failure::Connect {
             Counters::incr(&self.counters.connect_failures);
+            Counters::incr(&self.own.connect_failures);
         }
         let consecutive = backend.stats.record_failure(failure);
         let threshold = u64::from(self.config.health.observe_errors);
@@ -229,7 +234,7 @@ impl Worker {
             }
             Err(NoConnect::NoBackend) => {
                 let client_addr = session.client_addr;
-                Counters::incr(&self.services[service].counters.no_backend);
+                count!(self, service, no_backend);
                 self.no_backend(client_addr);
                 (Event::NoBackend, Placement::Closed)
             }
@@ -246,7 +251,6 @@ impl Worker {
     }
 
     fn no_backend(&mut self, client_addr: SocketAddr) {
-        Counters::incr(&self.counters.no_backend);
         if let Some(suppressed) = self.no_backend_log.allow(self.now) {
             log::warn!(
                 "no backend available for client {client_addr}; closing it \
@@ -269,7 +273,7 @@ impl Worker {
             .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
             .is_ok();
         if !admitted {
-            Counters::incr(&self.counters.queue_full);
+            count!(self, service, queue_full);
             if let Some(suppressed) = self.queue_log.allow(self.now) {
                 log::warn!(
                     "queue full ({max} clients waiting); closing client {} \
@@ -287,6 +291,8 @@ impl Worker {
         );
         Counters::incr(&self.counters.queued_total);
         let served = &mut self.services[service];
+        Counters::incr(&served.counters.queued_total);
+        Counters::incr(&served.counters.queued);
         served.queue.push_back((key, session.id));
         if served.queue.len() >= served.queue_compact_at {
             // Entries of clients that left while waiting stay until the scan reaches them;

@@ -188,7 +188,7 @@ impl Worker {
                 continue;
             };
             if session.state.tag() == Tag::Queued {
-                Counters::decr(&self.counters.queued);
+                count!(self, usize::from(session.service), queued, -);
             }
             // Pipes with bytes are closed, never pooled (the new process has those bytes).
             session.release(&mut self.pools);
@@ -198,10 +198,7 @@ impl Worker {
             if let Some(index) = session.state.backend() {
                 session.set.backends[index].stats.release();
             }
-            Counters::decr(&self.counters.active);
-            if let Some(served) = self.services.get(usize::from(session.service)) {
-                Counters::decr(&served.counters.active);
-            }
+            count!(self, usize::from(session.service), active, -);
             log::debug!(
                 "worker {}: session {} from {} handed over",
                 self.id,
@@ -401,7 +398,7 @@ impl Worker {
                         id: sid,
                         kind: TimerKind::Queue,
                     });
-                    Counters::incr(&self.counters.queued);
+                    count!(self, usize::from(session.service), queued);
                     self.services[usize::from(session.service)]
                         .queue
                         .push_back((key, sid));

@@ -433,3 +433,64 @@ fn reloading_services_adds_removes_and_keeps_live_sessions() {
     });
     round_trip(&mut on_kept, b"and still");
 }
+
+/// Each service counts its own sessions' fates (issue #14): bytes, idle timeouts and refused
+/// clients land on the service they happened to, the process's counters on both, and a
+/// service's accepted clients stay equal to its open plus its closed ones, refused ones too.
+#[test]
+fn each_service_counts_its_own_sessions() {
+    let a = EchoBackend::start();
+    let b = EchoBackend::start();
+    let mut quick = service_config(&[a.addr()], Algorithm::RoundRobin);
+    quick.idle_timeout = Some(Duration::from_millis(200));
+    quick.admin = Some(localhost0());
+    let mut denying = service_config(&[b.addr()], Algorithm::RoundRobin);
+    denying.client_ip.access.deny = vec!["127.0.0.0/8".parse().expect("a CIDR")];
+    let lb = Holdfast::start_services(vec![
+        Service::new("quick", quick),
+        Service::new("denying", denying),
+    ])
+    .expect("start");
+    let quick_addr = lb.service("quick").unwrap().listen_addrs()[0];
+    let denying_addr = lb.service("denying").unwrap().listen_addrs()[0];
+
+    let mut c = client(quick_addr);
+    round_trip(&mut c, b"0123456789");
+    expect_closed(&mut c, WITHIN); // the idle timeout
+    for _ in 0..2 {
+        let mut refused = client(denying_addr);
+        expect_closed(&mut refused, WITHIN);
+    }
+
+    let stats = |name: &str| lb.service(name).expect("the service").service_stats();
+    wait_until(WITHIN, || {
+        stats("quick").closed == 1 && stats("denying").closed == 2
+    });
+    let (q, d) = (stats("quick"), stats("denying"));
+    assert_eq!((q.accepted, q.active, q.idle_timeouts), (1, 0, 1));
+    assert_eq!(q.bytes_client_to_backend, 10);
+    assert_eq!(q.bytes_backend_to_client, 10);
+    assert_eq!(q.refused_deny, 0);
+    assert_eq!((d.accepted, d.active, d.refused_deny), (2, 0, 2));
+    assert_eq!((d.idle_timeouts, d.bytes_client_to_backend), (0, 0));
+    let all = lb.stats();
+    assert_eq!((all.accepted, all.closed), (3, 3));
+    assert_eq!((all.idle_timeouts, all.refused_deny), (1, 2));
+
+    // The metrics carry the same, labelled by service.
+    let (status, text) = http(
+        lb.admin_addr().expect("an admin endpoint"),
+        "GET",
+        "/metrics",
+        "",
+    );
+    assert_eq!(status, 200);
+    for line in [
+        "holdfast_service_idle_timeouts_total{service=\"quick\"} 1",
+        "holdfast_service_bytes_client_to_backend_total{service=\"quick\"} 10",
+        "holdfast_service_clients_refused_total{service=\"denying\",reason=\"deny\"} 2",
+        "holdfast_service_idle_timeouts_total{service=\"denying\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+    }
+}
