@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::backend::{BackendSet, BackendStatsSnapshot};
 use crate::config::{BackendSpec, Config, MAX_WEIGHT};
@@ -61,12 +61,12 @@ pub(crate) type Services = RwLock<Vec<Option<Arc<ServiceControl>>>>;
 
 /// The threads of the control plane, joined when the balancer stops: the one health thread
 /// (with the handle that adds services to it; dropping it lets the thread end once every
-/// service has shut down), and each service's DNS thread (by number) with the sender whose
-/// drop stops it.
+/// service has shut down), and the one DNS thread once a service names DNS backends (with
+/// the handle whose drop stops it).
 #[derive(Default)]
 pub(crate) struct ServiceThreads {
     pub(crate) health: Option<(crate::health::HealthThread, JoinHandle<()>)>,
-    pub(crate) dns: Vec<(usize, Sender<()>, JoinHandle<()>)>,
+    pub(crate) dns: Option<(crate::dns::DnsThread, JoinHandle<()>)>,
 }
 
 /// A handle on a running balancer's control plane. Clone it freely.
@@ -426,7 +426,7 @@ impl Controller {
         let threads =
             std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
         let mut handles = Vec::new();
-        for (_, stop, thread) in threads.dns {
+        if let Some((stop, thread)) = threads.dns {
             drop(stop);
             handles.push(thread);
         }

@@ -56,6 +56,7 @@ pub mod balance; // public only for benches/balance.rs: not an API
 pub mod client_ip; // public only for benches/client_ip.rs: not an API
 mod config;
 mod control;
+mod dns;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing; // the entry points of the `cargo fuzz` targets in fuzz/: not an API
@@ -443,7 +444,7 @@ impl Holdfast {
                 workers,
                 ServiceThreads {
                     health: Some((health_thread, health_handle)),
-                    dns: Vec::new(),
+                    dns: None,
                 },
             ),
             workers: threads,
@@ -517,35 +518,23 @@ impl Drop for Holdfast {
     }
 }
 
-/// Starts the DNS thread of `control`'s service if it follows names; it is joined when the
-/// balancer stops (or the service is removed).
+/// Has the one DNS thread (started with the first service that needs it) re-resolve
+/// `control`'s service if it follows names; the thread is joined when the balancer stops.
 fn start_dns(control: &Controller) -> Result<(), StartError> {
     if control.config().backend_dns.is_empty() {
         return Ok(());
     }
-    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-    let interval = control.config().dns_interval;
-    let number = control.number();
-    let refresher = control.clone();
-    let thread = std::thread::Builder::new()
-        .name("holdfast-dns".into())
-        .spawn(move || {
-            // Wakes every interval until the sender is dropped.
-            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(interval)
-            {
-                for e in refresher.refresh_dns() {
-                    log::warn!("{e}; keeping the last answer");
-                }
-            }
-        })
-        .map_err(StartError::Dns)?;
-    control
+    let mut threads = control
         .threads
         .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .dns
-        .push((number, stop, thread));
+        .unwrap_or_else(PoisonError::into_inner);
+    // The one DNS thread starts with the first service that needs it.
+    if threads.dns.is_none() {
+        threads.dns = Some(dns::DnsThread::spawn().map_err(StartError::Dns)?);
+    }
+    if let Some((dns, _)) = &threads.dns {
+        dns.add(control.clone());
+    }
     Ok(())
 }
 
@@ -717,7 +706,7 @@ impl Controller {
     }
 
     /// Stops service `number`: no longer listed, its listeners closed in every worker, its
-    /// sessions drained; its health and DNS threads stop.
+    /// sessions drained; its checks leave the health thread and the DNS thread forgets it.
     fn remove_number(&self, number: usize) {
         let removed = {
             let mut services = self
@@ -737,17 +726,13 @@ impl Controller {
             });
         }
         service.health.send(Command::Shutdown);
-        let dns: Vec<_> = {
-            let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
-            let (mine, rest) = std::mem::take(&mut threads.dns)
-                .into_iter()
-                .partition(|(n, _, _)| *n == number);
-            threads.dns = rest;
-            mine
-        };
-        for (_, stop, thread) in dns {
-            drop(stop);
-            join_all(vec![thread]);
+        if let Some((dns, _)) = &self
+            .threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .dns
+        {
+            dns.remove(number);
         }
         log::info!(
             "service '{}' removed: its listeners closed, its sessions draining",
@@ -756,7 +741,7 @@ impl Controller {
     }
 
     /// Starts a new service on listeners already bound: the workers are told first, then
-    /// its health thread starts (its first publish finds the workers serving it).
+    /// its checks join the health thread (its first publish finds the workers serving it).
     fn add_bound(&self, bound: Bound) -> Result<(), StartError> {
         let Bound {
             prepared,

@@ -273,8 +273,9 @@ fn check_prints_every_service() {
     );
 }
 
-/// Three services, each probing its own pool, are probed from one health thread (adding a
-/// service adds no thread): each service's dead backend goes down, the live ones serve.
+/// Three services, each probing its own pool, are probed from one health thread, and the two
+/// that find backends by DNS are re-resolved by one DNS thread (adding a service adds no
+/// thread): each service's dead backend goes down, the live ones serve.
 #[test]
 fn every_service_is_probed_from_one_health_thread() {
     let live: Vec<EchoBackend> = (0..3).map(|_| EchoBackend::start()).collect();
@@ -301,9 +302,11 @@ fn every_service_is_probed_from_one_health_thread() {
             .ok()
             .and_then(|a| a.as_socket())
             .expect("an inet address");
+        let port = live[i].addr().port();
         text.push_str(&format!(
             "\n[[service]]\nname = \"s{i}\"\nlisten = \"{addr}\"\n\
-             backends = [\"LIVE{i}\", \"DEAD{i}\"]\n\
+             backends = [\"DEAD{i}\"]\nbackend_dns = [\"localhost:{port}\"]\n\
+             dns_interval = \"100ms\"\n\
              health = {{ interval = \"100ms\", timeout = \"100ms\", fall = 1, rise = 1 }}\n"
         ));
     }
@@ -316,16 +319,36 @@ fn every_service_is_probed_from_one_health_thread() {
     for d in &dead {
         hf.wait_for_stderr(&format!("backend {} is DOWN", d.addr()), WITHIN);
     }
-    let health_threads = std::fs::read_dir(format!("/proc/{}/task", hf.pid()))
-        .expect("the process's threads")
-        .filter_map(|t| t.ok())
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .is_ok_and(|comm| comm.trim() == "holdfast-health")
-        })
-        .count();
-    assert_eq!(health_threads, 1, "one health thread for three services");
-    // The live backend of the first service serves (its dead one is skipped).
+    let threads = |name: &str| {
+        std::fs::read_dir(format!("/proc/{}/task", hf.pid()))
+            .expect("the process's threads")
+            .filter_map(|t| t.ok())
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+            })
+            .count()
+    };
+    assert_eq!(
+        threads("holdfast-health"),
+        1,
+        "one health thread for three services"
+    );
+    assert_eq!(
+        threads("holdfast-dns"),
+        1,
+        "one DNS thread for two services"
+    );
+    // The live backend of each service serves (its dead one is skipped), the last two's
+    // found by DNS.
     let mut c = client(hf.addr());
     round_trip(&mut c, b"through s0");
+    for r in &reserved {
+        let addr = r
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .expect("inet");
+        let mut c = client(addr);
+        round_trip(&mut c, b"through a service found by DNS");
+    }
 }
