@@ -234,6 +234,74 @@ pub fn unread_bytes(sock: &impl AsFd) -> io::Result<usize> {
     }
 }
 
+/// Makes the kernel hand a socket's receive queue to the relay now (`SO_RCVLOWAT` set to 1,
+/// its default value: `tcp_set_rcvlowat` ends by running the socket's `data_ready`, which for
+/// a socket in the sockhash is the verdict hook). Bytes that arrived after user space's last
+/// read and before [`SockRelay::insert_pair`] would otherwise wait, hidden, until the next
+/// bytes arrive on that socket (docs/sockmap.md); call this on both sockets right after the
+/// insertion. Harmless on a socket that is not in a map.
+pub fn relay_queued(sock: &impl AsFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: SO_RCVLOWAT reads one int from the live local `one`; its size is passed.
+    let res = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            &one as *const libc::c_int as *const libc::c_void,
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if res == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// What a TCP socket has carried so far, by sequence numbers, whoever moved the bytes (user
+/// space or the in-kernel relay): both counts include a FIN once there was one, and `written`
+/// may include the SYN; compare differences, not absolute values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamCounts {
+    /// `tcpi_bytes_received`: bytes that arrived in order (read or not).
+    pub received: u64,
+    /// `tcpi_bytes_acked` + `SIOCOUTQ`: bytes put into the send queue so far, sent or not.
+    /// Read in that order, so an acknowledgement arriving in between makes it low, never high.
+    pub written: u64,
+}
+
+/// [`StreamCounts`] of a TCP socket (`TCP_INFO`, then `SIOCOUTQ`).
+pub fn stream_counts(sock: &impl AsFd) -> io::Result<StreamCounts> {
+    let fd = sock.as_fd().as_raw_fd();
+    // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are live locals; the kernel writes at most `len` bytes.
+    let res = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if res == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ's number) writes one int into the live local `outq`.
+    let res = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) };
+    if res == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(StreamCounts {
+        received: info.tcpi_bytes_received,
+        written: info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0),
+    })
+}
+
 /// A sockhash with the redirect program attached: sockets inserted as a pair relay to each
 /// other in the kernel until removed (or closed, which removes them).
 #[derive(Debug)]
