@@ -716,3 +716,130 @@ fn the_sockmap_proxy_answers_a_request_sent_at_connect_every_time() {
     eprintln!("proxy counters: {counters}");
     assert_eq!(counters.resets, 0, "{counters}");
 }
+
+/// The backpressure lead, tried (docs/sockmap.md, "A byte budget"): a program that counts
+/// each socket's bytes in a BPF hash map and, over a budget, returns `SK_PASS` without a
+/// redirect. Found on Linux 6.18, both attachments: the bytes over the budget stay on the
+/// proxy's socket for user space (SIOCINQ shows them), they are charged to that socket's
+/// receive buffer, TCP's window closes and the client's writes stall: backpressure. The bytes
+/// user space then forwards can overtake relayed bytes still in the kernel's queue for the
+/// peer (seen with small buffers: the backend got them out of order), so user space must wait
+/// until the peer's send queue holds every relayed byte first; with that wait, every byte
+/// arrives in order.
+#[test]
+fn a_byte_budget_pushes_back_and_user_space_must_wait_for_the_relayed_bytes() {
+    use holdfast::sockmap::stream_counts;
+    const BUDGET: u32 = 1024 * 1024;
+    const UNBOUNDED: usize = 64 * 1024 * 1024;
+    for attach in [Attach::StreamVerdict, Attach::Verdict] {
+        for small_buffers in [false, true] {
+            let relay = match SockRelay::with_budget(attach, 8, BUDGET) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("SKIPPED: the in-kernel relay is not available here: {e}");
+                    return;
+                }
+            };
+            let s = session().expect("loopback session");
+            if small_buffers {
+                let sock = socket2::SockRef::from;
+                let buf = 256 * 1024;
+                sock(&s.client)
+                    .set_send_buffer_size(buf)
+                    .expect("SO_SNDBUF");
+                sock(&s.a).set_recv_buffer_size(buf).expect("SO_RCVBUF");
+                sock(&s.b).set_send_buffer_size(buf).expect("SO_SNDBUF");
+                sock(&s.server)
+                    .set_recv_buffer_size(buf)
+                    .expect("SO_RCVBUF");
+            }
+            let base_b = stream_counts(&s.b).expect("counts").written;
+            let pair = relay.insert_pair(&s.a, &s.b).expect("insert the pair");
+
+            // Nobody reads: the client is pushed back.
+            let mut client = s.client.try_clone().expect("clone");
+            client.set_write_timeout(Some(QUIET)).expect("timeout");
+            let mut data = Stream(9);
+            let mut hash = Sha256::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            let mut sent = 0usize;
+            while sent < UNBOUNDED {
+                data.fill(&mut chunk);
+                match client.write(&chunk) {
+                    Ok(n) => {
+                        hash.update(&chunk[..n]);
+                        sent += n;
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        break;
+                    }
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+            let what = format!("{attach:?}, small buffers {small_buffers}");
+            assert!(
+                sent < UNBOUNDED,
+                "{what}: no backpressure after {sent} bytes"
+            );
+            let (used_a, _) = relay
+                .budget_used(pair)
+                .expect("counters")
+                .expect("a budget");
+            assert!(
+                used_a > u64::from(BUDGET),
+                "{what}: over the budget ({used_a})"
+            );
+            assert!(
+                unread_bytes(&s.a).expect("SIOCINQ") > 0,
+                "{what}: bytes for user space"
+            );
+            eprintln!("{what}: pushed back after {sent} bytes, {used_a} arrived on a");
+
+            // The backend reads; user space waits until the peer's send queue holds every
+            // byte the kernel relayed (all that arrived on a, less what waits for user space
+            // there), then forwards the rest.
+            let expected: [u8; 32] = hash.finalize().into();
+            let srv = s.server.try_clone().expect("clone");
+            let reader = thread::spawn(move || receive(srv, sent));
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                let arrived = stream_counts(&s.a).expect("counts").received;
+                let waiting = unread_bytes(&s.a).expect("SIOCINQ") as u64;
+                let in_b = stream_counts(&s.b).expect("counts").written - base_b;
+                if in_b + waiting >= arrived {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: the relayed bytes never left"
+                );
+                thread::yield_now();
+            }
+            let (mut a, mut b) = (
+                s.a.try_clone().expect("clone"),
+                s.b.try_clone().expect("clone"),
+            );
+            a.set_nonblocking(true).expect("nonblocking");
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut forwarded = 0usize;
+            let relayed = (stream_counts(&s.b).expect("counts").written - base_b) as usize;
+            while relayed + forwarded < sent {
+                match a.read(&mut buf) {
+                    Ok(0) => panic!("{what}: EOF on a"),
+                    Ok(n) => {
+                        b.write_all(&buf[..n]).expect("write b");
+                        forwarded += n;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::yield_now(),
+                    Err(e) => panic!("{what}: read a: {e}"),
+                }
+            }
+            assert_eq!(reader.join().expect("reader"), expected, "{what}: in order");
+        }
+    }
+}
