@@ -27,7 +27,11 @@
 //! process's (client, echo backend, sink), the holdfast children's and the kernel's worker
 //! threads' (kworker, ksoftirqd: the in-kernel relay defers work to them) from /proc/PID/stat.
 //! (This kernel has no CONFIG_IRQ_TIME_ACCOUNTING: softirq work done on the way out of a
-//! system call is charged to the process that made it.) Before each run the machine's busy
+//! system call is charged to the process that made it.) Then the "many sessions at once" case:
+//! the same small round trips again while one more session of the same path (the same holdfast,
+//! the same sockhash) streams 128 KiB writes to the echo backend the whole time, its echo read
+//! by another thread: does a busy session slow the others? (The echo backend is one thread for
+//! every session, so `direct` shows what the harness itself adds.) Before each run the machine's busy
 //! cores over 300 ms of our idleness are printed: that is the other tenants' load. Variants alternate within a round, the order rotating
 //! each round; the report gives medians and the spread over rounds.
 
@@ -283,6 +287,7 @@ struct Variant {
     pairs: Vec<(TcpStream, TcpStream, PairHandle)>,
     sessions: Vec<TcpStream>,
     bulk: Option<TcpStream>,
+    neighbour: Option<TcpStream>,
     insert_us: Vec<f64>,
 }
 
@@ -349,6 +354,7 @@ impl Variant {
             pairs: Vec::new(),
             sessions: Vec::new(),
             bulk: None,
+            neighbour: None,
             insert_us: Vec::new(),
         };
         match name {
@@ -415,6 +421,9 @@ impl Variant {
             self.sessions.push(s);
         }
         self.bulk = Some(self.open(self.sink_target, &proxy, o.proxy_sndbuf)?);
+        // The busy neighbour: one more session to the echo backend, through the same path
+        // (the same holdfast, the same sockhash) as the small-message sessions.
+        self.neighbour = Some(self.open(self.echo_target, &proxy, o.proxy_sndbuf)?);
         Ok(())
     }
 
@@ -432,6 +441,8 @@ struct Sample {
     bulk_gbps: f64,
     bulk_machine_s_per_gib: f64,
     bulk_procs_s_per_gib: f64,
+    nb_p50_us: f64,
+    nb_p99_us: f64,
 }
 
 struct Cpu {
@@ -504,7 +515,92 @@ fn measure(v: &mut Variant, o: &Opts, tck: f64, hf_pids: &[u32]) -> io::Result<S
     sample.bulk_machine_s_per_gib = (c1.machine.0 - c0.machine.0) as f64 / tck / gib;
     sample.bulk_procs_s_per_gib =
         (c1.procs - c0.procs + c1.kthreads.saturating_sub(c0.kthreads)) as f64 / tck / gib;
+
+    // Many sessions at once: the same small round trips while one neighbour session streams
+    // bulk through the same path (echoed back, read by a second thread).
+    let (p50, p99) = with_neighbour(v, o)?;
+    sample.nb_p50_us = p50;
+    sample.nb_p99_us = p99;
     Ok(sample)
+}
+
+/// Small round trips on the sessions while the neighbour session streams 128 KiB writes to
+/// the echo backend the whole time; returns their p50 and p99 in µs.
+fn with_neighbour(v: &mut Variant, o: &Opts) -> io::Result<(f64, f64)> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let nb = v
+        .neighbour
+        .as_ref()
+        .ok_or_else(|| io::Error::other("no neighbour session"))?;
+    let (mut tx, mut rx) = (nb.try_clone()?, nb.try_clone()?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer_done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, written, done) = (stop.clone(), written.clone(), writer_done.clone());
+        thread::spawn(move || -> io::Result<()> {
+            let chunk = vec![0x3cu8; 128 * 1024];
+            let r = (|| {
+                while !stop.load(Ordering::Relaxed) {
+                    tx.write_all(&chunk)?;
+                    written.fetch_add(chunk.len() as u64, Ordering::Release);
+                }
+                Ok(())
+            })();
+            done.store(true, Ordering::Release);
+            r
+        })
+    };
+    let reader = {
+        let (written, done) = (written.clone(), writer_done.clone());
+        thread::spawn(move || -> io::Result<u64> {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0u64;
+            // Until the writer is done and every byte it wrote came back.
+            while !(done.load(Ordering::Acquire) && got >= written.load(Ordering::Acquire)) {
+                match rx.read(&mut buf) {
+                    Ok(0) => return Err(io::Error::other("the neighbour's echo ended")),
+                    Ok(n) => got += n as u64,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(got)
+        })
+    };
+    // Measure only once the neighbour is streaming.
+    while written.load(Ordering::Acquire) == 0 && !writer_done.load(Ordering::Acquire) {
+        thread::yield_now();
+    }
+    let msg = vec![0x5au8; o.size];
+    let mut back = vec![0u8; o.size];
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let n = v.sessions.len();
+    let mut result = Ok(());
+    for i in 0..o.round_trips {
+        let s = &mut v.sessions[i % n];
+        let t = Instant::now();
+        if let Err(e) = s.write_all(&msg).and_then(|()| s.read_exact(&mut back)) {
+            result = Err(e);
+            break;
+        }
+        let _ = hist.record(t.elapsed().as_nanos().max(1) as u64);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let w = writer
+        .join()
+        .map_err(|_| io::Error::other("the neighbour's writer panicked"))?;
+    let r = reader
+        .join()
+        .map_err(|_| io::Error::other("the neighbour's reader panicked"))?;
+    result?;
+    w?;
+    r?;
+    Ok((
+        hist.value_at_quantile(0.5) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+    ))
 }
 
 fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -559,7 +655,7 @@ fn run(o: &Opts) -> io::Result<()> {
     }
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
     println!(
-        "# round variant p50_us p99_us machine_us/rt ours_us/rt bulk_GB/s machine_s/GiB ours_s/GiB others_busy_cores_before"
+        "# round variant p50_us p99_us machine_us/rt ours_us/rt bulk_GB/s machine_s/GiB ours_s/GiB nb_p50_us nb_p99_us others_busy_cores_before"
     );
     for r in 0..o.rounds {
         for k in 0..variants.len() {
@@ -572,7 +668,7 @@ fn run(o: &Opts) -> io::Result<()> {
                 * thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
             let s = measure(&mut variants[i], o, tck, &holdfast_pids)?;
             println!(
-                "{r} {:<9} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>6.2} {:>6.2} {:>6.2} {busy_cores:.2}",
+                "{r} {:<9} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>6.2} {:>6.2} {:>6.2} {:>7.1} {:>7.1} {busy_cores:.2}",
                 variants[i].name,
                 s.p50_us,
                 s.p99_us,
@@ -580,16 +676,18 @@ fn run(o: &Opts) -> io::Result<()> {
                 s.procs_us_per_rt,
                 s.bulk_gbps,
                 s.bulk_machine_s_per_gib,
-                s.bulk_procs_s_per_gib
+                s.bulk_procs_s_per_gib,
+                s.nb_p50_us,
+                s.nb_p99_us
             );
             samples[i].push(s);
         }
     }
     println!();
     println!(
-        "| variant | p50 µs | p99 µs | added p50 over direct µs | machine CPU µs/rt | our CPU µs/rt | bulk GB/s | machine CPU s/GiB | our CPU s/GiB |"
+        "| variant | p50 µs | p99 µs | added p50 over direct µs | machine CPU µs/rt | our CPU µs/rt | bulk GB/s | machine CPU s/GiB | our CPU s/GiB | p50 µs, bulk neighbour | p99 µs, bulk neighbour |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let direct_p50 = samples
         .first()
         .map(|s| median(s.iter().map(|x| x.p50_us).collect()).0)
@@ -601,7 +699,7 @@ fn run(o: &Opts) -> io::Result<()> {
         };
         let p50 = median(s.iter().map(|x| x.p50_us).collect()).0;
         println!(
-            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             v.name,
             col(|x| x.p50_us),
             col(|x| x.p99_us),
@@ -610,7 +708,9 @@ fn run(o: &Opts) -> io::Result<()> {
             col(|x| x.procs_us_per_rt),
             col(|x| x.bulk_gbps),
             col(|x| x.bulk_machine_s_per_gib),
-            col(|x| x.bulk_procs_s_per_gib)
+            col(|x| x.bulk_procs_s_per_gib),
+            col(|x| x.nb_p50_us),
+            col(|x| x.nb_p99_us)
         );
     }
     // Removal cost, then everything closes.

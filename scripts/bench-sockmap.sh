@@ -5,7 +5,9 @@
 #
 # Builds holdfast and examples/sockmap_bench.rs (release) and runs the bench: 1000 sessions
 # per variant (direct, sockmap, sockmap-v, holdfast --relay copy, holdfast --relay splice),
-# closed-loop 64 B round trips spread over them, and one bulk stream; whole-machine CPU from
+# closed-loop 64 B round trips spread over them, one bulk stream, and the round trips again
+# while one more session streams bulk through the same proxy (does a busy session slow the
+# others?); whole-machine CPU from
 # /proc/stat around each run; variants interleaved, 5 rounds, medians with the spread. See
 # the top of examples/sockmap_bench.rs for what each number is. Needs root for the sockmap
 # variants (they are reported unavailable otherwise). The output is also kept under
@@ -20,7 +22,7 @@ while (($#)); do
         --quick) ARGS=(--sessions 200 --round-trips 2000 --size 64 --bulk-mib 128 --rounds 1) ;;
         --no-build) BUILD=0 ;;
         --) shift; ARGS+=("$@"); break ;;
-        -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift

@@ -2,7 +2,7 @@
 # holdfast vs HAProxy (mode tcp), side by side, on loopback.
 #
 #   scripts/bench-vs-haproxy.sh [--quick] [--rounds N] [--out DIR] [--only SCENARIO,...]
-#                               [--no-build] [--pin] [--install-haproxy]
+#                               [--no-build] [--pin] [--install-haproxy] [--with-sockmap]
 #
 # Needs HAProxy (apt-get install haproxy; --install-haproxy lets the script run apt-get, it
 # never installs anything otherwise). Builds release, starts one echo backend, one holdfast per
@@ -19,6 +19,15 @@
 # so a proxy-bound rate is the proxy's, not the share of two cores it won from the load.
 # Without it everything floats over both cores (the machine's rate with a proxy in the path).
 #
+# --with-sockmap (root only): adds a `sockmap` variant, examples/sockmap_proxy.rs (the in-kernel
+# relay of issue #16, a benchmark instrument, not a holdfast feature) in front of the same echo
+# backend, to every scenario, and a section judging it against holdfast copy and splice on
+# issue #16's targets. Its own CPU is near zero by construction (the kernel relays in softirq
+# and kworker context), so every row also has whole-machine CPU from /proc/stat per unit of
+# work, and the hold scenario records the kernel's memory per connection (socket slabs and
+# sockstat's TCP pages, as scripts/bench-kernel-memory.sh does) for every variant, direct
+# included. sockmap is never counted as holdfast nor as HAProxy.
+#
 # The report leads with a verdict per row: holdfast (default settings) against the best
 # HAProxy variant of that row, ahead / level / behind, judged round by round so that noise
 # shows as noise; the detail table follows.
@@ -29,6 +38,11 @@
 #   connrate              connect, 64 B round trip, close; 32 in flight (conn/s)
 #   reqrate               closed-loop round trips over 100 kept connections (req/s)
 #   hold                  8000 idle connections through a fresh proxy (RSS per connection)
+#   cpu64                 (--with-sockmap only) lat64 with the generator sleeping, not spinning,
+#                         between sends (--no-spin), so that whole-machine CPU is the work
+#
+# Every client run also records the whole machine's busy CPU time (/proc/stat: all but idle
+# and iowait) around it: on a shared machine that includes other people's work.
 #
 # Full run: 3 rounds, about 10 minutes. --quick: 1 round, short durations, about 2 minutes.
 # Results go to DIR (default target/bench/<date>): the markdown table (also printed),
@@ -43,6 +57,7 @@ ONLY=
 BUILD=1
 PIN=0
 INSTALL=0
+WITH_SOCKMAP=0
 while (($#)); do
     case $1 in
         --quick) QUICK=1 ;;
@@ -52,7 +67,8 @@ while (($#)); do
         --no-build) BUILD=0 ;;
         --pin) PIN=1 ;;
         --install-haproxy) INSTALL=1 ;;
-        -h | --help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --with-sockmap) WITH_SOCKMAP=1 ;;
+        -h | --help) sed -n '2,50p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -81,6 +97,10 @@ source "$ROOT/scripts/bench/lib.sh"
 trap bench_cleanup EXIT
 trap 'exit 130' INT TERM
 
+if ((WITH_SOCKMAP)) && (($(id -u) != 0)); then
+    echo "error: --with-sockmap needs root (CAP_BPF and CAP_NET_ADMIN)" >&2
+    exit 2
+fi
 if ((PIN)); then
     (($(nproc) >= 2)) || { echo "error: --pin needs 2 CPUs" >&2; exit 2; }
     PIN_PROXY=(taskset -c 0)
@@ -90,17 +110,23 @@ LOAD_START=$(loadavg)
 log "load average at start: $LOAD_START"
 ensure_tools "$INSTALL" || exit 1
 if ((BUILD)); then build_release || exit 1; fi
+if ((WITH_SOCKMAP && BUILD)); then
+    log "cargo build --release --example sockmap_proxy"
+    (cd "$ROOT" && cargo build --release --quiet --example sockmap_proxy) || exit 1
+fi
 
 BENCH_IP=$(pick_bench_ip)
 log "benchmark address: $BENCH_IP (loopback); results in $OUT"
 
 ALL_SCENARIOS=(lat64 lat1k lat16k bulk1 bulk4 connrate reqrate hold)
+((WITH_SOCKMAP)) && ALL_SCENARIOS+=(cpu64)
 if [[ -n $ONLY ]]; then
     IFS=, read -r -a SCENARIOS <<<"$ONLY"
 else
     SCENARIOS=("${ALL_SCENARIOS[@]}")
 fi
 VARIANTS=(direct hf-auto hf-splice hf-copy hf-auto-64k ha-default ha-splice ha-splice-auto ha-splice-256k)
+((WITH_SOCKMAP)) && VARIANTS+=(sockmap)
 # Variants that only the bulk scenarios run (they change nothing for small messages).
 BULK_ONLY=" hf-auto-64k ha-splice-256k "
 runs_in() { [[ $1 == bulk* || $BULK_ONLY != *" $2 "* ]]; }
@@ -111,6 +137,7 @@ client_args() {
         lat64) echo "latency --conns $LAT_CONNS --rate $LAT_RATE --size 64 --duration $LAT_D --warmup $LAT_W" ;;
         lat1k) echo "latency --conns $LAT_CONNS --rate $LAT_RATE --size 1024 --duration $LAT_D --warmup $LAT_W" ;;
         lat16k) echo "latency --conns $LAT_CONNS --rate $LAT_RATE --size 16384 --duration $LAT_D --warmup $LAT_W" ;;
+        cpu64) echo "latency --conns $LAT_CONNS --rate $LAT_RATE --size 64 --duration $LAT_D --warmup $LAT_W --no-spin" ;;
         bulk1) echo "bulk --streams 1 --mode echo --duration $BULK_D" ;;
         bulk4) echo "bulk --streams 4 --mode echo --duration $BULK_D" ;;
         connrate) echo "connect-rate --concurrency $CR_CONC --source-ips 200 --duration $CR_D" ;;
@@ -134,7 +161,36 @@ start_variant() {
         hf-auto-64k) start_holdfast "$name" auto "$ECHO_ADDR" --pipe-memory 0 || return 1 ;;
         hf-*) start_holdfast "$name" "${v#hf-}" "$ECHO_ADDR" || return 1 ;;
         ha-*) start_haproxy "$name" "${v#ha-}" "$ECHO_ADDR" || return 1 ;;
+        sockmap) start_sockmap "$name" "$ECHO_ADDR" || return 1 ;;
     esac
+}
+
+# start_sockmap NAME BACKEND: examples/sockmap_proxy on a free port; sets PROXY_PID and
+# PROXY_ADDR. It prints its counters on SIGTERM, into its log.
+start_sockmap() {
+    local name=$1 backend=$2 logf=$WORK/$1.log
+    start_ready "$logf" "sockmap_proxy listening on" 10 \
+        "${PIN_PROXY[@]}" "$BIN/examples/sockmap_proxy" --listen "$BENCH_IP:0" --backend "$backend" || return 1
+    PROXY_PID=$STARTED_PID
+    PROXY_ADDR=$(listen_addr_of "$logf")
+}
+
+# Busy CPU seconds of the whole machine so far (/proc/stat: every field but idle and iowait).
+machine_busy_s() {
+    awk -v tck="$CLK_TCK" '/^cpu / { b = 0; for (i = 2; i <= 9; i++) if (i != 5 && i != 6) b += $i; printf "%.2f\n", b / tck; exit }' /proc/stat
+}
+
+# The kernel's memory now, "sock_slab tcp_mem" in bytes: the slab caches a TCP connection
+# lives in (active objects x size; kmalloc-* holds the sockhash's psocks) and sockstat's TCP
+# buffer pages, as scripts/bench-kernel-memory.sh counts them. sock_slab is "nan" without
+# /proc/slabinfo (not root).
+kernel_mem() {
+    local sock=nan tcp
+    if [[ -r /proc/slabinfo ]]; then
+        sock=$(awk '$1 ~ /^(TCP|TCPv6|sock_inode_cache|filp|dentry|eventpoll_epi|eventpoll_pwq|skbuff_head_cache|skbuff_small_head|kmalloc-[0-9k]+)$/ { s += $2 * $4 } END { print s + 0 }' /proc/slabinfo)
+    fi
+    tcp=$(awk -v p="$(getconf PAGESIZE)" '/^TCP:/ { for (i = 1; i < NF; i++) if ($i == "mem") print $(i + 1) * p }' /proc/net/sockstat)
+    echo "$sock ${tcp:-nan}"
 }
 
 # Makes sure the long-lived instance of variant $1 is up (restarting it if it died).
@@ -177,17 +233,21 @@ PL=${PIN_LOAD[*]:+${PIN_LOAD[*]} }
     done
     echo "${PP}holdfast --listen $BENCH_IP:0 --backend $ECHO_ADDR --workers 1 --relay auto --pipe-memory 0   # bulk only"
     echo "${PP}haproxy -db -f haproxy-{default,splice,splice-auto,splice-256k}.cfg   # splice-256k: bulk only"
+    ((WITH_SOCKMAP)) && echo "${PP}sockmap_proxy --listen $BENCH_IP:0 --backend $ECHO_ADDR   # examples/sockmap_proxy.rs, attach stream"
     echo "# clients (--json; TARGET is the echo server for 'direct', else the proxy)"
     for s in "${SCENARIOS[@]}"; do
         echo "$s: ${PL}holdfast-load --json $(client_args "$s") --target TARGET"
     done
     echo "# hold: VmRSS of the proxy before, and after 'holding $HOLD_CONNS' + 0.5 s; then SIGTERM"
+    echo "# every run: whole-machine busy CPU from /proc/stat around the client run"
+    ((WITH_SOCKMAP)) && echo "# hold (also direct): kernel memory (socket slabs, sockstat TCP mem) before and after"
 } >"$OUT/commands.txt"
 {
     echo "rounds=$ROUNDS"
     echo "quick=$QUICK"
     echo "loadavg_start=$LOAD_START"
     echo "scenarios=${SCENARIOS[*]}"
+    echo "with_sockmap=$WITH_SOCKMAP"
     if ((PIN)); then
         echo "pinning=proxy on CPU 0; client and echo server on CPU 1 (taskset)"
         echo "latency_generator=holdfast-load latency with its default spin (no --no-spin), on CPU 1 with the echo server"
@@ -218,7 +278,7 @@ num() { [[ $1 =~ ^-?[0-9.]+$ ]] && echo "$1" || echo null; }
 
 # run_client ROUND SCENARIO VARIANT: one client run against one variant.
 run_client() {
-    local r=$1 s=$2 v=$3 base="$OUT/runs/$1.$2.$3" err= rc=0 c0=0 c1=0 pid target
+    local r=$1 s=$2 v=$3 base="$OUT/runs/$1.$2.$3" err= rc=0 c0=0 c1=0 m0 m1 pid target
     local -a args
     read -r -a args <<<"$(client_args "$s")"
     if ! ensure_variant "$v"; then
@@ -230,9 +290,11 @@ run_client() {
     pid=${PID[$v]:-}
     target=${ADDR[$v]}
     [[ -n $pid ]] && c0=$(cpu_seconds "$pid")
+    m0=$(machine_busy_s)
     local budget=$((${LAT_D%s} + ${BULK_D%s} + ${CR_D%s} + 30))
     timeout -s INT -k 5 "$budget" "${PIN_LOAD[@]}" "$BIN/holdfast-load" --json "${args[@]}" --target "$target" \
         >"$base.client.json" 2>"$base.err" || rc=$?
+    m1=$(machine_busy_s)
     [[ -n $pid ]] && c1=$(cpu_seconds "$pid")
     if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
         err="the proxy died during the run"
@@ -242,7 +304,8 @@ run_client() {
         err="client exit status $rc: $(head -c 200 "$base.err" | tr -d '"\\' | tr '\n' ' ')"
     fi
     write_meta "$base.meta.json" "round=$r" "scenario=\"$s\"" "variant=\"$v\"" "exit=$rc" \
-        "cpu_before_s=$(num "$c0")" "cpu_after_s=$(num "$c1")" "loadavg=\"$(loadavg)\"" \
+        "cpu_before_s=$(num "$c0")" "cpu_after_s=$(num "$c1")" \
+        "machine_busy_before_s=$(num "$m0")" "machine_busy_after_s=$(num "$m1")" "loadavg=\"$(loadavg)\"" \
         "error=\"$err\""
     if [[ -n $err ]]; then
         log "round $r $s $v: ERROR $err"
@@ -268,7 +331,7 @@ if s == "reqrate":
     rate = c["achieved_rate"]
     rt = c["conns"] / rate * 1e6 if rate else float("nan")
     print("%.0f req/s, mean round trip %.0f us (%d conns / rate) errors %d" % (rate, rt, c["conns"], c["errors"] + c["conn_errors"]))
-elif s.startswith("lat"):
+elif s.startswith("lat") or s == "cpu64":
     l = c["latency_us"]
     print("%.0f req/s p50 %s p99 %s p99.9 %s us errors %d" % (c["achieved_rate"], l["p50"], l["p99"], l["p99_9"], c["errors"] + c["conn_errors"]))
 elif s.startswith("bulk"):
@@ -282,18 +345,21 @@ EOF
 # long-lived one would already hold whatever an earlier hold made it allocate).
 run_hold() {
     local r=$1 v=$2 base="$OUT/runs/$1.hold.$2" name="$2-hold-r$1" err= rss0=0 rss1=0 hpid rc=0
+    local k0="nan nan" k1="nan nan" ppid='' paddr
     if [[ $v == direct ]]; then
-        return # no proxy, nothing to measure
-    fi
-    if ! start_variant "$v" "$name"; then
+        ((WITH_SOCKMAP)) || return # no proxy, nothing to measure
+        paddr=$ECHO_ADDR            # the kernel's memory only: the floor for the others
+    elif ! start_variant "$v" "$name"; then
         write_meta "$base.meta.json" "round=$r" "scenario=\"hold\"" "variant=\"$v\"" \
             "error=\"could not start the proxy\""
         log "round $r hold $v: ERROR could not start the proxy"
         return
+    else
+        ppid=$PROXY_PID paddr=$PROXY_ADDR
     fi
-    local ppid=$PROXY_PID paddr=$PROXY_ADDR
     sleep 0.2
-    rss0=$(rss_kib "$ppid")
+    [[ -n $ppid ]] && rss0=$(rss_kib "$ppid")
+    ((WITH_SOCKMAP)) && k0=$(kernel_mem)
     "${PIN_LOAD[@]}" "$BIN/holdfast-load" --json hold --conns "$HOLD_CONNS" --target "$paddr" \
         >"$base.client.json" 2>"$base.err" &
     hpid=$!
@@ -308,18 +374,24 @@ run_hold() {
     done
     if [[ -z $err ]]; then
         sleep 0.5
-        rss1=$(rss_kib "$ppid")
-        kill -0 "$ppid" 2>/dev/null || err="the proxy died during the run"
+        [[ -n $ppid ]] && rss1=$(rss_kib "$ppid")
+        ((WITH_SOCKMAP)) && k1=$(kernel_mem)
+        [[ -z $ppid ]] || kill -0 "$ppid" 2>/dev/null || err="the proxy died during the run"
     fi
     stop_pid "$hpid"
-    stop_pid "$ppid"
+    [[ -n $ppid ]] && stop_pid "$ppid"
+    local -a ka kb
+    read -r -a ka <<<"$k0"
+    read -r -a kb <<<"$k1"
     write_meta "$base.meta.json" "round=$r" "scenario=\"hold\"" "variant=\"$v\"" "exit=$rc" \
         "rss_before_kib=$(num "$rss0")" "rss_after_kib=$(num "$rss1")" \
+        "sock_slab_before=$(num "${ka[0]}")" "sock_slab_after=$(num "${kb[0]}")" \
+        "tcp_mem_before=$(num "${ka[1]}")" "tcp_mem_after=$(num "${kb[1]}")" \
         "loadavg=\"$(loadavg)\"" "error=\"$err\""
     if [[ -n $err ]]; then
         log "round $r hold $v: ERROR $err"
     else
-        log "round $r hold $v: RSS $rss0 -> $rss1 KiB ($(grep -o '^holding [0-9]*' "$base.err"))"
+        log "round $r hold $v: RSS $rss0 -> $rss1 KiB, kernel (slab, tcp mem) $k0 -> $k1 ($(grep -o '^holding [0-9]*' "$base.err"))"
     fi
 }
 

@@ -10,7 +10,7 @@ import os
 import statistics
 import sys
 
-MODES = ["copy", "splice", "auto"]
+MODES = ["copy", "splice", "auto"]  # and "sockmap" when the run had --with-sockmap
 
 
 def size_label(c):
@@ -30,8 +30,10 @@ def main():
                 params[k] = v
     with open(os.path.join(d, "machine.txt")) as f:
         machine = f.read().splitlines()
+    modes = params.get("modes", " ".join(MODES)).split()
 
     per_rt, per_gb, p99, gbit = {}, {}, {}, {}
+    m_rt, m_gb = {}, {}  # whole-machine CPU (/proc/stat), when recorded
     by_round = {}  # (case, mode) -> {round: CPU s/GB}
     failures = []
     rdir = os.path.join(d, "runs")
@@ -51,6 +53,9 @@ def main():
             failures.append("round %s, %s, %s: no client JSON" % (m["round"], m["case"], m["mode"]))
             continue
         cpu = m["cpu_after_s"] - m["cpu_before_s"]
+        mcpu = None
+        if m.get("machine_busy_after_s") is not None and m.get("machine_busy_before_s") is not None:
+            mcpu = m["machine_busy_after_s"] - m["machine_busy_before_s"]
         if m["case"] == "bulk":
             if c.get("verified") is not True or not c.get("tx_bytes"):
                 failures.append("round %s, bulk, %s: echo not verified" % (m["round"], m["mode"]))
@@ -58,6 +63,8 @@ def main():
             per_gb.setdefault(key, []).append(cpu / (2 * c["tx_bytes"] / 1e9))
             by_round.setdefault(key, {})[m["round"]] = per_gb[key][-1]
             gbit.setdefault(key, []).append(c["tx_gbit_per_s"])
+            if mcpu is not None:
+                m_gb.setdefault(key, []).append(mcpu / (2 * c["tx_bytes"] / 1e9))
         else:
             if not c.get("completed"):
                 failures.append("round %s, %s, %s: nothing completed" % (m["round"], m["case"], m["mode"]))
@@ -68,6 +75,9 @@ def main():
             per_gb.setdefault(key, []).append(cpu / (2 * int(m["case"]) * rts / 1e9))
             by_round.setdefault(key, {})[m["round"]] = per_gb[key][-1]
             p99.setdefault(key, []).append(c["latency_us"]["p99"])
+            if mcpu is not None:
+                m_rt.setdefault(key, []).append(mcpu / rts * 1e6)
+                m_gb.setdefault(key, []).append(mcpu / (2 * int(m["case"]) * rts / 1e9))
 
     cases = sorted({k[0] for k in per_gb} | {k[0] for k in per_rt}, key=lambda c: (c == "bulk", int(c) if c != "bulk" else 0))
     med = lambda dct, k: statistics.median(dct[k]) if k in dct else None
@@ -84,28 +94,31 @@ def main():
     w(params.get("command_proxy", ""))
     w(params.get("command_size", ""))
     w(params.get("command_bulk", ""))
+    if params.get("command_sockmap"):
+        w(params["command_sockmap"])
     w("```\n")
-    w("| message | CPU µs / round trip: copy | splice | auto | CPU s / GB: copy | splice | auto | splice / copy | rounds where splice < copy | p99 µs: copy | splice | auto |")
-    w("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rest = " | ".join(modes[1:])
+    w("| message | proxy CPU µs / round trip: %s | %s | proxy CPU s / GB: %s | %s | splice / copy | rounds where splice < copy | p99 µs: %s | %s |" % (modes[0], rest, modes[0], rest, modes[0], rest))
+    w("|---|" + "---|" * (3 * len(modes) + 2))
     ratios = []
     for c in cases:
-        gb = {m: med(per_gb, (c, m)) for m in MODES}
-        rt = {m: med(per_rt, (c, m)) for m in MODES}
+        gb = {m: med(per_gb, (c, m)) for m in modes}
+        rt = {m: med(per_rt, (c, m)) for m in modes}
         ratio = gb["splice"] / gb["copy"] if gb["splice"] and gb["copy"] else None
         cp, sp = by_round.get((c, "copy"), {}), by_round.get((c, "splice"), {})
         paired = [r for r in cp if r in sp]
         wins = sum(1 for r in paired if sp[r] < cp[r])
         ratios.append((c, ratio, wins, len(paired)))
         if c == "bulk":
-            rt_cells = ["– (%s Gbit/s)" % f(med(gbit, (c, m)), 2) for m in MODES]
-            p_cells = ["–"] * 3
+            rt_cells = ["– (%s Gbit/s)" % f(med(gbit, (c, m)), 2) for m in modes]
+            p_cells = ["–"] * len(modes)
         else:
-            rt_cells = [f(rt[m], 1) for m in MODES]
-            p_cells = [f(med(p99, (c, m)), 0) for m in MODES]
+            rt_cells = [f(rt[m], 1) for m in modes]
+            p_cells = [f(med(p99, (c, m)), 0) for m in modes]
         w("| %s | %s | %s | %s | %d/%d | %s |" % (
             size_label(c),
             " | ".join(rt_cells),
-            " | ".join(f(gb[m], 3) for m in MODES),
+            " | ".join(f(gb[m], 3) for m in modes),
             f(ratio, 2) if ratio else "ERR",
             wins,
             len(paired),
@@ -129,6 +142,18 @@ def main():
             w("- %s: splice is not cheaper than copying at any measured message size" % label)
         else:
             w("- %s: **splice is cheaper than copying from %s messages up** (at that size and every larger one)" % (label, size_label(c)))
+    if m_rt or m_gb:
+        w("")
+        w("Whole-machine CPU (/proc/stat, every process and the kernel's threads, and anything else the")
+        w("machine ran). For `sockmap` these are the columns to read: its own process does next to")
+        w("nothing, the kernel relays. Without `--no-spin` in the command above, the latency generator's")
+        w("spinning between sends (about one core, in every mode alike) is in them too.")
+        w("")
+        w("| message | machine CPU µs / round trip: %s | %s | machine CPU s / GB: %s | %s |" % (modes[0], rest, modes[0], rest))
+        w("|---|" + "---|" * (2 * len(modes)))
+        for c in cases:
+            rt_cells = ["–" if c == "bulk" else f(med(m_rt, (c, m)), 1) for m in modes]
+            w("| %s | %s | %s |" % (size_label(c), " | ".join(rt_cells), " | ".join(f(med(m_gb, (c, m)), 3) for m in modes)))
     w("\nFor reference, holdfast's `auto` switches a direction to splice after a read of >= 16 KiB (AUTO_SPLICE_THRESHOLD) and back after 4 splices in a row of < 4 KiB (AUTO_SMALL_SPLICES).")
     if failures:
         w("\n**Failed runs** (excluded):\n")
@@ -137,7 +162,7 @@ def main():
 
     detail = ["## Per-round values (CPU s / GB)\n", "| message | mode | rounds |", "|---|---|---|"]
     for c in cases:
-        for m in MODES:
+        for m in modes:
             if (c, m) in per_gb:
                 detail.append("| %s | %s | %s |" % (size_label(c), m, ", ".join("%.3f" % v for v in per_gb[(c, m)])))
     text = "\n".join(out) + "\n"

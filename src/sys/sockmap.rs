@@ -34,11 +34,15 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 // bpf(2) commands, map, program and attach types, from <linux/bpf.h> (uapi: stable numbers).
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
+const BPF_ANY: u64 = 0;
+const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_PROG_TYPE_SK_SKB: u32 = 14;
 const BPF_SK_SKB_STREAM_VERDICT: u32 = 5;
 const BPF_SK_SKB_VERDICT: u32 = 38;
@@ -107,6 +111,11 @@ const STX_DW: u8 = 0x7b; // BPF_STX | BPF_MEM | BPF_DW
 const LD_IMM64: u8 = 0x18; // BPF_LD | BPF_IMM | BPF_DW (two slots)
 const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
 const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
+const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
+const LDX_DW: u8 = 0x79; // BPF_LDX | BPF_MEM | BPF_DW
+const ATOMIC_DW: u8 = 0xdb; // BPF_STX | BPF_ATOMIC | BPF_DW (imm BPF_ADD = 0)
+const JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+const JGT_K: u8 = 0x25; // BPF_JMP | BPF_JGT | BPF_K
 
 /// The verdict program for a sockhash whose descriptor is `map_fd` (see the module comment).
 fn program(map_fd: RawFd) -> [Insn; 12] {
@@ -114,6 +123,38 @@ fn program(map_fd: RawFd) -> [Insn; 12] {
         insn(MOV64_X, 6, 1, 0, 0),
         insn(CALL, 0, 0, 0, BPF_FUNC_GET_SOCKET_COOKIE),
         insn(STX_DW, 10, 0, -8, 0),
+        insn(MOV64_X, 1, 6, 0, 0),
+        insn(LD_IMM64, 2, BPF_PSEUDO_MAP_FD, 0, map_fd),
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_X, 3, 10, 0, 0),
+        insn(ADD64_K, 3, 0, 0, -8),
+        insn(MOV64_K, 4, 0, 0, 0),
+        insn(CALL, 0, 0, 0, BPF_FUNC_SK_REDIRECT_HASH),
+        insn(MOV64_K, 0, 0, 0, SK_PASS),
+        insn(EXIT, 0, 0, 0, 0),
+    ]
+}
+
+/// The backpressure experiment (docs/sockmap.md, "A byte budget"): as [`program`], but first
+/// adds the segment's length to the receiving socket's counter in `budget_fd` (a hash map,
+/// cookie → u64, reset by user space) and, once the counter is over `budget`, returns
+/// `SK_PASS` without a redirect, so the bytes stay on the receiving socket for user space.
+/// A socket without a counter is redirected as before.
+fn budget_program(map_fd: RawFd, budget_fd: RawFd, budget: i32) -> [Insn; 22] {
+    [
+        insn(MOV64_X, 6, 1, 0, 0),
+        insn(CALL, 0, 0, 0, BPF_FUNC_GET_SOCKET_COOKIE),
+        insn(STX_DW, 10, 0, -8, 0),
+        insn(LD_IMM64, 1, BPF_PSEUDO_MAP_FD, 0, budget_fd),
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_X, 2, 10, 0, 0),
+        insn(ADD64_K, 2, 0, 0, -8),
+        insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        insn(JEQ_K, 0, 0, 4, 0), // no counter: redirect (13)
+        insn(LDX_W, 1, 6, 0, 0), // skb->len
+        insn(ATOMIC_DW, 0, 1, 0, 0),
+        insn(LDX_DW, 1, 0, 0, 0),
+        insn(JGT_K, 1, 0, 7, budget), // over budget: SK_PASS, no redirect (20)
         insn(MOV64_X, 1, 6, 0, 0),
         insn(LD_IMM64, 2, BPF_PSEUDO_MAP_FD, 0, map_fd),
         insn(0, 0, 0, 0, 0),
@@ -234,6 +275,74 @@ pub fn unread_bytes(sock: &impl AsFd) -> io::Result<usize> {
     }
 }
 
+/// Makes the kernel hand a socket's receive queue to the relay now (`SO_RCVLOWAT` set to 1,
+/// its default value: `tcp_set_rcvlowat` ends by running the socket's `data_ready`, which for
+/// a socket in the sockhash is the verdict hook). Bytes that arrived after user space's last
+/// read and before [`SockRelay::insert_pair`] would otherwise wait, hidden, until the next
+/// bytes arrive on that socket (docs/sockmap.md); call this on both sockets right after the
+/// insertion. Harmless on a socket that is not in a map.
+pub fn relay_queued(sock: &impl AsFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: SO_RCVLOWAT reads one int from the live local `one`; its size is passed.
+    let res = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            &one as *const libc::c_int as *const libc::c_void,
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if res == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// What a TCP socket has carried so far, by sequence numbers, whoever moved the bytes (user
+/// space or the in-kernel relay): both counts include a FIN once there was one, and `written`
+/// may include the SYN; compare differences, not absolute values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamCounts {
+    /// `tcpi_bytes_received`: bytes that arrived in order (read or not).
+    pub received: u64,
+    /// `tcpi_bytes_acked` + `SIOCOUTQ`: bytes put into the send queue so far, sent or not.
+    /// Read in that order, so an acknowledgement arriving in between makes it low, never high.
+    pub written: u64,
+}
+
+/// [`StreamCounts`] of a TCP socket (`TCP_INFO`, then `SIOCOUTQ`).
+pub fn stream_counts(sock: &impl AsFd) -> io::Result<StreamCounts> {
+    let fd = sock.as_fd().as_raw_fd();
+    // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are live locals; the kernel writes at most `len` bytes.
+    let res = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if res == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ's number) writes one int into the live local `outq`.
+    let res = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) };
+    if res == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(StreamCounts {
+        received: info.tcpi_bytes_received,
+        written: info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0),
+    })
+}
+
 /// A sockhash with the redirect program attached: sockets inserted as a pair relay to each
 /// other in the kernel until removed (or closed, which removes them).
 #[derive(Debug)]
@@ -242,6 +351,8 @@ pub struct SockRelay {
     // Kept open for clarity; the attachment holds its own reference to the program.
     _prog: OwnedFd,
     attach: Attach,
+    /// The byte-budget experiment's counters, if this relay has them.
+    budget: Option<OwnedFd>,
 }
 
 /// The two keys of an inserted pair, to remove it.
@@ -261,6 +372,20 @@ impl SockRelay {
     /// refused: without CAP_BPF/CAP_NET_ADMIN, `EPERM`; when the verifier rejects the
     /// program, its log.
     pub fn with(attach: Attach, max_pairs: u32) -> io::Result<SockRelay> {
+        SockRelay::build(attach, max_pairs, None)
+    }
+
+    /// The backpressure experiment: a relay whose program stops redirecting a socket's bytes
+    /// once `budget` bytes have arrived on it since its counter was last reset
+    /// ([`SockRelay::reset_budget`]); past that they stay on the socket for user space.
+    /// Not for use beyond the tests (docs/sockmap.md).
+    pub fn with_budget(attach: Attach, max_pairs: u32, budget: u32) -> io::Result<SockRelay> {
+        let budget = i32::try_from(budget)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "budget over 2 GiB"))?;
+        SockRelay::build(attach, max_pairs, Some(budget))
+    }
+
+    fn build(attach: Attach, max_pairs: u32, budget: Option<i32>) -> io::Result<SockRelay> {
         let mut create = MapCreateAttr {
             map_type: BPF_MAP_TYPE_SOCKHASH,
             key_size: size_of::<u64>() as u32,
@@ -271,7 +396,23 @@ impl SockRelay {
         let map = bpf(BPF_MAP_CREATE, &mut create)
             .and_then(owned)
             .map_err(|e| context(e, "creating the sockhash (bpf BPF_MAP_CREATE)"))?;
-        let prog = load(&program(map.as_raw_fd()))?;
+        let (prog, budget_map) = match budget {
+            None => (load(&program(map.as_raw_fd()))?, None),
+            Some(limit) => {
+                let mut create = MapCreateAttr {
+                    map_type: BPF_MAP_TYPE_HASH,
+                    key_size: size_of::<u64>() as u32,
+                    value_size: size_of::<u64>() as u32,
+                    max_entries: max_pairs.saturating_mul(2).max(2),
+                    map_flags: 0,
+                };
+                let counters = bpf(BPF_MAP_CREATE, &mut create)
+                    .and_then(owned)
+                    .map_err(|e| context(e, "creating the budget map"))?;
+                let insns = budget_program(map.as_raw_fd(), counters.as_raw_fd(), limit);
+                (load(&insns)?, Some(counters))
+            }
+        };
         let mut attr = ProgAttachAttr {
             target_fd: map.as_raw_fd() as u32,
             attach_bpf_fd: prog.as_raw_fd() as u32,
@@ -284,6 +425,7 @@ impl SockRelay {
             map,
             _prog: prog,
             attach,
+            budget: budget_map,
         })
     }
 
@@ -298,6 +440,9 @@ impl SockRelay {
             a: socket_cookie(a)?,
             b: socket_cookie(b)?,
         };
+        if self.budget.is_some() {
+            self.reset_budget(handle)?;
+        }
         self.update(handle.a, b.as_fd().as_raw_fd())?;
         if let Err(e) = self.update(handle.b, a.as_fd().as_raw_fd()) {
             // Best effort: the first entry alone would relay one direction only.
@@ -313,6 +458,46 @@ impl SockRelay {
         let first = self.delete(pair.a);
         let second = self.delete(pair.b);
         first.and(second)
+    }
+
+    /// The budget experiment: sets both sockets' counters back to 0.
+    pub fn reset_budget(&self, pair: PairHandle) -> io::Result<()> {
+        let Some(counters) = &self.budget else {
+            return Ok(());
+        };
+        for key in [pair.a, pair.b] {
+            let zero: u64 = 0;
+            let mut attr = MapElemAttr {
+                map_fd: counters.as_raw_fd() as u32,
+                key: &key as *const u64 as u64,
+                value: &zero as *const u64 as u64,
+                flags: BPF_ANY,
+                ..MapElemAttr::default()
+            };
+            bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+                .map_err(|e| context(e, "resetting a budget counter"))?;
+        }
+        Ok(())
+    }
+
+    /// The budget experiment: the counters of (a, b), bytes that arrived on each since the
+    /// last reset; `None` without a budget.
+    pub fn budget_used(&self, pair: PairHandle) -> io::Result<Option<(u64, u64)>> {
+        let Some(counters) = &self.budget else {
+            return Ok(None);
+        };
+        let mut out = [0u64; 2];
+        for (key, slot) in [pair.a, pair.b].into_iter().zip(out.iter_mut()) {
+            let mut attr = MapElemAttr {
+                map_fd: counters.as_raw_fd() as u32,
+                key: &key as *const u64 as u64,
+                value: slot as *mut u64 as u64,
+                ..MapElemAttr::default()
+            };
+            bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)
+                .map_err(|e| context(e, "reading a budget counter"))?;
+        }
+        Ok(Some((out[0], out[1])))
     }
 
     fn update(&self, key: u64, fd: RawFd) -> io::Result<()> {
