@@ -174,6 +174,8 @@ fn ticks_per_second() -> f64 {
 }
 
 /// The echo backend: one mio loop echoing every connection, pending bytes kept per socket.
+/// A connection is served at most [`ECHO_TURN`] bytes a turn, then again after the others'
+/// events (as holdfast's own workers do): a streaming neighbour must not starve the rest.
 fn spawn_echo() -> io::Result<SocketAddr> {
     let std_listener = TcpListener::bind("127.0.0.1:0")?;
     std_listener.set_nonblocking(true)?;
@@ -187,10 +189,14 @@ fn spawn_echo() -> io::Result<SocketAddr> {
         let mut next = 1usize;
         let mut events = Events::with_capacity(1024);
         let mut buf = vec![0u8; 256 * 1024];
+        // Connections that stopped on the turn's budget, served again next turn.
+        let mut again: Vec<usize> = Vec::new();
         loop {
-            if poll.poll(&mut events, None).is_err() {
+            let timeout = (!again.is_empty()).then_some(Duration::ZERO);
+            if poll.poll(&mut events, timeout).is_err() {
                 return;
             }
+            let mut due = std::mem::take(&mut again);
             for ev in events.iter() {
                 if ev.token() == Token(0) {
                     while let Ok((mut s, _)) = listener.accept() {
@@ -207,10 +213,16 @@ fn spawn_echo() -> io::Result<SocketAddr> {
                     }
                     continue;
                 }
-                let Some((s, pending)) = conns.get_mut(&ev.token().0) else {
+                if !due.contains(&ev.token().0) {
+                    due.push(ev.token().0);
+                }
+            }
+            for token in due {
+                let Some((s, pending)) = conns.get_mut(&token) else {
                     continue;
                 };
                 let mut closed = false;
+                let mut served = 0;
                 loop {
                     // Flush first; read only while nothing is pending (backpressure).
                     while !pending.is_empty() {
@@ -228,12 +240,19 @@ fn spawn_echo() -> io::Result<SocketAddr> {
                     if closed || !pending.is_empty() {
                         break;
                     }
+                    if served >= ECHO_TURN {
+                        again.push(token);
+                        break;
+                    }
                     match s.read(&mut buf) {
                         Ok(0) => {
                             closed = true;
                             break;
                         }
-                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        Ok(n) => {
+                            served += n;
+                            pending.extend_from_slice(&buf[..n]);
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(_) => {
                             closed = true;
@@ -242,13 +261,16 @@ fn spawn_echo() -> io::Result<SocketAddr> {
                     }
                 }
                 if closed {
-                    conns.remove(&ev.token().0);
+                    conns.remove(&token);
                 }
             }
         }
     });
     Ok(addr)
 }
+
+/// Most bytes the echo backend reads from one connection in a turn.
+const ECHO_TURN: usize = 256 * 1024;
 
 /// The bulk sink: per connection, reads `total` bytes, then answers with their count.
 fn spawn_sink(total: usize) -> io::Result<SocketAddr> {
