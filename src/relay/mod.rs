@@ -47,8 +47,11 @@ use crate::sys::{self, Pipe, is_resource_exhaustion};
 pub const BUFFER_SIZE: usize = 64 * 1024;
 /// Most bytes one splice call asks for: the default capacity of a Linux pipe.
 pub const PIPE_SIZE: usize = 64 * 1024;
-/// Bytes one pump may move per turn before yielding to other sessions (fairness).
-pub const TURN_BUDGET: usize = 512 * 1024;
+/// Bytes one pump may move per turn before yielding to other sessions (fairness): one grown
+/// pipe's worth at most, since a splice is not cut short to fit it. A bulk stream sharing a
+/// worker with small sessions delays each of their messages by about one turn of it (at
+/// 512 KiB a turn, a 64 B round trip beside an echoed bulk stream took milliseconds).
+pub const TURN_BUDGET: usize = 128 * 1024;
 /// Free pipes a worker keeps for reuse; more are closed.
 pub const MAX_POOLED_PIPES: usize = 16;
 /// Capacity of the pipe of a proven bulk stream (`F_SETPIPE_SZ`).

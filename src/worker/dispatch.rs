@@ -97,6 +97,10 @@ impl Worker {
                         self.close(key, reason);
                     }
                 }
+                // A session waiting to run again (it used its budget) runs once this turn,
+                // in `run_again`, with this readiness too: a bulk stream gets one budget a
+                // turn, not one per event.
+                Action::Relay if session.scheduled => {}
                 Action::Relay => self.relay(key),
                 Action::RunAgain => {
                     if !session.scheduled {
