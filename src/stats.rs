@@ -71,9 +71,10 @@ counters! {
     pipe_memory,
     /// Per-session copy buffers held right now (a write to a peer was partial).
     buffers_in_use,
-    /// Times descriptors or memory ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM) in accept(2),
-    /// when holding a descriptor in reserve for a client's backend socket, or when opening a
-    /// backend socket; accepting pauses briefly each time.
+    /// Times descriptors, memory or local ports ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM,
+    /// EADDRNOTAVAIL) in accept(2), when holding a descriptor in reserve for a client's backend
+    /// socket, or when opening or connecting a backend socket; accepting pauses briefly each
+    /// time, and the client waits in the queue instead of being closed.
     accept_errors,
     /// Clients waiting for a backend with room right now (all workers).
     queued,

@@ -149,7 +149,7 @@ const GLOBAL: &[Global] = &[
     (
         "holdfast_accept_errors_total",
         Kind::Counter,
-        "Times descriptors or memory ran out when accepting or opening a backend socket.",
+        "Times descriptors, memory or local ports ran out when accepting, or opening or connecting a backend socket.",
         |s| s.accept_errors,
     ),
     (

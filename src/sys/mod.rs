@@ -64,13 +64,15 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The error says this process or machine is out of descriptors or memory (EMFILE, ENFILE,
-/// ENOBUFS, ENOMEM): a shortage of holdfast's own, not a fault of the peer it was dealing with.
-/// Callers back off and try again rather than blame a client or a backend.
+/// The error says this process or machine is out of descriptors, memory or local ports
+/// (EMFILE, ENFILE, ENOBUFS, ENOMEM; EADDRNOTAVAIL from a connect: every ephemeral port to
+/// that backend is in use or in TIME_WAIT): a shortage of holdfast's own, not a fault of the
+/// peer it was dealing with. Callers back off and try again rather than blame a client or a
+/// backend.
 pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
     )
 }
 
