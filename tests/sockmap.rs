@@ -156,6 +156,35 @@ impl Stream {
     }
 }
 
+/// Writes pseudo-random bytes (from `seed`) to `to`, whose write timeout is set, until a write
+/// makes no progress within it (the peer pushes back) or `limit` bytes are in; returns how
+/// many went in and the hash of exactly those.
+fn write_until_pushed_back(to: &mut TcpStream, seed: u64, limit: usize) -> (usize, Sha256) {
+    let mut data = Stream(seed);
+    let mut hash = Sha256::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut sent = 0usize;
+    while sent < limit {
+        data.fill(&mut chunk);
+        match to.write(&chunk) {
+            Ok(n) => {
+                hash.update(&chunk[..n]);
+                sent += n;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    (sent, hash)
+}
+
 /// Writes `total` pseudo-random bytes in random chunks (1 B .. 256 KiB); returns their hash.
 fn send_random(mut to: TcpStream, seed: u64, total: usize) -> [u8; 32] {
     let mut data = Stream(seed);
@@ -422,28 +451,7 @@ fn not_reading(relay: &SockRelay) {
 
     // Write until a write makes no progress for QUIET (backpressure) or UNBOUNDED is in.
     slow.client.set_write_timeout(Some(QUIET)).expect("timeout");
-    let mut data = Stream(3);
-    let mut hash = Sha256::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut sent = 0usize;
-    while sent < UNBOUNDED {
-        data.fill(&mut chunk);
-        match slow.client.write(&chunk) {
-            Ok(n) => {
-                hash.update(&chunk[..n]);
-                sent += n;
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                break;
-            }
-            Err(e) => panic!("write: {e}"),
-        }
-    }
+    let (sent, hash) = write_until_pushed_back(&mut slow.client, 3, UNBOUNDED);
     assert!(
         sent >= UNBOUNDED,
         "{attach:?}: the client was pushed back after {sent} bytes: the relay has backpressure now"
@@ -759,28 +767,7 @@ fn a_byte_budget_pushes_back_and_user_space_must_wait_for_the_relayed_bytes() {
             // Nobody reads: the client is pushed back.
             let mut client = s.client.try_clone().expect("clone");
             client.set_write_timeout(Some(QUIET)).expect("timeout");
-            let mut data = Stream(9);
-            let mut hash = Sha256::new();
-            let mut chunk = vec![0u8; 64 * 1024];
-            let mut sent = 0usize;
-            while sent < UNBOUNDED {
-                data.fill(&mut chunk);
-                match client.write(&chunk) {
-                    Ok(n) => {
-                        hash.update(&chunk[..n]);
-                        sent += n;
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        break;
-                    }
-                    Err(e) => panic!("write: {e}"),
-                }
-            }
+            let (sent, hash) = write_until_pushed_back(&mut client, 9, UNBOUNDED);
             let what = format!("{attach:?}, small buffers {small_buffers}");
             assert!(
                 sent < UNBOUNDED,

@@ -233,6 +233,21 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
+/// A BPF map keyed by a socket cookie (u64), with values of `value_size` bytes; `what` names
+/// the step in an error.
+fn create_map(map_type: u32, value_size: usize, entries: u32, what: &str) -> io::Result<OwnedFd> {
+    let mut create = MapCreateAttr {
+        map_type,
+        key_size: size_of::<u64>() as u32,
+        value_size: value_size as u32,
+        max_entries: entries,
+        map_flags: 0,
+    };
+    bpf(BPF_MAP_CREATE, &mut create)
+        .and_then(owned)
+        .map_err(|e| context(e, what))
+}
+
 /// Takes ownership of a descriptor `bpf(2)` just returned.
 fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
     let raw = RawFd::try_from(fd).map_err(|_| io::Error::other("bpf(2) returned a bad fd"))?;
@@ -386,29 +401,23 @@ impl SockRelay {
     }
 
     fn build(attach: Attach, max_pairs: u32, budget: Option<i32>) -> io::Result<SockRelay> {
-        let mut create = MapCreateAttr {
-            map_type: BPF_MAP_TYPE_SOCKHASH,
-            key_size: size_of::<u64>() as u32,
-            value_size: size_of::<u32>() as u32,
-            max_entries: max_pairs.saturating_mul(2).max(2),
-            map_flags: 0,
-        };
-        let map = bpf(BPF_MAP_CREATE, &mut create)
-            .and_then(owned)
-            .map_err(|e| context(e, "creating the sockhash (bpf BPF_MAP_CREATE)"))?;
+        // Two entries a pair, keyed by socket cookie (u64).
+        let entries = max_pairs.saturating_mul(2).max(2);
+        let map = create_map(
+            BPF_MAP_TYPE_SOCKHASH,
+            size_of::<u32>(),
+            entries,
+            "creating the sockhash (bpf BPF_MAP_CREATE)",
+        )?;
         let (prog, budget_map) = match budget {
             None => (load(&program(map.as_raw_fd()))?, None),
             Some(limit) => {
-                let mut create = MapCreateAttr {
-                    map_type: BPF_MAP_TYPE_HASH,
-                    key_size: size_of::<u64>() as u32,
-                    value_size: size_of::<u64>() as u32,
-                    max_entries: max_pairs.saturating_mul(2).max(2),
-                    map_flags: 0,
-                };
-                let counters = bpf(BPF_MAP_CREATE, &mut create)
-                    .and_then(owned)
-                    .map_err(|e| context(e, "creating the budget map"))?;
+                let counters = create_map(
+                    BPF_MAP_TYPE_HASH,
+                    size_of::<u64>(),
+                    entries,
+                    "creating the budget map",
+                )?;
                 let insns = budget_program(map.as_raw_fd(), counters.as_raw_fd(), limit);
                 (load(&insns)?, Some(counters))
             }
