@@ -334,9 +334,9 @@ impl Holdfast {
             bound.push((addrs, per_worker.into_iter()));
         }
         drop(pool); // inherited listeners no service lists are closed
-        // Each service's health thread and first set, and its per-IP table (one for all
-        // workers: a client's connections land on every worker).
-        // One health thread runs every service's checks.
+        // One health thread runs every service's checks. Each service's checks and first
+        // set, and its per-IP table (one for all workers: a client's connections land on
+        // every worker).
         let (health_thread, health_handle) = HealthThread::spawn().map_err(StartError::Health)?;
         let mut healths = Vec::with_capacity(prepared.len());
         for service in &prepared {

@@ -725,6 +725,36 @@ fn the_sockmap_proxy_answers_a_request_sent_at_connect_every_time() {
     assert_eq!(counters.resets, 0, "{counters}");
 }
 
+/// A reset through the in-kernel relay: after an exchange relayed in the kernel, the backend
+/// resets its connection (`SO_LINGER` 0); the proxy is woken for it, removes the pair and
+/// resets the client's side too, so the client's next read fails with a reset instead of
+/// hanging or seeing a clean EOF, and the proxy counts it.
+#[test]
+fn the_sockmap_proxy_passes_a_backend_reset_on_to_the_client() {
+    let backend = TcpListener::bind("127.0.0.1:0").expect("backend");
+    let Some((proxy, stop, run)) = start_proxy(backend.local_addr().expect("address")) else {
+        return;
+    };
+    let mut c = TcpStream::connect(proxy).expect("connect to the proxy");
+    c.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    let (mut b, _) = backend.accept().expect("the proxy connects");
+    b.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    c.write_all(b"ping").expect("write");
+    assert_eq!(read_n(&mut b, 4), b"ping");
+    b.write_all(b"pong").expect("write");
+    assert_eq!(read_n(&mut c, 4), b"pong");
+    socket2::SockRef::from(&b)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+    drop(b); // a reset
+    let mut buf = [0u8; 16];
+    let e = c.read(&mut buf).expect_err("a reset, not EOF or bytes");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+    stop.wake().expect("stop the proxy");
+    let counters = run.join().expect("proxy thread").expect("proxy run");
+    assert_eq!(counters.resets, 1, "{counters}");
+}
+
 /// The backpressure lead, tried (docs/sockmap.md, "A byte budget"): a program that counts
 /// each socket's bytes in a BPF hash map and, over a budget, returns `SK_PASS` without a
 /// redirect. Found on Linux 6.18, both attachments: the bytes over the budget stay on the
