@@ -481,6 +481,12 @@ fn cpu(pids: &[u32]) -> io::Result<Cpu> {
     })
 }
 
+/// An error of one variant's run, saying which variant and which phase (a 30 s read timeout
+/// otherwise reads as a bare "Resource temporarily unavailable").
+fn phase(variant: &str, what: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{variant}, {what}: {e}"))
+}
+
 fn measure(v: &mut Variant, o: &Opts, tck: f64, hf_pids: &[u32]) -> io::Result<Sample> {
     let mut pids = vec![std::process::id()];
     pids.extend(hf_pids);
@@ -493,8 +499,9 @@ fn measure(v: &mut Variant, o: &Opts, tck: f64, hf_pids: &[u32]) -> io::Result<S
     for i in 0..o.round_trips {
         let s = &mut v.sessions[i % n];
         let t = Instant::now();
-        s.write_all(&msg)?;
-        s.read_exact(&mut back)?;
+        s.write_all(&msg)
+            .and_then(|()| s.read_exact(&mut back))
+            .map_err(|e| phase(v.name, "round trips", e))?;
         let _ = hist.record(t.elapsed().as_nanos().max(1) as u64);
     }
     let c1 = cpu(&pids)?;
@@ -522,11 +529,13 @@ fn measure(v: &mut Variant, o: &Opts, tck: f64, hf_pids: &[u32]) -> io::Result<S
     let mut left = total;
     while left > 0 {
         let k = left.min(chunk.len());
-        bulk.write_all(&chunk[..k])?;
+        bulk.write_all(&chunk[..k])
+            .map_err(|e| phase(v.name, "bulk to the sink", e))?;
         left -= k;
     }
     let mut answer = [0u8; 8];
-    bulk.read_exact(&mut answer)?;
+    bulk.read_exact(&mut answer)
+        .map_err(|e| phase(v.name, "bulk to the sink", e))?;
     let secs = t.elapsed().as_secs_f64();
     let c1 = cpu(&pids)?;
     if u64::from_le_bytes(answer) != total as u64 {
@@ -540,7 +549,7 @@ fn measure(v: &mut Variant, o: &Opts, tck: f64, hf_pids: &[u32]) -> io::Result<S
 
     // Many sessions at once: the same small round trips while one neighbour session streams
     // bulk through the same path (echoed back, read by a second thread).
-    let (p50, p99) = with_neighbour(v, o)?;
+    let (p50, p99) = with_neighbour(v, o).map_err(|e| phase(v.name, "busy neighbour", e))?;
     sample.nb_p50_us = p50;
     sample.nb_p99_us = p99;
     Ok(sample)
