@@ -271,10 +271,10 @@ impl Worker {
     }
 }
 
-/// How many sessions each backend of `set` must shed, from the shared session counts.
-fn plan(set: &BackendSet) -> Vec<u64> {
-    let members: Vec<Member> = set
-        .backends
+/// Each backend of `set` as the rebalancing arithmetic sees it: its effective weight, whether
+/// new sessions may reach it, and its sessions from the shared counts.
+fn members(set: &BackendSet) -> Vec<Member> {
+    set.backends
         .iter()
         .enumerate()
         .map(|(i, b)| Member {
@@ -282,23 +282,18 @@ fn plan(set: &BackendSet) -> Vec<u64> {
             eligible: set.is_eligible(i),
             sessions: b.stats.active(),
         })
-        .collect();
-    rebalance::excess(&members)
+        .collect()
+}
+
+/// How many sessions each backend of `set` must shed, from the shared session counts.
+fn plan(set: &BackendSet) -> Vec<u64> {
+    rebalance::excess(&members(set))
 }
 
 /// Round-robin: how many closes it takes, on average, for one reconnect to land on a backend
 /// below its share (the weights of all over those of the backends below their share).
 fn round_robin_closes_per_move(set: &BackendSet) -> f64 {
-    let members: Vec<Member> = set
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| Member {
-            weight: b.effective_weight,
-            eligible: set.is_eligible(i),
-            sessions: b.stats.active(),
-        })
-        .collect();
+    let members = members(set);
     let (mut all, mut below) = (0.0, 0.0);
     for (m, target) in members.iter().zip(rebalance::targets(&members)) {
         if let Some(t) = target {
