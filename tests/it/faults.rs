@@ -459,23 +459,6 @@ fn read_header(stream: &mut TcpStream) -> io::Result<u64> {
 // The real binary: whole-process figures
 // ---------------------------------------------------------------------------------------------
 
-/// The admin address a child started with `--admin 127.0.0.1:0` logged.
-#[track_caller]
-fn admin_of(child: &Child) -> SocketAddr {
-    let mut addr = None;
-    wait_until_ok(IO_TIMEOUT, || {
-        let log = child.stderr();
-        addr = log
-            .split("admin endpoint on http://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.parse().ok());
-        addr.map(|_| ())
-            .ok_or_else(|| format!("no admin address logged yet:\n{log}"))
-    });
-    addr.expect("set once the wait succeeded")
-}
-
 /// The unlabelled `holdfast_*` samples of `GET /metrics`.
 fn metrics(admin: SocketAddr) -> Result<HashMap<String, f64>, String> {
     let mut s = TcpStream::connect_timeout(&admin, IO_TIMEOUT).map_err(|e| e.to_string())?;
@@ -853,7 +836,7 @@ fn never_reading_clients(mode: RelayMode) {
         "--admin",
         "127.0.0.1:0",
     ]);
-    let (pid, admin) = (child.pid(), admin_of(&child));
+    let (pid, admin) = (child.pid(), child.admin_addr(IO_TIMEOUT));
     // Warm up: one stream in each direction through each worker's pools, so the baseline
     // includes what any first session allocates once (scratch buffers, pooled pipes).
     for i in 0..4 {
@@ -1435,7 +1418,7 @@ fn sigterm_twice_under_load() {
         "--admin",
         "127.0.0.1:0",
     ]);
-    let (target, admin) = (child.addr(), admin_of(&child));
+    let (target, admin) = (child.addr(), child.admin_addr(IO_TIMEOUT));
     let data = &shared_random()[..64 * MIB];
 
     // Bulk echo streams: a writer that only stops when the connection breaks, a reader that

@@ -191,18 +191,6 @@ fn a_bad_log_format_is_a_usage_error() {
     assert!(err.starts_with("error:") && err.contains("xml"), "{err}");
 }
 
-/// The admin address a running binary logged.
-#[track_caller]
-fn admin_addr(child: &Child) -> std::net::SocketAddr {
-    child.wait_for_stderr("admin endpoint on http://", RUN_TIMEOUT);
-    let log = child.stderr();
-    log.split("admin endpoint on http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no admin address in the log:\n{log}"))
-}
-
 /// `GET path` on `addr`: the status code and the body.
 fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
@@ -228,7 +216,7 @@ fn healthz_is_200_while_serving_and_503_once_draining() {
     let echo = EchoBackend::start();
     let b = echo.addr().to_string();
     let mut child = Child::spawn(&["-b", &b, "--admin", "127.0.0.1:0", "--drain-timeout", "1m"]);
-    let admin = admin_addr(&child);
+    let admin = child.admin_addr(RUN_TIMEOUT);
     let (status, body) = http_get(admin, "/healthz").expect("GET /healthz");
     assert_eq!((status, body.trim()), (200, "ok"));
     // A live session keeps the draining process (and its admin endpoint) up.

@@ -309,22 +309,6 @@ fn sigusr2_upgrade_that_cannot_happen_keeps_serving() {
 // Sessions not relaying yet, backend state and metrics across an upgrade
 // ---------------------------------------------------------------------------------------------
 
-/// The admin address a child started with `--admin 127.0.0.1:0` logged.
-fn admin_of(child: &Child) -> std::net::SocketAddr {
-    let mut addr = None;
-    wait_until_ok(WAIT, || {
-        let log = child.stderr();
-        addr = log
-            .split("admin endpoint on http://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.parse().ok());
-        addr.map(|_| ())
-            .ok_or_else(|| format!("no admin address logged yet:\n{log}"))
-    });
-    addr.expect("set once the wait succeeded")
-}
-
 /// One request to the admin endpoint: the status line's code and the body.
 fn admin_request(admin: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&admin, IO_TIMEOUT).unwrap();
@@ -422,7 +406,7 @@ fn a_queued_session_is_served_by_the_new_process_once_a_slot_frees() {
     old_args.extend(["--upgrade-socket", &path]);
     // No readiness probe: its connection would be a session of its own.
     let mut old = Child::quiet().spawn(&old_args);
-    let admin = admin_of(&old);
+    let admin = old.admin_addr(WAIT);
     let addr = old.addr();
     let mut holder = client(addr);
     exchange(&mut holder, 0, 0);
@@ -431,7 +415,7 @@ fn a_queued_session_is_served_by_the_new_process_once_a_slot_frees() {
     wait_for_sample(admin, "holdfast_queue_length", 1.0);
 
     let new = take_over_from(&mut old, &path, &args, 2);
-    let new_admin = admin_of(&new);
+    let new_admin = new.admin_addr(WAIT);
     // Adopted by a worker of the new process just after the handover's last message.
     wait_for_sample(new_admin, "holdfast_queue_length", 1.0);
     // Still waiting: the slot is the holder's, in the new process too.
@@ -499,7 +483,7 @@ fn a_failed_upgrade_is_counted_by_the_old_process() {
         "--upgrade-socket",
         socket.path().to_str().unwrap(),
     ]);
-    let admin = admin_of(&old);
+    let admin = old.admin_addr(WAIT);
     let mut cl = client(old.addr());
     exchange(&mut cl, 0, 0);
     // A stand-in new process: reads the hello, then hangs up without an answer.
@@ -546,7 +530,7 @@ fn a_connecting_session_completes_in_the_new_process() {
     old_args.extend(["--upgrade-socket", &path]);
     // No readiness probe: its connection would be a session of its own.
     let mut old = Child::quiet().spawn(&old_args);
-    let admin = admin_of(&old);
+    let admin = old.admin_addr(WAIT);
     let mut cl = client(old.addr());
     cl.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
     cl.write_all(b"sent while connecting").unwrap();
@@ -556,7 +540,7 @@ fn a_connecting_session_completes_in_the_new_process() {
     wait_for_sample(admin, &active, 1.0);
 
     let new = take_over_from(&mut old, &path, &args, 1);
-    wait_for_sample(admin_of(&new), &active, 1.0);
+    wait_for_sample(new.admin_addr(WAIT), &active, 1.0);
     // Room in the backend's queue: the retransmitted SYN is answered, and served (the
     // fillers' connections too, echoed to nobody).
     std::thread::spawn(move || {
@@ -608,7 +592,7 @@ fn backend_state_survives_the_upgrade() {
         &path,
     ]);
     let mut old = Child::quiet().spawn(&old_args);
-    let admin = admin_of(&old);
+    let admin = old.admin_addr(WAIT);
     let (code, body) = admin_request(admin, "POST", &format!("/backends/{d}/drain"));
     assert_eq!(code, 200, "{body}");
     let mut s_weight = TcpStream::connect_timeout(&admin, IO_TIMEOUT).unwrap();
@@ -636,7 +620,7 @@ fn backend_state_survives_the_upgrade() {
     let mut new_args = backends.to_vec();
     new_args.extend(["--health-interval", "60s", "--admin", "127.0.0.1:0"]);
     let new = take_over_from(&mut old, &path, &new_args, 0);
-    let new_admin = admin_of(&new);
+    let new_admin = new.admin_addr(WAIT);
     assert_eq!(sample(new_admin, &state(&x, "down")), Some(1.0));
     assert_eq!(sample(new_admin, &state(&d, "drain")), Some(1.0));
     assert_eq!(
@@ -674,7 +658,7 @@ fn a_connecting_session_retries_on_another_backend_in_the_new_process() {
     old_args.extend(common);
     old_args.extend(["--upgrade-socket", &path]);
     let mut old = Child::quiet().spawn(&old_args);
-    let admin = admin_of(&old);
+    let admin = old.admin_addr(WAIT);
     let mut cl = client(old.addr());
     cl.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
     cl.write_all(b"sent while connecting").unwrap();
@@ -685,7 +669,7 @@ fn a_connecting_session_retries_on_another_backend_in_the_new_process() {
     let mut new_args = vec!["--backend", &hung_arg, "--backend", &echo_arg];
     new_args.extend(common);
     let new = take_over_from(&mut old, &path, &new_args, 1);
-    let new_admin = admin_of(&new);
+    let new_admin = new.admin_addr(WAIT);
     wait_for_sample(new_admin, &active, 1.0);
     // The backend goes away: its next SYN is refused.
     drop((listener, fillers));

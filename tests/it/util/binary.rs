@@ -309,6 +309,24 @@ impl Child {
         });
     }
 
+    /// The admin address a child started with `--admin 127.0.0.1:0` logged (waits up to
+    /// `timeout` for the line).
+    #[track_caller]
+    pub fn admin_addr(&self, timeout: Duration) -> SocketAddr {
+        let mut addr = None;
+        wait_until_ok(timeout, || {
+            let log = self.stderr();
+            addr = log
+                .split("admin endpoint on http://")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse().ok());
+            addr.map(|_| ())
+                .ok_or_else(|| format!("no admin address logged yet:\n{log}"))
+        });
+        addr.expect("set once the wait succeeded")
+    }
+
     /// Waits up to `timeout` for the process to exit; `None` if it is still running.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
