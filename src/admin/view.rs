@@ -128,15 +128,15 @@ pub(super) fn effective_weight(b: &BackendStatsSnapshot) -> f64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn effective_weight_is_in_units_of_weight() {
-        let snapshot = BackendStatsSnapshot {
-            addr: "127.0.0.1:1".parse().unwrap(),
-            weight: 2,
-            effective_weight: 2 * WEIGHT_SCALE,
-            state: BackendState::Drain,
-            healthy: false,
-            active: 0,
+    /// A healthy backend on 127.0.0.1:`port` at full weight, with `active` sessions.
+    fn backend(port: u16, weight: u32, state: BackendState, active: u64) -> BackendStatsSnapshot {
+        BackendStatsSnapshot {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            weight,
+            effective_weight: weight * WEIGHT_SCALE,
+            state,
+            healthy: true,
+            active,
             total: 0,
             connect_failures: 0,
             passive_failures: 0,
@@ -146,6 +146,14 @@ mod tests {
             connect_latency_p99_us: 0,
             connect_latency_max_us: 0,
             rebalance_closed: 0,
+        }
+    }
+
+    #[test]
+    fn effective_weight_is_in_units_of_weight() {
+        let snapshot = BackendStatsSnapshot {
+            healthy: false,
+            ..backend(1, 2, BackendState::Drain, 0)
         };
         let view = BackendView::from(&snapshot);
         assert_eq!(view.effective_weight, 2.0);
@@ -158,24 +166,6 @@ mod tests {
 
     #[test]
     fn the_target_share_follows_the_weights_of_backends_that_are_up() {
-        let backend =
-            |port: u16, weight: u32, state: BackendState, active: u64| BackendStatsSnapshot {
-                addr: format!("127.0.0.1:{port}").parse().unwrap(),
-                weight,
-                effective_weight: weight * WEIGHT_SCALE,
-                state,
-                healthy: true,
-                active,
-                total: 0,
-                connect_failures: 0,
-                passive_failures: 0,
-                bytes_client_to_backend: 0,
-                bytes_backend_to_client: 0,
-                connect_latency_p50_us: 0,
-                connect_latency_p99_us: 0,
-                connect_latency_max_us: 0,
-                rebalance_closed: 0,
-            };
         let all = [
             backend(1, 1, BackendState::Up, 300),
             backend(2, 1, BackendState::Up, 300),
