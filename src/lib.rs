@@ -343,13 +343,7 @@ impl Holdfast {
             let (health, link, published) =
                 Health::new(Arc::clone(&service.config), health_thread.waker());
             let initial = Arc::clone(&published.lock().unwrap_or_else(PoisonError::into_inner));
-            let ip_limits = match service.config.client_ip.limits_on() {
-                true => Some(
-                    client_ip::IpLimits::new(service.config.client_ip.limits)
-                        .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?,
-                ),
-                false => None,
-            };
+            let ip_limits = ip_limits_of(&service.config)?;
             let counters = Arc::new(stats::ServiceCounters::default());
             healths.push((health, link, published, initial, ip_limits, counters));
         }
@@ -548,9 +542,15 @@ fn stop_and_join(workers: &[WorkerLink], health: &[HealthLink], threads: Vec<Joi
     join_all(threads);
 }
 
-/// Why a service cannot be added once the balancer has begun to stop.
-fn stopping() -> std::io::Error {
-    std::io::Error::other("the balancer is stopping")
+/// A service's per-IP table, shared by every worker (a client's connections land on every
+/// worker), when it sets per-IP limits.
+fn ip_limits_of(config: &Config) -> Result<Option<Arc<client_ip::IpLimits>>, StartError> {
+    if !config.client_ip.limits_on() {
+        return Ok(None);
+    }
+    client_ip::IpLimits::new(config.client_ip.limits)
+        .map(Some)
+        .map_err(|e| StartError::Config(ConfigError::Invalid(e)))
 }
 
 fn join_all(threads: Vec<JoinHandle<()>>) {
@@ -740,6 +740,25 @@ impl Controller {
         );
     }
 
+    /// Runs `f` on the handle of the one health thread; an error once the balancer has begun
+    /// to stop (the handle is gone).
+    fn on_health_thread<T>(
+        &self,
+        f: impl FnOnce(&HealthThread) -> std::io::Result<T>,
+    ) -> Result<T, StartError> {
+        match &self
+            .threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .health
+        {
+            Some((thread, _)) => f(thread).map_err(StartError::Health),
+            None => Err(StartError::Health(std::io::Error::other(
+                "the balancer is stopping",
+            ))),
+        }
+    }
+
     /// Starts a new service on listeners already bound: the workers are told first, then
     /// its checks join the health thread (its first publish finds the workers serving it).
     fn add_bound(&self, bound: Bound) -> Result<(), StartError> {
@@ -749,24 +768,10 @@ impl Controller {
             per_worker,
         } = bound;
         let config = Arc::clone(&prepared.config);
-        let waker = match &self
-            .threads
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .health
-        {
-            Some((thread, _)) => thread.waker(),
-            None => return Err(StartError::Health(stopping())),
-        };
+        let waker = self.on_health_thread(|thread| Ok(thread.waker()))?;
         let (mut health, link, published) = Health::new(Arc::clone(&config), waker);
         let initial = Arc::clone(&published.lock().unwrap_or_else(PoisonError::into_inner));
-        let ip_limits = match config.client_ip.limits_on() {
-            true => Some(
-                client_ip::IpLimits::new(config.client_ip.limits)
-                    .map_err(|e| StartError::Config(ConfigError::Invalid(e)))?,
-            ),
-            false => None,
-        };
+        let ip_limits = ip_limits_of(&config)?;
         let control = Arc::new(control::ServiceControl {
             name: prepared.name,
             published,
@@ -801,15 +806,7 @@ impl Controller {
         }
         health.attach(number, self.workers.to_vec());
         // Its checks join the one health thread.
-        match &self
-            .threads
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .health
-        {
-            Some((thread, _)) => thread.add(health).map_err(StartError::Health)?,
-            None => return Err(StartError::Health(stopping())),
-        }
+        self.on_health_thread(|thread| thread.add(health))?;
         log::info!(
             "holdfast listening on {} with {} backend(s), algorithm {}, relay {}, health check \
              {} (service '{}' added)",
